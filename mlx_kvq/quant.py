@@ -17,7 +17,7 @@ MODES = {
 
 
 def default_group_size(mode):
-    return 64 if mode == "affine" else MODES[mode][1][0]
+    return 64 if mode == "affine" else MODES.get(mode, (None, (None,)))[1][0]
 
 
 def default_bits(mode):

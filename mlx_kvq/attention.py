@@ -1,0 +1,167 @@
+"""Attention over a QuantizedKVCache: dispatch to fused kernels or the reference.
+
+Each run of the cache (sinks, packed, recent window) gives a partial result
+``(out, lse)``: the softmax-weighted values over that run's keys and the
+log-sum-exp of its scores. Partials merge exactly by log-sum-exp, so the packed
+run can go to a fused kernel while the short unquantized runs take the reference.
+
+The reference works on every backend: it walks the keys in blocks with an online
+softmax in float32 and dequantizes one block at a time, so extra memory is
+bounded by ``BLOCK_ELEMENTS`` whatever the context length.
+"""
+
+import os
+
+import mlx.core as mx
+
+from . import quant
+from .rotation import rotation
+
+BLOCK_ELEMENTS = 1 << 25  # float32 elements of scores + dequantized K/V per block
+
+
+def causal_mask(N, offset, window_size=None):
+    """Boolean (N, offset + N) mask: query i sees key j iff j <= offset + i (and within the window)."""
+    q = mx.arange(offset, offset + N)[:, None]
+    k = mx.arange(offset + N)[None]
+    mask = q >= k
+    if window_size is not None:
+        mask = mask & (q < k + window_size)
+    return mask
+
+
+def use_kernels():
+    """False when ``MLX_KVQ_REFERENCE=1`` forces the reference everywhere."""
+    return os.environ.get("MLX_KVQ_REFERENCE", "0") in ("", "0")
+
+
+def quantized_sdpa(queries, view, scale, mask=None, sinks=None):
+    """``mx.fast.scaled_dot_product_attention`` over a cache view (see ``QuantizedKVCache``).
+
+    ``queries``: (B, Hq, L, D). ``mask``: None, ``"causal"``, or a bool/additive array
+    broadcastable to (B, Hq, L, offset). ``sinks``: optional per-head logits (Hq,)
+    added to every softmax denominator, as in ``mx.fast.scaled_dot_product_attention``.
+    """
+    cache = view.cache
+    q = queries
+    if cache.rotate:
+        q = q.astype(mx.float32) @ rotation(q.shape[-1])
+    causal = isinstance(mask, str)
+    if causal and mask != "causal":
+        raise ValueError(f"Unsupported mask {mask!r}.")
+    array_mask = None if causal or mask is None else mask
+
+    parts = []
+    for kind, k, v, k_start, n in view.segments():
+        m = None if array_mask is None else array_mask[..., k_start : k_start + n]
+        args = dict(scale=scale, q_start=view.q_start, k_start=k_start, causal=causal, mask=m)
+        if kind == "packed":
+            parts.append(packed_attention(q, k, v, n, cache, **args))
+        else:
+            parts.append(dense_attention(q, k, v, **args))
+    out, lse = merge(parts)
+    if sinks is not None:
+        s = sinks.astype(mx.float32).reshape(1, -1, 1)
+        total = mx.logaddexp(lse, s)
+        out = out * mx.exp(lse - total)[..., None]
+    if cache.rotate == "kv":
+        out = out @ rotation(out.shape[-1]).T
+    return out.astype(queries.dtype)
+
+
+def merge(parts):
+    """Combine partial ``(out, lse)`` results over disjoint key sets."""
+    if len(parts) == 1:
+        return parts[0]
+    lse = parts[0][1]
+    for _, l in parts[1:]:
+        lse = mx.logaddexp(lse, l)
+    finite = lse > -mx.inf
+    safe = mx.where(finite, lse, 0.0)
+    out = 0
+    for o, l in parts:
+        w = mx.where(finite, mx.exp(l - safe), 0.0)
+        out = out + o * w[..., None]
+    return out, lse
+
+
+def packed_attention(q, k, v, n, cache, **args):
+    """Partial attention over the packed run: fused kernel when available."""
+    fmt = dict(k_bits=cache.k_bits, v_bits=cache.v_bits, group_size=cache.group_size, mode=cache.mode)
+    if use_kernels():
+        try:
+            from . import kernels
+        except ImportError:  # TODO: remove once mlx_kvq/kernels.py lands
+            kernels = None
+        if kernels and kernels.enabled() and kernels.supports(q, k, v, mask=args["mask"], **fmt):
+            return kernels.packed_attention(q, k, v, n, **fmt, **args)
+    get_k = lambda a, b: quant.dequantize(
+        tuple(x[:, :, a:b] for x in k), cache.k_bits, cache.group_size, cache.mode, mx.float32
+    )
+    get_v = lambda a, b: quant.dequantize(
+        tuple(x[:, :, a:b] for x in v), cache.v_bits, cache.group_size, cache.mode, mx.float32
+    )
+    dims = (k[0].shape[1], k[0].shape[-1] * 32 // cache.k_bits, v[0].shape[-1] * 32 // cache.v_bits)
+    return blocked_attention(q, get_k, get_v, n, dims, **args)
+
+
+def dense_attention(q, k, v, **args):
+    """Partial attention over unquantized keys/values (B, Hkv, n, D)."""
+    get_k = lambda a, b: k[:, :, a:b].astype(mx.float32)
+    get_v = lambda a, b: v[:, :, a:b].astype(mx.float32)
+    return blocked_attention(q, get_k, get_v, k.shape[2], (k.shape[1], k.shape[-1], v.shape[-1]), **args)
+
+
+def blocked_attention(q, get_k, get_v, n, dims, *, scale, q_start, k_start, causal, mask):
+    """Reference partial attention: keys in blocks, online softmax in float32.
+
+    ``get_k(a, b)``/``get_v(a, b)`` give keys/values a..b as float32 (B, Hkv, b - a, D);
+    ``dims`` is ``(Hkv, Dk, Dv)``.
+
+    Returns ``out`` (B, Hq, L, Dv) float32 normalized over visible keys and ``lse``
+    (B, Hq, L); rows with no visible key get ``out = 0`` and ``lse = -inf``.
+    """
+    B, Hq, L, D = q.shape
+    Hkv, Dk, Dv = dims
+    rep = Hq // Hkv
+    block = max(64, BLOCK_ELEMENTS // max(1, B * (Hq * L + Hkv * (Dk + Dv))))
+    qf = (q.astype(mx.float32) * scale).reshape(B, Hkv, rep, L, D)
+    q_pos = mx.arange(q_start, q_start + L)[:, None]
+    mask5 = _mask5(mask, Hkv, rep)
+
+    m = mx.full((B, Hkv, rep, L), -mx.inf)
+    l = mx.zeros((B, Hkv, rep, L))
+    acc = mx.zeros((B, Hkv, rep, L, Dv))
+    for a in range(0, n, block):
+        b = min(n, a + block)
+        k = get_k(a, b)[:, :, None]
+        v = get_v(a, b)[:, :, None]
+        s = qf @ k.swapaxes(-1, -2)  # (B, Hkv, rep, L, b - a)
+        if causal:
+            s = mx.where(mx.arange(k_start + a, k_start + b)[None] <= q_pos, s, -mx.inf)
+        if mask5 is not None:
+            mb = mask5[..., a:b]
+            s = mx.where(mb, s, -mx.inf) if mb.dtype == mx.bool_ else s + mb.astype(mx.float32)
+        m_new = mx.maximum(m, s.max(axis=-1))
+        m_safe = mx.where(m_new > -mx.inf, m_new, 0.0)
+        p = mx.exp(s - m_safe[..., None])
+        corr = mx.exp(m - m_safe)
+        l = l * corr + p.sum(axis=-1)
+        acc = acc * corr[..., None] + p @ v
+        m = m_new
+    seen = l > 0
+    out = mx.where(seen[..., None], acc / mx.where(seen, l, 1.0)[..., None], 0.0)
+    lse = mx.where(seen, m + mx.log(mx.where(seen, l, 1.0)), -mx.inf)
+    return out.reshape(B, Hq, L, Dv), lse.reshape(B, Hq, L)
+
+
+def _mask5(mask, Hkv, rep):
+    """A (B|1, Hq|1, L|1, n) mask as (B|1, Hkv|1, rep|1, L|1, n) to match GQA scores."""
+    if mask is None:
+        return None
+    while mask.ndim < 4:
+        mask = mask[None]
+    B, H, L, n = mask.shape
+    if H == 1:
+        return mask[:, :, None]
+    return mask.reshape(B, Hkv, rep, L, n)

@@ -1,0 +1,326 @@
+"""QuantizedKVCache: a KV cache packed group-wise with ``mx.quantize``.
+
+The tokens of a cache sit in three runs, in order of position:
+
+    [0, s)          attention sinks, kept in the model dtype      (``sinks``)
+    [s, s + n)      packed keys and values, preallocated in steps  (``keys``/``values``)
+    [s + n, offset) the recent window, kept in the model dtype     (``window``)
+
+New tokens enter the recent window; at the next update the tokens that fell out of
+the window are packed and appended. So a step's own keys are always attended to
+unquantized, and the window never holds more than ``window`` + one chunk.
+Keys (and optionally values) can be rotated by a fixed orthogonal (Hadamard)
+matrix before they are stored; attention rotates queries to match.
+
+It implements mlx-lm's cache protocol, so ``generate``/``stream_generate`` and
+``save_prompt_cache``/``load_prompt_cache`` work with it.
+"""
+
+import json
+
+import mlx.core as mx
+
+from . import quant
+from .rotation import rotation
+
+ROTATE = (None, "k", "kv")
+
+
+def default_options(k_bits, v_bits, mode="affine"):
+    """The rotation, sinks and window a bit width gets unless told otherwise."""
+    low = min(k_bits, v_bits)
+    if mode != "affine":
+        return {"rotate": "kv" if low <= 4 else None, "sinks": 4 if low <= 4 else 0, "window": 0}
+    if low >= 8:
+        return {"rotate": None, "sinks": 0, "window": 0}
+    if low >= 4:
+        return {"rotate": "kv", "sinks": 4, "window": 0}
+    if low == 3:
+        return {"rotate": "kv", "sinks": 4, "window": 32}
+    return {"rotate": "kv", "sinks": 4, "window": 128}
+
+
+class KVView:
+    """What ``update_and_fetch`` returns: the cache's runs for this step's attention."""
+
+    def __init__(self, cache, query_len):
+        self.cache = cache
+        self.offset = cache.offset
+        self.q_start = cache.offset - query_len
+        self.sinks = (cache.sink_keys, cache.sink_values)
+        self.packed = (cache.keys, cache.values, cache.n_packed)
+        self.window = (cache.window_keys, cache.window_values)
+
+    def segments(self):
+        """``(kind, keys, values, k_start, n)`` for each non-empty run, in order."""
+        c, out, start = self.cache, [], 0
+        sk, sv = self.sinks
+        if sk is not None and sk.shape[2]:
+            out.append(("dense", sk, sv, 0, sk.shape[2]))
+            start = sk.shape[2]
+        k, v, n = self.packed
+        if n:
+            out.append(("packed", k, v, start, n))
+            start += n
+        wk, wv = self.window
+        if wk is not None and wk.shape[2]:
+            out.append(("dense", wk, wv, start, wk.shape[2]))
+        return out
+
+
+class QuantizedKVCache:
+    """A quantized KV cache for mlx-lm models.
+
+    Args:
+        bits: bits for keys and values (2, 3, 4, 5, 6, 8 for ``affine``).
+        group_size: elements sharing one scale (and bias): 32, 64 or 128.
+        k_bits, v_bits: separate bits for keys and values (default: ``bits``).
+        mode: ``affine`` or one of MLX's microscaling modes ``mxfp8``, ``mxfp4``, ``nvfp4``.
+        rotate: ``None``, ``"k"`` (rotate keys) or ``"kv"`` (keys and values).
+        sinks: how many first tokens stay unquantized.
+        window: how many most recent tokens stay unquantized.
+        start: keep everything unquantized until the cache holds this many
+            tokens (mlx-lm's ``quantized_kv_start``).
+    Options left as ``None`` take the defaults for the bit width (see ``default_options``).
+    """
+
+    step = 256
+
+    def __init__(
+        self,
+        bits=4,
+        group_size=None,
+        *,
+        k_bits=None,
+        v_bits=None,
+        mode="affine",
+        rotate=None,
+        sinks=None,
+        window=None,
+        start=0,
+    ):
+        self.k_bits = bits if k_bits is None else k_bits
+        self.v_bits = bits if v_bits is None else v_bits
+        self.group_size = quant.default_group_size(mode) if group_size is None else group_size
+        self.mode = mode
+        quant.check(self.k_bits, self.group_size, mode, what="key")
+        quant.check(self.v_bits, self.group_size, mode, what="value")
+        defaults = default_options(self.k_bits, self.v_bits, mode)
+        self.rotate = defaults["rotate"] if rotate is None else (rotate or None)
+        self.sinks = defaults["sinks"] if sinks is None else int(sinks)
+        self.window = defaults["window"] if window is None else int(window)
+        self.start = int(start)
+        if self.rotate not in ROTATE:
+            raise ValueError(f"rotate must be one of {ROTATE}, got {rotate!r}.")
+        for name in ("sinks", "window", "start"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
+        self.offset = 0
+        self.n_packed = 0
+        self.keys = self.values = None
+        self.sink_keys = self.sink_values = None
+        self.window_keys = self.window_values = None
+
+    # -- configuration -------------------------------------------------------
+    @property
+    def config(self):
+        """The settings that define the stored format (saved with the cache)."""
+        return {
+            "k_bits": self.k_bits,
+            "v_bits": self.v_bits,
+            "group_size": self.group_size,
+            "mode": self.mode,
+            "rotate": self.rotate,
+            "sinks": self.sinks,
+            "window": self.window,
+            "start": self.start,
+        }
+
+    def _check_head_dims(self, keys, values):
+        for what, x in (("key", keys), ("value", values)):
+            d = x.shape[-1]
+            if d % self.group_size:
+                raise ValueError(
+                    f"head_dim {d} of the {what}s is not divisible by the group size "
+                    f"{self.group_size}; choose a group size that divides it."
+                )
+        if self.rotate:
+            rotation(keys.shape[-1])
+            if self.rotate == "kv":
+                rotation(values.shape[-1])
+
+    # -- the protocol --------------------------------------------------------
+    def update_and_fetch(self, keys, values):
+        """Store ``keys``/``values`` (B, H, L, D); return a view for attention."""
+        if self.offset == 0 and self.empty():
+            self._check_head_dims(keys, values)
+        if self.rotate:
+            keys = (keys @ rotation(keys.shape[-1])).astype(keys.dtype)
+            if self.rotate == "kv":
+                values = (values @ rotation(values.shape[-1])).astype(values.dtype)
+        self._flush()
+        L = keys.shape[2]
+        held = 0 if self.sink_keys is None else self.sink_keys.shape[2]
+        take = min(self.sinks - held, L)
+        if take > 0:
+            self.sink_keys = _cat(self.sink_keys, keys[:, :, :take])
+            self.sink_values = _cat(self.sink_values, values[:, :, :take])
+            keys, values = keys[:, :, take:], values[:, :, take:]
+        if keys.shape[2]:
+            self.window_keys = _cat(self.window_keys, keys)
+            self.window_values = _cat(self.window_values, values)
+        self.offset += L
+        view = KVView(self, L)
+        return view, view
+
+    def _flush(self):
+        """Pack the tokens that fell out of the recent window."""
+        if self.window_keys is None or self.offset < self.start:
+            return
+        extra = self.window_keys.shape[2] - self.window
+        if extra <= 0:
+            return
+        self._append_packed(self.window_keys[:, :, :extra], self.window_values[:, :, :extra])
+        self.window_keys = self.window_keys[:, :, extra:]
+        self.window_values = self.window_values[:, :, extra:]
+
+    def _append_packed(self, keys, values):
+        n, m = self.n_packed, keys.shape[2]
+        pk = quant.quantize(keys, self.k_bits, self.group_size, self.mode)
+        pv = quant.quantize(values, self.v_bits, self.group_size, self.mode)
+        if self.keys is None or n + m > self.keys[0].shape[2]:
+            grow = (n + m + self.step - 1) // self.step * self.step - n
+            self.keys = _grow(self.keys, pk, n, grow)
+            self.values = _grow(self.values, pv, n, grow)
+        for buf, new in zip(self.keys + self.values, pk + pv):
+            buf[:, :, n : n + m] = new
+        self.n_packed = n + m
+
+    def size(self):
+        return self.offset
+
+    def empty(self):
+        return self.offset == 0
+
+    def is_trimmable(self):
+        return True
+
+    def trim(self, n):
+        """Drop the last ``n`` tokens; returns how many were dropped."""
+        n = min(self.offset, n)
+        left = n
+        if self.window_keys is not None and left:
+            w = min(left, self.window_keys.shape[2])
+            keep = self.window_keys.shape[2] - w
+            self.window_keys = self.window_keys[:, :, :keep]
+            self.window_values = self.window_values[:, :, :keep]
+            left -= w
+        if left:
+            p = min(left, self.n_packed)
+            self.n_packed -= p
+            left -= p
+        if left:
+            keep = self.sink_keys.shape[2] - left
+            self.sink_keys = self.sink_keys[:, :, :keep]
+            self.sink_values = self.sink_values[:, :, :keep]
+        self.offset -= n
+        return n
+
+    def make_mask(self, N, return_array=False, window_size=None):
+        from .attention import causal_mask
+
+        if window_size is not None or return_array:
+            return causal_mask(N, self.offset, window_size)
+        return None if N == 1 else "causal"
+
+    @property
+    def nbytes(self):
+        arrays = [self.sink_keys, self.sink_values, self.window_keys, self.window_values]
+        arrays += list(self.keys or ()) + list(self.values or ())
+        return sum(a.nbytes for a in arrays if a is not None)
+
+    def packed_nbytes(self):
+        """Bytes actually used by the tokens held (packed part at its fill)."""
+        used = lambda t: sum(a[:, :, : self.n_packed].nbytes for a in t or ())
+        dense = [self.sink_keys, self.sink_values, self.window_keys, self.window_values]
+        return used(self.keys) + used(self.values) + sum(a.nbytes for a in dense if a is not None)
+
+    # -- saving and loading (mlx-lm's save_prompt_cache / load_prompt_cache) --
+    @property
+    def state(self):
+        n = self.n_packed
+        cut = lambda t: None if t is None else tuple(a[:, :, :n] for a in t)
+        return (
+            json.dumps(self.config, sort_keys=True),
+            self.offset,
+            n,
+            cut(self.keys),
+            cut(self.values),
+            self.sink_keys,
+            self.sink_values,
+            self.window_keys,
+            self.window_values,
+        )
+
+    @state.setter
+    def state(self, v):
+        if len(v) != 9 or not isinstance(v[0], str):
+            raise ValueError("Not a mlx_kvq QuantizedKVCache state (was it saved by another cache class?).")
+        config = json.loads(v[0])
+        self.__init__(
+            config["k_bits"],
+            config["group_size"],
+            k_bits=config["k_bits"],
+            v_bits=config["v_bits"],
+            mode=config["mode"],
+            rotate=config["rotate"] or False,
+            sinks=config["sinks"],
+            window=config["window"],
+            start=config["start"],
+        )
+        (_, self.offset, self.n_packed, keys, values) = v[:5]
+        self.keys = None if keys is None else tuple(keys)
+        self.values = None if values is None else tuple(values)
+        self.sink_keys, self.sink_values, self.window_keys, self.window_values = v[5:]
+
+    @property
+    def meta_state(self):
+        return (json.dumps(self.config, sort_keys=True),)
+
+    @meta_state.setter
+    def meta_state(self, v):
+        pass  # the config travels in ``state``
+
+    @classmethod
+    def from_state(cls, state, meta_state=None):
+        obj = cls.__new__(cls)
+        obj.state = state
+        return obj
+
+    @classmethod
+    def from_cache(cls, cache, **config):
+        """A quantized copy of a filled mlx-lm ``KVCache`` (or anything with keys/values/offset)."""
+        obj = cls(**config)
+        if cache.offset:
+            n = cache.offset
+            obj.update_and_fetch(cache.keys[:, :, :n], cache.values[:, :, :n])
+            obj._flush()
+        return obj
+
+
+# mlx-lm saves a cache's class by name and looks it up in mlx_lm.models.cache, where
+# "QuantizedKVCache" is mlx-lm's own class: ours is saved under a name of its own.
+QuantizedKVCache.__name__ = QuantizedKVCache.__qualname__ = "MlxKvqQuantizedKVCache"
+
+
+def _cat(a, b):
+    return b if a is None or a.shape[2] == 0 else mx.concatenate([a, b], axis=2)
+
+
+def _grow(buffers, like, n, grow):
+    """Buffers with room for ``grow`` more tokens after the first ``n``."""
+    B, H = like[0].shape[:2]
+    new = tuple(mx.zeros((B, H, grow, x.shape[-1]), x.dtype) for x in like)
+    if buffers is None:
+        return new
+    return tuple(mx.concatenate([b[:, :, :n], z], axis=2) for b, z in zip(buffers, new))

@@ -1,0 +1,128 @@
+"""The one place that touches mlx-lm internals.
+
+* ``make_prompt_cache`` builds mlx-lm's cache for a model and swaps its attention
+  layers' ``KVCache`` for ``QuantizedKVCache``.
+* ``patch`` routes attention for our caches to ``quantized_sdpa``: mlx-lm model
+  modules bind ``scaled_dot_product_attention`` from ``mlx_lm.models.base`` at
+  import, so the binding is replaced in each module the model uses. The wrapper
+  passes everything that is not ours to the original, so patching is harmless
+  for other caches and idempotent.
+* Our class is registered in ``mlx_lm.models.cache`` so that mlx-lm's
+  ``load_prompt_cache`` (which looks classes up there by name) finds it.
+"""
+
+import sys
+
+import mlx_lm.models.cache as lm_cache
+
+from .attention import quantized_sdpa
+from .cache import KVView, QuantizedKVCache
+
+setattr(lm_cache, QuantizedKVCache.__name__, QuantizedKVCache)
+
+
+def _route(original):
+    def scaled_dot_product_attention(queries, keys, values, cache=None, scale=1.0, mask=None, sinks=None):
+        if isinstance(keys, KVView):
+            return quantized_sdpa(queries, keys, scale=scale, mask=mask, sinks=sinks)
+        return original(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
+
+    scaled_dot_product_attention.mlx_kvq_original = original
+    return scaled_dot_product_attention
+
+
+def patch(model):
+    """Route attention over ``QuantizedKVCache`` to mlx_kvq in every module ``model`` uses."""
+    for m in model.modules():
+        module = sys.modules.get(type(m).__module__)
+        f = getattr(module, "scaled_dot_product_attention", None)
+        if f is not None and not hasattr(f, "mlx_kvq_original"):
+            module.scaled_dot_product_attention = _route(f)
+    return model
+
+
+def make_prompt_cache(
+    model,
+    kv_bits=4,
+    *,
+    k_bits=None,
+    v_bits=None,
+    kv_group_size=None,
+    mode="affine",
+    quantized_kv_start=0,
+    rotate=None,
+    sinks=None,
+    window=None,
+    max_kv_size=None,
+):
+    """mlx-lm's prompt cache for ``model`` with quantized attention-layer caches.
+
+    ``kv_bits=None`` (and no ``k_bits``/``v_bits``) leaves mlx-lm's fp16 caches as they are.
+    Layer caches that are not plain ``KVCache`` (SSM, arrays, rotating) are left untouched.
+    """
+    patch(model)
+    caches = lm_cache.make_prompt_cache(model, max_kv_size=max_kv_size)
+    if kv_bits is None and k_bits is None and v_bits is None:
+        return caches
+    config = dict(
+        bits=kv_bits if kv_bits is not None else (k_bits or v_bits),
+        group_size=kv_group_size,
+        k_bits=k_bits,
+        v_bits=v_bits,
+        mode=mode,
+        rotate=rotate,
+        sinks=sinks,
+        window=window,
+        start=quantized_kv_start,
+    )
+    QuantizedKVCache(**config)  # validate once, even for a model with no KVCache layers
+    return [QuantizedKVCache(**config) if type(c) is lm_cache.KVCache else c for c in caches]
+
+
+def cache_config(caches):
+    """The config of the first quantized cache in a list, or None if it holds none."""
+    for c in caches:
+        if isinstance(c, QuantizedKVCache):
+            return c.config
+    return None
+
+
+def save_prompt_cache(path, caches, metadata=None):
+    """mlx-lm's ``save_prompt_cache``; our caches save their config with their state."""
+    lm_cache.save_prompt_cache(str(path), caches, metadata)
+
+
+def load_prompt_cache(path, model=None, expect=False, return_metadata=False):
+    """mlx-lm's ``load_prompt_cache`` with clear errors.
+
+    ``expect``: a config dict (see ``QuantizedKVCache.config``; ``None`` for an fp16
+    cache; ``False``, the default, checks nothing) the file must match; ``model``:
+    the model it must fit (layer count),
+    and which gets patched.
+    """
+    try:
+        caches, metadata = lm_cache.load_prompt_cache(str(path), return_metadata=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"Prompt cache file not found: {path}") from None
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable prompt cache file ({type(e).__name__}: {e}).") from None
+    if model is not None:
+        n = len(lm_cache.make_prompt_cache(model))
+        if len(caches) != n:
+            raise ValueError(f"{path} holds a cache for {len(caches)} layers; this model has {n}.")
+        patch(model)
+    if expect is not False:
+        found = cache_config(caches)
+        wanted = expect
+        if found != wanted:
+            raise ValueError(
+                f"{path} was saved with KV cache config {_describe(found)}, "
+                f"but {_describe(wanted)} was asked for. Use the same KV flags as when the file was made."
+            )
+    return (caches, metadata) if return_metadata else caches
+
+
+def _describe(config):
+    if config is None:
+        return "fp16 (not quantized)"
+    return ", ".join(f"{k}={v}" for k, v in config.items())

@@ -1,0 +1,51 @@
+"""Shared test helpers: a plain fp32 attention reference and a cache's contents."""
+
+import mlx.core as mx
+
+from mlx_kvq import quant
+from mlx_kvq.rotation import rotation
+
+
+def rel_err(a, b):
+    a, b = a.astype(mx.float32), b.astype(mx.float32)
+    return (mx.linalg.norm(a - b) / mx.linalg.norm(b)).item()
+
+
+def plain_attention(q, k, v, scale, mask=None):
+    """fp32 softmax(q k^T * scale + mask) v with GQA, every score materialized."""
+    q, k, v = (x.astype(mx.float32) for x in (q, k, v))
+    rep = q.shape[1] // k.shape[1]
+    k, v = mx.repeat(k, rep, axis=1), mx.repeat(v, rep, axis=1)
+    s = (q * scale) @ k.swapaxes(-1, -2)
+    if mask is not None:
+        s = mx.where(mask, s, -mx.inf) if mask.dtype == mx.bool_ else s + mask
+    return mx.softmax(s, axis=-1) @ v
+
+
+def cache_contents(cache):
+    """The keys and values a QuantizedKVCache holds, dequantized to fp32 (rotated space)."""
+    parts_k, parts_v = [], []
+    if cache.sink_keys is not None:
+        parts_k.append(cache.sink_keys)
+        parts_v.append(cache.sink_values)
+    if cache.n_packed:
+        n = cache.n_packed
+        cut = lambda t: tuple(a[:, :, :n] for a in t)
+        parts_k.append(quant.dequantize(cut(cache.keys), cache.k_bits, cache.group_size, cache.mode, mx.float32))
+        parts_v.append(quant.dequantize(cut(cache.values), cache.v_bits, cache.group_size, cache.mode, mx.float32))
+    if cache.window_keys is not None:
+        parts_k.append(cache.window_keys)
+        parts_v.append(cache.window_values)
+    cat = lambda xs: mx.concatenate([x.astype(mx.float32) for x in xs], axis=2)
+    return cat(parts_k), cat(parts_v)
+
+
+def reference_over_cache(cache, q, scale, mask=None):
+    """Plain fp32 attention over what the cache holds, rotations applied as the cache defines."""
+    k, v = cache_contents(cache)
+    if cache.rotate:
+        q = q.astype(mx.float32) @ rotation(q.shape[-1])
+    out = plain_attention(q, k, v, scale, mask)
+    if cache.rotate == "kv":
+        out = out @ rotation(out.shape[-1]).T
+    return out

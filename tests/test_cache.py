@@ -1,0 +1,171 @@
+import mlx.core as mx
+import pytest
+
+from mlx_kvq import QuantizedKVCache
+from mlx_kvq.cache import default_options
+from helpers import cache_contents, rel_err
+from mlx_kvq.rotation import rotation
+
+CONFIGS = [
+    dict(bits=8, group_size=64),
+    dict(bits=4, group_size=64, sinks=0, window=0, rotate=False),
+    dict(bits=4, group_size=32, k_bits=8, v_bits=4, sinks=2, window=5),
+    dict(bits=3, group_size=32, sinks=4, window=16, rotate="kv"),
+    dict(bits=2, group_size=32),
+    dict(bits=4, mode="mxfp4"),
+    dict(bits=4, start=20, window=3),
+]
+
+
+def feed(cache, chunks, H=2, D=64, B=1):
+    ks, vs = [], []
+    for L in chunks:
+        k = mx.random.normal((B, H, L, D)).astype(mx.float16)
+        v = mx.random.normal((B, H, L, D)).astype(mx.float16)
+        cache.update_and_fetch(k, v)
+        ks.append(k)
+        vs.append(v)
+    return mx.concatenate(ks, axis=2), mx.concatenate(vs, axis=2)
+
+
+def expected(cache, k, v):
+    if cache.rotate:
+        k = k.astype(mx.float32) @ rotation(k.shape[-1])
+        if cache.rotate == "kv":
+            v = v.astype(mx.float32) @ rotation(v.shape[-1])
+    return k, v
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("chunks", [[1] * 40, [7, 1, 1, 300, 1, 1], [33, 64, 1]])
+def test_update_holds_every_token_in_order(config, chunks):
+    cache = QuantizedKVCache(**config)
+    k, v = feed(cache, chunks, B=2)
+    assert cache.offset == cache.size() == sum(chunks)
+    held_k, held_v = cache_contents(cache)
+    assert held_k.shape == k.shape
+    ek, ev = expected(cache, k, v)
+    bits = min(cache.k_bits, cache.v_bits)
+    tol = {8: 0.02, 4: 0.15, 3: 0.3, 2: 0.6}[bits]
+    assert rel_err(held_k, ek) < tol and rel_err(held_v, ev) < tol
+    # unquantized runs are exact; the window never holds more than window + one chunk
+    if cache.sink_keys is not None:
+        s = cache.sink_keys.shape[2]
+        assert s == min(cache.sinks, cache.offset)
+        assert rel_err(cache.sink_keys, ek[:, :, :s]) < 2e-3
+    w = cache.window_keys.shape[2]
+    assert w <= max(cache.window + chunks[-1], 0) or cache.offset < cache.start
+    assert rel_err(cache.window_keys, ek[:, :, cache.offset - w :]) < 2e-3
+
+
+def test_buffers_grow_in_steps_not_per_token():
+    cache = QuantizedKVCache(4, 64, sinks=0, window=0)
+    feed(cache, [1] * 10)
+    cap = cache.keys[0].shape[2]
+    assert cap == QuantizedKVCache.step
+    feed(cache, [1] * 100)
+    assert cache.keys[0].shape[2] == cap
+    feed(cache, [300, 1])  # a chunk is packed at the next update
+    assert cache.n_packed == 410
+    assert cache.keys[0].shape[2] % QuantizedKVCache.step == 0 and cache.keys[0].shape[2] >= 410
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("n", [1, 3, 10, 45])
+def test_trim_then_refill_matches_never_trimmed(config, n):
+    mx.random.seed(3)
+    a = QuantizedKVCache(**config)
+    k, v = feed(a, [20, 1, 1, 8, 1, 17])
+    assert a.is_trimmable()
+    assert a.trim(n) == n
+    assert a.offset == 48 - n
+    ka, va = cache_contents(a)
+    ek, ev = cache_contents(QuantizedKVCache.from_state(a.state))
+    assert mx.array_equal(ka, ek) and ka.shape[2] == 48 - n
+    # trimmed tokens are gone: the first 48-n tokens are still the ones fed
+    ek, _ = expected(a, k, v)
+    assert rel_err(ka, ek[:, :, : 48 - n]) < 0.6
+    assert a.trim(1000) == 48 - n and a.empty()
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_state_round_trip_is_exact(config):
+    cache = QuantizedKVCache(**config)
+    feed(cache, [50, 1, 1])
+    copy = QuantizedKVCache.from_state(cache.state)
+    assert copy.config == cache.config and copy.offset == cache.offset
+    for a, b in zip(cache_contents(cache), cache_contents(copy)):
+        assert mx.array_equal(a, b)
+    # both keep working identically
+    k = mx.random.normal((1, 2, 1, 64)).astype(mx.float16)
+    cache.update_and_fetch(k, k)
+    copy.update_and_fetch(k, k)
+    for a, b in zip(cache_contents(cache), cache_contents(copy)):
+        assert mx.array_equal(a, b)
+
+
+def test_from_state_rejects_foreign_state():
+    with pytest.raises(ValueError, match="Not a mlx_kvq"):
+        QuantizedKVCache.from_state((mx.zeros((1,)), mx.zeros((1,)), 3))
+
+
+def test_nbytes_counts_packed_and_dense_parts():
+    cache = QuantizedKVCache(4, 64, sinks=4, window=8, rotate=False)
+    assert cache.nbytes == 0 and cache.empty()
+    feed(cache, [100, 1])
+    arrays = [cache.sink_keys, cache.sink_values, cache.window_keys, cache.window_values]
+    arrays += list(cache.keys) + list(cache.values)
+    assert cache.nbytes == sum(a.nbytes for a in arrays)
+    # packed 4-bit group 64 at head_dim 64: 32 B words + 2+2 B scale/bias = 36 B/token/head vs 128 fp16
+    fp16 = 2 * cache.offset * 2 * 64 * 2
+    assert cache.packed_nbytes() < 0.45 * fp16
+
+
+def test_make_mask_follows_offset():
+    cache = QuantizedKVCache(4)
+    assert cache.make_mask(1) is None and cache.make_mask(5) == "causal"
+    feed(cache, [3])
+    m = cache.make_mask(2, return_array=True)
+    assert m.shape == (2, 5) and m.tolist() == [[True] * 4 + [False], [True] * 5]
+    w = cache.make_mask(2, window_size=2)
+    assert w.tolist() == [[False, False, True, True, False], [False, False, False, True, True]]
+
+
+def test_from_cache_converts_a_filled_kv_cache():
+    from mlx_lm.models.cache import KVCache
+
+    kv = KVCache()
+    k = mx.random.normal((1, 2, 300, 64)).astype(mx.float16)
+    kv.update_and_fetch(k, k)
+    q = QuantizedKVCache.from_cache(kv, bits=8, sinks=0, window=0)
+    assert q.offset == 300 and q.n_packed == 300
+    assert rel_err(cache_contents(q)[0], k) < 0.01
+
+
+def test_defaults_get_stronger_as_bits_drop():
+    assert default_options(8, 8) == {"rotate": None, "sinks": 0, "window": 0}
+    four, two = default_options(4, 4), default_options(2, 2)
+    assert four["rotate"] and two["window"] > four["window"]
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(bits=1), "bits 1"),
+        (dict(bits=4, group_size=100), "group size 100"),
+        (dict(bits=4, v_bits=7), "value bits 7"),
+        (dict(bits=4, mode="fp8"), "mode 'fp8'"),
+        (dict(bits=4, rotate="q"), "rotate must be"),
+        (dict(bits=4, window=-1), "window must be"),
+    ],
+)
+def test_bad_config_is_a_clear_error(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        QuantizedKVCache(**kwargs)
+
+
+def test_head_dim_not_divisible_by_group_is_a_clear_error():
+    cache = QuantizedKVCache(4, 128)
+    x = mx.zeros((1, 1, 1, 80), mx.float16)
+    with pytest.raises(ValueError, match="head_dim 80 .* group size 128"):
+        cache.update_and_fetch(x, x)
