@@ -17,7 +17,7 @@ import mlx.core as mx
 from . import quant
 from .rotation import rotation
 
-BLOCK_ELEMENTS = 1 << 25  # float32 elements of scores + dequantized K/V per block
+BLOCK_ELEMENTS = 1 << 23  # float32 elements of scores + dequantized K/V per block
 
 
 def causal_mask(N, offset, window_size=None):
@@ -44,8 +44,11 @@ def quantized_sdpa(queries, view, scale, mask=None, sinks=None):
     """
     cache = view.cache
     q = queries
+    d = cache.padded_dim(q.shape[-1])
+    if d != q.shape[-1]:
+        q = mx.pad(q, [(0, 0)] * 3 + [(0, d - q.shape[-1])])
     if cache.rotate:
-        q = q.astype(mx.float32) @ rotation(q.shape[-1])
+        q = q.astype(mx.float32) @ rotation(d)
     causal = isinstance(mask, str)
     if causal and mask != "causal":
         raise ValueError(f"Unsupported mask {mask!r}.")
@@ -66,7 +69,7 @@ def quantized_sdpa(queries, view, scale, mask=None, sinks=None):
         out = out * mx.exp(lse - total)[..., None]
     if cache.rotate == "kv":
         out = out @ rotation(out.shape[-1]).T
-    return out.astype(queries.dtype)
+    return out[..., : cache.v_dim].astype(queries.dtype)
 
 
 def merge(parts):
@@ -129,29 +132,31 @@ def blocked_attention(q, get_k, get_v, n, dims, *, scale, q_start, k_start, caus
     q_pos = mx.arange(q_start, q_start + L)[:, None]
     mask5 = _mask5(mask, Hkv, rep)
 
-    m = mx.full((B, Hkv, rep, L), -mx.inf)
-    l = mx.zeros((B, Hkv, rep, L))
-    acc = mx.zeros((B, Hkv, rep, L, Dv))
+    result = None
     for a in range(0, n, block):
         b = min(n, a + block)
-        k = get_k(a, b)[:, :, None]
-        v = get_v(a, b)[:, :, None]
-        s = qf @ k.swapaxes(-1, -2)  # (B, Hkv, rep, L, b - a)
+        k = get_k(a, b)
+        s = qf @ k[:, :, None].swapaxes(-1, -2)  # (B, Hkv, rep, L, b - a)
         if causal:
             s = mx.where(mx.arange(k_start + a, k_start + b)[None] <= q_pos, s, -mx.inf)
         if mask5 is not None:
             mb = mask5[..., a:b]
             s = mx.where(mb, s, -mx.inf) if mb.dtype == mx.bool_ else s + mb.astype(mx.float32)
-        m_new = mx.maximum(m, s.max(axis=-1))
-        m_safe = mx.where(m_new > -mx.inf, m_new, 0.0)
-        p = mx.exp(s - m_safe[..., None])
-        corr = mx.exp(m - m_safe)
-        l = l * corr + p.sum(axis=-1)
-        acc = acc * corr[..., None] + p @ v
-        m = m_new
-    seen = l > 0
-    out = mx.where(seen[..., None], acc / mx.where(seen, l, 1.0)[..., None], 0.0)
-    lse = mx.where(seen, m + mx.log(mx.where(seen, l, 1.0)), -mx.inf)
+        # Each block is a self-contained softmax merged by log-sum-exp: its scores are
+        # dead once its small (out, lse) exist.
+        m = s.max(axis=-1, keepdims=True)
+        m = mx.where(m > -mx.inf, m, 0.0)
+        p = mx.exp(s - m)
+        l = p.sum(axis=-1)
+        seen = l > 0
+        out = (p @ get_v(a, b)[:, :, None]) / mx.where(seen, l, 1.0)[..., None]
+        lse = mx.where(seen, m[..., 0] + mx.log(mx.where(seen, l, 1.0)), -mx.inf)
+        result = (out, lse) if result is None else merge([result, (out, lse)])
+        if b < n:  # schedule block by block, so one block's scores are alive at a time
+            mx.async_eval(result)
+    if result is None:
+        return mx.zeros((B, Hq, L, Dv)), mx.full((B, Hq, L), -mx.inf)
+    out, lse = result
     return out.reshape(B, Hq, L, Dv), lse.reshape(B, Hq, L)
 
 

@@ -117,6 +117,7 @@ class QuantizedKVCache:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
         self.offset = 0
         self.n_packed = 0
+        self.v_dim = None
         self.keys = self.values = None
         self.sink_keys = self.sink_values = None
         self.window_keys = self.window_values = None
@@ -138,26 +139,34 @@ class QuantizedKVCache:
 
     def _check_head_dims(self, keys, values):
         for what, x in (("key", keys), ("value", values)):
-            d = x.shape[-1]
-            if d % self.group_size:
+            if x.shape[-1] < self.group_size:
                 raise ValueError(
-                    f"head_dim {d} of the {what}s is not divisible by the group size "
-                    f"{self.group_size}; choose a group size that divides it."
+                    f"head_dim {x.shape[-1]} of the {what}s is smaller than the group size "
+                    f"{self.group_size}; choose a group size of at most {x.shape[-1]}."
                 )
         if self.rotate:
-            rotation(keys.shape[-1])
+            rotation(self.padded_dim(keys.shape[-1]))
             if self.rotate == "kv":
-                rotation(values.shape[-1])
+                rotation(self.padded_dim(values.shape[-1]))
+
+    def padded_dim(self, d):
+        """Head dims that the group size does not divide are zero-padded up to a multiple."""
+        return -(-d // self.group_size) * self.group_size
+
+    def _prepare(self, x, rotate):
+        d = self.padded_dim(x.shape[-1])
+        if d != x.shape[-1]:
+            x = mx.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, d - x.shape[-1])])
+        return (x @ rotation(d)).astype(x.dtype) if rotate else x
 
     # -- the protocol --------------------------------------------------------
     def update_and_fetch(self, keys, values):
         """Store ``keys``/``values`` (B, H, L, D); return a view for attention."""
-        if self.offset == 0 and self.empty():
+        if self.empty():
             self._check_head_dims(keys, values)
-        if self.rotate:
-            keys = (keys @ rotation(keys.shape[-1])).astype(keys.dtype)
-            if self.rotate == "kv":
-                values = (values @ rotation(values.shape[-1])).astype(values.dtype)
+            self.v_dim = values.shape[-1]
+        keys = self._prepare(keys, self.rotate)
+        values = self._prepare(values, self.rotate == "kv")
         self._flush()
         L = keys.shape[2]
         held = 0 if self.sink_keys is None else self.sink_keys.shape[2]
@@ -251,7 +260,7 @@ class QuantizedKVCache:
         n = self.n_packed
         cut = lambda t: None if t is None else tuple(a[:, :, :n] for a in t)
         return (
-            json.dumps(self.config, sort_keys=True),
+            json.dumps({"config": self.config, "v_dim": self.v_dim}, sort_keys=True),
             self.offset,
             n,
             cut(self.keys),
@@ -266,7 +275,8 @@ class QuantizedKVCache:
     def state(self, v):
         if len(v) != 9 or not isinstance(v[0], str):
             raise ValueError("Not a mlx_kvq QuantizedKVCache state (was it saved by another cache class?).")
-        config = json.loads(v[0])
+        head = json.loads(v[0])
+        config = head["config"]
         self.__init__(
             config["k_bits"],
             config["group_size"],
@@ -278,6 +288,7 @@ class QuantizedKVCache:
             window=config["window"],
             start=config["start"],
         )
+        self.v_dim = head["v_dim"]
         (_, self.offset, self.n_packed, keys, values) = v[:5]
         self.keys = None if keys is None else tuple(keys)
         self.values = None if values is None else tuple(values)

@@ -43,9 +43,10 @@ def cache_contents(cache):
 def reference_over_cache(cache, q, scale, mask=None):
     """Plain fp32 attention over what the cache holds, rotations applied as the cache defines."""
     k, v = cache_contents(cache)
+    q = mx.pad(q.astype(mx.float32), [(0, 0)] * 3 + [(0, k.shape[-1] - q.shape[-1])])
     if cache.rotate:
-        q = q.astype(mx.float32) @ rotation(q.shape[-1])
+        q = q @ rotation(q.shape[-1])
     out = plain_attention(q, k, v, scale, mask)
     if cache.rotate == "kv":
         out = out @ rotation(out.shape[-1]).T
-    return out
+    return out[..., : cache.v_dim]

@@ -164,8 +164,20 @@ def test_bad_config_is_a_clear_error(kwargs, match):
         QuantizedKVCache(**kwargs)
 
 
-def test_head_dim_not_divisible_by_group_is_a_clear_error():
+def test_head_dim_smaller_than_group_is_a_clear_error():
     cache = QuantizedKVCache(4, 128)
-    x = mx.zeros((1, 1, 1, 80), mx.float16)
-    with pytest.raises(ValueError, match="head_dim 80 .* group size 128"):
+    x = mx.zeros((1, 1, 1, 64), mx.float16)
+    with pytest.raises(ValueError, match="head_dim 64 .* smaller than the group size 128"):
         cache.update_and_fetch(x, x)
+
+
+def test_head_dim_not_divisible_by_group_is_padded():
+    cache = QuantizedKVCache(4, 64, rotate="kv", sinks=1, window=2)
+    k = mx.random.normal((1, 2, 9, 80)).astype(mx.float16)
+    cache.update_and_fetch(k, k)
+    cache.update_and_fetch(k[:, :, :1], k[:, :, :1])
+    held, _ = cache_contents(cache)
+    assert held.shape[-1] == 128 and cache.v_dim == 80
+    back = held @ rotation(128).T
+    assert rel_err(back[..., :80], mx.concatenate([k, k[:, :, :1]], axis=2)) < 0.15
+    assert mx.abs(back[..., 80:]).mean().item() < 0.05  # quantization noise only

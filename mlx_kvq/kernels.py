@@ -1,0 +1,450 @@
+"""Fused dequantize-attention and quantize-append kernels for the packed KV cache.
+
+One kernel body per algorithm lives in ``metal/*.metal`` (Metal dialect).  It
+runs on Apple GPUs through ``mx.fast.metal_kernel`` (``metal/prelude_metal.h``),
+on NVIDIA GPUs through ``mx.fast.cuda_kernel`` (``metal/prelude_cuda.h`` maps
+the Metal constructs onto CUDA) and, in CI, on the CPU under the C++ emulation
+of Metal's execution model in ``tests/emulator``.  The launch logic below is
+shared by all three: it is written against a *launcher*, a callable with the
+``mx.fast.metal_kernel(...)(...)`` call signature.
+
+Public API (called by the attention dispatch):
+
+* :func:`enabled` -- kernels usable on this backend.
+* :func:`supports` -- shapes/formats the kernels handle.
+* :func:`packed_attention` -- (out, lse) over a packed K/V segment.
+* :func:`quantize_append` -- pack new tokens into the preallocated buffers.
+"""
+
+import math
+import os
+from pathlib import Path
+
+import mlx.core as mx
+
+HEAD_DIMS = (64, 80, 96, 128, 256)
+AFFINE_BITS = (2, 3, 4, 5, 6, 8)
+_MODE_ID = {"affine": 0, "mxfp4": 1, "nvfp4": 2, "mxfp8": 3}
+_FP_FORMAT = {"mxfp4": (4, 32), "nvfp4": (4, 16), "mxfp8": (8, 32)}
+_FLOATS = (mx.float16, mx.bfloat16, mx.float32)
+DECODE_MAX_L = 8
+
+# kernel name -> (body file, input names, output names)
+KERNELS = {
+    "sdpa_packed": (
+        "sdpa_packed.metal",
+        ["q", "kw", "ks", "kb", "vw", "vs", "vb", "mask", "params", "fparams"],
+        ["out", "lse"],
+    ),
+    "sdpa_merge": ("sdpa_merge.metal", ["o_part", "lse_part", "params"], ["out", "lse"]),
+    "quantize_append": ("quantize_append.metal", ["x", "params"], ["w", "scales", "biases"]),
+}
+
+
+# --------------------------------------------------------------------------- sources
+def source_dir():
+    """Directory holding the kernel sources: ``mlx_kvq/metal`` in an installed
+    copy, ``<repo>/metal`` in a source checkout."""
+    here = Path(__file__).resolve().parent
+    for d in (here / "metal", here.parent / "metal"):
+        if (d / "kvq_common.h").is_file():
+            return d
+    raise FileNotFoundError(
+        f"mlx-kvq kernel sources not found next to {here} (looked for metal/kvq_common.h)"
+    )
+
+
+_TEXT = {}
+
+
+def read_source(fname):
+    if fname not in _TEXT:
+        _TEXT[fname] = (source_dir() / fname).read_text()
+    return _TEXT[fname]
+
+
+def kernel_source(name):
+    """(common header text, body text, input names, output names) of a kernel."""
+    fname, inputs, outputs = KERNELS[name]
+    return read_source("kvq_common.h"), read_source(fname), list(inputs), list(outputs)
+
+
+# --------------------------------------------------------------------------- backends
+def _backend():
+    try:
+        if mx.metal.is_available():
+            return "metal"
+    except Exception:
+        pass
+    try:
+        if mx.cuda.is_available():
+            return "cuda"
+    except Exception:
+        pass
+    return None
+
+
+def enabled():
+    """True on the Metal or CUDA backend unless ``MLX_KVQ_REFERENCE=1``."""
+    if os.environ.get("MLX_KVQ_REFERENCE", "0") not in ("", "0"):
+        return False
+    return _backend() is not None
+
+
+class MLXLauncher:
+    """Runs kernel bodies through mx.fast.metal_kernel / mx.fast.cuda_kernel.
+    Kernel objects are built once per (backend, name) and cached; MLX caches
+    the compiled pipeline per template instantiation."""
+
+    def __init__(self, backend):
+        self.backend = backend
+        self._kernels = {}
+
+    def _kernel(self, name):
+        k = self._kernels.get(name)
+        if k is None:
+            common, body, inputs, outputs = kernel_source(name)
+            if self.backend == "metal":
+                header = read_source("prelude_metal.h") + "\n" + common
+                k = mx.fast.metal_kernel(
+                    name="kvq_" + name,
+                    input_names=inputs,
+                    output_names=outputs,
+                    source=body,
+                    header=header,
+                    ensure_row_contiguous=True,
+                )
+            else:
+                header = read_source("prelude_cuda.h") + "\n" + common
+                k = mx.fast.cuda_kernel(
+                    name="kvq_" + name,
+                    input_names=inputs,
+                    output_names=outputs,
+                    source=body,
+                    header=header,
+                    ensure_row_contiguous=True,
+                )
+            self._kernels[name] = k
+        return k
+
+    def __call__(self, name, inputs, template, grid, threadgroup, output_shapes, output_dtypes):
+        return self._kernel(name)(
+            inputs=inputs,
+            template=template,
+            grid=grid,
+            threadgroup=threadgroup,
+            output_shapes=output_shapes,
+            output_dtypes=output_dtypes,
+        )
+
+
+_LAUNCHERS = {}
+
+
+def _launcher():
+    be = _backend()
+    if be is None:
+        raise RuntimeError("mlx-kvq kernels need the Metal or CUDA backend")
+    if be not in _LAUNCHERS:
+        _LAUNCHERS[be] = MLXLauncher(be)
+    return _LAUNCHERS[be]
+
+
+def _num_cores():
+    """Rough count of GPU compute units, to size the split-K grid."""
+    v = os.environ.get("MLX_KVQ_NUM_CU")
+    if v:
+        return int(v)
+    try:
+        info = mx.device_info() if hasattr(mx, "device_info") else mx.metal.device_info()
+        for key in ("num_sms", "multi_processor_count", "gpu_core_count", "num_cores"):
+            if key in info:
+                return int(info[key])
+    except Exception:
+        pass
+    return 132 if _backend() == "cuda" else 32
+
+
+# --------------------------------------------------------------------------- checks
+def _fmt_ok(bits, group_size, mode, D):
+    if mode == "affine":
+        return bits in AFFINE_BITS and group_size in (32, 64, 128) and D % group_size == 0
+    if mode in _FP_FORMAT:
+        return (bits, group_size) == _FP_FORMAT[mode] and D % group_size == 0
+    return False
+
+
+def _packed_ok(p, B, Hkv, D, bits, group_size, mode):
+    nexp = 3 if mode == "affine" else 2
+    if not isinstance(p, (tuple, list)) or len(p) != nexp:
+        return False
+    w, s = p[0], p[1]
+    if w.ndim != 4 or w.dtype != mx.uint32 or tuple(w.shape[:2]) != (B, Hkv):
+        return False
+    C = w.shape[2]
+    if w.shape[3] * 32 != D * bits:
+        return False
+    if tuple(s.shape) != (B, Hkv, C, D // group_size):
+        return False
+    if mode == "affine":
+        if s.dtype not in _FLOATS or p[2].dtype != s.dtype or tuple(p[2].shape) != tuple(s.shape):
+            return False
+    elif s.dtype != mx.uint8:
+        return False
+    return True
+
+
+def _mask_ok(mask, B, Hq, L, n):
+    if mask is None:
+        return True
+    if not isinstance(mask, mx.array):
+        return False  # e.g. the string "causal": pass causal=True instead
+    if mask.dtype not in (mx.bool_,) + _FLOATS or mask.ndim > 4:
+        return False
+    shape = (1,) * (4 - mask.ndim) + tuple(mask.shape)
+    return all(s in (1, t) for s, t in zip(shape, (B, Hq, L, n)))
+
+
+def supports(q, k_packed, v_packed, k_bits, v_bits, group_size, mode, mask):
+    """Whether :func:`packed_attention` handles these shapes and formats.
+    Does not look at the backend (see :func:`enabled`)."""
+    try:
+        if not isinstance(q, mx.array) or q.ndim != 4 or q.dtype not in _FLOATS:
+            return False
+        B, Hq, L, D = q.shape
+        if D not in HEAD_DIMS or L < 1:
+            return False
+        if mode not in _MODE_ID:
+            return False
+        if not (_fmt_ok(k_bits, group_size, mode, D) and _fmt_ok(v_bits, group_size, mode, D)):
+            return False
+        Hkv = k_packed[0].shape[1]
+        if Hkv < 1 or Hq % Hkv != 0:
+            return False
+        if not _packed_ok(k_packed, B, Hkv, D, k_bits, group_size, mode):
+            return False
+        if not _packed_ok(v_packed, B, Hkv, D, v_bits, group_size, mode):
+            return False
+        if k_packed[0].shape[2] != v_packed[0].shape[2]:
+            return False
+        if k_packed[1].dtype != v_packed[1].dtype:
+            return False
+        C = k_packed[0].shape[2]
+        if mask is not None and not _mask_ok(mask, B, Hq, L, mask.shape[-1] if mask.ndim else 1):
+            return False
+        if mask is not None and mask.ndim and mask.shape[-1] not in (1,) and mask.shape[-1] > C:
+            return False
+        return True
+    except Exception:
+        return False
+
+
+# --------------------------------------------------------------------------- attention
+def _pow2ceil(x):
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def _plan(B, Hkv, rep, L, D, n, nsg=None, nsplit=None, prefill=None):
+    """Launch geometry: (prefill, RT, NSG, QR, tiles, nsplit, kps)."""
+    R = rep * L
+    if prefill is None:
+        prefill = L > DECODE_MAX_L
+    if prefill:
+        RT = 8
+        # threadgroup memory ~ QR*D*4 bytes: keep it <= 16 KiB
+        NSG = nsg or max(1, min(4, 4096 // (RT * D)))
+        QR = NSG * RT
+    else:
+        RT = min(8, _pow2ceil(R))
+        NSG = nsg or 4
+        QR = RT
+    tiles = -(-R // QR)
+    if nsplit is None:
+        base = B * Hkv * tiles
+        target = 2 * _num_cores()
+        nsplit = 1
+        if not prefill and base < target:
+            nsplit = min(-(-target // base), max(1, n // (2 * NSG * 32)))
+    nsplit = max(1, min(nsplit, max(1, n)))
+    kps = -(-n // nsplit)
+    kps = -(-kps // 32) * 32
+    nsplit = max(1, -(-n // kps))
+    return prefill, RT, NSG, QR, tiles, nsplit, kps
+
+
+def _mask_arg(mask, B, Hq, L, n):
+    """(array, kind, strides) for the kernel: kind 0 none, 1 bool, 2 additive."""
+    if mask is None:
+        return mx.zeros((1,), dtype=mx.float32), 0, (0, 0, 0, 0)
+    m = mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))
+    shape = m.shape
+    st = [0, 0, 0, 0]
+    acc = 1
+    for i in range(3, -1, -1):
+        st[i] = acc if shape[i] != 1 else 0
+        acc *= shape[i]
+    kind = 1 if m.dtype == mx.bool_ else 2
+    return m, kind, tuple(st)
+
+
+def attention_launch(
+    launch, q, k_packed, v_packed, n, *, k_bits, v_bits, group_size, mode, scale,
+    q_start, k_start, causal, mask=None, nsg=None, nsplit=None, prefill=None,
+):
+    """The whole kernel sequence of :func:`packed_attention` on ``launch``."""
+    B, Hq, L, D = q.shape
+    Hkv = k_packed[0].shape[1]
+    C = k_packed[0].shape[2]
+    rep = Hq // Hkv
+    n = int(n)
+    if n <= 0:
+        return (
+            mx.zeros((B, Hq, L, D), dtype=mx.float32),
+            mx.full((B, Hq, L), -math.inf, dtype=mx.float32),
+        )
+    if n > C:
+        raise ValueError(f"n={n} exceeds the cache capacity {C}")
+    prefill, RT, NSG, QR, tiles, nsplit, kps = _plan(B, Hkv, rep, L, D, n, nsg, nsplit, prefill)
+    marr, mkind, mst = _mask_arg(mask, B, Hq, L, n)
+    mode_id = _MODE_ID[mode]
+    if mode == "affine":
+        kw, ks, kb = k_packed
+        vw, vs, vb = v_packed
+    else:
+        kw, ks = k_packed
+        vw, vs = v_packed
+        kb = vb = mx.zeros((1,), dtype=mx.uint8)
+    KW = D * k_bits // 32
+    kvw = 4 if KW % 4 == 0 else 1
+    params = mx.array(
+        [n, q_start, k_start, L, rep, Hkv, C, kps, nsplit, *mst, B], dtype=mx.int32
+    )
+    fparams = mx.array([scale], dtype=mx.float32)
+    template = [
+        ("T", q.dtype),
+        ("S", ks.dtype),
+        ("MT", marr.dtype),
+        ("D", D),
+        ("KB", k_bits),
+        ("VB", v_bits),
+        ("GS", group_size),
+        ("MODE", mode_id),
+        ("RT", RT),
+        ("NSG", NSG),
+        ("PREFILL", bool(prefill)),
+        ("MASK", mkind),
+        ("CAUSAL", bool(causal)),
+        ("KVW", kvw),
+    ]
+    rows = B * Hq * L
+    out, lse = launch(
+        "sdpa_packed",
+        [q, kw, ks, kb, vw, vs, vb, marr, params, fparams],
+        template,
+        (nsplit * NSG * 32, Hkv * tiles, B),
+        (NSG * 32, 1, 1),
+        [(nsplit, rows, D), (nsplit, rows)],
+        [mx.float32, mx.float32],
+    )
+    if nsplit > 1:
+        mparams = mx.array([nsplit, rows], dtype=mx.int32)
+        out, lse = launch(
+            "sdpa_merge",
+            [out, lse, mparams],
+            [("D", D)],
+            (rows * 32, 1, 1),
+            (32, 1, 1),
+            [(rows, D), (rows,)],
+            [mx.float32, mx.float32],
+        )
+    return out.reshape(B, Hq, L, D), lse.reshape(B, Hq, L)
+
+
+def packed_attention(
+    q, k_packed, v_packed, n, *, k_bits, v_bits, group_size, mode, scale,
+    q_start, k_start, causal, mask=None,
+):
+    """Attention of ``q`` over the first ``n`` tokens of a packed K/V segment.
+
+    Returns ``(out, lse)``: ``out`` float32 (B, Hq, L, D), the softmax-weighted
+    mean of the dequantized values over the visible keys of this segment, and
+    ``lse`` float32 (B, Hq, L), the log-sum-exp of ``scale * q.k`` (+ additive
+    mask) over those keys; a row with no visible key gets ``out = 0``,
+    ``lse = -inf``.  Query i sits at ``q_start + i``, key j at ``k_start + j``;
+    with ``causal`` key j is visible to query i iff ``k_start + j <= q_start + i``.
+    ``mask``: bool (True = keep) or additive, broadcastable to (B, Hq, L, n).
+    Pass the full preallocated buffers (B, Hkv, C, ...), not a slice.
+    """
+    return attention_launch(
+        _launcher(), q, k_packed, v_packed, n, k_bits=k_bits, v_bits=v_bits,
+        group_size=group_size, mode=mode, scale=scale, q_start=q_start,
+        k_start=k_start, causal=causal, mask=mask,
+    )
+
+
+# --------------------------------------------------------------------------- quantize
+def quantize_supported(x, bits, group_size, mode):
+    return (
+        mode == "affine"
+        and bits in AFFINE_BITS
+        and group_size in (32, 64, 128)
+        and isinstance(x, mx.array)
+        and x.dtype in _FLOATS
+        and x.shape[-1] % group_size == 0
+    )
+
+
+def quantize_launch(launch, x, *, bits, group_size, flavor):
+    """Packed (words, scales, biases) of x (..., D) via the quantize kernel."""
+    D = x.shape[-1]
+    lead = tuple(x.shape[:-1])
+    rows = 1
+    for s in lead:
+        rows *= s
+    ng = D // group_size
+    total = rows * ng
+    params = mx.array([rows], dtype=mx.int32)
+    w, s, b = launch(
+        "quantize_append",
+        [x.reshape(rows, D), params],
+        [("T", x.dtype), ("D", D), ("BITS", bits), ("GS", group_size), ("FLAVOR", flavor)],
+        (-(-total // 256) * 256, 1, 1),
+        (256, 1, 1),
+        [(rows, D * bits // 32), (rows, ng), (rows, ng)],
+        [mx.uint32, x.dtype, x.dtype],
+    )
+    return (
+        w.reshape(*lead, D * bits // 32),
+        s.reshape(*lead, ng),
+        b.reshape(*lead, ng),
+    )
+
+
+def _write_rows(buf, new, start):
+    L = new.shape[2]
+    if hasattr(mx, "slice_update"):
+        return mx.slice_update(buf, new, mx.array([0, 0, start, 0]), axes=(0, 1, 2, 3))
+    out = buf
+    out[:, :, start : start + L, :] = new
+    return out
+
+
+def quantize_append(x, buffers, start, *, bits, group_size, mode):
+    """Pack ``x`` (B, H, L, D) and write it into ``buffers`` (the cache's
+    preallocated packed arrays, (B, H, C, ...)) at token index ``start``.
+
+    Returns the updated buffers (new array objects; the inputs are not
+    mutated).  MLX custom kernels cannot alias an output to an input, so the
+    kernel packs only the L new tokens and the write into the buffers is a
+    ``slice_update``, which MLX performs in place when the old buffer is
+    donatable (no other reference alive) -- drop your reference, e.g.
+    ``self.keys = quantize_append(x, self.keys, ...)``.
+    The packing is bit-identical to ``mx.quantize`` on this backend.  Modes
+    other than affine (or no GPU) use ``mx.quantize`` itself.
+    """
+    if enabled() and quantize_supported(x, bits, group_size, mode):
+        flavor = 1  # MLX's Metal and CUDA quantize kernels share one algorithm
+        new = quantize_launch(_launcher(), x, bits=bits, group_size=group_size, flavor=flavor)
+    else:
+        new = tuple(mx.quantize(x, group_size=group_size, bits=bits, mode=mode))
+    return tuple(_write_rows(buf, v, start) for buf, v in zip(buffers, new))

@@ -1,0 +1,111 @@
+import mlx.core as mx
+import pytest
+
+from mlx_kvq import QuantizedKVCache, quantized_sdpa
+from mlx_kvq import attention
+from helpers import plain_attention, reference_over_cache, rel_err
+
+
+def filled(config, B, Hkv, D, past, Dv=None):
+    cache = QuantizedKVCache(**config)
+    Dv = Dv or D
+    for L in past:
+        cache.update_and_fetch(
+            mx.random.normal((B, Hkv, L, D)).astype(mx.float16),
+            mx.random.normal((B, Hkv, L, Dv)).astype(mx.float16),
+        )
+    return cache
+
+
+CASES = [
+    # (config, B, Hq, Hkv, D, past chunks, query length, mask kind)
+    (dict(bits=4, group_size=64), 1, 8, 2, 64, [70, 1], 1, None),
+    (dict(bits=8, group_size=32, sinks=4, window=8), 2, 6, 3, 80, [33, 5], 1, None),
+    (dict(bits=3, group_size=32, rotate="kv", sinks=4, window=16), 1, 4, 4, 96, [130], 7, "causal"),
+    (dict(bits=4, k_bits=8, v_bits=4, group_size=128), 1, 16, 2, 128, [257, 1], 33, "causal"),
+    (dict(bits=2, group_size=64, window=32), 2, 4, 1, 256, [95], 12, "bool"),
+    (dict(bits=4, mode="mxfp4", rotate="k"), 1, 4, 2, 64, [40], 5, "additive"),
+    (dict(bits=6, group_size=64, sinks=0, window=0), 1, 2, 2, 64, [0], 50, "causal"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[str(i) for i in range(len(CASES))])
+def test_matches_plain_fp32_attention_over_the_dequantized_cache(case):
+    config, B, Hq, Hkv, D, past, L, mask_kind = case
+    mx.random.seed(len(past) * 100 + L)
+    cache = filled(config, B, Hkv, D, [p for p in past if p])
+    k = mx.random.normal((B, Hkv, L, D)).astype(mx.float16)
+    view, _ = cache.update_and_fetch(k, k)
+    q = mx.random.normal((B, Hq, L, D)).astype(mx.float16)
+    N = cache.offset
+    full = attention.causal_mask(L, N - L)
+    if mask_kind == "causal":
+        mask, ref_mask = "causal", full
+    elif mask_kind == "bool":  # e.g. left padding: batch row 0 cannot see its first 10 keys
+        pad = mx.arange(N)[None] >= mx.array([10, 0])[:, None]
+        mask = ref_mask = full[None, None] & pad[:, None, None, :]
+    elif mask_kind == "additive":
+        mask = ref_mask = mx.where(full, 0.0, -1e9) + mx.random.normal((L, N)) * 0.5
+    else:
+        mask = ref_mask = None
+    out = quantized_sdpa(q, view, scale=D**-0.5, mask=mask)
+    ref = reference_over_cache(cache, q, D**-0.5, ref_mask)
+    assert out.shape == (B, Hq, L, D) and out.dtype == q.dtype
+    assert rel_err(out, ref) < 4e-3  # fp16 output rounding; quantization error is in both
+
+
+def test_blocks_bound_memory_and_agree_with_one_block(monkeypatch):
+    cache = filled(dict(bits=4, group_size=64, sinks=0, window=0), 1, 2, 64, [1000, 1])
+    q = mx.random.normal((1, 4, 1, 64))
+    view, _ = cache.update_and_fetch(mx.zeros((1, 2, 1, 64), mx.float16), mx.zeros((1, 2, 1, 64), mx.float16))
+    one = quantized_sdpa(q, view, scale=0.125)
+    monkeypatch.setattr(attention, "BLOCK_ELEMENTS", 64 * 300)  # forces blocks of 64 keys
+    many = quantized_sdpa(q, view, scale=0.125)
+    assert rel_err(many, one) < 1e-5
+
+
+def test_prefill_chunk_against_long_cache_does_not_materialize_scores():
+    """2048 queries x 16k keys x 4 heads would be 512 MiB of fp32 scores; blocks keep it far lower."""
+    cache = filled(dict(bits=4, group_size=64, sinks=0, window=0), 1, 1, 64, [4096] * 4)
+    L = 2048
+    k = mx.random.normal((1, 1, L, 64)).astype(mx.float16)
+    view, _ = cache.update_and_fetch(k, k)
+    q = mx.random.normal((1, 4, L, 64)).astype(mx.float16)
+    mx.eval(q, view.packed[0], view.window[0])
+    mx.reset_peak_memory()
+    before = mx.get_active_memory()
+    mx.eval(quantized_sdpa(q, view, scale=0.125, mask="causal"))
+    extra = mx.get_peak_memory() - before
+    assert extra < 320 * 2**20, f"{extra / 2**20:.0f} MiB"
+
+
+def test_fully_masked_rows_and_sinks_logits():
+    cache = filled(dict(bits=8, group_size=64, sinks=0, window=0), 1, 2, 64, [20])
+    k = mx.random.normal((1, 2, 1, 64)).astype(mx.float16)
+    view, _ = cache.update_and_fetch(k, k)
+    q = mx.random.normal((1, 2, 1, 64))
+    sinks = mx.array([0.5, -1.0])
+    out = quantized_sdpa(q, view, scale=0.125, sinks=sinks)
+    ref = mx.fast.scaled_dot_product_attention(q, *[x[:, :, :21] for x in _dense(cache)], scale=0.125, sinks=sinks)
+    assert rel_err(out, ref) < 1e-5
+    none = mx.zeros((1, 1, 1, 21), mx.bool_)
+    assert mx.all(quantized_sdpa(q, view, scale=0.125, mask=none) == 0).item()
+
+
+def _dense(cache):
+    from helpers import cache_contents
+
+    return cache_contents(cache)
+
+
+def test_reference_is_forced_by_environment(monkeypatch):
+    monkeypatch.setenv("MLX_KVQ_REFERENCE", "1")
+    assert not attention.use_kernels()
+    monkeypatch.setenv("MLX_KVQ_REFERENCE", "0")
+    assert attention.use_kernels()
+
+
+def test_plain_reference_itself_matches_mlx_fast_sdpa():
+    q, k, v = (mx.random.normal((1, 4, 9, 64)) for _ in range(3))
+    ref = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask="causal")
+    assert rel_err(plain_attention(q, k, v, 0.125, attention.causal_mask(9, 0)), ref) < 1e-5
