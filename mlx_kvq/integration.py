@@ -11,6 +11,7 @@
   ``load_prompt_cache`` (which looks classes up there by name) finds it.
 """
 
+import os
 import sys
 
 import mlx_lm.models.cache as lm_cache
@@ -100,10 +101,10 @@ def load_prompt_cache(path, model=None, expect=False, return_metadata=False):
     the model it must fit (layer count),
     and which gets patched.
     """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Prompt cache file not found: {path}")
     try:
         caches, metadata = lm_cache.load_prompt_cache(str(path), return_metadata=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"Prompt cache file not found: {path}") from None
     except Exception as e:
         raise ValueError(f"{path} is not a readable prompt cache file ({type(e).__name__}: {e}).") from None
     if model is not None:

@@ -1,0 +1,130 @@
+"""mlx-lm's own generate loop, save/load and trim with mlx_kvq caches (tiny random llama)."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+from mlx_lm.generate import generate_step
+from mlx_lm.models import cache as lm_cache
+from mlx_lm.models import llama
+
+import mlx_kvq
+from mlx_kvq import QuantizedKVCache
+from mlx_kvq.integration import patch
+from helpers import rel_err
+
+
+@pytest.fixture(scope="module")
+def model():
+    mx.random.seed(0)
+    args = llama.ModelArgs(
+        model_type="llama", hidden_size=256, num_hidden_layers=2, intermediate_size=256,
+        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=97,
+        rope_traditional=True,
+    )
+    m = llama.Model(args)
+    m.set_dtype(mx.float16)
+    mx.eval(m.parameters())
+    return m
+
+
+PROMPT = mx.array([5, 17, 3, 88, 41, 2, 9, 60, 33, 12, 7, 71, 19, 4, 50, 23])
+
+
+def logits_with(model, cache, chunks=(7, 9), steps=12):
+    """Prefill in chunks, then greedy-decode; returns all the logits."""
+    out, a = [], 0
+    for c in chunks:
+        out.append(model(PROMPT[None, a : a + c], cache=cache)[0])
+        a += c
+    tok = mx.argmax(out[-1][-1])
+    for _ in range(steps):
+        out.append(model(tok.reshape(1, 1), cache=cache)[0])
+        tok = mx.argmax(out[-1][-1])
+    return mx.concatenate(out).astype(mx.float32)
+
+
+def test_make_prompt_cache_swaps_attention_caches(model):
+    caches = mlx_kvq.make_prompt_cache(model, kv_bits=4)
+    assert len(caches) == 2 and all(isinstance(c, QuantizedKVCache) for c in caches)
+    fp16 = mlx_kvq.make_prompt_cache(model, kv_bits=None)
+    assert all(type(c) is lm_cache.KVCache for c in fp16)
+    with pytest.raises(ValueError, match="bits 7"):
+        mlx_kvq.make_prompt_cache(model, kv_bits=7)
+
+
+@pytest.mark.parametrize("bits,tol", [(8, 0.02), (4, 0.15)])
+def test_logits_follow_the_fp16_cache(model, bits, tol):
+    ref = logits_with(model, lm_cache.make_prompt_cache(model))
+    got = logits_with(model, mlx_kvq.make_prompt_cache(model, kv_bits=bits))
+    assert rel_err(got, ref) < tol
+
+
+def test_patch_is_idempotent_and_leaves_other_caches_alone(model):
+    patch(model)
+    f = llama.scaled_dot_product_attention
+    patch(model)
+    assert llama.scaled_dot_product_attention is f and hasattr(f, "mlx_kvq_original")
+    # mlx-lm's own caches still take mlx-lm's path
+    a = logits_with(model, lm_cache.make_prompt_cache(model))
+    b = logits_with(model, [lm_cache.KVCache() for _ in range(2)])
+    assert mx.array_equal(a, b)
+
+
+def test_generate_step_runs_unchanged(model):
+    cache = mlx_kvq.make_prompt_cache(model, kv_bits=8)
+    ref = [t for t, _ in zip(generate_step(PROMPT, model, prompt_cache=lm_cache.make_prompt_cache(model)), range(10))]
+    got = [t for t, _ in zip(generate_step(PROMPT, model, prompt_cache=cache), range(10))]
+    assert cache[0].offset >= len(PROMPT) + 9  # generate_step runs one step ahead
+    assert [int(t) for t, _ in got] == [int(t) for t, _ in ref]
+
+
+def test_save_load_with_mlx_lm_functions(model, tmp_path):
+    cache = mlx_kvq.make_prompt_cache(model, kv_bits=4, window=3)
+    model(PROMPT[None], cache=cache)
+    model(PROMPT[None, :1], cache=cache)
+    path = tmp_path / "c.safetensors"
+    lm_cache.save_prompt_cache(str(path), cache, {"model": "tiny"})
+    loaded, meta = lm_cache.load_prompt_cache(str(path), return_metadata=True)
+    assert meta == {"model": "tiny"}
+    assert all(type(c) is QuantizedKVCache for c in loaded)
+    for a, b in zip(cache, loaded):
+        assert a.config == b.config and a.offset == b.offset
+        for x, y in zip(a.state[3] + a.state[4], b.state[3] + b.state[4]):
+            assert mx.array_equal(x, y) and x.dtype == y.dtype
+    # continuing from the loaded cache gives what continuing the original gives
+    step = PROMPT[None, 2:3]
+    assert mx.array_equal(model(step, cache=cache), model(step, cache=loaded))
+
+
+def test_load_checks_config_and_layers(model, tmp_path):
+    cache = mlx_kvq.make_prompt_cache(model, kv_bits=4)
+    model(PROMPT[None], cache=cache)
+    path = tmp_path / "c.safetensors"
+    mlx_kvq.save_prompt_cache(path, cache)
+    assert mlx_kvq.load_prompt_cache(path, model, expect=cache[0].config)[0].offset == len(PROMPT)
+    with pytest.raises(ValueError, match="saved with KV cache config .*k_bits=4.* but .*k_bits=8"):
+        mlx_kvq.load_prompt_cache(path, expect=QuantizedKVCache(8).config)
+    with pytest.raises(ValueError, match="fp16"):
+        mlx_kvq.load_prompt_cache(path, expect=None)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        mlx_kvq.load_prompt_cache(tmp_path / "missing.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a cache")
+    with pytest.raises(ValueError, match="not a readable prompt cache"):
+        mlx_kvq.load_prompt_cache(tmp_path / "junk.safetensors")
+    one_layer = tmp_path / "one.safetensors"
+    mlx_kvq.save_prompt_cache(one_layer, cache[:1])
+    with pytest.raises(ValueError, match="1 layers; this model has 2"):
+        mlx_kvq.load_prompt_cache(one_layer, model)
+
+
+def test_trim_through_mlx_lm(model):
+    cache = mlx_kvq.make_prompt_cache(model, kv_bits=8)
+    model(PROMPT[None], cache=cache)
+    assert lm_cache.can_trim_prompt_cache(cache)
+    assert lm_cache.trim_prompt_cache(cache, 5) == 5
+    assert all(c.offset == len(PROMPT) - 5 for c in cache)
+    # re-feeding the trimmed tokens gives the logits of the untrimmed run
+    fresh = mlx_kvq.make_prompt_cache(model, kv_bits=8)
+    full = model(PROMPT[None], cache=fresh)
+    again = model(PROMPT[None, -5:], cache=cache)
+    assert rel_err(again[0], full[0, -5:]) < 0.02
