@@ -117,7 +117,7 @@ class QuantizedKVCache:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
         self.offset = 0
         self.n_packed = 0
-        self.v_dim = None
+        self.k_dim = self.v_dim = self.kv_heads = self.dtype = None
         self.keys = self.values = None
         self.sink_keys = self.sink_values = None
         self.window_keys = self.window_values = None
@@ -154,6 +154,7 @@ class QuantizedKVCache:
         return -(-d // self.group_size) * self.group_size
 
     def _prepare(self, x, rotate):
+        """Zero-pad to the packed head dim and rotate; the model's dtype is kept."""
         d = self.padded_dim(x.shape[-1])
         if d != x.shape[-1]:
             x = mx.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, d - x.shape[-1])])
@@ -164,7 +165,9 @@ class QuantizedKVCache:
         """Store ``keys``/``values`` (B, H, L, D); return a view for attention."""
         if self.empty():
             self._check_head_dims(keys, values)
-            self.v_dim = values.shape[-1]
+            self.k_dim, self.v_dim = keys.shape[-1], values.shape[-1]
+            self.kv_heads = keys.shape[0] * keys.shape[1]
+            self.dtype = keys.dtype
         keys = self._prepare(keys, self.rotate)
         values = self._prepare(values, self.rotate == "kv")
         self._flush()
@@ -248,7 +251,13 @@ class QuantizedKVCache:
         arrays += list(self.keys or ()) + list(self.values or ())
         return sum(a.nbytes for a in arrays if a is not None)
 
-    def packed_nbytes(self):
+    def dense_nbytes(self):
+        """What the same tokens take unquantized, in the model's dtype (no step rounding)."""
+        if self.empty():
+            return 0
+        return self.offset * self.kv_heads * (self.k_dim + self.v_dim) * self.dtype.size
+
+    def used_nbytes(self):
         """Bytes actually used by the tokens held (packed part at its fill)."""
         used = lambda t: sum(a[:, :, : self.n_packed].nbytes for a in t or ())
         dense = [self.sink_keys, self.sink_values, self.window_keys, self.window_values]
@@ -260,7 +269,7 @@ class QuantizedKVCache:
         n = self.n_packed
         cut = lambda t: None if t is None else tuple(a[:, :, :n] for a in t)
         return (
-            json.dumps({"config": self.config, "v_dim": self.v_dim}, sort_keys=True),
+            json.dumps({"config": self.config, "dims": self._dims()}, sort_keys=True),
             self.offset,
             n,
             cut(self.keys),
@@ -288,7 +297,8 @@ class QuantizedKVCache:
             window=config["window"],
             start=config["start"],
         )
-        self.v_dim = head["v_dim"]
+        self.kv_heads, self.k_dim, self.v_dim, dtype = head["dims"]
+        self.dtype = dtype and getattr(mx, dtype)
         (_, self.offset, self.n_packed, keys, values) = v[:5]
         self.keys = None if keys is None else tuple(keys)
         self.values = None if values is None else tuple(values)
@@ -301,6 +311,10 @@ class QuantizedKVCache:
     @meta_state.setter
     def meta_state(self, v):
         pass  # the config travels in ``state``
+
+    def _dims(self):
+        dtype = self.dtype and str(self.dtype).split(".")[-1]
+        return [self.kv_heads, self.k_dim, self.v_dim, dtype]
 
     @classmethod
     def from_state(cls, state, meta_state=None):

@@ -118,7 +118,7 @@ def test_nbytes_counts_packed_and_dense_parts():
     assert cache.nbytes == sum(a.nbytes for a in arrays)
     # packed 4-bit group 64 at head_dim 64: 32 B words + 2+2 B scale/bias = 36 B/token/head vs 128 fp16
     fp16 = 2 * cache.offset * 2 * 64 * 2
-    assert cache.packed_nbytes() < 0.45 * fp16
+    assert cache.used_nbytes() < 0.45 * fp16
 
 
 def test_make_mask_follows_offset():

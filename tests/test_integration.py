@@ -128,3 +128,49 @@ def test_trim_through_mlx_lm(model):
     full = model(PROMPT[None], cache=fresh)
     again = model(PROMPT[None, -5:], cache=cache)
     assert rel_err(again[0], full[0, -5:]) < 0.02
+
+
+# -- with the real SmolLM2-135M-Instruct weights (the embedded model) ---------------------
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a short poem about the sea.",
+    "Explain in two sentences why the sky is blue.",
+]
+
+
+def greedy(model, tokenizer, prompt, cache, n=32):
+    from mlx_kvq.generate import encode_prompt
+
+    tokens = mx.array(encode_prompt(tokenizer, prompt))
+    steps = generate_step(tokens, model, prompt_cache=cache, prefill_step_size=16)
+    return [int(t) for (t, _), _ in zip(steps, range(n))]
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_8bit_greedy_matches_fp16_for_32_tokens(smollm, prompt):
+    model, tokenizer = smollm
+    ref = greedy(model, tokenizer, prompt, lm_cache.make_prompt_cache(model))
+    got = greedy(model, tokenizer, prompt, mlx_kvq.make_prompt_cache(model, kv_bits=8))
+    assert got == ref
+
+
+def test_4bit_cache_on_real_model_stays_close(smollm):
+    model, tokenizer = smollm
+    ref = greedy(model, tokenizer, PROMPTS[0], lm_cache.make_prompt_cache(model), n=12)
+    got = greedy(model, tokenizer, PROMPTS[0], mlx_kvq.make_prompt_cache(model, kv_bits=4), n=12)
+    assert tokenizer.decode(got).count("Paris") and sum(a == b for a, b in zip(got, ref)) >= 8
+
+
+def test_save_trim_load_real_model(smollm, tmp_path):
+    model, tokenizer = smollm
+    tokens = mx.array(tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 4))
+    cache = mlx_kvq.make_prompt_cache(model, kv_bits=4)
+    model(tokens[None], cache=cache)
+    lm_cache.trim_prompt_cache(cache, 3)
+    path = tmp_path / "doc.safetensors"
+    lm_cache.save_prompt_cache(str(path), cache)
+    loaded = mlx_kvq.load_prompt_cache(path, model, expect=cache[0].config)
+    assert all(c.offset == len(tokens) - 3 for c in loaded)
+    nxt = tokens[None, -3:]
+    assert mx.array_equal(model(nxt, cache=cache), model(nxt, cache=loaded))

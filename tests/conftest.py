@@ -1,0 +1,18 @@
+import mlx_kvq  # loads OpenBLAS before mlx.core
+
+import pytest
+
+from mlx_kvq.gguf import load_gguf
+from mlx_kvq.models import default_model_path
+
+
+@pytest.fixture(scope="session")
+def smollm_path():
+    """The embedded SmolLM2-135M-Instruct GGUF (downloaded once into the cache dir)."""
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def smollm(smollm_path):
+    """``(model, tokenizer)`` of the embedded model, weights kept packed (Q4_1, 8-bit embedding)."""
+    return load_gguf(smollm_path)

@@ -1,0 +1,67 @@
+"""The mlx_kvq.generate CLI end to end on the embedded model."""
+
+import subprocess
+import sys
+
+import pytest
+
+from mlx_kvq import generate
+
+
+def run(*args, stdin=None):
+    return subprocess.run(
+        [sys.executable, "-m", "mlx_kvq.generate", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_cli_answers_and_reports_memory(smollm_path):
+    r = run("-p", "What is the capital of France?", "-m", "24", "--kv-bits", "4")
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
+    for field in (
+        "Prompt:",
+        "tokens-per-sec",
+        "Generation:",
+        "Peak memory:",
+        "KV cache:",
+        "would take",
+    ):
+        assert field in r.stdout
+    ratio = float(r.stdout.split("MiB = ")[1].split("x")[0])
+    assert ratio < 0.5
+
+
+def test_cli_reads_prompt_from_stdin_and_compares_fp16(smollm_path):
+    r = run("-p", "-", "-m", "8", "--no-kv-quant", "--ignore-chat-template", stdin="Once upon a time")
+    assert r.returncode == 0, r.stderr
+    assert "= 1.00x" in r.stdout
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--kv-bits", "7"], "bits 7"),
+        (["--kv-group-size", "48"], "group size 48"),
+        (["--kv-mode", "int3"], "mode 'int3'"),
+        (["--model", "/nonexistent/model.gguf"], "/nonexistent/model.gguf"),
+        (["--prompt-cache-file", "/nonexistent.safetensors"], "not found"),
+        (["-p", "   "], "prompt is empty"),
+    ],
+)
+def test_cli_bad_input_is_a_clear_error(smollm_path, args, message):
+    r = run("-m", "2", *args)
+    assert r.returncode != 0
+    assert message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_kv_flags_map_to_cache_arguments():
+    args = generate.setup_arg_parser().parse_args(
+        ["--k-bits", "8", "--v-bits", "4", "--kv-rotate", "none", "--kv-window", "64"]
+    )
+    kw = generate.cache_kwargs(args)
+    assert kw["k_bits"] == 8 and kw["v_bits"] == 4 and kw["rotate"] is False and kw["window"] == 64
+    assert generate.cache_kwargs(generate.setup_arg_parser().parse_args(["--no-kv-quant"])) is None
