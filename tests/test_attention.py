@@ -87,7 +87,7 @@ def test_fully_masked_rows_and_sinks_logits():
     sinks = mx.array([0.5, -1.0])
     out = quantized_sdpa(q, view, scale=0.125, sinks=sinks)
     ref = mx.fast.scaled_dot_product_attention(q, *[x[:, :, :21] for x in _dense(cache)], scale=0.125, sinks=sinks)
-    assert rel_err(out, ref) < 1e-5
+    assert rel_err(out, ref) < 1e-3  # mx.fast's CUDA kernel computes at about tf32 precision
     none = mx.zeros((1, 1, 1, 21), mx.bool_)
     assert mx.all(quantized_sdpa(q, view, scale=0.125, mask=none) == 0).item()
 

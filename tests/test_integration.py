@@ -139,20 +139,27 @@ PROMPTS = [
 ]
 
 
-def greedy(model, tokenizer, prompt, cache, n=32):
+def greedy(model, tokenizer, prompt, cache, n=32, margins=False):
+    """Greedy tokens (and, if asked, the top-1 minus top-2 logprob at each step)."""
     from mlx_kvq.generate import encode_prompt
 
     tokens = mx.array(encode_prompt(tokenizer, prompt))
     steps = generate_step(tokens, model, prompt_cache=cache, prefill_step_size=16)
-    return [int(t) for (t, _), _ in zip(steps, range(n))]
+    out = [(int(t), lp) for (t, lp), _ in zip(steps, range(n))]
+    if not margins:
+        return [t for t, _ in out]
+    top2 = lambda lp: mx.topk(lp, 2).tolist()
+    return [t for t, _ in out], [abs(a - b) for a, b in (top2(lp) for _, lp in out)]
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_8bit_greedy_matches_fp16_for_32_tokens(smollm, prompt):
     model, tokenizer = smollm
-    ref = greedy(model, tokenizer, prompt, lm_cache.make_prompt_cache(model))
+    ref, margin = greedy(model, tokenizer, prompt, lm_cache.make_prompt_cache(model), margins=True)
     got = greedy(model, tokenizer, prompt, mlx_kvq.make_prompt_cache(model, kv_bits=8))
-    assert got == ref
+    first = next((i for i, (a, b) in enumerate(zip(got, ref)) if a != b), None)
+    # identical, or the unquantized run itself was a near-tie (< 0.1 nats) where they part
+    assert first is None or margin[first] < 0.1, (first, margin[first])
 
 
 def test_4bit_cache_on_real_model_stays_close(smollm):
