@@ -10,11 +10,9 @@ softmax in float32 and dequantizes one block at a time, so extra memory is
 bounded by ``BLOCK_ELEMENTS`` whatever the context length.
 """
 
-import os
-
 import mlx.core as mx
 
-from . import quant
+from . import kernels, quant
 from .rotation import rotation
 
 BLOCK_ELEMENTS = 1 << 23  # float32 elements of scores + dequantized K/V per block
@@ -28,11 +26,6 @@ def causal_mask(N, offset, window_size=None):
     if window_size is not None:
         mask = mask & (q < k + window_size)
     return mask
-
-
-def use_kernels():
-    """False when ``MLX_KVQ_REFERENCE=1`` forces the reference everywhere."""
-    return os.environ.get("MLX_KVQ_REFERENCE", "0") in ("", "0")
 
 
 def quantized_sdpa(queries, view, scale, mask=None, sinks=None):
@@ -89,14 +82,14 @@ def merge(parts):
 
 
 def packed_attention(q, k, v, n, cache, **args):
-    """Partial attention over the packed run: fused kernel when available."""
+    """Partial attention over the packed run: the fused decode kernel when it applies.
+
+    Prefill chunks (more than ``kernels.DECODE_MAX_L`` queries) take the reference: the
+    tiled prefill kernel is correct but measured slower than it (benchmarks/NOTES_kernels.md).
+    """
     fmt = dict(k_bits=cache.k_bits, v_bits=cache.v_bits, group_size=cache.group_size, mode=cache.mode)
-    if use_kernels():
-        try:
-            from . import kernels
-        except ImportError:  # TODO: remove once mlx_kvq/kernels.py lands
-            kernels = None
-        if kernels and kernels.enabled() and kernels.supports(q, k, v, mask=args["mask"], **fmt):
+    if q.shape[2] <= kernels.DECODE_MAX_L and kernels.enabled():  # MLX_KVQ_REFERENCE=1: never
+        if kernels.supports(q, k, v, mask=args["mask"], **fmt):
             return kernels.packed_attention(q, k, v, n, **fmt, **args)
     get_k = lambda a, b: quant.dequantize(
         tuple(x[:, :, a:b] for x in k), cache.k_bits, cache.group_size, cache.mode, mx.float32

@@ -28,16 +28,26 @@ _MODE_ID = {"affine": 0, "mxfp4": 1, "nvfp4": 2, "mxfp8": 3}
 _FP_FORMAT = {"mxfp4": (4, 32), "nvfp4": (4, 16), "mxfp8": (8, 32)}
 _FLOATS = (mx.float16, mx.bfloat16, mx.float32)
 DECODE_MAX_L = 8
+DEFAULT_VU = 0  # value-loop unroll (0 = full), see metal/sdpa_packed.metal
+DEFAULT_VPF = True  # value prefetch at the top of each key block (2/4/8-bit values)
 
-# kernel name -> (body file, input names, output names)
+
+def _vpf_ok(v_bits, D):
+    return v_bits in (2, 4, 8) and D // 8 <= 32
+
+# kernel name -> (body file, input names, output names, ensure_row_contiguous)
+# sdpa_packed reads its inputs through their strides (so cache slices and
+# transposed queries are not copied) and gets its per-call integers from the
+# shape of a broadcast "carrier" view, which must not be made contiguous.
 KERNELS = {
     "sdpa_packed": (
         "sdpa_packed.metal",
-        ["q", "kw", "ks", "kb", "vw", "vs", "vb", "mask", "params", "fparams"],
+        ["q", "kw", "ks", "kb", "vw", "vs", "vb", "mask", "carrier", "fparams"],
         ["out", "lse"],
+        False,
     ),
-    "sdpa_merge": ("sdpa_merge.metal", ["o_part", "lse_part", "params"], ["out", "lse"]),
-    "quantize_append": ("quantize_append.metal", ["x", "params"], ["w", "scales", "biases"]),
+    "sdpa_merge": ("sdpa_merge.metal", ["o_part", "lse_part"], ["out", "lse"], True),
+    "quantize_append": ("quantize_append.metal", ["x"], ["w", "scales", "biases"], True),
 }
 
 
@@ -65,7 +75,7 @@ def read_source(fname):
 
 def kernel_source(name):
     """(common header text, body text, input names, output names) of a kernel."""
-    fname, inputs, outputs = KERNELS[name]
+    fname, inputs, outputs, _ = KERNELS[name]
     return read_source("kvq_common.h"), read_source(fname), list(inputs), list(outputs)
 
 
@@ -112,7 +122,7 @@ class MLXLauncher:
                     output_names=outputs,
                     source=body,
                     header=header,
-                    ensure_row_contiguous=True,
+                    ensure_row_contiguous=KERNELS[name][3],
                 )
             else:
                 header = read_source("prelude_cuda.h") + "\n" + common
@@ -122,7 +132,7 @@ class MLXLauncher:
                     output_names=outputs,
                     source=body,
                     header=header,
-                    ensure_row_contiguous=True,
+                    ensure_row_contiguous=KERNELS[name][3],
                 )
             self._kernels[name] = k
         return k
@@ -150,19 +160,31 @@ def _launcher():
     return _LAUNCHERS[be]
 
 
+_CORES = []
+
+
 def _num_cores():
-    """Rough count of GPU compute units, to size the split-K grid."""
+    """Rough count of GPU compute units, to size the split-K grid (queried
+    once: device_info is slow on CUDA)."""
+    if _CORES:
+        return _CORES[0]
     v = os.environ.get("MLX_KVQ_NUM_CU")
+    n = None
     if v:
-        return int(v)
-    try:
-        info = mx.device_info() if hasattr(mx, "device_info") else mx.metal.device_info()
-        for key in ("num_sms", "multi_processor_count", "gpu_core_count", "num_cores"):
-            if key in info:
-                return int(info[key])
-    except Exception:
-        pass
-    return 132 if _backend() == "cuda" else 32
+        n = int(v)
+    else:
+        try:
+            info = mx.device_info() if hasattr(mx, "device_info") else mx.metal.device_info()
+            for key in ("num_sms", "multi_processor_count", "gpu_core_count", "num_cores"):
+                if key in info:
+                    n = int(info[key])
+                    break
+        except Exception:
+            pass
+    if n is None:
+        n = 132 if _backend() == "cuda" else 32
+    _CORES.append(n)
+    return n
 
 
 # --------------------------------------------------------------------------- checks
@@ -230,6 +252,8 @@ def supports(q, k_packed, v_packed, k_bits, v_bits, group_size, mode, mask):
         if k_packed[1].dtype != v_packed[1].dtype:
             return False
         C = k_packed[0].shape[2]
+        if Hkv * -(-(Hq // Hkv) * L // 8) > 65535 or B > 65535:
+            return False  # grid y/z limits (CUDA)
         if mask is not None and not _mask_ok(mask, B, Hq, L, mask.shape[-1] if mask.ndim else 1):
             return False
         if mask is not None and mask.ndim and mask.shape[-1] not in (1,) and mask.shape[-1] > C:
@@ -269,29 +293,47 @@ def _plan(B, Hkv, rep, L, D, n, nsg=None, nsplit=None, prefill=None):
     kps = -(-n // nsplit)
     kps = -(-kps // 32) * 32
     nsplit = max(1, -(-n // kps))
+    kps = ((n + nsplit - 1) // nsplit + 31) // 32 * 32  # what the kernel recomputes
     return prefill, RT, NSG, QR, tiles, nsplit, kps
 
 
-def _mask_arg(mask, B, Hq, L, n):
-    """(array, kind, strides) for the kernel: kind 0 none, 1 bool, 2 additive."""
+_CONST = {}
+
+
+def _const(key, make):
+    """Small constant arrays (dummy inputs, scale) made once, not per call."""
+    v = _CONST.get(key)
+    if v is None:
+        v = _CONST[key] = make()
+        mx.eval(v)
+    return v
+
+
+def _mask_arg(mask):
+    """(4-D array, kind) for the kernel: kind 0 none, 1 bool keep-mask, 2 additive."""
     if mask is None:
-        return mx.zeros((1,), dtype=mx.float32), 0, (0, 0, 0, 0)
-    m = mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))
-    shape = m.shape
-    st = [0, 0, 0, 0]
-    acc = 1
-    for i in range(3, -1, -1):
-        st[i] = acc if shape[i] != 1 else 0
-        acc *= shape[i]
-    kind = 1 if m.dtype == mx.bool_ else 2
-    return m, kind, tuple(st)
+        return _const("f32", lambda: mx.zeros((1, 1, 1, 1), dtype=mx.float32)), 0
+    m = mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape)) if mask.ndim < 4 else mask
+    return m, (1 if m.dtype == mx.bool_ else 2)
+
+
+def _carrier(n, delta):
+    """A broadcast view (no buffer) whose shape carries n and q_start - k_start."""
+    if not (0 <= n < 2**30 and -(2**31) <= delta < 2**31):
+        raise ValueError("n or q_start - k_start out of range")
+    d = delta + 2**31
+    z = _const("u8x4", lambda: mx.zeros((1, 1, 1, 1), dtype=mx.uint8))
+    return mx.broadcast_to(z, (n // 32768 + 1, n % 32768 + 1, d // 65536 + 1, d % 65536 + 1))
 
 
 def attention_launch(
     launch, q, k_packed, v_packed, n, *, k_bits, v_bits, group_size, mode, scale,
-    q_start, k_start, causal, mask=None, nsg=None, nsplit=None, prefill=None,
+    q_start, k_start, causal, mask=None, nsg=None, nsplit=None, prefill=None, vu=None,
+    vpf=None,
 ):
-    """The whole kernel sequence of :func:`packed_attention` on ``launch``."""
+    """The whole kernel sequence of :func:`packed_attention` on ``launch``.
+    ``nsg``, ``nsplit``, ``prefill``, ``vu`` override the launch plan (tests,
+    tuning)."""
     B, Hq, L, D = q.shape
     Hkv = k_packed[0].shape[1]
     C = k_packed[0].shape[2]
@@ -304,8 +346,8 @@ def attention_launch(
         )
     if n > C:
         raise ValueError(f"n={n} exceeds the cache capacity {C}")
-    prefill, RT, NSG, QR, tiles, nsplit, kps = _plan(B, Hkv, rep, L, D, n, nsg, nsplit, prefill)
-    marr, mkind, mst = _mask_arg(mask, B, Hq, L, n)
+    prefill, RT, NSG, _, tiles, nsplit, _ = _plan(B, Hkv, rep, L, D, n, nsg, nsplit, prefill)
+    marr, mkind = _mask_arg(mask)
     mode_id = _MODE_ID[mode]
     if mode == "affine":
         kw, ks, kb = k_packed
@@ -313,13 +355,11 @@ def attention_launch(
     else:
         kw, ks = k_packed
         vw, vs = v_packed
-        kb = vb = mx.zeros((1,), dtype=mx.uint8)
+        kb = vb = _const("u8", lambda: mx.zeros((1, 1, 1, 1), dtype=mx.uint8))
     KW = D * k_bits // 32
     kvw = 4 if KW % 4 == 0 else 1
-    params = mx.array(
-        [n, q_start, k_start, L, rep, Hkv, C, kps, nsplit, *mst, B], dtype=mx.int32
-    )
-    fparams = mx.array([scale], dtype=mx.float32)
+    carrier = _carrier(n, int(q_start) - int(k_start))
+    fparams = _const(("scale", float(scale)), lambda: mx.array([scale], dtype=mx.float32))
     template = [
         ("T", q.dtype),
         ("S", ks.dtype),
@@ -335,11 +375,13 @@ def attention_launch(
         ("MASK", mkind),
         ("CAUSAL", bool(causal)),
         ("KVW", kvw),
+        ("VU", DEFAULT_VU if vu is None else vu),
+        ("VPF", bool(_vpf_ok(v_bits, D) and (DEFAULT_VPF if vpf is None else vpf))),
     ]
     rows = B * Hq * L
     out, lse = launch(
         "sdpa_packed",
-        [q, kw, ks, kb, vw, vs, vb, marr, params, fparams],
+        [q, kw, ks, kb, vw, vs, vb, marr, carrier, fparams],
         template,
         (nsplit * NSG * 32, Hkv * tiles, B),
         (NSG * 32, 1, 1),
@@ -347,10 +389,9 @@ def attention_launch(
         [mx.float32, mx.float32],
     )
     if nsplit > 1:
-        mparams = mx.array([nsplit, rows], dtype=mx.int32)
         out, lse = launch(
             "sdpa_merge",
-            [out, lse, mparams],
+            [out, lse],
             [("D", D)],
             (rows * 32, 1, 1),
             (32, 1, 1),
@@ -403,10 +444,9 @@ def quantize_launch(launch, x, *, bits, group_size, flavor):
         rows *= s
     ng = D // group_size
     total = rows * ng
-    params = mx.array([rows], dtype=mx.int32)
     w, s, b = launch(
         "quantize_append",
-        [x.reshape(rows, D), params],
+        [x.reshape(rows, D)],
         [("T", x.dtype), ("D", D), ("BITS", bits), ("GS", group_size), ("FLAVOR", flavor)],
         (-(-total // 256) * 256, 1, 1),
         (256, 1, 1),

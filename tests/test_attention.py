@@ -99,10 +99,25 @@ def _dense(cache):
 
 
 def test_reference_is_forced_by_environment(monkeypatch):
+    from mlx_kvq import kernels
+
     monkeypatch.setenv("MLX_KVQ_REFERENCE", "1")
-    assert not attention.use_kernels()
-    monkeypatch.setenv("MLX_KVQ_REFERENCE", "0")
-    assert attention.use_kernels()
+    assert not kernels.enabled()
+
+
+@pytest.mark.skipif(not (mx.metal.is_available() or mx.cuda.is_available()), reason="needs a GPU backend")
+@pytest.mark.parametrize("config", [dict(bits=4), dict(bits=8, k_bits=8, v_bits=4, sinks=2, window=4)])
+@pytest.mark.parametrize("L", [1, 4])
+def test_kernel_dispatch_agrees_with_reference(monkeypatch, config, L):
+    cache = filled(config, 1, 8, 128, [3000, 1])
+    k = mx.random.normal((1, 8, L, 128)).astype(mx.float16)
+    view, _ = cache.update_and_fetch(k, k)
+    q = mx.random.normal((1, 32, L, 128)).astype(mx.float16)
+    mask = "causal" if L > 1 else None
+    fused = quantized_sdpa(q, view, scale=128**-0.5, mask=mask)
+    monkeypatch.setenv("MLX_KVQ_REFERENCE", "1")
+    ref = quantized_sdpa(q, view, scale=128**-0.5, mask=mask)
+    assert rel_err(fused, ref) < 2e-3
 
 
 def test_plain_reference_itself_matches_mlx_fast_sdpa():

@@ -1,0 +1,389 @@
+"""Check and time the packed-KV attention kernels on the GPU.
+
+    python benchmarks/bench_attention.py --check          # correctness only
+    python benchmarks/bench_attention.py --check --time   # both (default)
+    python benchmarks/bench_attention.py --sweep          # NSG / split sweep at 64k, 128k
+
+Shape: Llama-3-8B attention, Hq=32, Hkv=8, D=128, B=1, L=1 (decode).
+Baseline: fp16 mx.fast.scaled_dot_product_attention over the same number of keys.
+Reference for correctness: fp32 attention over mx.dequantize'd K/V (scales upcast).
+Times: median over repeats after warm-up; each repeat evaluates `--inner` calls
+on different query arrays in one mx.eval and reports the time per call.
+"""
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import mlx.core as mx  # noqa: E402
+
+from emulator.reference import reference_attention, rel_err  # noqa: E402
+from mlx_kvq import kernels  # noqa: E402
+
+COPY_BW = 3.0e12  # measured device-to-device copy on the H100 (bytes read + written)
+
+
+def make(B, Hkv, rep, L, D, C, kb, vb, gs, mode, dtype, seed):
+    mx.random.seed(seed)
+    q = mx.random.normal((B, Hkv * rep, L, D)).astype(dtype)
+    k = (mx.random.normal((B, Hkv, C, D)) * 1.5 + 0.2).astype(dtype)
+    v = mx.random.normal((B, Hkv, C, D)).astype(dtype)
+    kp = tuple(mx.quantize(k, group_size=gs, bits=kb, mode=mode))
+    vp = tuple(mx.quantize(v, group_size=gs, bits=vb, mode=mode))
+    mx.eval(q, kp, vp)
+    del k, v
+    return q, kp, vp
+
+
+def check_dequantize():
+    """mx.dequantize on this backend vs a numpy decode of the same packed data."""
+    mx.random.seed(0)
+    x = mx.random.normal((4, 256)).astype(mx.float16)
+    worst = 0.0
+    for bits in (2, 3, 4, 5, 6, 8):
+        w, s, b = mx.quantize(x, group_size=64, bits=bits)
+        by = np.array(w).view(np.uint8)
+        bb = np.unpackbits(by, axis=-1, bitorder="little").reshape(4, 256, bits)
+        q = (bb * (1 << np.arange(bits))).sum(-1).reshape(4, -1, 64)
+        ref = q * np.array(s.astype(mx.float32))[..., None] + np.array(b.astype(mx.float32))[..., None]
+        got = np.array(
+            mx.dequantize(w, s.astype(mx.float32), b.astype(mx.float32), group_size=64,
+                          bits=bits, dtype=mx.float32)
+        ).reshape(4, -1, 64)
+        worst = max(worst, float(np.abs(got - ref).max()))
+    return worst
+
+
+def check(args):
+    rows = []
+    ok = True
+    print(f"dequantize vs numpy (max abs err, fp32 scales): {check_dequantize():.3g}")
+    cases = [
+        # name, B, Hkv, rep, L, D, n, kb, vb, gs, mode, dtype, nsplit, mask, causal
+        ("dec 4/4 g64 1k", 1, 8, 4, 1, 128, 1000, 4, 4, 64, "affine", mx.float16, None, None, True),
+        ("dec 8/8 g64 5k split", 1, 8, 4, 1, 128, 5003, 8, 8, 64, "affine", mx.bfloat16, None, None, True),
+        ("dec 8/4 g32 L4", 2, 2, 4, 4, 128, 777, 8, 4, 32, "affine", mx.float16, 3, None, True),
+        ("dec 3/6 g64 D64", 1, 4, 2, 1, 64, 901, 3, 6, 64, "affine", mx.float16, None, None, True),
+        ("dec 5/2 g128 D256", 1, 2, 2, 2, 256, 300, 5, 2, 128, "affine", mx.float16, None, None, True),
+        ("dec 4/4 D96", 1, 2, 7, 1, 96, 450, 4, 4, 32, "affine", mx.float16, None, None, True),
+        ("dec mxfp4", 1, 8, 4, 1, 128, 2000, 4, 4, 32, "mxfp4", mx.bfloat16, None, None, True),
+        ("dec nvfp4 D80", 1, 2, 4, 1, 80, 600, 4, 4, 16, "nvfp4", mx.float16, None, None, True),
+        ("dec mxfp8", 1, 8, 4, 1, 128, 2000, 8, 8, 32, "mxfp8", mx.float16, None, None, True),
+        ("dec boolmask B3", 3, 8, 4, 1, 128, 1500, 4, 4, 64, "affine", mx.float16, None, "bool", False),
+        ("dec addmask", 2, 2, 4, 2, 128, 300, 4, 4, 64, "affine", mx.float16, None, "add", True),
+        ("prefill 4/4 L300", 1, 8, 4, 300, 128, 1200, 4, 4, 64, "affine", mx.float16, None, None, True),
+        ("prefill 8/4 L77 D64", 2, 2, 2, 77, 64, 500, 8, 4, 32, "affine", mx.bfloat16, None, None, True),
+        ("prefill mask L40", 2, 2, 2, 40, 128, 200, 4, 4, 64, "affine", mx.float16, None, "bool", False),
+    ]
+    for (name, B, Hkv, rep, L, D, n, kb, vb, gs, mode, dt, nsplit, mk, causal) in cases:
+        if args.emu:  # CPU dry run of this script under the emulator: tiny shapes
+            Hkv, L, n = min(Hkv, 1), min(L, 9), min(n, 70)
+        q, kp, vp = make(B, Hkv, rep, L, D, (n + 44) // 8 * 8, kb, vb, gs, mode, dt, seed=n)
+        mask = None
+        if mk == "bool":
+            mask = mx.random.uniform(shape=(B, 1, L, n)) > 0.25
+        elif mk == "add":
+            mask = (mx.random.normal((B, Hkv * rep, L, n)) * 2).astype(mx.float16)
+        kw = dict(k_bits=kb, v_bits=vb, group_size=gs, mode=mode, scale=D**-0.5,
+                  q_start=n - L, k_start=0, causal=causal, mask=mask)
+        assert kernels.supports(q, kp, vp, kb, vb, gs, mode, mask), name
+        out, lse = kernels.attention_launch(kernels._launcher(), q, kp, vp, n, nsplit=nsplit, **kw)
+        with mx.stream(mx.cpu):  # fp32 on the CPU: no TF32 in the reference
+            ro, rl = reference_attention(q, kp, vp, n, **kw)
+        mx.eval(out, lse, ro, rl)
+        o = np.array(out)
+        nan = bool(np.isnan(o).any() or np.isnan(np.array(lse)).any())
+        e = rel_err(out, ro)
+        le = float(mx.max(mx.abs(lse - rl)))
+        good = (not nan) and e < 1e-3 and le < 1e-3
+        ok &= good
+        plan = kernels._plan(B, Hkv, rep, L, D, n, None, nsplit)
+        vpf = kernels.DEFAULT_VPF and kernels._vpf_ok(vb, D)
+        rows.append((name + (" pf" if vpf else ""), e, le, plan[5], "ok" if good else "FAIL"))
+    # quantize-append: bit-identical to mx.quantize on this backend
+    qrows = []
+    for bits in (() if args.skip_quant else (2, 3, 4, 5, 6, 8)):
+        for gs in (32, 64, 128):
+            for dt in (mx.float16, mx.bfloat16):
+                mx.random.seed(bits * gs)
+                x = (mx.random.normal((2, 8, 5, 128)) * 3).astype(dt)
+                x = mx.concatenate([x, -mx.abs(x[:, :, :1]), mx.full((2, 8, 1, 128), 0.25, dt)], 2)
+                if args.emu and (bits, gs) != (4, 64):
+                    continue
+                got = kernels.quantize_launch(kernels._launcher(), x, bits=bits, group_size=gs, flavor=1)
+                want = mx.quantize(x, group_size=gs, bits=bits)
+                mism = 0
+                for a, b in zip(got, want):
+                    if a.dtype != mx.uint32:
+                        a, b = a.view(mx.uint16), b.view(mx.uint16)
+                    mism += int(mx.sum(a != b))
+                qrows.append((bits, gs, str(dt).split(".")[-1], mism))
+    bad = [r for r in qrows if r[3]]
+    ok &= not bad
+    # quantize_append through the public API (slice_update into the buffers)
+    bufs = tuple(mx.quantize(mx.zeros((1, 8, 64, 128), mx.float16), group_size=64, bits=4))
+    x = mx.random.normal((1, 8, 3, 128)).astype(mx.float16)
+    new = kernels.quantize_append(x, bufs, 10, bits=4, group_size=64, mode="affine")
+    want = mx.quantize(x, group_size=64, bits=4)
+    app_ok = all(
+        bool(mx.all(a[:, :, 10:13] == b)) and bool(mx.all(a[:, :, :10] == c[:, :, :10]))
+        for a, b, c in zip(new, want, bufs)
+    )
+    ok &= app_ok
+    print("\n== correctness (rel err of out vs fp32 reference; max |lse diff|) ==")
+    print(f"{'case':24s} {'rel_err':>10s} {'lse_err':>10s} {'splits':>6s}")
+    for r in rows:
+        print(f"{r[0]:24s} {r[1]:10.2e} {r[2]:10.2e} {r[3]:6d}  {r[4]}")
+    print(f"quantize kernel vs mx.quantize: {len(qrows)} (bits,gs,dtype) cases, "
+          f"mismatching elements: {sum(r[3] for r in qrows)} {bad[:6]}")
+    print(f"quantize_append into buffers: {'ok' if app_ok else 'FAIL'}")
+    return ok
+
+
+def sanitize():
+    """Small launches of every kernel, for compute-sanitizer (memcheck/racecheck)."""
+    L_ = kernels._launcher()
+    for (B, Hkv, rep, L, D, n, kb, vb, gs, mode, nsplit, mk) in [
+        (1, 2, 4, 1, 128, 300, 4, 4, 64, "affine", None, None),
+        (2, 1, 2, 3, 64, 301, 3, 8, 32, "affine", 3, "bool"),
+        (1, 1, 2, 20, 128, 70, 8, 4, 64, "affine", None, "add"),
+        (1, 2, 2, 1, 80, 90, 4, 4, 16, "nvfp4", 2, None),
+    ]:
+        q, kp, vp = make(B, Hkv, rep, L, D, n + 5 + (n % 2), kb, vb, gs, mode, mx.float16, seed=n)
+        mask = None
+        if mk == "bool":
+            mask = mx.random.uniform(shape=(B, 1, L, n)) > 0.3
+        elif mk == "add":
+            mask = mx.random.normal((B, Hkv * rep, L, n)).astype(mx.float16)
+        out, lse = kernels.attention_launch(
+            L_, q, kp, vp, n, k_bits=kb, v_bits=vb, group_size=gs, mode=mode, scale=0.1,
+            q_start=n - L, k_start=0, causal=True, mask=mask, nsplit=nsplit)
+        mx.eval(out, lse)
+    x = mx.random.normal((1, 2, 3, 128)).astype(mx.bfloat16)
+    mx.eval(kernels.quantize_launch(L_, x, bits=3, group_size=64, flavor=1))
+    mx.synchronize()
+    print("sanitize run done")
+
+
+def overhead(args):
+    """Where the fixed per-call cost comes from (CUDA): a trivial kernel fed
+    (a) a params array made from a Python list each call, (b) a cached one,
+    (c) the ints carried in the shape of a broadcast view (no buffer at all)."""
+    be = kernels._backend()
+    mk = mx.fast.cuda_kernel if be == "cuda" else mx.fast.metal_kernel
+    src = "if (threadgroup_position_in_grid.x == 0 && thread_index_in_threadgroup == 0) out[0] = float(params[0]) + x[0];"
+    src_shape = "if (threadgroup_position_in_grid.x == 0 && thread_index_in_threadgroup == 0) out[0] = float(carrier_shape[0] + carrier_shape[3]) + x[0];"
+    hdr = kernels.read_source("prelude_cuda.h" if be == "cuda" else "prelude_metal.h")
+    k1 = mk(name="ovh1", input_names=["x", "params"], output_names=["out"], source=src, header=hdr)
+    k2 = mk(name="ovh2", input_names=["x", "carrier"], output_names=["out"], source=src_shape,
+            header=hdr, ensure_row_contiguous=False)
+    x = mx.ones((1,), mx.float32)
+    cached = mx.array(list(range(14)), dtype=mx.int32)
+    zero = mx.zeros((1,), mx.uint8)
+    mx.eval(x, cached, zero)
+    cnt = [0]
+
+    def fresh(_):
+        cnt[0] += 1
+        p = mx.array([cnt[0]] + list(range(13)), dtype=mx.int32)
+        return k1(inputs=[x, p], grid=(32, 1, 1), threadgroup=(32, 1, 1),
+                  output_shapes=[(1,)], output_dtypes=[mx.float32])[0]
+
+    def cache(_):
+        return k1(inputs=[x, cached], grid=(32, 1, 1), threadgroup=(32, 1, 1),
+                  output_shapes=[(1,)], output_dtypes=[mx.float32])[0]
+
+    def shape(_):
+        cnt[0] += 1
+        c = mx.broadcast_to(zero.reshape(1, 1, 1, 1), (cnt[0] % 1000 + 1, 7, 9, 11))
+        return k2(inputs=[x, c], grid=(32, 1, 1), threadgroup=(32, 1, 1),
+                  output_shapes=[(1,)], output_dtypes=[mx.float32])[0]
+
+    r = shape(0)
+    mx.eval(r)
+    print("shape-carrier kernel result (expect %d):" % (cnt[0] % 1000 + 1 + 11 + 1), float(r))
+    qs = [None]
+    print("\n== per-call cost of a trivial custom kernel (10 calls per eval) ==")
+    for nm, f in (("fresh params array", fresh), ("cached params array", cache), ("shape carrier", shape)):
+        t, sp = timeit(f, qs, 20, 10)
+        print(f"{nm:22s} {t * 1e3:8.1f} us")
+
+
+def ncu_target(bits):
+    """A few identical 128k-key decode calls, for Nsight Compute."""
+    B, Hkv, rep, D, n = 1, 8, 4, 128, 131072
+    q, kp, vp = make(B, Hkv, rep, 1, D, n, bits, bits, 64, "affine", mx.float16, seed=1)
+    for _ in range(4):
+        out = kernels.attention_launch(
+            kernels._launcher(), q, kp, vp, n, k_bits=bits, v_bits=bits, group_size=64,
+            mode="affine", scale=D**-0.5, q_start=n - 1, k_start=0, causal=True)
+        mx.eval(out)
+    mx.synchronize()
+
+
+def timeit(fn, qs, reps, inner):
+    for i in range(3):
+        mx.eval([fn(qs[j % len(qs)]) for j in range(inner)])
+    mx.synchronize()
+    ts = []
+    for r in range(reps):
+        t0 = time.perf_counter()
+        mx.eval([fn(qs[j % len(qs)]) for j in range(inner)])
+        mx.synchronize()
+        ts.append((time.perf_counter() - t0) / inner)
+    return statistics.median(ts) * 1e3, (max(ts) - min(ts)) * 1e3
+
+
+def packed_bytes(kp, vp, n):
+    tot = 0
+    for p in (kp, vp):
+        for a in p:
+            per_tok = a.nbytes // a.shape[2]
+            tot += per_tok * n
+    return tot
+
+
+def bench(args, sizes, configs, variants=None):
+    B, Hkv, rep, L, D = 1, 8, 4, 1, 128
+    res = []
+    for n in sizes:
+        mx.random.seed(n)
+        qs = [mx.random.normal((B, Hkv * rep, L, D)).astype(mx.float16) for _ in range(4)]
+        kf = mx.random.normal((B, Hkv, n, D)).astype(mx.float16)
+        vf = mx.random.normal((B, Hkv, n, D)).astype(mx.float16)
+        mx.eval(qs, kf, vf)
+        t_sdpa, _ = timeit(
+            lambda q: mx.fast.scaled_dot_product_attention(q, kf, vf, scale=D**-0.5), qs,
+            args.reps, args.inner,
+        )
+        for (kb, vb, gs) in configs:
+            q0, kp, vp = make(B, Hkv, rep, L, D, n, kb, vb, gs, "affine", mx.float16, seed=n + kb)
+            nbytes = packed_bytes(kp, vp, n)
+
+            def deq_sdpa(q):  # what a non-fused path does: dequantize, then fp16 sdpa
+                k = mx.dequantize(*kp, group_size=gs, bits=kb, dtype=mx.float16)
+                v = mx.dequantize(*vp, group_size=gs, bits=vb, dtype=mx.float16)
+                return mx.fast.scaled_dot_product_attention(q, k, v, scale=D**-0.5)
+
+            t_deq = None
+            if args.deq:
+                t_deq, _ = timeit(deq_sdpa, qs, args.reps, args.inner)
+            for var in (variants or [dict()]):
+                fn = lambda q: kernels.attention_launch(
+                    kernels._launcher(), q, kp, vp, n, k_bits=kb, v_bits=vb, group_size=gs,
+                    mode="affine", scale=D**-0.5, q_start=n - 1, k_start=0, causal=True, **var,
+                )
+                t, spread = timeit(fn, qs, args.reps, args.inner)
+                plan = kernels._plan(B, Hkv, rep, L, D, n, var.get("nsg"), var.get("nsplit"))
+                res.append(dict(n=n, cfg=f"{kb}/{vb} g{gs}", var=var, ms=t, spread=spread, vu=var.get("vu", kernels.DEFAULT_VU),
+                                vpf=int(bool(var.get("vpf", kernels.DEFAULT_VPF))),
+                                sdpa=t_sdpa, bw=nbytes / (t * 1e-3), nsplit=plan[5], nsg=plan[2],
+                                deq=t_deq))
+    return res
+
+
+def bench_prefill(args):
+    """Prefill chunk at the end of the context: kernel vs dequantize + fp16 sdpa."""
+    B, Hkv, rep, D = 1, 8, 4, 128
+    rows = []
+    for (L, n) in [(128, 4096), (1024, 4096)]:
+        q0, kp, vp = make(B, Hkv, rep, L, D, n, 4, 4, 64, "affine", mx.float16, seed=L)
+        qs = [q0] + [mx.random.normal(q0.shape).astype(mx.float16) for _ in range(1)]
+        mx.eval(qs)
+        fk = lambda q: kernels.attention_launch(
+            kernels._launcher(), q, kp, vp, n, k_bits=4, v_bits=4, group_size=64, mode="affine",
+            scale=D**-0.5, q_start=n - L, k_start=0, causal=True)
+        def fd(q):
+            k = mx.dequantize(*kp, group_size=64, bits=4)
+            v = mx.dequantize(*vp, group_size=64, bits=4)
+            return mx.fast.scaled_dot_product_attention(q, k, v, scale=D**-0.5, mask="causal")
+        tk, _ = timeit(fk, qs, 5, 2)
+        td, _ = timeit(fd, qs, 5, 2)
+        rows.append((L, n, tk, td))
+    print("\n== prefill chunk (Hq=32 Hkv=8 D=128, 4-bit K/V g64, causal, chunk at the end) ==")
+    print(f"{'L':>5s} {'keys':>6s} {'kernel ms':>10s} {'dequant+sdpa ms':>16s}")
+    for L, n, tk, td in rows:
+        print(f"{L:5d} {n:6d} {tk:10.3f} {td:16.3f}")
+
+
+def print_bench(res):
+    print("\n== decode timing: Hq=32 Hkv=8 D=128 B=1 L=1, fp16 queries; ms per call (median) ==")
+    print(f"{'keys':>7s} {'K/V bits':>10s} {'nsg':>3s} {'vu':>2s} {'pf':>2s} {'splits':>6s} {'kernel ms':>10s} "
+          f"{'spread':>7s} {'sdpa fp16':>10s} {'speedup':>8s} {'GB/s':>7s} {'% copy':>7s} "
+          f"{'deq+sdpa':>9s}")
+    for r in res:
+        print(f"{r['n']:7d} {r['cfg']:>10s} {r['nsg']:3d} {r['vu']:2d} {r['vpf']:2d} {r['nsplit']:6d} {r['ms']:10.4f} "
+              f"{r['spread']:7.4f} {r['sdpa']:10.4f} {r['sdpa'] / r['ms']:7.2f}x "
+              f"{r['bw'] / 1e9:7.0f} {100 * r['bw'] / COPY_BW:6.1f}% "
+              + (f"{r['deq']:9.4f}" if r.get("deq") else f"{'':9s}"))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--check", action="store_true")
+    ap.add_argument("--time", action="store_true")
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--inner", type=int, default=10)
+    ap.add_argument("--sizes", default="4096,16384,65536,131072")
+    ap.add_argument("--emu", action="store_true", help="CPU dry run under the emulator")
+    ap.add_argument("--skip-quant", action="store_true", help="--check: attention only")
+    ap.add_argument("--sanitize", action="store_true", help="small launches for compute-sanitizer")
+    ap.add_argument("--overhead", action="store_true", help="per-call cost micro-benchmark")
+    ap.add_argument("--ncu", type=int, default=0, help="run 128k decode calls of this many bits for ncu")
+    args = ap.parse_args()
+    args.deq = False
+    if args.emu:
+        import tempfile
+
+        from emulator.emu import EmuLauncher
+
+        emu = EmuLauncher(tempfile.mkdtemp())
+        kernels._launcher = lambda: emu
+        kernels.enabled = lambda: True
+    if args.sanitize:
+        sanitize()
+        return 0
+    if args.overhead:
+        overhead(args)
+        return 0
+    if args.ncu:
+        ncu_target(args.ncu)
+        return 0
+    if not (args.check or args.time or args.sweep):
+        args.check = args.time = True
+    print("backend:", kernels._backend(), "mlx", mx.__version__, "cores", kernels._num_cores())
+    ok = True
+    if args.check:
+        ok = check(args)
+    if args.sweep:
+        variants = [dict(nsg=4, nsplit=p, vu=u) for u in (0, 4, 2) for p in (33, 66, 132)]
+        res = bench(args, [65536, 131072], [(4, 4, 64), (8, 8, 64)], variants)
+        print_bench(res)
+    if args.time:
+        # fixed per-call cost: the smallest segment (one block of keys)
+        small = bench(args, [32], [(4, 4, 64)])
+        args.deq = True
+        print(f"\nper-call floor (32 keys, 1 split): kernel {small[0]['ms']:.4f} ms, "
+              f"sdpa fp16 {small[0]['sdpa']:.4f} ms")
+        sizes = [int(s) for s in args.sizes.split(",")]
+        res = bench(args, sizes, [(4, 4, 64), (8, 8, 64), (8, 4, 64)],
+                    [dict(vpf=False), dict(vpf=True)])
+        if not args.emu:
+            bench_prefill(args)
+        print_bench(res)
+    print("\nCHECK", "PASSED" if ok else "FAILED")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+// kvq_common.h -- helpers shared by the mlx-kvq kernel bodies.
+//
+// Written in the Metal dialect that MLX's own kernels use.  A backend prelude
+// (prelude_metal.h, prelude_cuda.h, or tests/emulator/metal_emu.h) comes first
+// and supplies: uint/ushort/uchar/ulong, uint4, KVQ_FUNC (function qualifier),
+// KVQ_UNROLL (a full-unroll pragma), kvq_as_float(uint), kvq_div(float, float)
+// (IEEE division), and the simd_* / threadgroup_barrier API.
+//
+// Packed format (mx.quantize along the last axis, little-endian bit stream):
+// element i of a row occupies bits [i*BITS, (i+1)*BITS) of the row's bytes,
+// the row being D*BITS/32 uint32 words.  Quantization modes:
+//   MODE 0 affine: value = scale * q + bias       (scale/bias in the model dtype)
+//   MODE 1 mxfp4 : value = e2m1(q) * e8m0(scale)  (group 32)
+//   MODE 2 nvfp4 : value = e2m1(q) * e4m3(scale)  (group 16)
+//   MODE 3 mxfp8 : value = e4m3(q) * e8m0(scale)  (group 32)
+
+#define KVQ_MODE_AFFINE 0
+#define KVQ_MODE_MXFP4 1
+#define KVQ_MODE_NVFP4 2
+#define KVQ_MODE_MXFP8 3
+
+// Code `IDX` (compile-time after unrolling) of a row held in registers.
+template <int BITS, int NW>
+KVQ_FUNC uint kvq_code(const thread uint* w, int idx) {
+  const int bit = idx * BITS;
+  const int wi = bit >> 5;
+  const int sh = bit & 31;
+  uint c = w[wi] >> sh;
+  if (sh + BITS > 32) {
+    c |= w[wi + 1] << (32 - sh);
+  }
+  return c & ((1u << BITS) - 1u);
+}
+
+// Integer code (< 2^23) -> float without an int->float conversion
+// instruction (those run at a quarter of the FMA rate on NVIDIA GPUs):
+// 2^23 + c is exact in fp32, so subtracting 2^23 gives c exactly.
+KVQ_FUNC float kvq_u2f(uint c) {
+  return kvq_as_float(0x4B000000u | c) - 8388608.0f;
+}
+
+// fp4 e2m1 code -> float
+KVQ_FUNC float kvq_e2m1(uint c) {
+  uint e = (c >> 1) & 3u;
+  uint m = c & 1u;
+  float v = (e == 0u) ? 0.5f * float(m) : kvq_as_float(((e + 126u) << 23) | (m << 22));
+  return (c & 8u) ? -v : v;
+}
+
+// fp8 e4m3 code -> float (NaN code 0x7f/0xff is never produced by mx.quantize)
+KVQ_FUNC float kvq_e4m3(uint c) {
+  uint e = (c >> 3) & 15u;
+  uint m = c & 7u;
+  float v = (e == 0u) ? float(m) * 0.001953125f : kvq_as_float(((e + 120u) << 23) | (m << 20));
+  return (c & 128u) ? -v : v;
+}
+
+// e8m0 scale byte -> float (s == 0 decodes to 2^-127 as in MLX)
+KVQ_FUNC float kvq_e8m0(uint s) {
+  return kvq_as_float(s == 0u ? 0x00400000u : (s << 23));
+}
+
+template <int MODE>
+KVQ_FUNC float kvq_scale_value(uint s) {
+  if (MODE == KVQ_MODE_NVFP4) {
+    return kvq_e4m3(s);
+  }
+  return kvq_e8m0(s);
+}
+
+// float value of a code (before the group scale) in a microscaling mode
+template <int MODE>
+KVQ_FUNC float kvq_fp_code(uint c) {
+  if (MODE == KVQ_MODE_MXFP8) {
+    return kvq_e4m3(c);
+  }
+  return kvq_e2m1(c);
+}
+
+// Bytes [u*BITS, u*BITS + BITS) of a row = the 8 codes of elements 8u..8u+7,
+// returned as a 64-bit little-endian integer.
+template <int BITS>
+KVQ_FUNC ulong kvq_load_octet(const device uint* row, int u) {
+  if (BITS == 4) {
+    return ulong(row[u]);
+  } else if (BITS == 8) {
+    return ulong(row[2 * u]) | (ulong(row[2 * u + 1]) << 32);
+  } else if (BITS == 2) {
+    const device ushort* r16 = (const device ushort*)row;
+    return ulong(r16[u]);
+  } else {
+    const device uchar* r8 = (const device uchar*)row + u * BITS;
+    ulong v = 0;
+    KVQ_UNROLL
+    for (int i = 0; i < BITS; i++) {
+      v |= ulong(r8[i]) << (8 * i);
+    }
+    return v;
+  }
+}
+
+// Load a K row of NW words into registers, 4 words at a time when VW == 4
+// (rows 16-byte aligned).
+template <int NW, int VW>
+KVQ_FUNC void kvq_load_row(const device uint* p, thread uint* r) {
+  if (VW == 4) {
+    const device uint4* p4 = (const device uint4*)p;
+    KVQ_UNROLL
+    for (int i = 0; i < NW / 4; i++) {
+      uint4 v = p4[i];
+      r[4 * i] = v.x;
+      r[4 * i + 1] = v.y;
+      r[4 * i + 2] = v.z;
+      r[4 * i + 3] = v.w;
+    }
+  } else {
+    KVQ_UNROLL
+    for (int i = 0; i < NW; i++) {
+      r[i] = p[i];
+    }
+  }
+}
+
+// The words holding octet u of a row, loaded without combining them (so the
+// loads can stay in flight): BITS 2 -> lo = 16 bits, 4 -> lo, 8 -> lo, hi.
+template <int BITS>
+KVQ_FUNC void kvq_load_octet_raw(const device uint* row, int u, thread uint& lo, thread uint& hi) {
+  if (BITS == 4) {
+    lo = row[u];
+    hi = 0u;
+  } else if (BITS == 8) {
+    lo = row[2 * u];
+    hi = row[2 * u + 1];
+  } else {
+    const device ushort* r16 = (const device ushort*)row;
+    lo = uint(r16[u]);
+    hi = 0u;
+  }
+}

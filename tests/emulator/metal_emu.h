@@ -1,0 +1,363 @@
+// metal_emu.h -- a small C++20 emulation of Metal's compute execution model,
+// used to run the kernel bodies of mlx-kvq (metal/*.metal) on the CPU in CI.
+//
+// Model:
+//   * a grid of threadgroups, run one threadgroup at a time;
+//   * every thread of the threadgroup is a fiber (ucontext) on ONE OS thread;
+//     fibers switch only at synchronisation points (threadgroup_barrier,
+//     simdgroup_barrier, simd_* collectives), and the order in which runnable
+//     fibers are resumed is shuffled each round (seeded), so a missing barrier
+//     between a threadgroup-memory write and another thread's read shows up as a
+//     wrong or run-to-run varying result;
+//   * simdgroups are 32 consecutive thread indices;
+//   * `threadgroup` arrays are function-static (one threadgroup runs at a time,
+//     so a static is exactly "shared by the threads of this threadgroup");
+//   * collectives need every active lane of the simdgroup and barriers every
+//     thread of the threadgroup; a divergent collective/barrier is reported as a
+//     deadlock instead of hanging.
+#pragma once
+#if defined(__APPLE__) && !defined(_XOPEN_SOURCE)
+#define _XOPEN_SOURCE 600  // ucontext on macOS
+#endif
+#include <ucontext.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <random>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+// ---------------------------------------------------------------- types
+typedef unsigned int uint;
+typedef unsigned short ushort;
+typedef unsigned char uchar;
+typedef unsigned long ulong;
+
+struct uint2 { uint x, y; };
+struct alignas(16) uint4 { uint x, y, z, w; };
+struct uint3 { uint x, y, z; };
+struct alignas(8) uint2a { uint x, y; };
+
+static inline float emu_bits_to_float(uint32_t b) { float f; std::memcpy(&f, &b, 4); return f; }
+static inline uint32_t emu_float_to_bits(float f) { uint32_t b; std::memcpy(&b, &f, 4); return b; }
+
+struct emu_half {
+  uint16_t bits;
+  emu_half() = default;
+  emu_half(float f) { bits = from_float(f); }
+  operator float() const { return to_float(bits); }
+  static float to_float(uint16_t h) {
+    uint32_t s = (uint32_t)(h >> 15) << 31, e = (h >> 10) & 0x1f, m = h & 0x3ff;
+    if (e == 0) {
+      float v = std::ldexp((float)m, -24);
+      return s ? -v : v;
+    }
+    if (e == 31) return emu_bits_to_float(s | 0x7f800000u | (m << 13));
+    return emu_bits_to_float(s | ((e + 112) << 23) | (m << 13));
+  }
+  static uint16_t from_float(float f) {  // round to nearest even
+    uint32_t x = emu_float_to_bits(f);
+    uint32_t sign = (x >> 16) & 0x8000;
+    uint32_t ax = x & 0x7fffffffu;
+    if (ax >= 0x7f800000u) return sign | 0x7c00 | (ax > 0x7f800000u ? 0x200 : 0);
+    if (ax >= 0x477ff000u) return sign | 0x7c00;  // overflow -> inf
+    if (ax < 0x38800000u) {                      // subnormal half
+      float a = emu_bits_to_float(ax);
+      float r = std::nearbyint(a * 16777216.0f);  // units of 2^-24
+      return sign | (uint16_t)r;
+    }
+    uint32_t mant = ax & 0x7fffff, exp = (ax >> 23) - 112;
+    uint32_t h = (exp << 10) | (mant >> 13);
+    uint32_t rem = mant & 0x1fff;
+    if (rem > 0x1000 || (rem == 0x1000 && (h & 1))) h++;
+    return sign | h;
+  }
+};
+
+struct emu_bf16 {
+  uint16_t bits;
+  emu_bf16() = default;
+  emu_bf16(float f) {
+    uint32_t x = emu_float_to_bits(f);
+    if ((x & 0x7fffffffu) > 0x7f800000u) { bits = (x >> 16) | 0x40; return; }
+    x += 0x7fff + ((x >> 16) & 1);
+    bits = x >> 16;
+  }
+  operator float() const { return emu_bits_to_float((uint32_t)bits << 16); }
+};
+
+namespace metal {
+using std::abs;
+using std::exp;
+using std::exp2;
+using std::floor;
+using std::isinf;
+using std::isnan;
+using std::log;
+using std::log2;
+using std::rint;
+using std::round;
+using std::sqrt;
+template <typename A, typename B> static inline auto max(A a, B b) { return a > b ? a : b; }
+template <typename A, typename B> static inline auto min(A a, B b) { return a < b ? a : b; }
+static inline float max(float a, float b) { return std::fmax(a, b); }
+static inline float min(float a, float b) { return std::fmin(a, b); }
+template <typename T> static inline T as_type_impl(uint32_t b) { T t; std::memcpy(&t, &b, sizeof(T)); return t; }
+}  // namespace metal
+namespace fast = metal;
+
+enum class mem_flags { mem_none, mem_threadgroup, mem_device };
+
+// ---------------------------------------------------------------- fibers
+namespace emu {
+
+struct Fiber {
+  ucontext_t ctx;
+  std::vector<char> stack;
+  uint tid = 0;
+  bool done = false;
+  bool waiting = false;
+};
+
+struct SyncPoint {
+  int arrived = 0;
+  uint64_t gen = 0;
+};
+
+struct State {
+  ucontext_t sched;
+  std::vector<Fiber> fibers;
+  int cur = -1;
+  int nthreads = 0;
+  int alive_total = 0;
+  std::vector<int> alive_sg;  // live lanes per simdgroup
+  SyncPoint tg_sync;
+  std::vector<SyncPoint> sg_sync;
+  // values exchanged by simd collectives, double-buffered by generation parity
+  std::vector<std::array<std::array<uint64_t, 32>, 2>> sg_vals;
+  std::vector<std::array<std::array<uint64_t, 32>, 2>> sg_valgen;
+  bool progress = false;
+  std::string error;
+  std::function<void(uint)> body;
+};
+
+inline State*& state() { static State* s = nullptr; return s; }
+
+inline void fail(const std::string& msg) {
+  State* s = state();
+  if (s->error.empty()) s->error = msg;
+  // park this fiber forever; the scheduler sees the error and stops
+  while (true) {
+    s->fibers[s->cur].waiting = true;
+    swapcontext(&s->fibers[s->cur].ctx, &s->sched);
+  }
+}
+
+inline void yield_waiting() {
+  State* s = state();
+  s->fibers[s->cur].waiting = true;
+  swapcontext(&s->fibers[s->cur].ctx, &s->sched);
+}
+
+inline void yield_progress() {
+  State* s = state();
+  s->progress = true;
+  s->fibers[s->cur].waiting = false;
+  swapcontext(&s->fibers[s->cur].ctx, &s->sched);
+}
+
+inline uint cur_tid() { State* s = state(); return s->fibers[s->cur].tid; }
+
+// Arrive at `sp` with `expected()` participants; returns the generation used.
+template <typename F>
+inline uint64_t arrive(SyncPoint& sp, F expected) {
+  State* s = state();
+  uint64_t g = sp.gen;
+  sp.arrived++;
+  if (sp.arrived == expected()) {
+    sp.arrived = 0;
+    sp.gen++;
+    yield_progress();  // let others run first: exposes ordering bugs
+  } else {
+    s->progress = true;
+    s->fibers[s->cur].waiting = false;
+    swapcontext(&s->fibers[s->cur].ctx, &s->sched);
+    while (sp.gen == g) yield_waiting();
+  }
+  return g;
+}
+
+inline void tg_barrier() {
+  State* s = state();
+  if (s->alive_total != s->nthreads)
+    fail("threadgroup_barrier reached after some threads of the threadgroup returned");
+  arrive(s->tg_sync, [s] { return s->nthreads; });
+}
+
+inline void simd_barrier() {
+  State* s = state();
+  uint sg = cur_tid() / 32;
+  arrive(s->sg_sync[sg], [s, sg] { return s->alive_sg[sg]; });
+}
+
+template <typename T>
+inline uint64_t pack(T x) { uint64_t v = 0; std::memcpy(&v, &x, sizeof(T)); return v; }
+template <typename T>
+inline T unpack(uint64_t v) { T x; std::memcpy(&x, &v, sizeof(T)); return x; }
+
+// exchange one 64-bit payload per lane; returns the generation used
+inline uint64_t simd_exchange(uint64_t v) {
+  State* s = state();
+  uint tid = cur_tid();
+  uint sg = tid / 32, lane = tid % 32;
+  uint64_t g = s->sg_sync[sg].gen;
+  s->sg_vals[sg][g & 1][lane] = v;
+  s->sg_valgen[sg][g & 1][lane] = g;
+  arrive(s->sg_sync[sg], [s, sg] { return s->alive_sg[sg]; });
+  return g;
+}
+inline bool simd_has(uint sg, uint64_t g, int lane) { return state()->sg_valgen[sg][g & 1][lane] == g; }
+template <typename T>
+inline T simd_val(uint sg, uint64_t g, int lane) { return unpack<T>(state()->sg_vals[sg][g & 1][lane]); }
+
+
+inline void fiber_entry() {
+  State* s = state();
+  Fiber& f = s->fibers[s->cur];
+  s->body(f.tid);
+  f.done = true;
+  s->alive_total--;
+  uint sg = f.tid / 32;
+  s->alive_sg[sg]--;
+  // a finished lane may complete a pending simd collective of its simdgroup
+  SyncPoint& sp = s->sg_sync[sg];
+  if (sp.arrived > 0 && sp.arrived == s->alive_sg[sg]) {
+    sp.arrived = 0;
+    sp.gen++;
+  }
+  s->progress = true;
+  swapcontext(&f.ctx, &s->sched);
+}
+
+// Run one threadgroup of `nthreads` threads; body(tid) runs the kernel.
+inline std::string run_threadgroup(int nthreads, std::mt19937& rng, std::function<void(uint)> body) {
+  State st;
+  st.nthreads = nthreads;
+  st.alive_total = nthreads;
+  int nsg = (nthreads + 31) / 32;
+  st.alive_sg.assign(nsg, 0);
+  for (int t = 0; t < nthreads; t++) st.alive_sg[t / 32]++;
+  st.sg_sync.assign(nsg, SyncPoint{});
+  st.sg_vals.assign(nsg, {});
+  st.sg_valgen.assign(nsg, {});
+  for (auto& a : st.sg_valgen) for (auto& b : a) b.fill(~0ull);
+  st.body = std::move(body);
+  st.fibers.resize(nthreads);
+  State* prev = state();
+  state() = &st;
+  for (int t = 0; t < nthreads; t++) {
+    Fiber& f = st.fibers[t];
+    f.tid = t;
+    f.stack.resize(256 * 1024);
+    getcontext(&f.ctx);
+    f.ctx.uc_stack.ss_sp = f.stack.data();
+    f.ctx.uc_stack.ss_size = f.stack.size();
+    f.ctx.uc_link = &st.sched;
+    makecontext(&f.ctx, (void (*)())fiber_entry, 0);
+  }
+  std::vector<int> order(nthreads);
+  for (int i = 0; i < nthreads; i++) order[i] = i;
+  int remaining = nthreads;
+  while (remaining > 0 && st.error.empty()) {
+    std::shuffle(order.begin(), order.end(), rng);
+    st.progress = false;
+    for (int i : order) {
+      Fiber& f = st.fibers[i];
+      if (f.done) continue;
+      st.cur = i;
+      swapcontext(&st.sched, &f.ctx);
+      if (f.done) remaining--;
+      if (!st.error.empty()) break;
+    }
+    if (!st.progress && remaining > 0 && st.error.empty())
+      st.error = "deadlock: a barrier or simd collective was not reached by all threads";
+  }
+  std::string err = st.error;
+  state() = prev;
+  return err;
+}
+
+}  // namespace emu
+
+// ---------------------------------------------------------------- Metal API
+#define threadgroup static
+#define device
+#define constant
+#define thread
+#define KVQ_FUNC inline
+#define KVQ_TGP(T) T*
+struct alignas(16) float4 { float x, y, z, w; };
+#define KVQ_UNROLL
+#define KVQ_LOG2E 1.4426950408889634f
+#define KVQ_LN2 0.6931471805599453f
+
+inline void threadgroup_barrier(mem_flags) { emu::tg_barrier(); }
+inline void simdgroup_barrier(mem_flags) { emu::simd_barrier(); }
+
+template <typename T>
+inline T simd_sum(T x) {
+  uint sg = emu::cur_tid() / 32;
+  uint64_t g = emu::simd_exchange(emu::pack(x));
+  T acc = T(0);
+  for (int l = 0; l < 32; l++)
+    if (emu::simd_has(sg, g, l)) acc += emu::simd_val<T>(sg, g, l);
+  return acc;
+}
+template <typename T>
+inline T simd_max(T x) {
+  uint sg = emu::cur_tid() / 32;
+  uint64_t g = emu::simd_exchange(emu::pack(x));
+  T acc = x;
+  for (int l = 0; l < 32; l++)
+    if (emu::simd_has(sg, g, l)) acc = std::max(acc, emu::simd_val<T>(sg, g, l));
+  return acc;
+}
+template <typename T>
+inline T simd_min(T x) {
+  uint sg = emu::cur_tid() / 32;
+  uint64_t g = emu::simd_exchange(emu::pack(x));
+  T acc = x;
+  for (int l = 0; l < 32; l++)
+    if (emu::simd_has(sg, g, l)) acc = std::min(acc, emu::simd_val<T>(sg, g, l));
+  return acc;
+}
+template <typename T>
+inline T simd_shuffle(T x, uint src) {
+  uint sg = emu::cur_tid() / 32;
+  if (src >= 32) emu::fail("simd_shuffle: source lane out of range");
+  uint64_t g = emu::simd_exchange(emu::pack(x));
+  if (!emu::simd_has(sg, g, src)) emu::fail("simd_shuffle: source lane inactive");
+  return emu::simd_val<T>(sg, g, src);
+}
+template <typename T>
+inline T simd_shuffle_xor(T x, uint mask) { return simd_shuffle(x, (emu::cur_tid() % 32) ^ mask); }
+template <typename T>
+inline T simd_shuffle_down(T x, uint delta) {
+  uint lane = emu::cur_tid() % 32;
+  uint src = lane + delta < 32 ? lane + delta : lane;
+  return simd_shuffle(x, src);
+}
+
+inline float kvq_as_float(uint b) { return emu_bits_to_float(b); }
+inline float kvq_div(float a, float b) {
+  volatile float r = a / b;  // no contraction / reassociation
+  return r;
+}

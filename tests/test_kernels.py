@@ -1,0 +1,687 @@
+"""Kernel tests.
+
+CPU (CI): every kernel body (decode, split-K decode + merge, prefill,
+quantize-append) runs under the C++ Metal emulator (tests/emulator) on small
+random shapes and is compared with an fp32 reference built from mx.dequantize.
+GPU: the same checks through mx.fast.metal_kernel / mx.fast.cuda_kernel run
+only when that backend is present (skipped otherwise).
+"""
+
+import math
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import mlx.core as mx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from emulator.reference import reference_attention, rel_err  # noqa: E402
+
+from mlx_kvq import kernels  # noqa: E402
+
+HAVE_CXX = shutil.which(os.environ.get("CXX", "g++")) is not None
+ON_GPU = kernels._backend() is not None
+TOL = 2e-5  # fp32 accumulation, fp32 dequantization: errors ~1e-7..1e-6
+
+
+@pytest.fixture(scope="session")
+def emu(tmp_path_factory):
+    if not HAVE_CXX:
+        pytest.skip("no C++ compiler for the emulator")
+    from emulator.emu import EmuLauncher
+
+    # pad_strides: attention inputs arrive as strided views into larger garbage-
+    # filled buffers, as slices of a preallocated cache would
+    return EmuLauncher(tmp_path_factory.mktemp("kvq_emu"), pad_strides=True)
+
+
+def make_case(B, Hkv, rep, L, D, C, *, k_bits, v_bits, group_size, mode, dtype, seed):
+    mx.random.seed(seed)
+    q = mx.random.normal((B, Hkv * rep, L, D)).astype(dtype)
+    sdt = dtype if dtype != mx.float32 else mx.float16
+    k = (mx.random.normal((B, Hkv, C, D)) * 1.5 + 0.3).astype(sdt)
+    v = mx.random.normal((B, Hkv, C, D)).astype(sdt)
+    kp = tuple(mx.quantize(k, group_size=group_size, bits=k_bits, mode=mode))
+    vp = tuple(mx.quantize(v, group_size=group_size, bits=v_bits, mode=mode))
+    mx.eval(q, kp, vp)
+    return q, kp, vp
+
+
+def run_and_compare(launch, q, kp, vp, n, tol=TOL, **kw):
+    out, lse = kernels.attention_launch(launch, q, kp, vp, n, **kw)
+    ref_kw = {k: v for k, v in kw.items() if k not in ("nsg", "nsplit", "prefill", "vu", "vpf")}
+    with mx.stream(mx.cpu):  # fp32 reference on the CPU (no TF32 matmuls on CUDA)
+        ro, rl = reference_attention(q, kp, vp, n, **ref_kw)
+    mx.eval(out, lse, ro, rl)
+    assert out.dtype == mx.float32 and lse.dtype == mx.float32
+    assert out.shape == ro.shape and lse.shape == rl.shape
+    o, lo, rln = (np.array(a) for a in (out, lse, rl))
+    assert not np.isnan(o).any() and not np.isnan(lo).any(), "unwritten (poisoned) or NaN output"
+    np.testing.assert_array_equal(np.isinf(lo), np.isinf(rln))
+    fin = np.isfinite(rln)
+    if fin.any():
+        assert np.abs(lo[fin] - rln[fin]).max() < 1e-4
+    assert rel_err(out, ro) < tol, rel_err(out, ro)
+    return out, lse
+
+
+# ------------------------------------------------------------------ decode
+DECODE_CASES = [
+    # D, k_bits, v_bits, gs, mode, dtype, B, Hkv, rep, L, C, n
+    (64, 4, 4, 32, "affine", mx.float16, 1, 2, 2, 1, 80, 70),
+    (128, 8, 4, 64, "affine", mx.bfloat16, 1, 1, 4, 3, 100, 77),
+    (128, 3, 5, 32, "affine", mx.float16, 2, 1, 1, 2, 64, 45),
+    (64, 6, 2, 64, "affine", mx.float32, 1, 1, 3, 1, 40, 33),
+    (96, 4, 8, 32, "affine", mx.float16, 1, 1, 2, 1, 40, 40),
+    (256, 2, 4, 128, "affine", mx.float16, 1, 1, 2, 1, 48, 37),
+    (64, 4, 4, 32, "mxfp4", mx.float16, 1, 1, 2, 1, 50, 41),
+    (80, 4, 4, 16, "nvfp4", mx.bfloat16, 1, 1, 2, 1, 40, 35),
+    (128, 8, 8, 32, "mxfp8", mx.float16, 1, 1, 2, 1, 40, 39),
+]
+
+
+@pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: f"D{c[0]}-k{c[1]}v{c[2]}-g{c[3]}-{c[4]}")
+def test_decode_emulated(emu, case):
+    D, kb, vb, gs, mode, dtype, B, Hkv, rep, L, C, n = case
+    q, kp, vp = make_case(
+        B,
+        Hkv,
+        rep,
+        L,
+        D,
+        C,
+        k_bits=kb,
+        v_bits=vb,
+        group_size=gs,
+        mode=mode,
+        dtype=dtype,
+        seed=D + kb * 7 + vb,
+    )
+    assert kernels.supports(q, kp, vp, kb, vb, gs, mode, None)
+    run_and_compare(
+        emu,
+        q,
+        kp,
+        vp,
+        n,
+        k_bits=kb,
+        v_bits=vb,
+        group_size=gs,
+        mode=mode,
+        scale=D**-0.5,
+        q_start=n - L,
+        k_start=0,
+        causal=True,
+        nsplit=1,
+    )
+
+
+@pytest.mark.parametrize("D,kb,vb,gs,mode", [(128, 4, 4, 64, "affine"), (64, 8, 8, 32, "mxfp8"),
+                                           (96, 3, 2, 32, "affine")])
+def test_decode_value_prefetch(emu, D, kb, vb, gs, mode):
+    """VPF: value words and scales loaded at the top of each key block."""
+    q, kp, vp = make_case(1, 1, 2, 1, D, 90, k_bits=kb, v_bits=vb, group_size=gs,
+                          mode=mode, dtype=mx.float16, seed=D + 1)
+    run_and_compare(
+        emu, q, kp, vp, 83, k_bits=kb, v_bits=vb, group_size=gs, mode=mode,
+        scale=D**-0.5, q_start=82, k_start=0, causal=True, nsplit=2, vpf=True,
+    )
+    assert emu.launches[-2][1]["VPF"] is True
+
+
+def test_decode_split_k_and_merge(emu):
+    """2-pass: the key range split over 3 threadgroups (last split partial)."""
+    q, kp, vp = make_case(
+        1,
+        2,
+        2,
+        1,
+        64,
+        320,
+        k_bits=4,
+        v_bits=4,
+        group_size=64,
+        mode="affine",
+        dtype=mx.float16,
+        seed=3,
+    )
+    n = 301
+    run_and_compare(
+        emu,
+        q,
+        kp,
+        vp,
+        n,
+        k_bits=4,
+        v_bits=4,
+        group_size=64,
+        mode="affine",
+        scale=0.125,
+        q_start=n - 1,
+        k_start=0,
+        causal=True,
+        nsplit=3,
+    )
+    assert any(x[0] == "sdpa_merge" for x in emu.launches)
+
+
+def test_decode_split_k_causal_offsets_empty_rows(emu):
+    """Segment starting after some queries: those rows see nothing (lse=-inf,
+    out=0), also when whole splits are empty."""
+    q, kp, vp = make_case(
+        1,
+        1,
+        2,
+        4,
+        128,
+        200,
+        k_bits=8,
+        v_bits=4,
+        group_size=32,
+        mode="affine",
+        dtype=mx.float16,
+        seed=4,
+    )
+    out, lse = run_and_compare(
+        emu,
+        q,
+        kp,
+        vp,
+        150,
+        k_bits=8,
+        v_bits=4,
+        group_size=32,
+        mode="affine",
+        scale=0.1,
+        q_start=10,
+        k_start=12,
+        causal=True,
+        nsplit=4,
+    )
+    lo = np.array(lse)
+    assert np.isneginf(lo[:, :, :2]).all() and np.isfinite(lo[:, :, 2:]).all()
+    assert (np.array(out)[:, :, :2] == 0).all()
+
+
+def test_decode_bool_mask_left_padding(emu):
+    """Batched decode with left padding: a bool (B,1,1,n) keep-mask."""
+    B, n = 3, 90
+    q, kp, vp = make_case(
+        B,
+        2,
+        2,
+        1,
+        64,
+        96,
+        k_bits=4,
+        v_bits=4,
+        group_size=32,
+        mode="affine",
+        dtype=mx.float16,
+        seed=5,
+    )
+    pad = mx.array([0, 17, 89])
+    mask = (mx.arange(n)[None, :] >= pad[:, None]).reshape(B, 1, 1, n)
+    run_and_compare(
+        emu,
+        q,
+        kp,
+        vp,
+        n,
+        k_bits=4,
+        v_bits=4,
+        group_size=32,
+        mode="affine",
+        scale=0.125,
+        q_start=n - 1,
+        k_start=0,
+        causal=False,
+        mask=mask,
+        nsplit=2,
+    )
+
+
+def test_decode_additive_mask(emu):
+    B, Hkv, rep, L, n = 2, 1, 2, 2, 50
+    q, kp, vp = make_case(
+        B,
+        Hkv,
+        rep,
+        L,
+        64,
+        64,
+        k_bits=5,
+        v_bits=3,
+        group_size=64,
+        mode="affine",
+        dtype=mx.float16,
+        seed=6,
+    )
+    mx.random.seed(60)
+    m = mx.random.normal((B, Hkv * rep, L, n)).astype(mx.float16)
+    m = mx.where(mx.random.uniform(shape=m.shape) < 0.2, -math.inf, m).astype(mx.float16)
+    run_and_compare(
+        emu,
+        q,
+        kp,
+        vp,
+        n,
+        k_bits=5,
+        v_bits=3,
+        group_size=64,
+        mode="affine",
+        scale=0.125,
+        q_start=0,
+        k_start=0,
+        causal=False,
+        mask=m,
+        nsplit=1,
+    )
+
+
+def test_decode_multi_simdgroup_tiles(emu):
+    """rep*L = 12 rows -> 2 row tiles of 8; 2 simdgroups splitting the keys;
+    value loop unrolled by 3 (not a divisor of its 16 steps)."""
+    q, kp, vp = make_case(
+        1,
+        1,
+        4,
+        3,
+        64,
+        130,
+        k_bits=4,
+        v_bits=8,
+        group_size=64,
+        mode="affine",
+        dtype=mx.float16,
+        seed=7,
+    )
+    run_and_compare(
+        emu,
+        q,
+        kp,
+        vp,
+        129,
+        k_bits=4,
+        v_bits=8,
+        group_size=64,
+        mode="affine",
+        scale=0.125,
+        q_start=126,
+        k_start=0,
+        causal=True,
+        nsplit=1,
+        nsg=2,
+    )
+
+
+# ------------------------------------------------------------------ prefill
+@pytest.mark.parametrize(
+    "D,kb,vb,gs,dtype,rep,L,n,q_start,k_start",
+    [
+        (64, 4, 4, 32, mx.float16, 2, 20, 50, 30, 0),  # chunk at the end of the context
+        (128, 8, 4, 64, mx.bfloat16, 1, 17, 40, 25, 3),  # segment not at position 0
+        (64, 2, 6, 64, mx.float16, 3, 12, 33, 21, 0),
+    ],
+)
+def test_prefill_emulated(emu, D, kb, vb, gs, dtype, rep, L, n, q_start, k_start):
+    q, kp, vp = make_case(
+        1,
+        1,
+        rep,
+        L,
+        D,
+        n + 5,
+        k_bits=kb,
+        v_bits=vb,
+        group_size=gs,
+        mode="affine",
+        dtype=dtype,
+        seed=L,
+    )
+    run_and_compare(
+        emu,
+        q,
+        kp,
+        vp,
+        n,
+        k_bits=kb,
+        v_bits=vb,
+        group_size=gs,
+        mode="affine",
+        scale=D**-0.5,
+        q_start=q_start,
+        k_start=k_start,
+        causal=True,
+    )
+    assert emu.launches[-1][1]["PREFILL"] is True
+
+
+def test_prefill_mask_noncausal(emu):
+    B, L, n = 2, 11, 37
+    q, kp, vp = make_case(
+        B,
+        1,
+        2,
+        L,
+        64,
+        40,
+        k_bits=4,
+        v_bits=4,
+        group_size=32,
+        mode="affine",
+        dtype=mx.float16,
+        seed=8,
+    )
+    mask = mx.random.uniform(shape=(B, 1, L, n)) > 0.3
+    run_and_compare(
+        emu,
+        q,
+        kp,
+        vp,
+        n,
+        k_bits=4,
+        v_bits=4,
+        group_size=32,
+        mode="affine",
+        scale=0.125,
+        q_start=0,
+        k_start=0,
+        causal=False,
+        mask=mask,
+    )
+
+
+def test_schedule_independent(emu, tmp_path):
+    """Same inputs, another fiber schedule: bit-identical results (a missing
+    barrier would make the result depend on the interleaving)."""
+    from emulator.emu import EmuLauncher
+
+    other = EmuLauncher(emu.build_dir, seed=98765, pad_strides=True)
+    q, kp, vp = make_case(
+        1,
+        1,
+        2,
+        1,
+        64,
+        200,
+        k_bits=4,
+        v_bits=4,
+        group_size=32,
+        mode="affine",
+        dtype=mx.float16,
+        seed=9,
+    )
+    kw = dict(
+        k_bits=4,
+        v_bits=4,
+        group_size=32,
+        mode="affine",
+        scale=0.125,
+        q_start=199,
+        k_start=0,
+        causal=True,
+        nsplit=2,
+    )
+    a = kernels.attention_launch(emu, q, kp, vp, 190, **kw)
+    b = kernels.attention_launch(other, q, kp, vp, 190, **kw)
+    np.testing.assert_array_equal(np.array(a[0]), np.array(b[0]))
+    np.testing.assert_array_equal(np.array(a[1]), np.array(b[1]))
+
+
+# ------------------------------------------------------------------ quantize
+def _np_quantize_gpu_flavor(x, bits, gs):
+    """numpy model of MLX's Metal/CUDA affine_quantize (max starts at 0,
+    round half away from zero)."""
+    xf = np.array(x.astype(mx.float32)).reshape(-1, gs)
+    w_min = xf.min(1)
+    w_max = np.maximum(xf.max(1), 0.0)
+    n_bins = np.float32((1 << bits) - 1)
+    scale = np.maximum((w_max - w_min) / n_bins, np.float32(1e-7)).astype(np.float32)
+    side = np.abs(w_min) > np.abs(w_max)
+    scale = np.where(side, scale, -scale).astype(np.float32)
+    edge = np.where(side, w_min, w_max).astype(np.float32)
+    r = edge / scale
+    q0 = np.sign(r) * np.floor(np.abs(r) + 0.5)
+    at0 = q0 == 0
+    scale = np.where(at0, scale, edge / np.where(at0, 1, q0)).astype(np.float32)
+    bias = np.where(at0, 0, edge).astype(np.float32)
+    t = (xf - bias[:, None]) / scale[:, None]
+    q = np.minimum(np.sign(t) * np.floor(np.abs(t) + 0.5), n_bins).astype(np.int64) & ((1 << bits) - 1)
+    return q, scale, bias
+
+
+@pytest.mark.parametrize(
+    "bits,gs,dtype",
+    [
+        (2, 32, mx.float16),
+        (3, 64, mx.float16),
+        (4, 64, mx.bfloat16),
+        (5, 128, mx.float16),
+        (6, 32, mx.float32),
+        (8, 64, mx.float16),
+        (4, 128, mx.float16),
+    ],
+)
+def test_quantize_bit_identical_emulated(emu, bits, gs, dtype):
+    mx.random.seed(bits * gs)
+    x = (mx.random.normal((2, 3, 5, 128)) * 2).astype(dtype)
+    # some all-negative and constant groups
+    x = mx.concatenate([x, -mx.abs(x[:, :, :1]), mx.full((2, 3, 1, 128), 0.5, dtype)], axis=2)
+    got = kernels.quantize_launch(emu, x, bits=bits, group_size=gs, flavor=0)
+    want = mx.quantize(x, group_size=gs, bits=bits)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_array_equal(to_u(a), to_u(b))
+
+
+def to_u(a):
+    if a.dtype in (mx.float16, mx.bfloat16):
+        return np.array(a.view(mx.uint16))
+    if a.dtype == mx.float32:
+        return np.array(a.view(mx.uint32))
+    return np.array(a)
+
+
+def test_quantize_gpu_flavor_emulated(emu):
+    """FLAVOR 1 (the Metal/CUDA algorithm) against a numpy model of it."""
+    mx.random.seed(11)
+    bits, gs = 4, 32
+    x = (mx.random.normal((1, 2, 3, 64)) * 2).astype(mx.float32)
+    x = mx.concatenate([x, -mx.abs(x[:, :, :1])], axis=2)
+    w, s, b = kernels.quantize_launch(emu, x, bits=bits, group_size=gs, flavor=1)
+    q, scale, bias = _np_quantize_gpu_flavor(x, bits, gs)
+    np.testing.assert_array_equal(np.array(s).reshape(-1), scale)
+    np.testing.assert_array_equal(np.array(b).reshape(-1), bias)
+    bitsarr = np.unpackbits(np.array(w).view(np.uint8), bitorder="little").reshape(-1, bits)
+    codes = (bitsarr * (1 << np.arange(bits))).sum(1)
+    np.testing.assert_array_equal(codes, q.reshape(-1))
+
+
+def test_quantize_append_writes_rows(emu, monkeypatch):
+    """quantize_append = kernel + slice_update at `start`, other rows untouched."""
+    B, H, C, D, L, start = 1, 2, 16, 64, 3, 5
+    mx.random.seed(12)
+    old = mx.random.normal((B, H, C, D)).astype(mx.float16)
+    bufs = tuple(mx.quantize(old, group_size=32, bits=4))
+    x = mx.random.normal((B, H, L, D)).astype(mx.float16)
+    monkeypatch.setattr(kernels, "enabled", lambda: True)
+    monkeypatch.setattr(kernels, "_launcher", lambda: _Flavor0(emu))
+    new = kernels.quantize_append(x, bufs, start, bits=4, group_size=32, mode="affine")
+    want = tuple(mx.quantize(x, group_size=32, bits=4))
+    for nb, ob, w in zip(new, bufs, want):
+        nb_, ob_ = to_u(nb), to_u(ob)
+        np.testing.assert_array_equal(nb_[:, :, start : start + L], to_u(w))
+        np.testing.assert_array_equal(nb_[:, :, :start], ob_[:, :, :start])
+        np.testing.assert_array_equal(nb_[:, :, start + L :], ob_[:, :, start + L :])
+
+
+class _Flavor0:
+    """Launcher wrapper forcing the CPU quantize flavor (the reference here is
+    mx.quantize on the CPU)."""
+
+    def __init__(self, launch):
+        self.launch = launch
+
+    def __call__(self, name, inputs, template, *a):
+        template = [(k, 0 if k == "FLAVOR" else v) for k, v in template]
+        return self.launch(name, inputs, template, *a)
+
+
+# ------------------------------------------------------------------ API
+def test_enabled_honours_reference_env(monkeypatch):
+    monkeypatch.setenv("MLX_KVQ_REFERENCE", "1")
+    assert kernels.enabled() is False
+    monkeypatch.delenv("MLX_KVQ_REFERENCE")
+    assert kernels.enabled() == ON_GPU
+
+
+def test_supports():
+    q, kp, vp = make_case(
+        1,
+        2,
+        2,
+        1,
+        64,
+        40,
+        k_bits=8,
+        v_bits=4,
+        group_size=32,
+        mode="affine",
+        dtype=mx.float16,
+        seed=1,
+    )
+    assert kernels.supports(q, kp, vp, 8, 4, 32, "affine", None)
+    assert kernels.supports(q, kp, vp, 8, 4, 32, "affine", mx.ones((1, 1, 1, 40), dtype=mx.bool_))
+    assert not kernels.supports(q, kp, vp, 4, 4, 32, "affine", None)  # wrong bits for k
+    assert not kernels.supports(q, kp, vp, 8, 4, 64, "affine", None)  # wrong group size
+    assert not kernels.supports(q, kp, vp, 8, 4, 32, "affine", "causal")
+    q3 = mx.zeros((1, 3, 1, 64), dtype=mx.float16)
+    assert not kernels.supports(q3, kp, vp, 8, 4, 32, "affine", None)  # 3 % 2 != 0
+    q48 = mx.zeros((1, 4, 1, 48), dtype=mx.float16)
+    assert not kernels.supports(q48, kp, vp, 8, 4, 32, "affine", None)
+
+
+def test_sources_found():
+    d = kernels.source_dir()
+    for f in ("kvq_common.h", "prelude_metal.h", "prelude_cuda.h", "sdpa_packed.metal"):
+        assert (d / f).is_file()
+
+
+# ------------------------------------------------------------------ real GPU
+gpu = pytest.mark.skipif(not ON_GPU, reason="needs the Metal or CUDA backend")
+
+
+@gpu
+@pytest.mark.parametrize("L,n,nsplit", [(1, 1000, None), (4, 777, 5), (40, 300, None)])
+@pytest.mark.parametrize("kb,vb", [(4, 4), (8, 4), (3, 6)])
+def test_gpu_attention(L, n, nsplit, kb, vb):
+    q, kp, vp = make_case(
+        2,
+        2,
+        4,
+        L,
+        128,
+        n + 20,
+        k_bits=kb,
+        v_bits=vb,
+        group_size=64,
+        mode="affine",
+        dtype=mx.float16,
+        seed=n + kb,
+    )
+    launch = kernels._launcher()
+    mask = None
+    if L == 1:
+        mask = (mx.arange(n)[None, :] >= mx.array([0, 100])[:, None]).reshape(2, 1, 1, n)
+    run_and_compare(
+        launch,
+        q,
+        kp,
+        vp,
+        n,
+        tol=1e-4,
+        k_bits=kb,
+        v_bits=vb,
+        group_size=64,
+        mode="affine",
+        scale=128**-0.5,
+        q_start=n - L,
+        k_start=0,
+        causal=True,
+        mask=mask,
+        nsplit=nsplit,
+    )
+
+
+@gpu
+@pytest.mark.parametrize("mode", ["mxfp4", "nvfp4", "mxfp8"])
+def test_gpu_attention_fp_modes(mode):
+    bits, gs = kernels._FP_FORMAT[mode]
+    q, kp, vp = make_case(
+        1,
+        2,
+        4,
+        1,
+        128,
+        600,
+        k_bits=bits,
+        v_bits=bits,
+        group_size=gs,
+        mode=mode,
+        dtype=mx.bfloat16,
+        seed=3,
+    )
+    run_and_compare(
+        kernels._launcher(),
+        q,
+        kp,
+        vp,
+        555,
+        tol=1e-4,
+        k_bits=bits,
+        v_bits=bits,
+        group_size=gs,
+        mode=mode,
+        scale=128**-0.5,
+        q_start=554,
+        k_start=0,
+        causal=True,
+    )
+
+
+@gpu
+@pytest.mark.parametrize("bits,gs", [(2, 32), (3, 64), (4, 64), (5, 32), (6, 128), (8, 64)])
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
+def test_gpu_quantize_append_bit_identical(bits, gs, dtype):
+    mx.random.seed(bits)
+    B, H, C, D, L, start = 2, 4, 64, 128, 7, 9
+    bufs = tuple(mx.quantize(mx.zeros((B, H, C, D), dtype=dtype), group_size=gs, bits=bits))
+    x = (mx.random.normal((B, H, L, D)) * 3).astype(dtype)
+    new = kernels.quantize_append(x, bufs, start, bits=bits, group_size=gs, mode="affine")
+    want = mx.quantize(x, group_size=gs, bits=bits)
+    for a, b in zip(new, want):
+        np.testing.assert_array_equal(to_u(a)[:, :, start : start + L], to_u(b))
+
+
+@gpu
+def test_gpu_attention_strided_inputs():
+    """Transposed queries and a slice of a larger cache are read in place."""
+    B, Hkv, rep, L, D, C, n = 1, 2, 4, 2, 128, 300, 250
+    q, kp, vp = make_case(B, Hkv, rep, L, D, C, k_bits=4, v_bits=8, group_size=64,
+                          mode="affine", dtype=mx.float16, seed=21)
+    qt = mx.array(q.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)  # non-contiguous view
+    ks = tuple(a[:, :, 20:] for a in kp)  # cache slice starting at token 20
+    vs = tuple(a[:, :, 20:] for a in vp)
+    kw = dict(k_bits=4, v_bits=8, group_size=64, mode="affine", scale=D**-0.5,
+              q_start=n - L, k_start=0, causal=True)
+    out, _ = kernels.attention_launch(kernels._launcher(), qt, ks, vs, n, **kw)
+    with mx.stream(mx.cpu):
+        ro, _ = reference_attention(
+            q, tuple(mx.array(a) for a in ks), tuple(mx.array(a) for a in vs), n, **kw)
+    assert rel_err(out, ro) < 1e-4
