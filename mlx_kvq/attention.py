@@ -48,13 +48,15 @@ def quantized_sdpa(queries, view, scale, mask=None, sinks=None):
     array_mask = None if causal or mask is None else mask
 
     parts = []
-    for kind, k, v, k_start, n in view.segments():
-        m = None if array_mask is None else array_mask[..., k_start : k_start + n]
+    for kind, k, v, k_start, n, pos in view.segments():
+        m = array_mask
+        if m is not None:
+            m = m[..., k_start : k_start + n] if pos is None else mx.take(m, pos, axis=-1)
         args = dict(scale=scale, q_start=view.q_start, k_start=k_start, causal=causal, mask=m)
         if kind == "packed":
             parts.append(packed_attention(q, k, v, n, cache, **args))
         else:
-            parts.append(dense_attention(q, k, v, **args))
+            parts.append(dense_attention(q, k, v, k_pos=pos, **args))
     out, lse = merge(parts)
     if sinks is not None:
         s = sinks.astype(mx.float32).reshape(1, -1, 1)
@@ -108,11 +110,11 @@ def dense_attention(q, k, v, **args):
     return blocked_attention(q, get_k, get_v, k.shape[2], (k.shape[1], k.shape[-1], v.shape[-1]), **args)
 
 
-def blocked_attention(q, get_k, get_v, n, dims, *, scale, q_start, k_start, causal, mask):
+def blocked_attention(q, get_k, get_v, n, dims, *, scale, q_start, k_start, causal, mask, k_pos=None):
     """Reference partial attention: keys in blocks, online softmax in float32.
 
     ``get_k(a, b)``/``get_v(a, b)`` give keys/values a..b as float32 (B, Hkv, b - a, D);
-    ``dims`` is ``(Hkv, Dk, Dv)``.
+    ``dims`` is ``(Hkv, Dk, Dv)``. Key j sits at position ``k_start + j``, or ``k_pos[j]``.
 
     Returns ``out`` (B, Hq, L, Dv) float32 normalized over visible keys and ``lse``
     (B, Hq, L); rows with no visible key get ``out = 0`` and ``lse = -inf``.
@@ -131,7 +133,8 @@ def blocked_attention(q, get_k, get_v, n, dims, *, scale, q_start, k_start, caus
         k = get_k(a, b)
         s = qf @ k[:, :, None].swapaxes(-1, -2)  # (B, Hkv, rep, L, b - a)
         if causal:
-            s = mx.where(mx.arange(k_start + a, k_start + b)[None] <= q_pos, s, -mx.inf)
+            kp = mx.arange(k_start + a, k_start + b) if k_pos is None else k_pos[a:b]
+            s = mx.where(kp[None] <= q_pos, s, -mx.inf)
         if mask5 is not None:
             mb = mask5[..., a:b]
             s = mx.where(mb, s, -mx.inf) if mb.dtype == mx.bool_ else s + mb.astype(mx.float32)

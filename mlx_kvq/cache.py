@@ -6,9 +6,11 @@ The tokens of a cache sit in three runs, in order of position:
     [s, s + n)      packed keys and values, preallocated in steps  (``keys``/``values``)
     [s + n, offset) the recent window, kept in the model dtype     (``window``)
 
-New tokens enter the recent window; at the next update the tokens that fell out of
-the window are packed and appended. So a step's own keys are always attended to
-unquantized, and the window never holds more than ``window`` + one chunk.
+New tokens enter the recent window and the tokens that fall out of it are packed and
+appended. A prefill chunk attends to its own keys unquantized (it is packed at the
+next update, so the window never holds more than ``window`` + one chunk); a decoded
+token beyond the window is packed before it attends, so with ``window=0`` and no sinks
+decode reads one packed run, which is what the fused kernel handles.
 Keys (and optionally values) can be rotated by a fixed orthogonal (Hadamard)
 matrix before they are stored; attention rotates queries to match.
 
@@ -52,19 +54,24 @@ class KVView:
         self.window = (cache.window_keys, cache.window_values)
 
     def segments(self):
-        """``(kind, keys, values, k_start, n)`` for each non-empty run, in order."""
-        c, out, start = self.cache, [], 0
+        """``(kind, keys, values, k_start, n, positions)`` for each non-empty part.
+
+        The packed run holds the contiguous positions ``k_start .. k_start + n``
+        (``positions`` None); the unquantized tokens, sinks and recent window
+        together, are one ``"dense"`` part whose ``positions`` array says where each sits.
+        """
         sk, sv = self.sinks
-        if sk is not None and sk.shape[2]:
-            out.append(("dense", sk, sv, 0, sk.shape[2]))
-            start = sk.shape[2]
         k, v, n = self.packed
-        if n:
-            out.append(("packed", k, v, start, n))
-            start += n
         wk, wv = self.window
-        if wk is not None and wk.shape[2]:
-            out.append(("dense", wk, wv, start, wk.shape[2]))
+        s = 0 if sk is None else sk.shape[2]
+        w = 0 if wk is None else wk.shape[2]
+        out = [("packed", k, v, s, n, None)] if n else []
+        if s and w:
+            pos = mx.concatenate([mx.arange(s), mx.arange(s + n, s + n + w)])
+            out.append(("dense", mx.concatenate([sk, wk], axis=2), mx.concatenate([sv, wv], axis=2), 0, s + w, pos))
+        elif s or w:
+            k_start = 0 if s else s + n
+            out.append(("dense", sk if s else wk, sv if s else wv, k_start, s + w, None))
         return out
 
 
@@ -121,6 +128,9 @@ class QuantizedKVCache:
         self.keys = self.values = None
         self.sink_keys = self.sink_values = None
         self.window_keys = self.window_values = None
+        # Optional (B,) int array: row b's padding is the ``left_padding[b]`` positions
+        # right after the sink run (at the very start when the cache keeps no sinks).
+        self.left_padding = None
 
     # -- configuration -------------------------------------------------------
     @property
@@ -170,7 +180,6 @@ class QuantizedKVCache:
             self.dtype = keys.dtype
         keys = self._prepare(keys, self.rotate)
         values = self._prepare(values, self.rotate == "kv")
-        self._flush()
         L = keys.shape[2]
         held = 0 if self.sink_keys is None else self.sink_keys.shape[2]
         take = min(self.sinks - held, L)
@@ -182,14 +191,17 @@ class QuantizedKVCache:
             self.window_keys = _cat(self.window_keys, keys)
             self.window_values = _cat(self.window_values, values)
         self.offset += L
+        # A prefill chunk attends to itself unquantized and is packed at the next update;
+        # a decoded token beyond the window is packed before it attends.
+        self._flush(self.window if L == 1 else max(self.window, L))
         view = KVView(self, L)
         return view, view
 
-    def _flush(self):
-        """Pack the tokens that fell out of the recent window."""
+    def _flush(self, keep=None):
+        """Pack all but the ``keep`` (default: ``window``) most recent unquantized tokens."""
         if self.window_keys is None or self.offset < self.start:
             return
-        extra = self.window_keys.shape[2] - self.window
+        extra = self.window_keys.shape[2] - (self.window if keep is None else keep)
         if extra <= 0:
             return
         self._append_packed(self.window_keys[:, :, :extra], self.window_values[:, :, :extra])
@@ -241,9 +253,18 @@ class QuantizedKVCache:
     def make_mask(self, N, return_array=False, window_size=None):
         from .attention import causal_mask
 
+        if self.left_padding is not None:
+            return self._padding_mask(causal_mask(N, self.offset, window_size))
         if window_size is not None or return_array:
             return causal_mask(N, self.offset, window_size)
         return None if N == 1 else "causal"
+
+    def _padding_mask(self, mask):
+        """``mask`` (N, T) as (B, 1, N, T), hiding each row's padding (see ``left_padding``)."""
+        pad = self.left_padding.reshape(-1, 1, 1, 1)
+        k = mx.arange(mask.shape[-1])
+        hidden = (k >= self.sinks) & (k < self.sinks + pad)
+        return mask & ~hidden
 
     @property
     def nbytes(self):
