@@ -15,7 +15,8 @@ import mlx.core as mx
 from . import kernels, quant
 from .rotation import rotation
 
-BLOCK_ELEMENTS = 1 << 23  # float32 elements of scores + dequantized K/V per block
+BLOCK_ELEMENTS = 1 << 23  # float32 elements of scores + dequantized K/V per block (CPU)
+GPU_BLOCK_ELEMENTS = 1 << 25  # fewer, larger blocks on GPUs: launches cost more than bytes there
 
 
 def causal_mask(N, offset, window_size=None):
@@ -122,7 +123,8 @@ def blocked_attention(q, get_k, get_v, n, dims, *, scale, q_start, k_start, caus
     B, Hq, L, D = q.shape
     Hkv, Dk, Dv = dims
     rep = Hq // Hkv
-    block = max(64, BLOCK_ELEMENTS // max(1, B * (Hq * L + Hkv * (Dk + Dv))))
+    budget = GPU_BLOCK_ELEMENTS if mx.default_device() == mx.gpu else BLOCK_ELEMENTS
+    block = max(64, budget // max(1, B * (Hq * L + Hkv * (Dk + Dv))))
     qf = (q.astype(mx.float32) * scale).reshape(B, Hkv, rep, L, D)
     q_pos = mx.arange(q_start, q_start + L)[:, None]
     mask5 = _mask5(mask, Hkv, rep)
