@@ -29,17 +29,21 @@ ROTATE = (None, "k", "kv")
 
 
 def default_options(k_bits, v_bits, mode="affine"):
-    """The rotation, sinks and window a bit width gets unless told otherwise."""
+    """The group size, rotation, sinks and window a format gets unless told otherwise.
+
+    Chosen on SmolLM2-135M-Instruct, 4096 tokens, token-by-token decode semantics
+    (benchmarks/FIDELITY.md): a 32-token unquantized window does most of the work,
+    Hadamard rotation roughly halves what is left, group 32 is needed below 4 bits
+    (at 4 bits group 64 meets the targets and keeps the cache at ~0.28x of fp16).
+    """
     low = min(k_bits, v_bits)
     if mode != "affine":
-        return {"rotate": "kv" if low <= 4 else None, "sinks": 4 if low <= 4 else 0, "window": 0}
+        rotate = "kv" if low <= 4 else None
+        return {"group_size": None, "rotate": rotate, "sinks": 4 if rotate else 0, "window": 32}
     if low >= 8:
-        return {"rotate": None, "sinks": 0, "window": 0}
-    if low >= 4:
-        return {"rotate": "kv", "sinks": 4, "window": 0}
-    if low == 3:
-        return {"rotate": "kv", "sinks": 4, "window": 32}
-    return {"rotate": "kv", "sinks": 4, "window": 128}
+        return {"group_size": 64, "rotate": None, "sinks": 0, "window": 32}
+    window = {2: 256, 3: 64}.get(low, 32)
+    return {"group_size": 32 if low <= 3 else 64, "rotate": "kv", "sinks": 4, "window": window}
 
 
 class KVView:
@@ -108,11 +112,12 @@ class QuantizedKVCache:
     ):
         self.k_bits = bits if k_bits is None else k_bits
         self.v_bits = bits if v_bits is None else v_bits
-        self.group_size = quant.default_group_size(mode) if group_size is None else group_size
         self.mode = mode
-        quant.check(self.k_bits, self.group_size, mode, what="key")
-        quant.check(self.v_bits, self.group_size, mode, what="value")
+        quant.check(self.k_bits, quant.default_group_size(mode), mode, what="key")
+        quant.check(self.v_bits, quant.default_group_size(mode), mode, what="value")
         defaults = default_options(self.k_bits, self.v_bits, mode)
+        self.group_size = group_size or defaults["group_size"] or quant.default_group_size(mode)
+        quant.check(self.k_bits, self.group_size, mode, what="key")
         self.rotate = defaults["rotate"] if rotate is None else (rotate or None)
         self.sinks = defaults["sinks"] if sinks is None else int(sinks)
         self.window = defaults["window"] if window is None else int(window)
@@ -184,8 +189,9 @@ class QuantizedKVCache:
         held = 0 if self.sink_keys is None else self.sink_keys.shape[2]
         take = min(self.sinks - held, L)
         if take > 0:
-            self.sink_keys = _cat(self.sink_keys, keys[:, :, :take])
-            self.sink_values = _cat(self.sink_values, values[:, :, :take])
+            # copies: a slice would keep the whole first chunk alive for a few tokens
+            self.sink_keys = _cat(self.sink_keys, mx.contiguous(keys[:, :, :take]))
+            self.sink_values = _cat(self.sink_values, mx.contiguous(values[:, :, :take]))
             keys, values = keys[:, :, take:], values[:, :, take:]
         if keys.shape[2]:
             self.window_keys = _cat(self.window_keys, keys)
@@ -205,8 +211,9 @@ class QuantizedKVCache:
         if extra <= 0:
             return
         self._append_packed(self.window_keys[:, :, :extra], self.window_values[:, :, :extra])
-        self.window_keys = self.window_keys[:, :, extra:]
-        self.window_values = self.window_values[:, :, extra:]
+        # copies (at most ``keep`` tokens): a slice would keep the packed tokens' fp16 alive
+        self.window_keys = mx.contiguous(self.window_keys[:, :, extra:])
+        self.window_values = mx.contiguous(self.window_values[:, :, extra:])
 
     def _append_packed(self, keys, values):
         n, m = self.n_packed, keys.shape[2]

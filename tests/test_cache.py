@@ -146,9 +146,11 @@ def test_from_cache_converts_a_filled_kv_cache():
 
 
 def test_defaults_get_stronger_as_bits_drop():
-    assert default_options(8, 8) == {"rotate": None, "sinks": 0, "window": 0}
-    four, two = default_options(4, 4), default_options(2, 2)
-    assert four["rotate"] and two["window"] > four["window"]
+    eight, four, three, two = (default_options(b, b) for b in (8, 4, 3, 2))
+    assert eight == {"group_size": 64, "rotate": None, "sinks": 0, "window": 32}
+    assert four["rotate"] == "kv" and four["group_size"] == 64 and three["group_size"] == 32
+    assert two["window"] > three["window"] > four["window"]
+    assert QuantizedKVCache(4).config["window"] == 32 and QuantizedKVCache(4, 32).group_size == 32
 
 
 @pytest.mark.parametrize(
@@ -184,3 +186,15 @@ def test_head_dim_not_divisible_by_group_is_padded():
     back = held @ rotation(128).T
     assert rel_err(back[..., :80], mx.concatenate([k, k[:, :, :1]], axis=2)) < 0.15
     assert mx.abs(back[..., 80:]).mean().item() < 0.05  # quantization noise only
+
+
+def test_sinks_do_not_keep_the_first_chunk_alive():
+    cache = QuantizedKVCache(4, 64, sinks=4, window=0)
+    k = mx.random.normal((1, 1, 20000, 64)).astype(mx.float16)
+    cache.update_and_fetch(k, k)
+    cache.update_and_fetch(k[:, :, :1], k[:, :, :1])
+    mx.eval(cache.state[3:])
+    del k
+    mx.clear_cache()
+    held = mx.get_active_memory()
+    assert held < 20000 * 64 * 2, held  # the fp16 chunk (2.4 MiB) is gone; packed it is ~0.7 MiB
