@@ -18,8 +18,10 @@ import mlx_lm.models.cache as lm_cache
 
 from .attention import quantized_sdpa
 from .cache import KVView, QuantizedKVCache
+from .rotating import QuantizedRotatingKVCache
 
 setattr(lm_cache, QuantizedKVCache.__name__, QuantizedKVCache)
+setattr(lm_cache, QuantizedRotatingKVCache.__name__, QuantizedRotatingKVCache)
 
 
 def _route(original):
@@ -59,7 +61,8 @@ def make_prompt_cache(
     """mlx-lm's prompt cache for ``model`` with quantized attention-layer caches.
 
     ``kv_bits=None`` (and no ``k_bits``/``v_bits``) leaves mlx-lm's fp16 caches as they are.
-    Layer caches that are not plain ``KVCache`` (SSM, arrays, rotating) are left untouched.
+    ``RotatingKVCache`` layers (sliding windows, ``max_kv_size``) become
+    ``QuantizedRotatingKVCache``; other layer caches (SSM, arrays) are left untouched.
     """
     patch(model)
     caches = lm_cache.make_prompt_cache(model, max_kv_size=max_kv_size)
@@ -77,7 +80,17 @@ def make_prompt_cache(
         start=quantized_kv_start,
     )
     QuantizedKVCache(**config)  # validate once, even for a model with no KVCache layers
-    return [QuantizedKVCache(**config) if type(c) is lm_cache.KVCache else c for c in caches]
+    return [_quantized(c, config) for c in caches]
+
+
+def _quantized(c, config):
+    """Our cache for an mlx-lm layer cache: KVCache and RotatingKVCache are swapped."""
+    if type(c) is lm_cache.KVCache:
+        return QuantizedKVCache(**config)
+    if type(c) is lm_cache.RotatingKVCache:
+        config = {k: v for k, v in config.items() if k != "sinks"}  # its sinks are ``keep``
+        return QuantizedRotatingKVCache(max_size=c.max_size, keep=c.keep, **config)
+    return c
 
 
 def cache_config(caches):

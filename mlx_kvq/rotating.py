@@ -1,0 +1,133 @@
+"""QuantizedRotatingKVCache: a sliding-window KV cache in the packed format.
+
+mlx-lm's ``RotatingKVCache`` (Gemma 3, Mistral, llama ``sliding_attention`` layers,
+``max_kv_size``) keeps the first ``keep`` tokens and the last ``max_size - keep``
+ones; mlx-lm cannot quantize it. This subclass of ``QuantizedKVCache`` stores the
+``keep`` tokens as unquantized sinks and, before each update, drops the oldest
+packed (then recent-window) tokens that no new query can see: a query at position
+``t`` sees the ``keep`` tokens and the keys ``j`` with ``t - j < max_size - keep``.
+
+Tokens are held in order, without a ring buffer, so attention goes through
+``quantized_sdpa`` unchanged: the view it gets counts positions over the tokens held
+(``RotatingView``), and ``make_mask`` builds the window mask over the same tokens.
+"""
+
+import json
+
+import mlx.core as mx
+
+from .cache import KVView, QuantizedKVCache
+
+
+class RotatingView(KVView):
+    """A ``KVView`` whose positions count the tokens held, not the tokens seen."""
+
+    def __init__(self, cache, query_len):
+        super().__init__(cache, query_len)
+        self.offset = cache.held()
+        self.q_start = self.offset - query_len
+
+
+class QuantizedRotatingKVCache(QuantizedKVCache):
+    """A quantized ``RotatingKVCache``: ``max_size`` tokens at most per query, first ``keep`` kept.
+
+    Other arguments are ``QuantizedKVCache``'s; its ``sinks`` are the ``keep`` tokens.
+    """
+
+    def __init__(self, bits=4, group_size=None, *, max_size=None, keep=None, sinks=None, **kwargs):
+        if keep is not None and sinks is not None and sinks != keep:
+            raise ValueError(f"A rotating cache keeps its first keep={keep} tokens as sinks, not {sinks}.")
+        keep = int(keep if keep is not None else sinks or 0)
+        if max_size is not None and max_size <= keep:
+            raise ValueError(f"max_size ({max_size}) must be larger than keep ({keep}).")
+        super().__init__(bits, group_size, sinks=keep, **kwargs)
+        self.max_size, self.keep = max_size, keep
+
+    @property
+    def config(self):
+        return {**super().config, "max_size": self.max_size, "keep": self.keep}
+
+    @property
+    def span(self):
+        """How far back (in positions) a query sees the tokens after ``keep``."""
+        return self.max_size - self.keep
+
+    def held(self):
+        """Tokens held: kept ones, packed ones and the recent window."""
+        sinks = 0 if self.sink_keys is None else self.sink_keys.shape[2]
+        return sinks + self.n_packed + self._recent()
+
+    def _recent(self):
+        return 0 if self.window_keys is None else self.window_keys.shape[2]
+
+    def _first_visible(self, offset):
+        """Position of the oldest non-kept token a query at ``offset`` can see."""
+        return max(self.keep, offset - (self.span - 1))
+
+    def _drop(self):
+        """Drop the oldest non-kept tokens that no query from ``offset`` on can see."""
+        held = self.n_packed + self._recent()
+        drop = min(held, self._first_visible(self.offset) - (self.offset - held))
+        if drop <= 0:
+            return
+        p = min(drop, self.n_packed)
+        if p:
+            self.keys = tuple(a[:, :, p:] for a in self.keys)
+            self.values = tuple(a[:, :, p:] for a in self.values)
+            self.n_packed -= p
+        w = drop - p
+        if w:
+            self.window_keys = self.window_keys[:, :, w:]
+            self.window_values = self.window_values[:, :, w:]
+
+    def update_and_fetch(self, keys, values):
+        if not self.empty():
+            self._drop()
+        super().update_and_fetch(keys, values)
+        view = RotatingView(self, keys.shape[2])
+        return view, view
+
+    def make_mask(self, N, return_array=False, window_size=None):
+        """The mask over the tokens held after the next update of ``N`` tokens."""
+        span = self.span if window_size is None else min(self.span, window_size)
+        if N == 1 and span == self.span and not return_array:
+            return None  # a single query sees every token held
+        end = self.offset + N
+        kept = mx.arange(min(self.keep, end))
+        k = mx.concatenate([kept, mx.arange(self._first_visible(self.offset), end)])[None]
+        q = mx.arange(self.offset, end)[:, None]
+        return (k <= q) & ((k < self.keep) | (q - k < span))
+
+    def size(self):
+        return min(self.offset, self.max_size)
+
+    def is_trimmable(self):
+        return self.held() == self.offset  # nothing dropped yet
+
+    def trim(self, n):
+        if not self.is_trimmable():
+            return 0
+        return super().trim(n)
+
+    def dense_nbytes(self):
+        if self.empty():
+            return 0
+        return self.held() * self.kv_heads * (self.k_dim + self.v_dim) * self.dtype.size
+
+    @property
+    def state(self):
+        return QuantizedKVCache.state.fget(self)
+
+    @state.setter
+    def state(self, v):
+        QuantizedKVCache.state.fset(self, v)
+        config = json.loads(v[0])["config"]
+        self.max_size, self.keep = config["max_size"], config["keep"]
+
+    @classmethod
+    def from_cache(cls, cache, **config):
+        raise NotImplementedError("Build a QuantizedRotatingKVCache empty and fill it with the model.")
+
+
+# Saved by class name and looked up in mlx_lm.models.cache (registered by mlx_kvq.integration).
+QuantizedRotatingKVCache.__name__ = QuantizedRotatingKVCache.__qualname__ = "MlxKvqQuantizedRotatingKVCache"

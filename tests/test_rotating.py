@@ -1,0 +1,121 @@
+"""QuantizedRotatingKVCache against mlx-lm's own fp16 caches on sliding-window models."""
+
+import mlx.core as mx
+import mlx_lm.models.cache as lm_cache
+import pytest
+from mlx_lm.models import gemma3_text, llama
+
+import mlx_kvq
+from helpers import rel_err
+from mlx_kvq.rotating import QuantizedRotatingKVCache
+
+WINDOW = 16
+CHUNKS = [20, 8, 8] + [1] * 24  # a long prefill, chunks past the window, then decoding
+
+
+def tiny_llama(layer_types=("sliding_attention", "full_attention", "sliding_attention"), window=WINDOW):
+    mx.random.seed(0)
+    args = llama.ModelArgs(
+        model_type="llama", hidden_size=128, num_hidden_layers=len(layer_types),
+        intermediate_size=256, num_attention_heads=2, num_key_value_heads=1, head_dim=64,
+        rms_norm_eps=1e-5, vocab_size=256, layer_types=list(layer_types),
+        sliding_window=window, tie_word_embeddings=True,
+    )
+    model = llama.Model(args)
+    mx.eval(model.parameters())
+    return model
+
+
+def tiny_gemma3(window=WINDOW):
+    mx.random.seed(1)
+    args = gemma3_text.ModelArgs(
+        model_type="gemma3_text", hidden_size=128, num_hidden_layers=3, intermediate_size=256,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=64, vocab_size=256,
+        sliding_window=window, sliding_window_pattern=3,
+    )
+    model = gemma3_text.Model(args)
+    mx.eval(model.parameters())
+    return model
+
+
+def run(model, cache, tokens, chunks=CHUNKS):
+    out, i = [], 0
+    for n in chunks:
+        out.append(model(tokens[:, i : i + n], cache=cache))
+        i += n
+    return mx.concatenate(out, axis=1).astype(mx.float32)
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    mx.random.seed(2)
+    return mx.random.randint(0, 256, (1, sum(CHUNKS)))
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gemma3], ids=["llama-swa", "gemma3"])
+@pytest.mark.parametrize("bits,tol", [(8, 0.02), (4, 0.3)])  # random gemma3: 0.2 at 4 bits even without a window
+def test_logits_match_mlx_lm_fp16(make, bits, tol, tokens):
+    model = make()
+    ref = run(model, lm_cache.make_prompt_cache(model), tokens)
+    cache = mlx_kvq.make_prompt_cache(model, kv_bits=bits)
+    assert any(isinstance(c, QuantizedRotatingKVCache) for c in cache)
+    got = run(model, cache, tokens)
+    assert rel_err(got, ref) < tol
+    if bits == 8:
+        assert (got.argmax(-1) == ref.argmax(-1)).mean().item() > 0.95
+        # the window matters: the same weights attending to everything are much further off
+        wide = make(window=1000)
+        full = run(wide, lm_cache.make_prompt_cache(wide), tokens)
+        assert rel_err(full, ref) > 3 * rel_err(got, ref)
+
+
+def test_memory_is_bounded(tokens):
+    model = tiny_llama(("sliding_attention", "full_attention"))
+    cache = mlx_kvq.make_prompt_cache(model, kv_bits=4)
+    run(model, cache, tokens)
+    c = cache[0]
+    assert c.offset == sum(CHUNKS) and c.size() == WINDOW
+    assert c.held() == WINDOW  # after a decode step: the window, nothing more
+    nbytes = c.nbytes
+    run(model, cache, mx.concatenate([tokens] * 3, axis=1), [1] * 100)
+    assert c.held() == WINDOW and c.nbytes <= nbytes + 2 * c.step * 64
+
+
+def test_keep_tokens_stay(tokens):
+    """Like ``RotatingKVCache(max_size, keep=4)`` (mlx-lm's ``max_kv_size``): first 4 tokens kept."""
+    model = tiny_llama(("full_attention",))
+    cache = [QuantizedRotatingKVCache(8, max_size=WINDOW, keep=4)]
+    mlx_kvq.patch(model)
+    c = cache[0]
+    assert c.keep == 4 and c.sinks == 4
+    ref_cache = [lm_cache.RotatingKVCache(max_size=WINDOW, keep=4)]
+    chunks = [3] + [1] * 40
+    ref = run(model, ref_cache, tokens, chunks)
+    got = run(model, cache, tokens, chunks)
+    assert c.held() == WINDOW and c.sink_keys.shape[2] == 4
+    assert rel_err(got, ref) < 0.02  # decoding one token at a time: same tokens visible
+
+
+def test_trim_rules_and_state_roundtrip(tmp_path, tokens):
+    model = tiny_llama()
+    cache = mlx_kvq.make_prompt_cache(model, kv_bits=4)
+    run(model, cache, tokens, [10])
+    assert lm_cache.can_trim_prompt_cache(cache) and lm_cache.trim_prompt_cache(cache, 3) == 3
+    run(model, cache, tokens[:, 7:], [20, 1])
+    assert not cache[0].is_trimmable() and cache[0].trim(2) == 0
+    assert cache[1].is_trimmable()  # the full-attention layer
+    path = str(tmp_path / "c.safetensors")
+    mlx_kvq.save_prompt_cache(path, cache)
+    loaded = mlx_kvq.load_prompt_cache(path, model, expect=cache[0].config)
+    assert type(loaded[0]) is QuantizedRotatingKVCache and loaded[0].max_size == WINDOW
+    rest = tokens[:, 28:40]
+    a = run(model, cache, rest, [1] * 12)
+    b = run(model, loaded, rest, [1] * 12)
+    assert mx.array_equal(a, b)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="larger than keep"):
+        QuantizedRotatingKVCache(4, max_size=4, keep=4)
+    with pytest.raises(ValueError, match="sinks"):
+        QuantizedRotatingKVCache(4, max_size=16, keep=4, sinks=2)
