@@ -9,7 +9,8 @@ import sys
 
 import mlx.core as mx
 
-from .integration import load_prompt_cache, make_prompt_cache
+from .cache_prompt import continuation_tokens, load_document_cache
+from .integration import make_prompt_cache
 
 EXAMPLES = """examples:
   mlx_kvq.generate -p "Why is the sky blue?"                 # embedded SmolLM2, 4-bit KV
@@ -133,13 +134,17 @@ def main(argv=None):
             mx.random.seed(args.seed)
         model, tokenizer = load(args.model)
         expect = expected_config(model, kwargs)
+        meta = None
         if args.prompt_cache_file:
-            cache = load_prompt_cache(args.prompt_cache_file, model, expect=expect)
+            cache, meta = load_document_cache(args.prompt_cache_file, model, expect=expect)
         else:
             cache = build_cache(model, kwargs)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         sys.exit(f"mlx_kvq.generate: error: {e}")
-    tokens = encode_prompt(tokenizer, prompt, args.system_prompt, args.ignore_chat_template)
+    if meta is not None:  # continue the document convention of mlx_kvq.cache_prompt files
+        tokens = continuation_tokens(tokenizer, prompt, meta, args.system_prompt, args.ignore_chat_template)
+    else:
+        tokens = encode_prompt(tokenizer, prompt, args.system_prompt, args.ignore_chat_template)
     if args.verbose:
         print(f"KV cache config: {expect or 'fp16'}", file=sys.stderr)
         print("=" * 10, file=sys.stderr)
