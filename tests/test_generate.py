@@ -19,7 +19,7 @@ def run(*args, stdin=None):
 
 
 def test_cli_answers_and_reports_memory(smollm_path):
-    r = run("-p", "What is the capital of France?", "-m", "24", "--kv-bits", "4")
+    r = run("-p", "What is the capital of France?", "-m", "24", "--kv-bits", "4", "--kv-window", "0")
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
     for field in (
