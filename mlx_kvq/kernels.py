@@ -114,26 +114,18 @@ class MLXLauncher:
         k = self._kernels.get(name)
         if k is None:
             common, body, inputs, outputs = kernel_source(name)
-            if self.backend == "metal":
-                header = read_source("prelude_metal.h") + "\n" + common
-                k = mx.fast.metal_kernel(
-                    name="kvq_" + name,
-                    input_names=inputs,
-                    output_names=outputs,
-                    source=body,
-                    header=header,
-                    ensure_row_contiguous=KERNELS[name][3],
-                )
-            else:
-                header = read_source("prelude_cuda.h") + "\n" + common
-                k = mx.fast.cuda_kernel(
-                    name="kvq_" + name,
-                    input_names=inputs,
-                    output_names=outputs,
-                    source=body,
-                    header=header,
-                    ensure_row_contiguous=KERNELS[name][3],
-                )
+            make, prelude = {
+                "metal": (mx.fast.metal_kernel, "prelude_metal.h"),
+                "cuda": (mx.fast.cuda_kernel, "prelude_cuda.h"),
+            }[self.backend]
+            k = make(
+                name="kvq_" + name,
+                input_names=inputs,
+                output_names=outputs,
+                source=body,
+                header=read_source(prelude) + "\n" + common,
+                ensure_row_contiguous=KERNELS[name][3],
+            )
             self._kernels[name] = k
         return k
 

@@ -16,3 +16,12 @@ def smollm_path():
 def smollm(smollm_path):
     """``(model, tokenizer)`` of the embedded model, weights kept packed (Q4_1, 8-bit embedding)."""
     return load_gguf(smollm_path)
+
+
+@pytest.fixture(scope="session")
+def fast_smollm(smollm_path):
+    """A separate copy of the embedded model with float32 weights (fast prefill on CPU)."""
+    from mlx_kvq.eval import to_fp32
+
+    model, tokenizer = load_gguf(smollm_path)
+    return to_fp32(model), tokenizer

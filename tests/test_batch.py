@@ -9,9 +9,7 @@ from helpers import rel_err
 from mlx_kvq.attention import quantized_sdpa
 from mlx_kvq.batch import BatchQuantizedKVCache, batch_generate, merge
 from mlx_kvq.cache import QuantizedKVCache
-from mlx_kvq.eval import to_fp32
 from mlx_kvq.generate import encode_prompt
-from mlx_kvq.gguf import load_gguf
 
 PROMPTS = [
     "What is the capital of France?",
@@ -20,13 +18,6 @@ PROMPTS = [
     "List three colors.",
 ]
 MAX_TOKENS = 6
-
-
-@pytest.fixture(scope="module")
-def fast_smollm(smollm_path):
-    """The embedded model with float32 weights (fast prefill on CPU)."""
-    model, tokenizer = load_gguf(smollm_path)
-    return to_fp32(model), tokenizer
 
 
 def alone(model, tokenizer, prompt, **kw):

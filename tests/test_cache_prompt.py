@@ -11,17 +11,9 @@ from mlx_lm import stream_generate
 import mlx_kvq
 from mlx_kvq import cache_prompt as cp
 from mlx_kvq.cache import QuantizedKVCache
-from mlx_kvq.eval import to_fp32
-from mlx_kvq.gguf import load_gguf
 
 DATA = os.path.join(os.path.dirname(mlx_kvq.__file__), "data", "persuasion.txt")
 QUESTION = "Who is Sir Walter Elliot?"
-
-
-@pytest.fixture(scope="module")
-def fast_smollm(smollm_path):
-    model, tokenizer = load_gguf(smollm_path)
-    return to_fp32(model), tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -22,14 +22,7 @@ def test_cli_answers_and_reports_memory(smollm_path):
     r = run("-p", "What is the capital of France?", "-m", "24", "--kv-bits", "4", "--kv-window", "0")
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
-    for field in (
-        "Prompt:",
-        "tokens-per-sec",
-        "Generation:",
-        "Peak memory:",
-        "KV cache:",
-        "would take",
-    ):
+    for field in ("Prompt:", "tokens-per-sec", "Generation:", "Peak memory:", "KV cache:", "would take"):
         assert field in r.stdout
     ratio = float(r.stdout.split("MiB = ")[1].split("x")[0])
     assert ratio < 0.5

@@ -121,15 +121,30 @@ def test_decode_emulated(emu, case):
     )
 
 
-@pytest.mark.parametrize("D,kb,vb,gs,mode", [(128, 4, 4, 64, "affine"), (64, 8, 8, 32, "mxfp8"),
-                                           (96, 3, 2, 32, "affine")])
+@pytest.mark.parametrize(
+    "D,kb,vb,gs,mode", [(128, 4, 4, 64, "affine"), (64, 8, 8, 32, "mxfp8"), (96, 3, 2, 32, "affine")]
+)
 def test_decode_value_prefetch(emu, D, kb, vb, gs, mode):
     """VPF: value words and scales loaded at the top of each key block."""
-    q, kp, vp = make_case(1, 1, 2, 1, D, 90, k_bits=kb, v_bits=vb, group_size=gs,
-                          mode=mode, dtype=mx.float16, seed=D + 1)
+    q, kp, vp = make_case(
+        1, 1, 2, 1, D, 90, k_bits=kb, v_bits=vb, group_size=gs, mode=mode, dtype=mx.float16, seed=D + 1
+    )
     run_and_compare(
-        emu, q, kp, vp, 83, k_bits=kb, v_bits=vb, group_size=gs, mode=mode,
-        scale=D**-0.5, q_start=82, k_start=0, causal=True, nsplit=2, vpf=True,
+        emu,
+        q,
+        kp,
+        vp,
+        83,
+        k_bits=kb,
+        v_bits=vb,
+        group_size=gs,
+        mode=mode,
+        scale=D**-0.5,
+        q_start=82,
+        k_start=0,
+        causal=True,
+        nsplit=2,
+        vpf=True,
     )
     assert emu.launches[-2][1]["VPF"] is True
 
@@ -137,18 +152,7 @@ def test_decode_value_prefetch(emu, D, kb, vb, gs, mode):
 def test_decode_split_k_and_merge(emu):
     """2-pass: the key range split over 3 threadgroups (last split partial)."""
     q, kp, vp = make_case(
-        1,
-        2,
-        2,
-        1,
-        64,
-        320,
-        k_bits=4,
-        v_bits=4,
-        group_size=64,
-        mode="affine",
-        dtype=mx.float16,
-        seed=3,
+        1, 2, 2, 1, 64, 320, k_bits=4, v_bits=4, group_size=64, mode="affine", dtype=mx.float16, seed=3
     )
     n = 301
     run_and_compare(
@@ -174,18 +178,7 @@ def test_decode_split_k_causal_offsets_empty_rows(emu):
     """Segment starting after some queries: those rows see nothing (lse=-inf,
     out=0), also when whole splits are empty."""
     q, kp, vp = make_case(
-        1,
-        1,
-        2,
-        4,
-        128,
-        200,
-        k_bits=8,
-        v_bits=4,
-        group_size=32,
-        mode="affine",
-        dtype=mx.float16,
-        seed=4,
+        1, 1, 2, 4, 128, 200, k_bits=8, v_bits=4, group_size=32, mode="affine", dtype=mx.float16, seed=4
     )
     out, lse = run_and_compare(
         emu,
@@ -212,18 +205,7 @@ def test_decode_bool_mask_left_padding(emu):
     """Batched decode with left padding: a bool (B,1,1,n) keep-mask."""
     B, n = 3, 90
     q, kp, vp = make_case(
-        B,
-        2,
-        2,
-        1,
-        64,
-        96,
-        k_bits=4,
-        v_bits=4,
-        group_size=32,
-        mode="affine",
-        dtype=mx.float16,
-        seed=5,
+        B, 2, 2, 1, 64, 96, k_bits=4, v_bits=4, group_size=32, mode="affine", dtype=mx.float16, seed=5
     )
     pad = mx.array([0, 17, 89])
     mask = (mx.arange(n)[None, :] >= pad[:, None]).reshape(B, 1, 1, n)
@@ -249,18 +231,7 @@ def test_decode_bool_mask_left_padding(emu):
 def test_decode_additive_mask(emu):
     B, Hkv, rep, L, n = 2, 1, 2, 2, 50
     q, kp, vp = make_case(
-        B,
-        Hkv,
-        rep,
-        L,
-        64,
-        64,
-        k_bits=5,
-        v_bits=3,
-        group_size=64,
-        mode="affine",
-        dtype=mx.float16,
-        seed=6,
+        B, Hkv, rep, L, 64, 64, k_bits=5, v_bits=3, group_size=64, mode="affine", dtype=mx.float16, seed=6
     )
     mx.random.seed(60)
     m = mx.random.normal((B, Hkv * rep, L, n)).astype(mx.float16)
@@ -288,18 +259,7 @@ def test_decode_multi_simdgroup_tiles(emu):
     """rep*L = 12 rows -> 2 row tiles of 8; 2 simdgroups splitting the keys;
     value loop unrolled by 3 (not a divisor of its 16 steps)."""
     q, kp, vp = make_case(
-        1,
-        1,
-        4,
-        3,
-        64,
-        130,
-        k_bits=4,
-        v_bits=8,
-        group_size=64,
-        mode="affine",
-        dtype=mx.float16,
-        seed=7,
+        1, 1, 4, 3, 64, 130, k_bits=4, v_bits=8, group_size=64, mode="affine", dtype=mx.float16, seed=7
     )
     run_and_compare(
         emu,
@@ -331,18 +291,7 @@ def test_decode_multi_simdgroup_tiles(emu):
 )
 def test_prefill_emulated(emu, D, kb, vb, gs, dtype, rep, L, n, q_start, k_start):
     q, kp, vp = make_case(
-        1,
-        1,
-        rep,
-        L,
-        D,
-        n + 5,
-        k_bits=kb,
-        v_bits=vb,
-        group_size=gs,
-        mode="affine",
-        dtype=dtype,
-        seed=L,
+        1, 1, rep, L, D, n + 5, k_bits=kb, v_bits=vb, group_size=gs, mode="affine", dtype=dtype, seed=L
     )
     run_and_compare(
         emu,
@@ -365,18 +314,7 @@ def test_prefill_emulated(emu, D, kb, vb, gs, dtype, rep, L, n, q_start, k_start
 def test_prefill_mask_noncausal(emu):
     B, L, n = 2, 11, 37
     q, kp, vp = make_case(
-        B,
-        1,
-        2,
-        L,
-        64,
-        40,
-        k_bits=4,
-        v_bits=4,
-        group_size=32,
-        mode="affine",
-        dtype=mx.float16,
-        seed=8,
+        B, 1, 2, L, 64, 40, k_bits=4, v_bits=4, group_size=32, mode="affine", dtype=mx.float16, seed=8
     )
     mask = mx.random.uniform(shape=(B, 1, L, n)) > 0.3
     run_and_compare(
@@ -404,18 +342,7 @@ def test_schedule_independent(emu, tmp_path):
 
     other = EmuLauncher(emu.build_dir, seed=98765, pad_strides=True)
     q, kp, vp = make_case(
-        1,
-        1,
-        2,
-        1,
-        64,
-        200,
-        k_bits=4,
-        v_bits=4,
-        group_size=32,
-        mode="affine",
-        dtype=mx.float16,
-        seed=9,
+        1, 1, 2, 1, 64, 200, k_bits=4, v_bits=4, group_size=32, mode="affine", dtype=mx.float16, seed=9
     )
     kw = dict(
         k_bits=4,
@@ -543,18 +470,7 @@ def test_enabled_honours_reference_env(monkeypatch):
 
 def test_supports():
     q, kp, vp = make_case(
-        1,
-        2,
-        2,
-        1,
-        64,
-        40,
-        k_bits=8,
-        v_bits=4,
-        group_size=32,
-        mode="affine",
-        dtype=mx.float16,
-        seed=1,
+        1, 2, 2, 1, 64, 40, k_bits=8, v_bits=4, group_size=32, mode="affine", dtype=mx.float16, seed=1
     )
     assert kernels.supports(q, kp, vp, 8, 4, 32, "affine", None)
     assert kernels.supports(q, kp, vp, 8, 4, 32, "affine", mx.ones((1, 1, 1, 40), dtype=mx.bool_))
@@ -624,18 +540,7 @@ def test_gpu_attention(L, n, nsplit, kb, vb):
 def test_gpu_attention_fp_modes(mode):
     bits, gs = kernels._FP_FORMAT[mode]
     q, kp, vp = make_case(
-        1,
-        2,
-        4,
-        1,
-        128,
-        600,
-        k_bits=bits,
-        v_bits=bits,
-        group_size=gs,
-        mode=mode,
-        dtype=mx.bfloat16,
-        seed=3,
+        1, 2, 4, 1, 128, 600, k_bits=bits, v_bits=bits, group_size=gs, mode=mode, dtype=mx.bfloat16, seed=3
     )
     run_and_compare(
         kernels._launcher(),
@@ -673,15 +578,18 @@ def test_gpu_quantize_append_bit_identical(bits, gs, dtype):
 def test_gpu_attention_strided_inputs():
     """Transposed queries and a slice of a larger cache are read in place."""
     B, Hkv, rep, L, D, C, n = 1, 2, 4, 2, 128, 300, 250
-    q, kp, vp = make_case(B, Hkv, rep, L, D, C, k_bits=4, v_bits=8, group_size=64,
-                          mode="affine", dtype=mx.float16, seed=21)
+    q, kp, vp = make_case(
+        B, Hkv, rep, L, D, C, k_bits=4, v_bits=8, group_size=64, mode="affine", dtype=mx.float16, seed=21
+    )
     qt = mx.array(q.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)  # non-contiguous view
     ks = tuple(a[:, :, 20:] for a in kp)  # cache slice starting at token 20
     vs = tuple(a[:, :, 20:] for a in vp)
-    kw = dict(k_bits=4, v_bits=8, group_size=64, mode="affine", scale=D**-0.5,
-              q_start=n - L, k_start=0, causal=True)
+    kw = dict(
+        k_bits=4, v_bits=8, group_size=64, mode="affine", scale=D**-0.5, q_start=n - L, k_start=0, causal=True
+    )
     out, _ = kernels.attention_launch(kernels._launcher(), qt, ks, vs, n, **kw)
     with mx.stream(mx.cpu):
         ro, _ = reference_attention(
-            q, tuple(mx.array(a) for a in ks), tuple(mx.array(a) for a in vs), n, **kw)
+            q, tuple(mx.array(a) for a in ks), tuple(mx.array(a) for a in vs), n, **kw
+        )
     assert rel_err(out, ro) < 1e-4

@@ -10,16 +10,8 @@ import pytest
 import mlx_kvq
 from mlx_kvq import cache_prompt as cp
 from mlx_kvq import summarize as sm
-from mlx_kvq.eval import to_fp32
-from mlx_kvq.gguf import load_gguf
 
 DATA = os.path.join(os.path.dirname(mlx_kvq.__file__), "data", "persuasion.txt")
-
-
-@pytest.fixture(scope="module")
-def fast_smollm(smollm_path):
-    model, tokenizer = load_gguf(smollm_path)
-    return to_fp32(model), tokenizer
 
 
 @pytest.fixture(scope="module")
