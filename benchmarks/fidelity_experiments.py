@@ -155,15 +155,7 @@ class SimCache(KVCache):
         end = max(s, last - w)
         if c["k_channel"]:  # whole blocks of tokens only; the rest stays fp16
             end = s + (end - s) // c["group"] * c["group"]
-        start = s + self.nq
-        if end > start:
-            self.parts_k.append(self._fq(k[:, :, start:end], "k"))
-            self.parts_v.append(self._fq(v[:, :, start:end], "v"))
-            if len(self.parts_k) > 1:
-                self.parts_k = [mx.concatenate(self.parts_k, axis=2)]
-                self.parts_v = [mx.concatenate(self.parts_v, axis=2)]
-            mx.eval(self.parts_k, self.parts_v)
-            self.nq = end - s
+        self._quantize_upto(k, v, s, end)
         qe = s + self.nq
         ks = [k[:, :, :s]] + self.parts_k + [k[:, :, qe:]]
         vs = [v[:, :, :s]] + self.parts_v + [v[:, :, qe:]]
@@ -172,13 +164,8 @@ class SimCache(KVCache):
         return out_k.astype(keys.dtype), out_v.astype(values.dtype)
 
 
-    def _decode_update(self, keys, values):
-        """Fake-quantize every token once (whole blocks for per-channel keys)."""
-        k, v = super().update_and_fetch(keys.astype(mx.float16), values.astype(mx.float16))
-        c, s = self.cfg, self.cfg["sinks"]
-        end = self.offset
-        if c["k_channel"]:
-            end = s + max(0, end - s) // c["group"] * c["group"]
+    def _quantize_upto(self, k, v, s, end):
+        """Fake-quantize the tokens from the last quantized one up to ``end`` (sinks ``s`` stay)."""
         start = s + self.nq
         if end > start:
             self.parts_k.append(self._fq(k[:, :, start:end], "k"))
@@ -188,6 +175,15 @@ class SimCache(KVCache):
                 self.parts_v = [mx.concatenate(self.parts_v, axis=2)]
             mx.eval(self.parts_k, self.parts_v)
             self.nq = end - s
+
+    def _decode_update(self, keys, values):
+        """Fake-quantize every token once (whole blocks for per-channel keys)."""
+        k, v = super().update_and_fetch(keys.astype(mx.float16), values.astype(mx.float16))
+        c, s = self.cfg, self.cfg["sinks"]
+        end = self.offset
+        if c["k_channel"]:
+            end = s + max(0, end - s) // c["group"] * c["group"]
+        self._quantize_upto(k, v, s, end)
         qe = s + self.nq
         kq = mx.concatenate([x for x in [k[:, :, :s]] + self.parts_k + [k[:, :, qe:]] if x.shape[2]], axis=2)
         # values are per token: quantize the tail that per-channel keys leave fp
