@@ -20,10 +20,6 @@ def default_group_size(mode):
     return 64 if mode == "affine" else MODES.get(mode, (None, (None,)))[1][0]
 
 
-def default_bits(mode):
-    return MODES[mode][0][-1] if mode != "affine" else 4
-
-
 def check(bits, group_size, mode="affine", head_dim=None, what="kv"):
     """Raise ``ValueError`` with a clear message if the format is not supported."""
     if mode not in MODES:
