@@ -174,7 +174,9 @@ class EmuLauncher:
 
     def build(self, name, in_dtypes, out_dtypes, template):
         src = generate(name, in_dtypes, out_dtypes, template)
-        h = hashlib.sha1((src + self.opt).encode()).hexdigest()[:16]
+        # the included emulator header is part of what gets built: an edit to it must rebuild
+        emu_h = (HERE / "metal_emu.h").read_text()
+        h = hashlib.sha1((src + emu_h + self.opt).encode()).hexdigest()[:16]
         with self._lock:
             if h in self._libs:
                 return self._libs[h]

@@ -312,32 +312,26 @@ struct alignas(16) float4 { float x, y, z, w; };
 inline void threadgroup_barrier(mem_flags) { emu::tg_barrier(); }
 inline void simdgroup_barrier(mem_flags) { emu::simd_barrier(); }
 
-template <typename T>
-inline T simd_sum(T x) {
+// Reduce over the active lanes of the caller's simdgroup, starting from `acc`.
+template <typename T, typename Op>
+inline T simd_reduce(T x, T acc, Op op) {
   uint sg = emu::cur_tid() / 32;
   uint64_t g = emu::simd_exchange(emu::pack(x));
-  T acc = T(0);
   for (int l = 0; l < 32; l++)
-    if (emu::simd_has(sg, g, l)) acc += emu::simd_val<T>(sg, g, l);
+    if (emu::simd_has(sg, g, l)) acc = op(acc, emu::simd_val<T>(sg, g, l));
   return acc;
+}
+template <typename T>
+inline T simd_sum(T x) {
+  return simd_reduce(x, T(0), [](T a, T b) { return T(a + b); });
 }
 template <typename T>
 inline T simd_max(T x) {
-  uint sg = emu::cur_tid() / 32;
-  uint64_t g = emu::simd_exchange(emu::pack(x));
-  T acc = x;
-  for (int l = 0; l < 32; l++)
-    if (emu::simd_has(sg, g, l)) acc = std::max(acc, emu::simd_val<T>(sg, g, l));
-  return acc;
+  return simd_reduce(x, x, [](T a, T b) { return std::max(a, b); });
 }
 template <typename T>
 inline T simd_min(T x) {
-  uint sg = emu::cur_tid() / 32;
-  uint64_t g = emu::simd_exchange(emu::pack(x));
-  T acc = x;
-  for (int l = 0; l < 32; l++)
-    if (emu::simd_has(sg, g, l)) acc = std::min(acc, emu::simd_val<T>(sg, g, l));
-  return acc;
+  return simd_reduce(x, x, [](T a, T b) { return std::min(a, b); });
 }
 template <typename T>
 inline T simd_shuffle(T x, uint src) {
