@@ -230,6 +230,50 @@ def ncu_target(bits):
     mx.synchronize()
 
 
+def ncu_decode_target(bits):
+    """A few identical 128k-key calls of the tensor-core decode kernel, for Nsight Compute."""
+    B, Hkv, rep, D, n = 1, 8, 4, 128, 131072
+    q, kp, vp = make(B, Hkv, rep, 1, D, n, bits, bits, 64, "affine", mx.float16, seed=1)
+    for _ in range(4):
+        out = kernels.decode_launch(
+            kernels._launcher(), q, kp, vp, n, None, None, k_bits=bits, v_bits=bits, group_size=64,
+            scale=D**-0.5, q_start=n - 1, causal=True)
+        mx.eval(out)
+    mx.synchronize()
+
+
+def decode_parts(args):
+    """128k keys, 4-bit: the decode kernel alone (partials) and the merge alone, per split plan."""
+    B, Hkv, rep, D, n = 1, 8, 4, 128, 131072
+    for bits in (4, 8):
+        decode_parts_bits(args, B, Hkv, rep, D, n, bits)
+
+
+def decode_parts_bits(args, B, Hkv, rep, D, n, bits):
+    q, kp, vp = make(B, Hkv, rep, 1, D, n, bits, bits, 64, "affine", mx.float16, seed=1)
+    qs = [q] + [mx.random.normal(q.shape).astype(mx.float16) for _ in range(3)]
+    mx.eval(qs)
+    L_ = kernels._launcher()
+    wpc0 = kernels.WARPS_PER_CORE
+    print(f"\n== 128k keys, {bits}-bit g64: decode kernel alone / merge alone (ms) ==")
+    for nsg, wpc, pf in [(4, 8, 0), (4, 8, 1), (4, 8, 2), (4, 16, 2), (2, 8, 2), (4, 12, 1)]:
+        if True:
+            kernels.WARPS_PER_CORE = wpc
+            kw = dict(k_bits=bits, v_bits=bits, group_size=64, scale=D**-0.5, q_start=n - 1, causal=True, nsg=nsg, pf=pf)
+            t_dec, _ = timeit(lambda q: kernels.decode_launch(L_, q, kp, vp, n, None, None, merge=False, **kw),
+                              qs, args.reps, args.inner)
+            o, l = kernels.decode_launch(L_, q, kp, vp, n, None, None, merge=False, **kw)
+            mx.eval(o, l)
+            rows = o.shape[1]
+            t_merge, _ = timeit(lambda _: L_("sdpa_merge", [o, l], [("D", D)], (rows * 32, 1, 1), (32, 1, 1),
+                                             [(rows, D), (rows,)], [mx.float32, mx.float32]), qs, args.reps, args.inner)
+            t_all, _ = timeit(lambda q: kernels.decode_launch(L_, q, kp, vp, n, None, None, **kw),
+                              qs, args.reps, args.inner)
+            print(f"{bits}-bit pf {int(pf)} nsg {nsg} warps/core {wpc:2d} partials {o.shape[0]:4d}: decode {t_dec:.4f} merge {t_merge:.4f} "
+                  f"both {t_all:.4f}")
+    kernels.WARPS_PER_CORE = wpc0
+
+
 def timeit(fn, qs, reps, inner):
     for i in range(3):
         mx.eval([fn(qs[j % len(qs)]) for j in range(inner)])
@@ -291,6 +335,66 @@ def bench(args, sizes, configs, variants=None):
     return res
 
 
+def bench_decode(args, sizes, configs):
+    """The one-launch tensor-core decode kernel (kernels.decode_launch) against fp16
+    sdpa and the fp32 packed kernel, over the packed run alone and over a full
+    view (4 sinks + packed + 48-token window); correctness vs an fp32 CPU
+    reference at the sizes <= 16384."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from test_kernels import make_view, view_reference
+
+    B, Hkv, rep, L, D = 1, 8, 4, 1, 128
+    L_ = kernels._launcher()
+    wpc0 = kernels.WARPS_PER_CORE
+    rows = []
+    for n in sizes:
+        mx.random.seed(n)
+        qs = [mx.random.normal((B, Hkv * rep, L, D)).astype(mx.float16) for _ in range(4)]
+        kf = mx.random.normal((B, Hkv, n, D)).astype(mx.float16)
+        vf = mx.random.normal((B, Hkv, n, D)).astype(mx.float16)
+        mx.eval(qs, kf, vf)
+        t_sdpa, _ = timeit(lambda q: mx.fast.scaled_dot_product_attention(q, kf, vf, scale=D**-0.5),
+                           qs, args.reps, args.inner)
+        del kf, vf
+        for (kb, vb, gs) in configs:
+            q0, kp, vp, sinks, window = make_view(B, Hkv, rep, L, D, n, 4, 48, k_bits=kb, v_bits=vb,
+                                                  group_size=gs, dtype=mx.float16, seed=n + kb, C=n)
+            nbytes = packed_bytes(kp, vp, n)
+            fmt = dict(k_bits=kb, v_bits=vb, group_size=gs)
+            err = None
+            if n <= 16384:
+                a = dict(scale=D**-0.5, q_start=n + 4 + 48 - 1, causal=True, mask=None)
+                o, _ = kernels.decode_launch(L_, q0, kp, vp, n, sinks, window, **fmt, **a)
+                with mx.stream(mx.cpu):
+                    ro, _ = view_reference(q0, kp, vp, n, sinks, window, **fmt, **a)
+                err = rel_err(o, ro)
+            old = lambda q: kernels.attention_launch(
+                L_, q, kp, vp, n, **fmt, mode="affine", scale=D**-0.5, q_start=n - 1, k_start=0, causal=True)
+            t_old, _ = timeit(old, qs, args.reps, args.inner)
+            for wpc in args.wpc:
+                kernels.WARPS_PER_CORE = wpc
+                new = lambda q: kernels.decode_launch(
+                    L_, q, kp, vp, n, None, None, **fmt, scale=D**-0.5, q_start=n - 1, causal=True)
+                t_new, spread = timeit(new, qs, args.reps, args.inner)
+                view = lambda q: kernels.decode_launch(
+                    L_, q, kp, vp, n, sinks, window, **fmt, scale=D**-0.5, q_start=n + 51, causal=True)
+                t_view, _ = timeit(view, qs, args.reps, args.inner)
+                P = kernels.decode_plan(B, Hkv, 1, n)
+                rows.append(dict(n=n, cfg=f"{kb}/{vb} g{gs}", wpc=wpc, splits=P, ms=t_new, spread=spread,
+                                 view_ms=t_view, old_ms=t_old, sdpa=t_sdpa, bw=nbytes / (t_new * 1e-3), err=err))
+            kernels.WARPS_PER_CORE = wpc0
+    print("\n== tensor-core decode kernel: Hq=32 Hkv=8 D=128 B=1 L=1, fp16 queries; ms per call (median) ==")
+    print(f"{'keys':>7s} {'K/V bits':>10s} {'w/core':>6s} {'splits':>6s} {'packed ms':>10s} {'spread':>7s} "
+          f"{'view ms':>8s} {'old ms':>8s} {'sdpa fp16':>10s} {'speedup':>8s} {'view spd':>8s} {'GB/s':>7s} "
+          f"{'% copy':>7s} {'rel err':>8s}")
+    for r in rows:
+        print(f"{r['n']:7d} {r['cfg']:>10s} {r['wpc']:6d} {r['splits']:6d} {r['ms']:10.4f} {r['spread']:7.4f} "
+              f"{r['view_ms']:8.4f} {r['old_ms']:8.4f} {r['sdpa']:10.4f} {r['sdpa'] / r['ms']:7.2f}x "
+              f"{r['sdpa'] / r['view_ms']:7.2f}x {r['bw'] / 1e9:7.0f} {100 * r['bw'] / COPY_BW:6.1f}% "
+              + (f"{r['err']:8.1e}" if r['err'] is not None else f"{'':8s}"))
+    return rows
+
+
 def bench_prefill(args):
     """Prefill chunk at the end of the context: kernel vs dequantize + fp16 sdpa."""
     B, Hkv, rep, D = 1, 8, 4, 128
@@ -340,8 +444,13 @@ def main():
     ap.add_argument("--sanitize", action="store_true", help="small launches for compute-sanitizer")
     ap.add_argument("--overhead", action="store_true", help="per-call cost micro-benchmark")
     ap.add_argument("--ncu", type=int, default=0, help="run 128k decode calls of this many bits for ncu")
+    ap.add_argument("--decode", action="store_true", help="time the tensor-core decode kernel (sdpa_decode)")
+    ap.add_argument("--parts", action="store_true", help="sdpa_decode alone and the merge alone, 128k keys")
+    ap.add_argument("--ncu-decode", type=int, default=0, help="128k sdpa_decode calls of this many bits, for ncu")
+    ap.add_argument("--wpc", default="16", help="--decode: warps per GPU core to try (comma list)")
     args = ap.parse_args()
     args.deq = False
+    args.wpc = [int(x) for x in args.wpc.split(",")]
     if args.emu:
         import tempfile
 
@@ -358,6 +467,16 @@ def main():
         return 0
     if args.ncu:
         ncu_target(args.ncu)
+        return 0
+    if args.ncu_decode:
+        ncu_decode_target(args.ncu_decode)
+        return 0
+    if args.parts:
+        decode_parts(args)
+        return 0
+    if args.decode:
+        print("backend:", kernels._backend(), "mlx", mx.__version__, "cores", kernels._num_cores())
+        bench_decode(args, [int(s) for s in args.sizes.split(",")], [(4, 4, 64), (8, 8, 64), (2, 2, 32)])
         return 0
     if not (args.check or args.time or args.sweep):
         args.check = args.time = True

@@ -121,6 +121,34 @@ KVQ_FUNC void kvq_load_row(const device uint* p, thread uint* r) {
   }
 }
 
+// N consecutive words into registers with the widest aligned vector loads
+// (uint4 when N % 4 == 0, uint2 when N % 2 == 0): p must be aligned to them.
+template <int N>
+KVQ_FUNC void kvq_load_words(const device uint* p, thread uint* r) {
+  if (N % 4 == 0) {
+    KVQ_UNROLL
+    for (int i = 0; i < N / 4; i++) {
+      const uint4 v = ((const device uint4*)p)[i];
+      r[4 * i] = v.x;
+      r[4 * i + 1] = v.y;
+      r[4 * i + 2] = v.z;
+      r[4 * i + 3] = v.w;
+    }
+  } else if (N % 2 == 0) {
+    KVQ_UNROLL
+    for (int i = 0; i < N / 2; i++) {
+      const uint2 v = ((const device uint2*)p)[i];
+      r[2 * i] = v.x;
+      r[2 * i + 1] = v.y;
+    }
+  } else {
+    KVQ_UNROLL
+    for (int i = 0; i < N; i++) {
+      r[i] = p[i];
+    }
+  }
+}
+
 // The words holding octet u of a row, loaded without combining them (so the
 // loads can stay in flight): BITS 2 -> lo = 16 bits, 4 -> lo, 8 -> lo, hi.
 template <int BITS>
@@ -137,3 +165,42 @@ KVQ_FUNC void kvq_load_octet_raw(const device uint* row, int u, thread uint& lo,
     hi = 0u;
   }
 }
+
+// ---- the warp matrix op of sdpa_decode: c[0..3] += A * B over one
+// simdgroup, A 16x16 and B 16x8 in fp16 (uint = two halves), C 16x8 fp32,
+// in the register layout of CUDA's mma.sync.m16n8k16 (lane = 4 * gr + tq):
+//   a0 = A[gr][2tq, 2tq+1]   a1 = A[gr+8][2tq, 2tq+1]
+//   a2 = A[gr][2tq+8, +9]    a3 = A[gr+8][2tq+8, +9]
+//   b0 = B[2tq, 2tq+1][gr]   b1 = B[2tq+8, +9][gr]
+//   c  = C[gr][2tq], C[gr][2tq+1], C[gr+8][2tq], C[gr+8][2tq+1]
+// CUDA runs it on tensor cores (prelude_cuda.h); elsewhere it is computed
+// from shuffles (every lane of the simdgroup must call it).
+#ifndef KVQ_NATIVE_MMA
+KVQ_FUNC void kvq_mma_16816(thread float* c, uint a0, uint a1, uint a2, uint a3, uint b0, uint b1, uint lane) {
+  const uint gr = lane >> 2;
+  const uint tq = lane & 3u;
+  float acc0 = c[0], acc1 = c[1], acc2 = c[2], acc3 = c[3];
+  for (uint tt = 0; tt < 4; tt++) {
+    const uint ra0 = simd_shuffle(a0, gr * 4 + tt);
+    const uint ra1 = simd_shuffle(a1, gr * 4 + tt);
+    const uint ra2 = simd_shuffle(a2, gr * 4 + tt);
+    const uint ra3 = simd_shuffle(a3, gr * 4 + tt);
+    const uint x0 = simd_shuffle(b0, 8 * tq + tt);      // column 2tq
+    const uint x1 = simd_shuffle(b1, 8 * tq + tt);
+    const uint y0 = simd_shuffle(b0, 8 * tq + 4 + tt);  // column 2tq + 1
+    const uint y1 = simd_shuffle(b1, 8 * tq + 4 + tt);
+    acc0 += kvq_h2lo(ra0) * kvq_h2lo(x0) + kvq_h2hi(ra0) * kvq_h2hi(x0) +
+        kvq_h2lo(ra2) * kvq_h2lo(x1) + kvq_h2hi(ra2) * kvq_h2hi(x1);
+    acc1 += kvq_h2lo(ra0) * kvq_h2lo(y0) + kvq_h2hi(ra0) * kvq_h2hi(y0) +
+        kvq_h2lo(ra2) * kvq_h2lo(y1) + kvq_h2hi(ra2) * kvq_h2hi(y1);
+    acc2 += kvq_h2lo(ra1) * kvq_h2lo(x0) + kvq_h2hi(ra1) * kvq_h2hi(x0) +
+        kvq_h2lo(ra3) * kvq_h2lo(x1) + kvq_h2hi(ra3) * kvq_h2hi(x1);
+    acc3 += kvq_h2lo(ra1) * kvq_h2lo(y0) + kvq_h2hi(ra1) * kvq_h2hi(y0) +
+        kvq_h2lo(ra3) * kvq_h2lo(y1) + kvq_h2hi(ra3) * kvq_h2hi(y1);
+  }
+  c[0] = acc0;
+  c[1] = acc1;
+  c[2] = acc2;
+  c[3] = acc3;
+}
+#endif

@@ -30,6 +30,7 @@ typedef unsigned long ulong;
 #define thread_index_in_threadgroup (threadIdx.x)
 #define threadgroup_position_in_grid (make_uint3(blockIdx.x, blockIdx.y, blockIdx.z))
 #define threadgroups_per_grid (make_uint3(gridDim.x, gridDim.y, gridDim.z))
+#define threads_per_threadgroup (make_uint3(blockDim.x, blockDim.y, blockDim.z))
 
 namespace metal {
 __device__ __forceinline__ float max(float a, float b) { return fmaxf(a, b); }
@@ -80,3 +81,33 @@ __device__ __forceinline__ T simd_shuffle_down(T x, uint d) {
 __device__ __forceinline__ float kvq_as_float(uint b) { return __uint_as_float(b); }
 // IEEE division whatever the JIT's math flags
 __device__ __forceinline__ float kvq_div(float a, float b) { return __fdiv_rn(a, b); }
+
+// ---- fp16 pairs and the warp matrix op (tensor cores) used by sdpa_decode
+// A "h2" is a uint holding two fp16 values (low half = first).
+#define KVQ_NATIVE_MMA 1
+__device__ __forceinline__ uint kvq_h2(float lo, float hi) {
+  __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<uint*>(&h);
+}
+// (x - 1024) * sc + bi per half: x holds codes as fp16 1024 + code (0x6400 | code)
+__device__ __forceinline__ uint kvq_h2_deq(uint x, uint sc, uint bi) {
+  __half2 hx = *reinterpret_cast<__half2*>(&x);
+  __half2 hs = *reinterpret_cast<__half2*>(&sc);
+  __half2 hb = *reinterpret_cast<__half2*>(&bi);
+  __half2 r = __hfma2(__hsub2(hx, __float2half2_rn(1024.0f)), hs, hb);
+  return *reinterpret_cast<uint*>(&r);
+}
+// byte k of a in bits 0-7, byte k of b in bits 16-23 (bits 8-15, 24-31: don't care)
+__device__ __forceinline__ uint kvq_bytes2(uint a, uint b, int k) {
+  return __byte_perm(a, b, uint(k) | (uint(k + 4) << 8));
+}
+// c[0..3] += A (16x16, fp16) * B (16x8, fp16), fp32 accumulate, the
+// mma.sync m16n8k16 fragment layout (see kvq_common.h, kvq_mma_16816)
+__device__ __forceinline__ void kvq_mma_16816(
+    float* c, uint a0, uint a1, uint a2, uint a3, uint b0, uint b1, uint lane) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+      "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}

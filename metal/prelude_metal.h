@@ -15,3 +15,22 @@ inline float kvq_as_float(uint b) {
 inline float kvq_div(float a, float b) {
   return a / b;
 }
+
+// ---- fp16 pairs used by sdpa_decode (a "h2" is a uint holding two halves)
+inline uint kvq_h2(float lo, float hi) {
+  return as_type<uint>(half2(half(lo), half(hi)));
+}
+inline float kvq_h2lo(uint x) {
+  return float(as_type<half2>(x).x);
+}
+inline float kvq_h2hi(uint x) {
+  return float(as_type<half2>(x).y);
+}
+// (x - 1024) * sc + bi per half: x holds codes as fp16 1024 + code (0x6400 | code)
+inline uint kvq_h2_deq(uint x, uint sc, uint bi) {
+  half2 c = as_type<half2>(x) - half2(1024.0h, 1024.0h);
+  return as_type<uint>(fma(c, as_type<half2>(sc), as_type<half2>(bi)));
+}
+inline uint kvq_bytes2(uint a, uint b, int k) {
+  return ((a >> (8 * k)) & 0xFFu) | (((b >> (8 * k)) & 0xFFu) << 16);
+}

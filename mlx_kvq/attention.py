@@ -48,6 +48,47 @@ def quantized_sdpa(queries, view, scale, mask=None, sinks=None):
         raise ValueError(f"Unsupported mask {mask!r}.")
     array_mask = None if causal or mask is None else mask
 
+    fused = _fused_decode(q, view, scale, causal, array_mask)
+    if fused is not None:
+        out, lse = fused
+    else:
+        out, lse = merge(_segment_parts(q, view, scale, causal, array_mask))
+    if sinks is not None:
+        s = sinks.astype(mx.float32).reshape(1, -1, 1)
+        total = mx.logaddexp(lse, s)
+        out = out * mx.exp(lse - total)[..., None]
+    if cache.rotate == "kv":
+        out = out @ rotation(out.shape[-1]).T
+    return out[..., : cache.v_dim].astype(queries.dtype)
+
+
+def _fused_decode(q, view, scale, causal, mask):
+    """(out, lse) from the one-launch decode kernel over the whole view, or None
+    where it does not apply (prefill, formats it lacks, no GPU, MLX_KVQ_REFERENCE=1)."""
+    cache = view.cache
+    if q.shape[2] > kernels.DECODE_MAX_L or not kernels.enabled():
+        return None
+    k, v, n = view.packed
+    packed = n > 0 and k is not None
+    dense = [x for x in (view.sinks, view.window) if x[0] is not None and x[0].shape[2]]
+    if not packed and not dense:
+        return None
+    fmt = dict(k_bits=cache.k_bits, v_bits=cache.v_bits, group_size=cache.group_size, mode=cache.mode)
+    dense_dtype = dense[0][0].dtype if dense else None
+    if not kernels.decode_supports(q, k if packed else None, v if packed else None, dense_dtype, mask=mask, **fmt):
+        return None
+    fmt.pop("mode")
+    sinks = view.sinks if view.sinks[0] is not None and view.sinks[0].shape[2] else None
+    window = view.window if view.window[0] is not None and view.window[0].shape[2] else None
+    return kernels.decode_attention(
+        q, k if packed else None, v if packed else None, n, sinks, window,
+        scale=scale, q_start=view.q_start, causal=causal, mask=mask, **fmt,
+    )
+
+
+def _segment_parts(q, view, scale, causal, array_mask):
+    """Partial (out, lse) per run of the view: packed kernel or reference, dense reference."""
+    cache = view.cache
     parts = []
     for kind, k, v, k_start, n, pos in view.segments():
         m = array_mask
@@ -58,14 +99,7 @@ def quantized_sdpa(queries, view, scale, mask=None, sinks=None):
             parts.append(packed_attention(q, k, v, n, cache, **args))
         else:
             parts.append(dense_attention(q, k, v, k_pos=pos, **args))
-    out, lse = merge(parts)
-    if sinks is not None:
-        s = sinks.astype(mx.float32).reshape(1, -1, 1)
-        total = mx.logaddexp(lse, s)
-        out = out * mx.exp(lse - total)[..., None]
-    if cache.rotate == "kv":
-        out = out @ rotation(out.shape[-1]).T
-    return out[..., : cache.v_dim].astype(queries.dtype)
+    return parts
 
 
 def merge(parts):

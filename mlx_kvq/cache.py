@@ -8,9 +8,11 @@ The tokens of a cache sit in three runs, in order of position:
 
 New tokens enter the recent window and the tokens that fall out of it are packed and
 appended. A prefill chunk attends to its own keys unquantized (it is packed at the
-next update, so the window never holds more than ``window`` + one chunk); a decoded
-token beyond the window is packed before it attends, so with ``window=0`` and no sinks
-decode reads one packed run, which is what the fused kernel handles.
+next update, so the window never holds more than ``window`` + one chunk). In decode
+the window fills up to ``window + flush_block - 1`` tokens and then packs the oldest
+``flush_block`` at once, so the packing costs one launch per ``flush_block`` tokens and
+at least ``window`` recent tokens are always unquantized. The window lives in a
+preallocated buffer that decoded tokens are written into in place.
 Keys (and optionally values) can be rotated by a fixed orthogonal (Hadamard)
 matrix before they are stored; attention rotates queries to match.
 
@@ -22,7 +24,7 @@ import json
 
 import mlx.core as mx
 
-from . import quant
+from . import kernels, quant
 from .rotation import rotation
 
 ROTATE = (None, "k", "kv")
@@ -96,6 +98,7 @@ class QuantizedKVCache:
     """
 
     step = 256
+    flush_block = 32  # decode: tokens packed at once when the window overflows
 
     def __init__(
         self,
@@ -132,7 +135,8 @@ class QuantizedKVCache:
         self.k_dim = self.v_dim = self.kv_heads = self.dtype = None
         self.keys = self.values = None
         self.sink_keys = self.sink_values = None
-        self.window_keys = self.window_values = None
+        self._wk = self._wv = None  # window buffers (B, H, capacity, D)
+        self._wn = self._wvn = 0  # tokens in the window (keys, values: set one at a time)
         # Optional (B,) int array: row b's padding is the ``left_padding[b]`` positions
         # right after the sink run (at the very start when the cache keeps no sinks).
         self.left_padding = None
@@ -194,14 +198,47 @@ class QuantizedKVCache:
             self.sink_values = _cat(self.sink_values, mx.contiguous(values[:, :, :take]))
             keys, values = keys[:, :, take:], values[:, :, take:]
         if keys.shape[2]:
-            self.window_keys = _cat(self.window_keys, keys)
-            self.window_values = _cat(self.window_values, values)
+            self._window_append(keys, values)
         self.offset += L
         # A prefill chunk attends to itself unquantized and is packed at the next update;
-        # a decoded token beyond the window is packed before it attends.
-        self._flush(self.window if L == 1 else max(self.window, L))
+        # in decode the window is packed down to ``window`` tokens once it overflows.
+        if L > 1:
+            self._flush(max(self.window, L))
+        elif self._wn >= self.window + self.flush_block:
+            self._flush()
         view = KVView(self, L)
         return view, view
+
+    # the recent window: the first ``_wn`` tokens of the buffers ``_wk``/``_wv``
+    @property
+    def window_keys(self):
+        return _first(self._wk, self._wn)
+
+    @window_keys.setter
+    def window_keys(self, x):
+        self._wk = x
+        self._wn = 0 if x is None else x.shape[2]
+
+    @property
+    def window_values(self):
+        return _first(self._wv, self._wvn)
+
+    @window_values.setter
+    def window_values(self, x):
+        self._wv = x
+        self._wvn = 0 if x is None else x.shape[2]
+
+    def _window_append(self, keys, values):
+        n, m = self._wn, keys.shape[2]
+        if self._wk is not None and n + m <= self._wk.shape[2]:
+            self._wk[:, :, n : n + m] = keys
+            self._wv[:, :, n : n + m] = values
+        else:
+            # room for a decode run up to the next flush (none for a prefill chunk)
+            spare = max(0, self.window + self.flush_block - n - m) if m == 1 else 0
+            self._wk = _cat_spare(self.window_keys, keys, spare)
+            self._wv = _cat_spare(self.window_values, values, spare)
+        self._wn = self._wvn = n + m
 
     def _flush(self, keep=None):
         """Pack all but the ``keep`` (default: ``window``) most recent unquantized tokens."""
@@ -217,14 +254,18 @@ class QuantizedKVCache:
 
     def _append_packed(self, keys, values):
         n, m = self.n_packed, keys.shape[2]
-        pk = quant.quantize(keys, self.k_bits, self.group_size, self.mode)
-        pv = quant.quantize(values, self.v_bits, self.group_size, self.mode)
         if self.keys is None or n + m > self.keys[0].shape[2]:
+            pk = quant.quantize(keys, self.k_bits, self.group_size, self.mode)
+            pv = quant.quantize(values, self.v_bits, self.group_size, self.mode)
             grow = (n + m + self.step - 1) // self.step * self.step - n
             self.keys = _grow(self.keys, pk, n, grow)
             self.values = _grow(self.values, pv, n, grow)
-        for buf, new in zip(self.keys + self.values, pk + pv):
-            buf[:, :, n : n + m] = new
+            for buf, new in zip(self.keys + self.values, pk + pv):
+                buf[:, :, n : n + m] = new
+        else:  # the quantize-append kernel on GPUs (bit-identical to mx.quantize)
+            fmt = dict(group_size=self.group_size, mode=self.mode)
+            self.keys = kernels.quantize_append(keys, self.keys, n, bits=self.k_bits, **fmt)
+            self.values = kernels.quantize_append(values, self.values, n, bits=self.v_bits, **fmt)
         self.n_packed = n + m
 
     def size(self):
@@ -275,7 +316,7 @@ class QuantizedKVCache:
 
     @property
     def nbytes(self):
-        arrays = [self.sink_keys, self.sink_values, self.window_keys, self.window_values]
+        arrays = [self.sink_keys, self.sink_values, self._wk, self._wv]
         arrays += list(self.keys or ()) + list(self.values or ())
         return sum(a.nbytes for a in arrays if a is not None)
 
@@ -368,6 +409,22 @@ QuantizedKVCache.__name__ = QuantizedKVCache.__qualname__ = "MlxKvqQuantizedKVCa
 
 def _cat(a, b):
     return b if a is None or a.shape[2] == 0 else mx.concatenate([a, b], axis=2)
+
+
+def _first(buf, n):
+    """The first ``n`` tokens of a buffer (the buffer itself when it is exactly full)."""
+    if buf is None:
+        return None
+    return buf if buf.shape[2] == n else buf[:, :, :n]
+
+
+def _cat_spare(a, b, spare):
+    """``a`` then ``b`` along the tokens, then ``spare`` zero tokens of room."""
+    parts = [] if a is None or a.shape[2] == 0 else [a]
+    parts.append(b)
+    if spare:
+        parts.append(mx.zeros(b.shape[:2] + (spare,) + b.shape[3:], b.dtype))
+    return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=2)
 
 
 def _grow(buffers, like, n, grow):

@@ -46,6 +46,12 @@ KERNELS = {
         ["out", "lse"],
         False,
     ),
+    "sdpa_decode": (
+        "sdpa_decode.metal",
+        ["q", "kw", "ks", "kb", "vw", "vs", "vb", "sk", "sv", "wk", "wv", "mask", "carrier", "fparams"],
+        ["out", "lse"],
+        False,
+    ),
     "sdpa_merge": ("sdpa_merge.metal", ["o_part", "lse_part"], ["out", "lse"], True),
     "quantize_append": ("quantize_append.metal", ["x"], ["w", "scales", "biases"], True),
 }
@@ -413,6 +419,143 @@ def packed_attention(
         group_size=group_size, mode=mode, scale=scale, q_start=q_start,
         k_start=k_start, causal=causal, mask=mask,
     )
+
+
+# --------------------------------------------------------------------------- decode (whole view)
+DECODE_BITS = (2, 4, 8)
+WARPS_PER_CORE = 8  # packed splits: about this many warps per GPU core in all
+DECODE_PF = {2: 1, 4: 1, 8: 1}  # blocks of keys loaded ahead (sdpa_decode PF), by the larger bits: 2 measured no faster than 1 (253 registers)
+
+
+def decode_supports(q, k_packed, v_packed, dense_dtype, k_bits, v_bits, group_size, mode, mask):
+    """Whether :func:`decode_attention` (the tensor-core decode kernel over a whole
+    cache view) handles these shapes and formats; others take :func:`packed_attention`."""
+    try:
+        if not isinstance(q, mx.array) or q.ndim != 4 or q.dtype not in _FLOATS:
+            return False
+        B, Hq, L, D = q.shape
+        if not (1 <= L <= DECODE_MAX_L) or mode != "affine":
+            return False
+        if k_bits not in DECODE_BITS or v_bits not in DECODE_BITS or group_size not in (32, 64, 128):
+            return False
+        if D % 16 or D % group_size or (D * k_bits) % 128 or (D * v_bits) % 256:
+            return False
+        if group_size % (D // 8) or ((D // 4) % group_size and group_size % (D // 4)):
+            return False
+        if dense_dtype is not None and dense_dtype not in _FLOATS:
+            return False
+        if k_packed is not None:
+            Hkv = k_packed[0].shape[1]
+            if Hkv < 1 or Hq % Hkv:
+                return False
+            if not (_packed_ok(k_packed, B, Hkv, D, k_bits, group_size, mode)
+                    and _packed_ok(v_packed, B, Hkv, D, v_bits, group_size, mode)):
+                return False
+            if k_packed[1].dtype != v_packed[1].dtype:
+                return False
+            if Hkv * -(-(Hq // Hkv) * L // 8) > 65535 or B > 65535:
+                return False
+        if mask is not None and not _mask_ok(mask, B, Hq, L, mask.shape[-1] if mask.ndim else 1):
+            return False
+        return True
+    except Exception:
+        return False
+
+
+def _carrier7(n, delta, ns, nw, P):
+    if not (0 <= n < 2**30 and -(2**31) <= delta < 2**31 and 0 <= ns < 2**30 and 0 <= nw < 2**30):
+        raise ValueError("decode parameters out of range")
+    d = delta + 2**31
+    z = _const("u8x7", lambda: mx.zeros((1,) * 7, dtype=mx.uint8))
+    return mx.broadcast_to(z, (n // 32768 + 1, n % 32768 + 1, d // 65536 + 1, d % 65536 + 1, ns + 1, nw + 1, P + 1))
+
+
+def decode_plan(B, Hkv, tiles, n, nsplit=None):
+    """Packed splits P (one warp each), and warps per threadgroup."""
+    if n <= 0:
+        return 0
+    if nsplit is None:
+        target = WARPS_PER_CORE * _num_cores()
+        nsplit = -(-target // (B * Hkv * tiles))
+        nsplit = min(nsplit, -(-n // 64))  # at least ~64 keys per warp
+    return max(1, min(int(nsplit), -(-n // 16)))
+
+
+def decode_launch(
+    launch, q, k_packed, v_packed, n, sinks, window, *, k_bits, v_bits, group_size,
+    scale, q_start, causal, mask=None, nsplit=None, nsg=4, merge=True, pf=None,
+):
+    """The kernel sequence of :func:`decode_attention` on ``launch`` (``merge=False``:
+    the per-threadgroup partials (out (T, rows, D), lse (T, rows)), for benchmarks)."""
+    B, Hq, L, D = q.shape
+    n = int(n) if k_packed is not None else 0
+    dense = [x for x in (sinks, window) if x is not None]
+    Hkv = (k_packed[0] if k_packed is not None else dense[0][0]).shape[1]
+    rep = Hq // Hkv
+    tiles = -(-(rep * L) // 8)
+    ns = 0 if sinks is None else sinks[0].shape[2]
+    nw = 0 if window is None else window[0].shape[2]
+    if k_packed is not None and n > k_packed[0].shape[2]:
+        raise ValueError(f"n={n} exceeds the cache capacity {k_packed[0].shape[2]}")
+    P = decode_plan(B, Hkv, tiles, n, nsplit)
+    warps = P + (1 if ns + nw else 0)
+    if warps == 0:
+        return (
+            mx.zeros((B, Hq, L, D), dtype=mx.float32),
+            mx.full((B, Hq, L), -math.inf, dtype=mx.float32),
+        )
+    nsg = max(1, min(nsg, warps))
+    parts = -(-warps // nsg)  # threadgroups along x, one partial each
+    if k_packed is None:
+        sdt = dense[0][0].dtype
+        k_packed = _const(("kp0", B, Hkv, D, k_bits, sdt), lambda: (
+            mx.zeros((B, Hkv, 1, D * k_bits // 32), mx.uint32), mx.zeros((B, Hkv, 1, D // group_size), sdt),
+            mx.zeros((B, Hkv, 1, D // group_size), sdt)))
+        v_packed = _const(("vp0", B, Hkv, D, v_bits, sdt), lambda: (
+            mx.zeros((B, Hkv, 1, D * v_bits // 32), mx.uint32), mx.zeros((B, Hkv, 1, D // group_size), sdt),
+            mx.zeros((B, Hkv, 1, D // group_size), sdt)))
+    dt = dense[0][0].dtype if dense else q.dtype
+    empty = _const(("dense0", D, dt), lambda: mx.zeros((1, 1, 1, D), dtype=dt))
+    sk, sv = sinks if sinks is not None else (empty, empty)
+    wk, wv = window if window is not None else (empty, empty)
+    marr, mkind = _mask_arg(mask)
+    carrier = _carrier7(n, int(q_start) - ns, ns, nw, P)
+    fparams = _const(("scale", float(scale)), lambda: mx.array([scale], dtype=mx.float32))
+    template = [
+        ("T", q.dtype), ("S", k_packed[1].dtype), ("DT", dt), ("MT", marr.dtype), ("D", D),
+        ("KB", k_bits), ("VB", v_bits), ("GS", group_size), ("MASK", mkind), ("CAUSAL", bool(causal)),
+        ("NSG", nsg), ("PF", int(DECODE_PF.get(max(k_bits, v_bits), 1) if pf is None else pf)),
+    ]
+    rows = B * Hq * L
+    out, lse = launch(
+        "sdpa_decode",
+        [q, *k_packed, *v_packed, sk, sv, wk, wv, marr, carrier, fparams],
+        template,
+        (parts * nsg * 32, Hkv * tiles, B),
+        (nsg * 32, 1, 1),
+        [(parts, rows, D), (parts, rows)],
+        [mx.float32, mx.float32],
+    )
+    if parts > 1 and merge:
+        out, lse = launch(
+            "sdpa_merge", [out, lse], [("D", D)], (rows * 32, 1, 1), (32, 1, 1),
+            [(rows, D), (rows,)], [mx.float32, mx.float32],
+        )
+    if not merge:
+        return out, lse
+    return out.reshape(B, Hq, L, D), lse.reshape(B, Hq, L)
+
+
+def decode_attention(q, k_packed, v_packed, n, sinks, window, **kw):
+    """Attention of ``q`` (L <= 8) over a whole cache view in one kernel launch
+    (plus the split merge): the packed run ``k_packed``/``v_packed`` (first ``n``
+    tokens, or None), and the unquantized ``sinks`` and ``window`` (``(keys,
+    values)`` (B, Hkv, *, D) or None).  Positions: sinks from 0, the packed run
+    right after them, the window after the packed run.  ``mask`` (bool or
+    additive) is indexed by absolute key position.  Returns ``(out, lse)`` as
+    :func:`packed_attention`.  Scores and values go through fp16 (tensor cores).
+    """
+    return decode_launch(_launcher(), q, k_packed, v_packed, n, sinks, window, **kw)
 
 
 # --------------------------------------------------------------------------- quantize

@@ -49,28 +49,34 @@ def test_update_holds_every_token_in_order(config, chunks):
     tol = {8: 0.02, 4: 0.15, 3: 0.3, 2: 0.6}[bits]
     assert rel_err(held_k, ek) < tol and rel_err(held_v, ev) < tol
     # unquantized runs are exact; the window never holds more than window + one chunk
+    # (or, in decode, window + flush_block - 1 tokens)
     if cache.sink_keys is not None:
         s = cache.sink_keys.shape[2]
         assert s == min(cache.sinks, cache.offset)
         assert rel_err(cache.sink_keys, ek[:, :, :s]) < 2e-3
     w = cache.window_keys.shape[2]
-    assert w <= max(cache.window + chunks[-1], 0) or cache.offset < cache.start
+    grow = chunks[-1] if chunks[-1] > 1 else cache.flush_block - 1  # decode packs in blocks
+    assert w <= cache.window + grow or cache.offset < cache.start
     if w:
         assert rel_err(cache.window_keys, ek[:, :, cache.offset - w :]) < 2e-3
 
 
 def test_buffers_grow_in_steps_not_per_token():
     cache = QuantizedKVCache(4, 64, sinks=0, window=0)
-    feed(cache, [1] * 10)
+    F = QuantizedKVCache.flush_block
+    feed(cache, [1] * (F - 1))  # decoded tokens wait in the window until a block is full
+    assert cache.keys is None and cache.window_keys.shape[2] == F - 1
+    feed(cache, [1])
+    assert cache.n_packed == F and cache.window_keys.shape[2] == 0
     cap = cache.keys[0].shape[2]
     assert cap == QuantizedKVCache.step
-    feed(cache, [1] * 100)
-    assert cache.keys[0].shape[2] == cap
+    feed(cache, [1] * (3 * F))
+    assert cache.keys[0].shape[2] == cap and cache.n_packed == 4 * F
     feed(cache, [300])  # a prefill chunk stays unquantized for its own attention
-    assert cache.n_packed == 110 and cache.window_keys.shape[2] == 300
-    feed(cache, [1])  # ... and is packed at the next update; a decoded token at once (window=0)
-    assert cache.n_packed == 411 and cache.window_keys.shape[2] == 0
-    assert cache.keys[0].shape[2] % QuantizedKVCache.step == 0 and cache.keys[0].shape[2] >= 411
+    assert cache.n_packed == 4 * F and cache.window_keys.shape[2] == 300
+    feed(cache, [1])  # ... and is packed at the next update (the window overflows)
+    assert cache.n_packed == 4 * F + 301 and cache.window_keys.shape[2] == 0
+    assert cache.keys[0].shape[2] % QuantizedKVCache.step == 0 and cache.keys[0].shape[2] >= 4 * F + 300
 
 
 @pytest.mark.parametrize("config", CONFIGS)

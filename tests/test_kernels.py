@@ -593,3 +593,149 @@ def test_gpu_attention_strided_inputs():
             q, tuple(mx.array(a) for a in ks), tuple(mx.array(a) for a in vs), n, **kw
         )
     assert rel_err(out, ro) < 1e-4
+
+
+# ------------------------------------------------------------------ decode over a whole view
+VIEW_TOL = 2e-3  # fp16 tensor-core inputs (queries, dequantized K/V, probabilities)
+
+
+def make_view(B, Hkv, rep, L, D, n, ns, nw, *, k_bits, v_bits, group_size, dtype, seed, C=None):
+    """Queries and a cache view: sinks, a packed run (capacity C >= n) and a window."""
+    mx.random.seed(seed)
+    C = C or max(n, 1) + 5
+    q = mx.random.normal((B, Hkv * rep, L, D)).astype(dtype)
+    sdt = dtype if dtype != mx.float32 else mx.float16
+    k = (mx.random.normal((B, Hkv, C, D)) * 1.5 + 0.3).astype(sdt)
+    v = mx.random.normal((B, Hkv, C, D)).astype(sdt)
+    kp = tuple(mx.quantize(k, group_size=group_size, bits=k_bits))
+    vp = tuple(mx.quantize(v, group_size=group_size, bits=v_bits))
+    sk = (mx.random.normal((B, Hkv, ns, D)) * 1.5).astype(sdt) if ns else None
+    sv = mx.random.normal((B, Hkv, ns, D)).astype(sdt) if ns else None
+    wk = (mx.random.normal((B, Hkv, nw + 3, D)) * 1.5).astype(sdt)[:, :, :nw] if nw else None
+    wv = mx.random.normal((B, Hkv, nw + 3, D)).astype(sdt)[:, :, :nw] if nw else None
+    mx.eval(q, kp, vp, *[x for x in (sk, sv, wk, wv) if x is not None])
+    return q, (kp if n else None), (vp if n else None), ((sk, sv) if ns else None), ((wk, wv) if nw else None)
+
+
+def view_reference(q, kp, vp, n, sinks, window, *, k_bits, v_bits, group_size, scale, q_start, causal, mask):
+    """Plain fp32 attention over [sinks | dequantized packed | window] (positions 0..)."""
+    from emulator.reference import dequant
+
+    ks, vs = [], []
+    if sinks is not None:
+        ks.append(sinks[0].astype(mx.float32))
+        vs.append(sinks[1].astype(mx.float32))
+    if kp is not None and n:
+        ks.append(dequant(kp, n, k_bits, group_size, "affine"))
+        vs.append(dequant(vp, n, v_bits, group_size, "affine"))
+    if window is not None:
+        ks.append(window[0].astype(mx.float32))
+        vs.append(window[1].astype(mx.float32))
+    k = mx.concatenate(ks, axis=2)
+    v = mx.concatenate(vs, axis=2)
+    return reference_attention(
+        q, (k,), (v,), k.shape[2], k_bits=0, v_bits=0, group_size=0, mode="plain", scale=scale,
+        q_start=q_start, k_start=0, causal=causal, mask=mask,
+    )
+
+
+def run_view(launch, q, kp, vp, n, sinks, window, *, mask=None, causal=True, q_start=None, **kw):
+    ns = 0 if sinks is None else sinks[0].shape[2]
+    nw = 0 if window is None else window[0].shape[2]
+    total = ns + n + nw
+    L = q.shape[2]
+    q_start = total - L if q_start is None else q_start
+    fmt = {k: kw[k] for k in ("k_bits", "v_bits", "group_size")}
+    args = dict(scale=q.shape[-1] ** -0.5, q_start=q_start, causal=causal, mask=mask)
+    out, lse = kernels.decode_launch(launch, q, kp, vp, n, sinks, window, **fmt, **args, **{
+        k: v for k, v in kw.items() if k not in fmt})
+    with mx.stream(mx.cpu):
+        ro, rl = view_reference(q, kp, vp, n, sinks, window, **fmt, **args)
+    mx.eval(out, lse, ro, rl)
+    o, lo, rln = (np.array(a) for a in (out, lse, rl))
+    assert not np.isnan(o).any() and not np.isnan(lo).any(), "unwritten (poisoned) or NaN output"
+    np.testing.assert_array_equal(np.isinf(lo), np.isinf(rln))
+    fin = np.isfinite(rln)
+    if fin.any():
+        assert np.abs(lo[fin] - rln[fin]).max() < 2e-2
+    assert rel_err(out, ro) < VIEW_TOL, rel_err(out, ro)
+    return out, lse
+
+
+VIEW_CASES = [
+    # D, k_bits, v_bits, gs, dtype, B, Hkv, rep, L, n, ns, nw, nsplit
+    (128, 4, 4, 64, mx.float16, 1, 2, 4, 1, 150, 4, 20, 3),
+    (128, 8, 8, 64, mx.bfloat16, 1, 1, 4, 1, 70, 0, 9, None),
+    (128, 8, 4, 32, mx.float32, 2, 1, 2, 3, 45, 4, 0, 2),
+    (64, 2, 4, 32, mx.float16, 1, 1, 7, 2, 33, 0, 0, 1),
+    (256, 2, 4, 32, mx.float16, 1, 1, 2, 1, 40, 2, 5, 2),
+    (128, 4, 8, 128, mx.float16, 1, 1, 20, 1, 37, 1, 3, 1),
+    (128, 4, 4, 64, mx.float16, 1, 1, 4, 1, 0, 4, 30, None),
+]
+
+
+@pytest.mark.parametrize("case", VIEW_CASES, ids=lambda c: f"D{c[0]}-k{c[1]}v{c[2]}-g{c[3]}-n{c[9]}-s{c[10]}-w{c[11]}")
+def test_decode_view_emulated(emu, case):
+    D, kb, vb, gs, dtype, B, Hkv, rep, L, n, ns, nw, nsplit = case
+    q, kp, vp, sinks, window = make_view(
+        B, Hkv, rep, L, D, n, ns, nw, k_bits=kb, v_bits=vb, group_size=gs, dtype=dtype, seed=D + n)
+    dense_dt = None if sinks is None and window is None else (sinks or window)[0].dtype
+    assert kernels.decode_supports(q, kp, vp, dense_dt, kb, vb, gs, "affine", None)
+    run_view(emu, q, kp, vp, n, sinks, window, k_bits=kb, v_bits=vb, group_size=gs, nsplit=nsplit)
+    assert emu.launches[-1][0] == "sdpa_merge" or emu.launches[-1][0] == "sdpa_decode"
+    if n > 100:  # every prefetch depth, and one warp per threadgroup
+        for pf in (0, 1, 2):
+            run_view(emu, q, kp, vp, n, sinks, window, k_bits=kb, v_bits=vb, group_size=gs, nsplit=nsplit, pf=pf, nsg=1)
+
+
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+def test_decode_view_masks(emu, kind):
+    B, Hkv, rep, L, D, n, ns, nw = 2, 1, 2, 2, 64, 50, 4, 6
+    q, kp, vp, sinks, window = make_view(
+        B, Hkv, rep, L, D, n, ns, nw, k_bits=4, v_bits=4, group_size=32, dtype=mx.float16, seed=5)
+    total = ns + n + nw
+    mx.random.seed(9)
+    if kind == "bool":
+        mask = mx.random.uniform(shape=(B, 1, L, total)) > 0.3
+        mask[1, :, :, :20] = False  # left padding of row 1 (sinks and part of the packed run)
+    else:
+        mask = mx.random.normal((B, Hkv * rep, L, total)).astype(mx.float16)
+    run_view(emu, q, kp, vp, n, sinks, window, mask=mask, k_bits=4, v_bits=4, group_size=32, nsplit=3)
+
+
+def test_decode_view_unsupported_formats():
+    q = mx.zeros((1, 4, 1, 96), mx.float16)
+    assert not kernels.decode_supports(q, None, None, mx.float16, 4, 4, 32, "affine", None)  # D/8 = 12
+    q = mx.zeros((1, 4, 1, 128), mx.float16)
+    assert not kernels.decode_supports(q, None, None, mx.float16, 3, 4, 64, "affine", None)
+    assert not kernels.decode_supports(q, None, None, mx.float16, 4, 4, 32, "mxfp4", None)
+    assert kernels.decode_supports(q, None, None, mx.float16, 4, 8, 64, "affine", None)
+    q = mx.zeros((1, 4, 9, 128), mx.float16)
+    assert not kernels.decode_supports(q, None, None, mx.float16, 4, 4, 64, "affine", None)
+
+
+@gpu
+@pytest.mark.parametrize("case", VIEW_CASES, ids=lambda c: f"D{c[0]}-k{c[1]}v{c[2]}-g{c[3]}-n{c[9]}-s{c[10]}-w{c[11]}")
+def test_gpu_decode_view(case):
+    D, kb, vb, gs, dtype, B, Hkv, rep, L, n, ns, nw, nsplit = case
+    n = n * 37  # longer runs than under the emulator
+    q, kp, vp, sinks, window = make_view(
+        B, Hkv, rep, L, D, n, ns, nw, k_bits=kb, v_bits=vb, group_size=gs, dtype=dtype, seed=D + n)
+    run_view(kernels._launcher(), q, kp, vp, n, sinks, window, k_bits=kb, v_bits=vb, group_size=gs, nsplit=None)
+    run_view(kernels._launcher(), q, kp, vp, n, sinks, window, k_bits=kb, v_bits=vb, group_size=gs, nsplit=nsplit)
+
+
+@gpu
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+def test_gpu_decode_view_masks(kind):
+    B, Hkv, rep, L, D, n, ns, nw = 2, 2, 4, 1, 128, 3000, 4, 40
+    q, kp, vp, sinks, window = make_view(
+        B, Hkv, rep, L, D, n, ns, nw, k_bits=4, v_bits=4, group_size=64, dtype=mx.float16, seed=7)
+    total = ns + n + nw
+    mx.random.seed(9)
+    if kind == "bool":
+        mask = mx.random.uniform(shape=(B, 1, L, total)) > 0.3
+        mask[1, :, :, :700] = False
+    else:
+        mask = mx.random.normal((B, Hkv * rep, L, total)).astype(mx.float16)
+    run_view(kernels._launcher(), q, kp, vp, n, sinks, window, mask=mask, k_bits=4, v_bits=4, group_size=64)

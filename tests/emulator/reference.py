@@ -9,6 +9,8 @@ import numpy as np
 
 
 def dequant(p, n, bits, group_size, mode):
+    if mode == "plain":  # already dense (B, H, C, D)
+        return p[0][:, :, :n].astype(mx.float32)
     if mode == "affine":
         w, s, b = p
         return mx.dequantize(

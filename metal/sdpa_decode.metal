@@ -1,0 +1,459 @@
+// sdpa_decode.metal -- decode attention over a whole QuantizedKVCache view:
+// the packed run (affine 2/4/8-bit keys and values) and the unquantized sinks
+// and recent window, in one launch, with the QK and PV products on the
+// simdgroup matrix op kvq_mma_16816 (tensor cores on NVIDIA).
+//
+// Work split: every simdgroup ("warp") takes one range of keys: warps
+// 0 .. P-1 take P equal ranges of the packed run, warp P the sinks and the
+// window, warps past that nothing.  The NSG warps of a threadgroup combine
+// their results in threadgroup memory into one partial (normalized out, lse)
+// per threadgroup; sdpa_merge combines the partials.  A threadgroup owns a
+// tile of 8 query rows of one KV head (rows = the rep query heads of the GQA
+// group x the L query positions; rows past R are zeros).
+//
+// Keys are the M side of the matrix op (16 per block), query rows the N side
+// (8), so that no tensor-core work is spent on missing rows for rep*L <= 8.
+// Per block of 16 keys (lane = 4 * gr + tq):
+//   S^T (16 keys x 8 rows) = K Q^T, D/16 k-steps.  Lane (gr, tq) loads a
+//     quarter of the packed rows of keys blk + gr and blk + gr + 8 (the words
+//     of dims [tq*D/4, (tq+1)*D/4)) and dequantizes them straight into the A
+//     fragment with fp16 pair arithmetic: codes (i, i + CPW/2) of a word sit
+//     16 bits apart, so (w >> i*BITS) & mask | 0x6400_6400 is the fp16 pair
+//     (1024 + c_i, 1024 + c_i+CPW/2), and one half2 FMA applies scale and bias.
+//     The order of dims along the k axis is a permutation of D (the same for
+//     the query fragments), which a dot product does not see.
+//   softmax: fp32, base 2, online; lane (gr, tq) holds rows 2tq, 2tq+1 of
+//     keys gr, gr+8 (three shuffles for a row max; sums stay per lane).
+//   O^T (D x 8 rows) += V^T P^T: D/16 tiles; lane (gr, tq) loads the words of
+//     dims [gr*D/8, (gr+1)*D/8) of keys 2tq, 2tq+1, 2tq+8, 2tq+9 and pairs the
+//     same byte of two keys (kvq_bytes2), so that one fp16 pair holds one dim
+//     of two keys, as the A fragment wants.  P^T (B operand) is gathered from
+//     the score lanes with four shuffles.
+//
+// Template: T (query dtype), S (scale dtype), DT (sinks/window dtype), MT (mask
+// dtype), D, KB, VB (2, 4 or 8), GS, MASK (0 none, 1 bool keep, 2 additive),
+// CAUSAL, NSG (warps per threadgroup), PF (blocks of keys loaded ahead: 0, 1 or 2).  Needs D % 16 == 0, (D * KB) % 128 == 0, (D * VB) % 256 == 0,
+// GS a multiple of D/8 and D/4 a multiple or divisor of GS (kernels.py checks).
+// Inputs: q (B,Hq,L,D); kw/ks/kb, vw/vs/vb packed (B,Hkv,C,...); sk/sv sinks,
+// wk/wv window (B,Hkv,*,D); mask 4-D over absolute key positions; carrier;
+// fparams [scale].  All may be strided in their first three dims.
+// Carrier shape: (n/32768+1, n%32768+1, d/65536+1, d%65536+1, ns+1, nw+1, P+1)
+// with n packed keys, d = q_start - ns + 2^31, ns sinks, nw window keys, P
+// packed splits.  Positions: sink i -> i, packed j -> ns + j, window i ->
+// ns + n + i; query row l -> q_start + l.
+// Outputs: out float32 (T, B*Hq*L, D), lse float32 (T, B*Hq*L), T = threadgroups along x.
+
+constexpr float NEG_INF = -INFINITY;
+constexpr int NT = NSG * 32;
+constexpr int NK = D / 16;          // QK k-steps
+constexpr int KDL = D / 4;          // key dims per lane (tq)
+constexpr int KWL = D * KB / 128;   // key words per lane and key
+constexpr int KCPW = 32 / KB;       // codes per word (keys)
+constexpr int KH = KCPW / 2;        // distance of the two codes of a pair
+constexpr int KKPW = KCPW / 4;      // k-steps per word
+constexpr int LGK = KDL >= GS ? KDL / GS : 1;  // key groups per lane
+constexpr int DPL = D / 8;          // value dims per lane (gr)
+constexpr int NJ = D / 16;          // PV tiles (16 dims each)
+constexpr int VWL = D * VB / 256;   // value words per lane and key
+constexpr int VCPW = 32 / VB;       // codes per word (values)
+constexpr int VCPB = 8 / VB;        // codes per byte (values)
+constexpr uint KM2 = ((1u << KB) - 1u) * 0x10001u;
+constexpr uint VM2 = ((1u << VB) - 1u) * 0x10001u;
+constexpr uint MAGIC = 0x64006400u;
+
+const int n = (int(carrier_shape[0]) - 1) * 32768 + (int(carrier_shape[1]) - 1);
+const int delta = int(long((int(carrier_shape[2]) - 1) * 65536 + (int(carrier_shape[3]) - 1)) - 2147483648l);
+const int ns = int(carrier_shape[4]) - 1;
+const int nw = int(carrier_shape[5]) - 1;
+const int P = int(carrier_shape[6]) - 1;
+const int B = int(q_shape[0]);
+const int Hq = int(q_shape[1]);
+const int L = int(q_shape[2]);
+const int Hkv = int(kw_shape[1]);
+const int rep = Hq / Hkv;
+const int R = rep * L;
+const int q_start = delta + ns;
+
+const uint lane = thread_index_in_simdgroup;
+const int gr = int(lane >> 2);
+const int tq = int(lane & 3u);
+const int sg = int(simdgroup_index_in_threadgroup);
+const int tid = int(thread_index_in_threadgroup);
+const int part = int(threadgroup_position_in_grid.x);
+const int w = part * NSG + sg;
+const int kvh = int(threadgroup_position_in_grid.y) % Hkv;
+const int row0 = (int(threadgroup_position_in_grid.y) / Hkv) * 8;
+const int b = int(threadgroup_position_in_grid.z);
+const float qscale = fparams[0] * KVQ_LOG2E;
+
+// this warp's keys: packed [kbeg, kend) or the dense keys [0, ns + nw)
+const bool dense = (w == P);
+const int kps = P > 0 ? ((n + P - 1) / P + 15) / 16 * 16 : 0;
+const int kbeg = dense ? 0 : metal::min(w * kps, n);
+const int kend = dense ? ns + nw : (w < P ? metal::min(n, (w + 1) * kps) : kbeg);
+
+// rows 2tq, 2tq + 1 of the tile (scores, softmax, output): head, position
+int rhead[2];
+int rpos[2];
+bool rok[2];
+KVQ_UNROLL
+for (int i = 0; i < 2; i++) {
+  const int row = row0 + 2 * tq + i;
+  rok[i] = row < R;
+  rhead[i] = kvh * rep + (rok[i] ? row / L : 0);
+  rpos[i] = q_start + (rok[i] ? row % L : 0);
+}
+
+// Q^T fragments (B operand): k-step c, row gr, dims d0, d0+KH (b0) and
+// d0+1, d0+1+KH (b1), d0 = tq*KDL + KCPW*(c/KKPW) + 2*(c%KKPW)
+uint qb[NK][2];
+{
+  const int row = row0 + gr;
+  const bool ok = row < R;
+  const size_t base = size_t(b) * size_t(q_strides[0]) +
+      size_t(kvh * rep + (ok ? row / L : 0)) * size_t(q_strides[1]) + size_t(ok ? row % L : 0) * size_t(q_strides[2]);
+  KVQ_UNROLL
+  for (int c = 0; c < NK; c++) {
+    const int d0 = tq * KDL + KCPW * (c / KKPW) + 2 * (c % KKPW);
+    qb[c][0] = ok ? kvq_h2(float(q[base + d0]), float(q[base + d0 + KH])) : 0u;
+    qb[c][1] = ok ? kvq_h2(float(q[base + d0 + 1]), float(q[base + d0 + 1 + KH])) : 0u;
+  }
+}
+
+// (b, kvh) bases and per-key strides
+const device uint* kwp = kw + size_t(b) * size_t(kw_strides[0]) + size_t(kvh) * size_t(kw_strides[1]);
+const device S* ksp = ks + size_t(b) * size_t(ks_strides[0]) + size_t(kvh) * size_t(ks_strides[1]);
+const device S* kbp = kb + size_t(b) * size_t(kb_strides[0]) + size_t(kvh) * size_t(kb_strides[1]);
+const device uint* vwp = vw + size_t(b) * size_t(vw_strides[0]) + size_t(kvh) * size_t(vw_strides[1]);
+const device S* vsp = vs + size_t(b) * size_t(vs_strides[0]) + size_t(kvh) * size_t(vs_strides[1]);
+const device S* vbp = vb + size_t(b) * size_t(vb_strides[0]) + size_t(kvh) * size_t(vb_strides[1]);
+const int kws = int(kw_strides[2]), kss = int(ks_strides[2]), kbs = int(kb_strides[2]);
+const int vws = int(vw_strides[2]), vss = int(vs_strides[2]), vbs = int(vb_strides[2]);
+size_t mst0 = 0, mst1 = 0, mst2 = 0, mst3 = 0;
+if (MASK != 0) {
+  mst0 = mask_shape[0] == 1 ? 0 : size_t(mask_strides[0]);
+  mst1 = mask_shape[1] == 1 ? 0 : size_t(mask_strides[1]);
+  mst2 = mask_shape[2] == 1 ? 0 : size_t(mask_strides[2]);
+  mst3 = mask_shape[3] == 1 ? 0 : size_t(mask_strides[3]);
+}
+
+float m[2] = {NEG_INF, NEG_INF};  // running max (base 2) of rows 2tq, 2tq + 1
+float lsum[2] = {0.0f, 0.0f};     // this lane's share of their softmax sums
+float o[NJ][4];                   // O^T tiles: dims (2j, 2j+1 of lane gr) x rows (2tq, 2tq+1)
+KVQ_UNROLL
+for (int j = 0; j < NJ; j++) {
+  o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
+}
+
+// Packed blocks: raw K/V words and scales of a block of 16 keys, loaded into
+// registers; with PF the next block's are loaded while this one is computed.
+//   K: keys blk + gr (kr0) and blk + gr + 8 (kr1), the words of dims [tq*D/4, ...)
+//   V: keys blk + 2tq, +1, +8, +9 (vr[0..3]), the words of dims [gr*D/8, ...)
+#define KVQ_LOAD_BLOCK(BLK, KR0, KR1, KS0, KB0, KS1, KB1, VR, VSC, VBI)          \
+  {                                                                            \
+    const int key0_ = metal::min((BLK) + gr, kend - 1);                        \
+    const int key1_ = metal::min((BLK) + gr + 8, kend - 1);                    \
+    kvq_load_words<KWL>(kwp + key0_ * kws + tq * KWL, KR0);                   \
+    kvq_load_words<KWL>(kwp + key1_ * kws + tq * KWL, KR1);                   \
+    KVQ_UNROLL                                                                 \
+    for (int x = 0; x < LGK; x++) {                                            \
+      const int gi = (tq * KDL) / GS + x;                                      \
+      KS0[x] = float(ksp[key0_ * kss + gi]);                                   \
+      KB0[x] = float(kbp[key0_ * kbs + gi]);                                   \
+      KS1[x] = float(ksp[key1_ * kss + gi]);                                   \
+      KB1[x] = float(kbp[key1_ * kbs + gi]);                                   \
+    }                                                                          \
+    const int vg_ = (gr * DPL) / GS;                                           \
+    KVQ_UNROLL                                                                 \
+    for (int i = 0; i < 4; i++) {                                              \
+      const int vk_ = metal::min((BLK) + 2 * tq + (i & 1) + 8 * (i >> 1), kend - 1); \
+      kvq_load_words<VWL>(vwp + vk_ * vws + gr * VWL, VR[i]);                 \
+      VSC[i] = float(vsp[vk_ * vss + vg_]);                                    \
+      VBI[i] = float(vbp[vk_ * vbs + vg_]);                                    \
+    }                                                                          \
+  }
+uint kr0[KWL], kr1[KWL], vr[4][VWL];
+float ks0f[LGK], kb0f[LGK], ks1f[LGK], kb1f[LGK], vsc[4], vbi[4];
+uint nkr0[KWL], nkr1[KWL], nvr[4][VWL];
+float nks0[LGK], nkb0[LGK], nks1[LGK], nkb1[LGK], nvsc[4], nvbi[4];
+uint fkr0[KWL], fkr1[KWL], fvr[4][VWL];
+float fks0[LGK], fkb0[LGK], fks1[LGK], fkb1[LGK], fvsc[4], fvbi[4];
+if (PF > 0 && !dense && kbeg < kend) {
+  KVQ_LOAD_BLOCK(kbeg, kr0, kr1, ks0f, kb0f, ks1f, kb1f, vr, vsc, vbi);
+  if (PF > 1) {
+    KVQ_LOAD_BLOCK(kbeg + 16, nkr0, nkr1, nks0, nkb0, nks1, nkb1, nvr, nvsc, nvbi);
+  }
+}
+
+for (int blk = kbeg; blk < kend; blk += 16) {
+  const int klast = kend - 1;
+  int vkey[4];
+  vkey[0] = metal::min(blk + 2 * tq, klast);
+  vkey[1] = metal::min(blk + 2 * tq + 1, klast);
+  vkey[2] = metal::min(blk + 2 * tq + 8, klast);
+  vkey[3] = metal::min(blk + 2 * tq + 9, klast);
+  if (!dense) {
+    if (PF > 1) {
+      KVQ_LOAD_BLOCK(blk + 32, fkr0, fkr1, fks0, fkb0, fks1, fkb1, fvr, fvsc, fvbi);
+    } else if (PF > 0) {
+      KVQ_LOAD_BLOCK(blk + 16, nkr0, nkr1, nks0, nkb0, nks1, nkb1, nvr, nvsc, nvbi);
+    } else {
+      KVQ_LOAD_BLOCK(blk, kr0, kr1, ks0f, kb0f, ks1f, kb1f, vr, vsc, vbi);
+    }
+  }
+
+  // ---- S^T (16 keys x 8 rows) = K Q^T: keys blk + gr (a0, a2) and blk + gr + 8 (a1, a3)
+  float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  float s2[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // odd k-steps: two independent mma chains
+  {
+    const int key0 = metal::min(blk + gr, klast);
+    const int key1 = metal::min(blk + gr + 8, klast);
+    if (!dense) {
+      uint ksc0[LGK], kbi0[LGK], ksc1[LGK], kbi1[LGK];
+      KVQ_UNROLL
+      for (int x = 0; x < LGK; x++) {
+        ksc0[x] = kvq_h2(ks0f[x], ks0f[x]);
+        kbi0[x] = kvq_h2(kb0f[x], kb0f[x]);
+        ksc1[x] = kvq_h2(ks1f[x], ks1f[x]);
+        kbi1[x] = kvq_h2(kb1f[x], kb1f[x]);
+      }
+      KVQ_UNROLL
+      for (int c = 0; c < NK; c++) {
+        const int x = LGK > 1 ? (KCPW * (c / KKPW)) / GS : 0;
+        const int sh = 2 * (c % KKPW) * KB;
+        const uint w0 = kr0[c / KKPW];
+        const uint w1 = kr1[c / KKPW];
+        const uint a0 = kvq_h2_deq(((w0 >> sh) & KM2) | MAGIC, ksc0[x], kbi0[x]);
+        const uint a2 = kvq_h2_deq(((w0 >> (sh + KB)) & KM2) | MAGIC, ksc0[x], kbi0[x]);
+        const uint a1 = kvq_h2_deq(((w1 >> sh) & KM2) | MAGIC, ksc1[x], kbi1[x]);
+        const uint a3 = kvq_h2_deq(((w1 >> (sh + KB)) & KM2) | MAGIC, ksc1[x], kbi1[x]);
+        kvq_mma_16816((c & 1) ? s2 : s, a0, a1, a2, a3, qb[c][0], qb[c][1], lane);
+      }
+    } else {
+      const device DT* kp0 = key0 < ns ? sk + size_t(b) * size_t(sk_strides[0]) + size_t(kvh) * size_t(sk_strides[1]) +
+              size_t(key0) * size_t(sk_strides[2])
+                                        : wk + size_t(b) * size_t(wk_strides[0]) + size_t(kvh) * size_t(wk_strides[1]) +
+              size_t(key0 - ns) * size_t(wk_strides[2]);
+      const device DT* kp1 = key1 < ns ? sk + size_t(b) * size_t(sk_strides[0]) + size_t(kvh) * size_t(sk_strides[1]) +
+              size_t(key1) * size_t(sk_strides[2])
+                                        : wk + size_t(b) * size_t(wk_strides[0]) + size_t(kvh) * size_t(wk_strides[1]) +
+              size_t(key1 - ns) * size_t(wk_strides[2]);
+      KVQ_UNROLL
+      for (int c = 0; c < NK; c++) {
+        const int d0 = tq * KDL + KCPW * (c / KKPW) + 2 * (c % KKPW);
+        const uint a0 = kvq_h2(float(kp0[d0]), float(kp0[d0 + KH]));
+        const uint a2 = kvq_h2(float(kp0[d0 + 1]), float(kp0[d0 + 1 + KH]));
+        const uint a1 = kvq_h2(float(kp1[d0]), float(kp1[d0 + KH]));
+        const uint a3 = kvq_h2(float(kp1[d0 + 1]), float(kp1[d0 + 1 + KH]));
+        kvq_mma_16816((c & 1) ? s2 : s, a0, a1, a2, a3, qb[c][0], qb[c][1], lane);
+      }
+    }
+    KVQ_UNROLL
+    for (int e = 0; e < 4; e++) {
+      s[e] += s2[e];
+    }
+  }
+
+  // ---- masking and online softmax (base 2); s[e]: key blk + gr + 8*(e>>1), row 2tq + (e&1)
+  float bmax[2] = {NEG_INF, NEG_INF};
+  KVQ_UNROLL
+  for (int e = 0; e < 4; e++) {
+    const int i = e & 1;
+    const int key = blk + gr + 8 * (e >> 1);
+    const int pos = dense ? (key < ns ? key : key + n) : ns + key;
+    float x = s[e] * qscale;
+    bool vis = key < kend && rok[i];
+    if (CAUSAL) {
+      vis = vis && pos <= rpos[i];
+    }
+    if (MASK != 0) {
+      const size_t mi = size_t(b) * mst0 + size_t(rhead[i]) * mst1 + size_t(rpos[i] - q_start) * mst2 +
+          size_t(vis ? pos : 0) * mst3;
+      const float mv = float(mask[mi]);
+      if (MASK == 1) {
+        vis = vis && mv != 0.0f;
+      } else {
+        x += mv * KVQ_LOG2E;
+      }
+    }
+    x = vis ? x : NEG_INF;
+    s[e] = x;
+    bmax[i] = metal::max(bmax[i], x);
+  }
+  float fac[2];
+  KVQ_UNROLL
+  for (int i = 0; i < 2; i++) {
+    bmax[i] = metal::max(bmax[i], simd_shuffle_xor(bmax[i], 4u));
+    bmax[i] = metal::max(bmax[i], simd_shuffle_xor(bmax[i], 8u));
+    bmax[i] = metal::max(bmax[i], simd_shuffle_xor(bmax[i], 16u));
+    const float mnew = metal::max(m[i], bmax[i]);
+    fac[i] = mnew == NEG_INF ? 1.0f : metal::exp2(m[i] - mnew);
+    m[i] = mnew;
+  }
+  KVQ_UNROLL
+  for (int e = 0; e < 4; e++) {
+    s[e] = m[e & 1] == NEG_INF ? 0.0f : metal::exp2(s[e] - m[e & 1]);
+  }
+  lsum[0] = lsum[0] * fac[0] + s[0] + s[2];
+  lsum[1] = lsum[1] * fac[1] + s[1] + s[3];
+  KVQ_UNROLL
+  for (int j = 0; j < NJ; j++) {
+    o[j][0] *= fac[0];
+    o[j][1] *= fac[1];
+    o[j][2] *= fac[0];
+    o[j][3] *= fac[1];
+  }
+  // P^T as the B operand: b0 = P[row gr][keys 2tq, 2tq+1], b1 = keys 2tq+8, 2tq+9,
+  // gathered from the lanes holding them (lane 4*key + row/2, fp16 pair of rows)
+  uint pb0, pb1;
+  {
+    const uint u01 = kvq_h2(s[0], s[1]);
+    const uint u23 = kvq_h2(s[2], s[3]);
+    const uint src = uint(8 * tq + (gr >> 1));
+    const uint sh = (gr & 1) ? 16u : 0u;
+    const uint x0 = simd_shuffle(u01, src);
+    const uint x1 = simd_shuffle(u01, src + 4u);
+    const uint x2 = simd_shuffle(u23, src);
+    const uint x3 = simd_shuffle(u23, src + 4u);
+    pb0 = ((x0 >> sh) & 0xFFFFu) | (((x1 >> sh) & 0xFFFFu) << 16);
+    pb1 = ((x2 >> sh) & 0xFFFFu) | (((x3 >> sh) & 0xFFFFu) << 16);
+  }
+
+  // ---- O^T (dims x rows) += V^T P^T; tile j: local dims 2j (a0, a2) and 2j+1 (a1, a3)
+  if (!dense) {
+    const uint sc01 = kvq_h2(vsc[0], vsc[1]);
+    const uint bi01 = kvq_h2(vbi[0], vbi[1]);
+    const uint sc23 = kvq_h2(vsc[2], vsc[3]);
+    const uint bi23 = kvq_h2(vbi[2], vbi[3]);
+    KVQ_UNROLL
+    for (int j = 0; j < NJ; j++) {
+      const int l0 = 2 * j;
+      const int x = l0 / VCPW;
+      const int q0 = l0 % VCPW;
+      const int k0 = q0 / VCPB, e0 = q0 % VCPB;
+      const int k1 = (q0 + 1) / VCPB, e1 = (q0 + 1) % VCPB;
+      const uint a0 = kvq_h2_deq(((kvq_bytes2(vr[0][x], vr[1][x], k0) >> (e0 * VB)) & VM2) | MAGIC, sc01, bi01);
+      const uint a1 = kvq_h2_deq(((kvq_bytes2(vr[0][x], vr[1][x], k1) >> (e1 * VB)) & VM2) | MAGIC, sc01, bi01);
+      const uint a2 = kvq_h2_deq(((kvq_bytes2(vr[2][x], vr[3][x], k0) >> (e0 * VB)) & VM2) | MAGIC, sc23, bi23);
+      const uint a3 = kvq_h2_deq(((kvq_bytes2(vr[2][x], vr[3][x], k1) >> (e1 * VB)) & VM2) | MAGIC, sc23, bi23);
+      kvq_mma_16816(o[j], a0, a1, a2, a3, pb0, pb1, lane);
+    }
+  } else {
+    const device DT* vp[4];
+    KVQ_UNROLL
+    for (int i = 0; i < 4; i++) {
+      vp[i] = vkey[i] < ns
+          ? sv + size_t(b) * size_t(sv_strides[0]) + size_t(kvh) * size_t(sv_strides[1]) + size_t(vkey[i]) * size_t(sv_strides[2])
+          : wv + size_t(b) * size_t(wv_strides[0]) + size_t(kvh) * size_t(wv_strides[1]) +
+              size_t(vkey[i] - ns) * size_t(wv_strides[2]);
+    }
+    KVQ_UNROLL
+    for (int j = 0; j < NJ; j++) {
+      const int d = gr * DPL + 2 * j;
+      const uint a0 = kvq_h2(float(vp[0][d]), float(vp[1][d]));
+      const uint a1 = kvq_h2(float(vp[0][d + 1]), float(vp[1][d + 1]));
+      const uint a2 = kvq_h2(float(vp[2][d]), float(vp[3][d]));
+      const uint a3 = kvq_h2(float(vp[2][d + 1]), float(vp[3][d + 1]));
+      kvq_mma_16816(o[j], a0, a1, a2, a3, pb0, pb1, lane);
+    }
+  }
+  if (PF > 0 && !dense) {  // shift the prefetched blocks down
+    KVQ_UNROLL
+    for (int x = 0; x < KWL; x++) {
+      kr0[x] = nkr0[x];
+      kr1[x] = nkr1[x];
+      nkr0[x] = fkr0[x];
+      nkr1[x] = fkr1[x];
+    }
+    KVQ_UNROLL
+    for (int x = 0; x < LGK; x++) {
+      ks0f[x] = nks0[x];
+      kb0f[x] = nkb0[x];
+      ks1f[x] = nks1[x];
+      kb1f[x] = nkb1[x];
+      nks0[x] = fks0[x];
+      nkb0[x] = fkb0[x];
+      nks1[x] = fks1[x];
+      nkb1[x] = fkb1[x];
+    }
+    KVQ_UNROLL
+    for (int i = 0; i < 4; i++) {
+      KVQ_UNROLL
+      for (int x = 0; x < VWL; x++) {
+        vr[i][x] = nvr[i][x];
+        nvr[i][x] = fvr[i][x];
+      }
+      vsc[i] = nvsc[i];
+      vbi[i] = nvbi[i];
+      nvsc[i] = fvsc[i];
+      nvbi[i] = fvbi[i];
+    }
+  }
+}
+#undef KVQ_LOAD_BLOCK
+
+// ---- combine the NSG warps of this threadgroup (same head and rows, adjacent
+// key ranges) into one partial: out normalized, lse in natural log
+threadgroup float m_tg[NSG * 8];
+threadgroup float l_tg[NSG * 8];
+threadgroup float o_tg[8 * D];
+KVQ_UNROLL
+for (int i = 0; i < 2; i++) {
+  lsum[i] += simd_shuffle_xor(lsum[i], 4u);
+  lsum[i] += simd_shuffle_xor(lsum[i], 8u);
+  lsum[i] += simd_shuffle_xor(lsum[i], 16u);
+}
+if (gr == 0) {
+  KVQ_UNROLL
+  for (int i = 0; i < 2; i++) {
+    m_tg[sg * 8 + 2 * tq + i] = m[i];
+    l_tg[sg * 8 + 2 * tq + i] = lsum[i];
+  }
+}
+for (int i = tid; i < 8 * D; i += NT) {
+  o_tg[i] = 0.0f;
+}
+threadgroup_barrier(mem_flags::mem_threadgroup);
+float f[2];
+KVQ_UNROLL
+for (int i = 0; i < 2; i++) {
+  float mt = NEG_INF;
+  for (int s2 = 0; s2 < NSG; s2++) {
+    mt = metal::max(mt, m_tg[s2 * 8 + 2 * tq + i]);
+  }
+  f[i] = m[i] == NEG_INF ? 0.0f : metal::exp2(m[i] - mt);
+}
+for (int s2 = 0; s2 < NSG; s2++) {
+  if (sg == s2) {
+    KVQ_UNROLL
+    for (int j = 0; j < NJ; j++) {
+      const int d = gr * DPL + 2 * j;
+      o_tg[(2 * tq) * D + d] += o[j][0] * f[0];
+      o_tg[(2 * tq + 1) * D + d] += o[j][1] * f[1];
+      o_tg[(2 * tq) * D + d + 1] += o[j][2] * f[0];
+      o_tg[(2 * tq + 1) * D + d + 1] += o[j][3] * f[1];
+    }
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+}
+const size_t rows_total = size_t(B) * size_t(Hq) * size_t(L);
+const size_t prow = size_t(part) * rows_total + size_t((b * Hq + kvh * rep) * L + row0);
+for (int i = tid; i < 8 * D; i += NT) {
+  const int r = i / D;
+  if (row0 + r < R) {
+    float mt = NEG_INF;
+    for (int s2 = 0; s2 < NSG; s2++) {
+      mt = metal::max(mt, m_tg[s2 * 8 + r]);
+    }
+    float lt = 0.0f;
+    if (mt != NEG_INF) {
+      for (int s2 = 0; s2 < NSG; s2++) {
+        lt += l_tg[s2 * 8 + r] * metal::exp2(m_tg[s2 * 8 + r] - mt);
+      }
+    }
+    out[(prow + size_t(r)) * D + size_t(i % D)] = lt > 0.0f ? o_tg[i] / lt : 0.0f;
+    if (i % D == 0) {
+      lse[prow + size_t(r)] = lt > 0.0f ? (mt * KVQ_LN2 + metal::log(lt)) : NEG_INF;
+    }
+  }
+}
