@@ -48,6 +48,12 @@ def quantized_sdpa(queries, view, scale, mask=None, sinks=None):
         raise ValueError(f"Unsupported mask {mask!r}.")
     array_mask = None if causal or mask is None else mask
 
+    fast = _gpu_prefill(q, view, scale, mask, sinks)
+    if fast is not None:
+        out = fast
+        if cache.rotate == "kv":
+            out = out.astype(mx.float32) @ rotation(out.shape[-1]).T
+        return out[..., : cache.v_dim].astype(queries.dtype)
     fused = _fused_decode(q, view, scale, causal, array_mask)
     if fused is not None:
         out, lse = fused
@@ -60,6 +66,49 @@ def quantized_sdpa(queries, view, scale, mask=None, sinks=None):
     if cache.rotate == "kv":
         out = out @ rotation(out.shape[-1]).T
     return out[..., : cache.v_dim].astype(queries.dtype)
+
+
+PREFILL_COPY_BYTES = 1 << 30  # largest transient unquantized copy of one layer's K/V (GPU prefill)
+
+
+def _gpu_prefill(q, view, scale, mask, sinks):
+    """Prefill chunks on a GPU: the layer's packed run dequantized to the model dtype
+    in one go, then MLX's fused ``scaled_dot_product_attention`` over all keys.
+
+    The tiled prefill kernel is correct but slower than this on CUDA, and the
+    reference materializes fp32 scores block by block; a chunk of thousands of
+    queries is compute-bound, so one transient unquantized copy of one layer's keys
+    and values (at most ``PREFILL_COPY_BYTES``, freed after the layer) is the fast
+    path. Decode never takes it. Returns the output or None where it does not apply.
+    """
+    cache = view.cache
+    if q.shape[2] <= kernels.DECODE_MAX_L or not kernels.enabled():
+        return None
+    k, v, n = view.packed
+    dt = cache.dtype
+    B, Hkv = k[0].shape[:2] if n else (None, None)
+    if n:
+        d = k[0].shape[-1] * 32 // cache.k_bits + v[0].shape[-1] * 32 // cache.v_bits
+        if B * Hkv * (cache.offset) * d * dt.size > PREFILL_COPY_BYTES:
+            return None
+    parts_k, parts_v = [], []
+    if view.sinks[0] is not None and view.sinks[0].shape[2]:
+        parts_k.append(view.sinks[0])
+        parts_v.append(view.sinks[1])
+    if n:
+        deq = lambda p, bits: quant.dequantize(
+            tuple(x[:, :, :n] for x in p), bits, cache.group_size, cache.mode, dt
+        )
+        parts_k.append(deq(k, cache.k_bits))
+        parts_v.append(deq(v, cache.v_bits))
+    if view.window[0] is not None and view.window[0].shape[2]:
+        parts_k.append(view.window[0])
+        parts_v.append(view.window[1])
+    keys = mx.concatenate(parts_k, axis=2) if len(parts_k) > 1 else parts_k[0]
+    values = mx.concatenate(parts_v, axis=2) if len(parts_v) > 1 else parts_v[0]
+    return mx.fast.scaled_dot_product_attention(
+        q.astype(dt), keys, values, scale=scale, mask=mask, sinks=sinks
+    )
 
 
 def _fused_decode(q, view, scale, causal, mask):

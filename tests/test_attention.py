@@ -54,6 +54,38 @@ def test_matches_plain_fp32_attention_over_the_dequantized_cache(case):
     assert rel_err(out, ref) < 4e-3  # fp16 output rounding; quantization error is in both
 
 
+PREFILL_CASES = [c for c in CASES if c[6] > 8]
+
+
+@pytest.mark.parametrize("case", PREFILL_CASES, ids=[str(i) for i in range(len(PREFILL_CASES))])
+def test_gpu_prefill_path_matches_plain_attention(monkeypatch, case):
+    """The GPU prefill path (dequantize the layer, MLX's fused sdpa), run here on any backend."""
+    from mlx_kvq import kernels
+
+    config, B, Hq, Hkv, D, past, L, mask_kind = case
+    mx.random.seed(L)
+    cache = filled(config, B, Hkv, D, [p for p in past if p])
+    k = mx.random.normal((B, Hkv, L, D)).astype(mx.float16)
+    view, _ = cache.update_and_fetch(k, k)
+    q = mx.random.normal((B, Hq, L, D)).astype(mx.float16)
+    N = cache.offset
+    full = attention.causal_mask(L, N - L)
+    if mask_kind == "bool":
+        pad = mx.arange(N)[None] >= mx.array([10, 0])[:, None]
+        mask = ref_mask = full[None, None] & pad[:, None, None, :]
+    else:
+        mask, ref_mask = "causal", full
+    monkeypatch.setattr(kernels, "enabled", lambda: True)
+    calls = []
+    sdpa = mx.fast.scaled_dot_product_attention
+    monkeypatch.setattr(mx.fast, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    out = quantized_sdpa(q, view, scale=D**-0.5, mask=mask)
+    assert calls, "the prefill path was not taken"
+    ref = reference_over_cache(cache, q, D**-0.5, ref_mask)
+    assert out.shape == (B, Hq, L, D) and out.dtype == q.dtype
+    assert rel_err(out, ref) < 4e-3
+
+
 def test_blocks_bound_memory_and_agree_with_one_block(monkeypatch):
     cache = filled(dict(bits=4, group_size=64, sinks=0, window=0), 1, 2, 64, [1000, 1])
     q = mx.random.normal((1, 4, 1, 64))
@@ -107,7 +139,7 @@ def test_reference_is_forced_by_environment(monkeypatch):
 
 @pytest.mark.skipif(not (mx.metal.is_available() or mx.cuda.is_available()), reason="needs a GPU backend")
 @pytest.mark.parametrize("config", [dict(bits=4), dict(bits=8, k_bits=8, v_bits=4, sinks=2, window=4)])
-@pytest.mark.parametrize("L", [1, 4])
+@pytest.mark.parametrize("L", [1, 4, 100])
 def test_kernel_dispatch_agrees_with_reference(monkeypatch, config, L):
     cache = filled(config, 1, 8, 128, [3000, 1])
     k = mx.random.normal((1, 8, L, 128)).astype(mx.float16)
