@@ -2,6 +2,7 @@
 
     python benchmarks/bench_batch.py                      # 200 prompts, then 64 at 4 bits vs fp16
     python benchmarks/bench_batch.py --prompts 50 --max-tokens 4 --configs fp16,4
+    python benchmarks/bench_batch.py --check-prompts 0 --json batch.json   # rows also as JSON
 
 Runs ``mlx_kvq.batch_generate`` on the embedded SmolLM2-135M-Instruct (weights
 dequantized to float32 on the CPU, where quantized matmuls are slow; ``--dtype model``
@@ -14,6 +15,7 @@ at 2 bytes, which is what the same run stores with a float16 model (packed words
 import mlx_kvq  # noqa: F401  (OpenBLAS before mlx.core)
 
 import argparse
+import json
 import os
 import platform
 import time
@@ -51,12 +53,14 @@ def kv_bytes(caches, as_fp16=False):
     for c in caches:
         if hasattr(c, "cache"):  # BatchQuantizedKVCache
             q, n = c.cache, c.cache.n_packed
-            dense = [q.sink_keys, q.sink_values, q.window_keys, q.window_values]
+            sinks = [q.sink_keys, q.sink_values]
             packed = list(q.keys or ()) + list(q.values or ())
-            used += _size(dense + [a[:, :, :n] for a in packed], as_fp16)
-            alloc += _size(dense + packed, as_fp16)
+            used += _size(sinks + [q.window_keys, q.window_values] + [a[:, :, :n] for a in packed], as_fp16)
+            # the window's buffers (spare room included): what ``nbytes`` counts beyond the rest
+            window = q.nbytes - _size(sinks + packed, False)
+            alloc += _size(sinks + packed, as_fp16) + (window // 2 if as_fp16 and q.dtype == mx.float32 else window)
         else:  # mlx-lm BatchKVCache
-            used += _size([c.keys[..., : c._idx, :], c.values[..., : c._idx, :]], as_fp16)
+            used += _size([c.keys[..., : c.size(), :], c.values[..., : c.size(), :]], as_fp16)
             alloc += _size([c.keys, c.values], as_fp16)
     return used, alloc
 
@@ -105,6 +109,17 @@ def table(rows, weights, dtype):
     return "\n".join(out)
 
 
+def json_rows(rows, weights, dtype):
+    """The table's rows as dicts: raw bytes, ``vs_fp16`` (KV used as fp16 model) and the model's dtype."""
+    base = {r["prompts"]: r for r in rows if r["cache"] == "fp16"}
+    out = []
+    for r in rows:
+        b = base.get(r["prompts"])
+        out.append(dict(r, vs_fp16=r["used16"] / b["used16"] if b else None,
+                        peak_minus_weights=r["peak"] - weights, weights=weights, dtype=dtype))
+    return out
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompts", type=int, default=200)
@@ -112,6 +127,7 @@ def main():
     p.add_argument("--configs", default="fp16,8,4,2,2w0", help="fp16, bits, or bits + w + recent window (2w0)")
     p.add_argument("--check-prompts", type=int, default=64, help="prompts of the 4-bit vs fp16 check (0: skip)")
     p.add_argument("--dtype", choices=["auto", "model", "float32"], default="auto")
+    p.add_argument("--json", metavar="PATH", help="also write the rows (a list of dicts, bytes and seconds) to PATH")
     args = p.parse_args()
     model, tokenizer = load(None)
     prepare_model(model, args.dtype)
@@ -133,6 +149,9 @@ def main():
         print(f"{args.check_prompts} prompts, 4-bit KV / fp16 KV = {q4['used16'] / fp16['used16']:.3f} "
               f"as an fp16 model stores them, {q4['used'] / fp16['used']:.3f} in {dtype} "
               "(must be <= 0.35)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(json_rows(rows, weights, dtype), f, indent=1)
 
 
 if __name__ == "__main__":

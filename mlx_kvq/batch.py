@@ -22,10 +22,16 @@ from dataclasses import dataclass, field
 from typing import List
 
 import mlx.core as mx
-import mlx_lm.models.cache as lm_cache
 
 from .cache import QuantizedKVCache
-from .integration import make_prompt_cache
+from .integration import (
+    empty_fp16_cache,
+    extract_row,
+    fp16_batch_cache,
+    is_fp16_cache,
+    make_prompt_cache,
+    merge_mlx_lm_caches,
+)
 
 
 class BatchQuantizedKVCache:
@@ -195,10 +201,8 @@ def merge_caches(layer_caches):
             if type(rows[0]) is not QuantizedKVCache:
                 raise ValueError(f"{type(rows[0]).__name__} layers cannot be batched yet.")
             merged.append(BatchQuantizedKVCache.merge(list(rows)))
-        elif hasattr(rows[0], "merge"):
-            merged.append(rows[0].merge(list(rows)))
         else:
-            raise ValueError(f"{type(rows[0]).__name__} layers cannot be batched.")
+            merged.append(merge_mlx_lm_caches(list(rows)))
     return merged
 
 
@@ -229,12 +233,12 @@ def batched_prefill(model, prompts, config, batch_size=32):
         L = max(len(p) for p in group)
         pads = [L - len(p) for p in group]
         x = mx.array([[0] * n + list(p) for n, p in zip(pads, group)])
-        cache = [lm_cache.BatchKVCache(pads) for _ in lm_cache.make_prompt_cache(model)]
+        cache = fp16_batch_cache(model, pads)
         if L:
             model(x, cache=cache)
             mx.eval([c.state for c in cache])
         for i in range(len(group)):
-            layers = [c.extract(i) if L else lm_cache.KVCache() for c in cache]
+            layers = [extract_row(c, i) if L else empty_fp16_cache() for c in cache]
             if config is not None:
                 layers = compact([QuantizedKVCache.from_cache(c, **_init_args(config)) for c in layers])
                 mx.eval([c.state for c in layers])
@@ -285,10 +289,11 @@ def batch_generate(
     kv_kwargs.setdefault("kv_bits", 4)
     tic = time.perf_counter()
     template = make_prompt_cache(model, **kv_kwargs)
-    kinds = {type(c) for c in template}
+    quantized = all(type(c) is QuantizedKVCache for c in template)
+    fp16 = all(is_fp16_cache(c) for c in template)
     one_step = max(len(p) for p in prompts) - 1 <= prefill_step_size
-    if one_step and kinds <= {QuantizedKVCache, lm_cache.KVCache} and len(kinds) == 1:
-        config = template[0].config if QuantizedKVCache in kinds else None
+    if one_step and template and (quantized or fp16):
+        config = template[0].config if quantized else None
         rows = batched_prefill(model, prompts, config, prefill_batch_size)
     else:
         rows = []

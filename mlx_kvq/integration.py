@@ -9,6 +9,8 @@
   for other caches and idempotent.
 * Our class is registered in ``mlx_lm.models.cache`` so that mlx-lm's
   ``load_prompt_cache`` (which looks classes up there by name) finds it.
+* ``fp16_batch_cache``, ``extract_row``, ``empty_fp16_cache``, ``is_fp16_cache`` and
+  ``merge_mlx_lm_caches``: the mlx-lm cache classes ``mlx_kvq.batch`` uses.
 """
 
 import os
@@ -140,3 +142,33 @@ def _describe(config):
     if config is None:
         return "fp16 (not quantized)"
     return ", ".join(f"{k}={v}" for k, v in config.items())
+
+
+# -- mlx-lm's fp16 caches, for mlx_kvq.batch ------------------------------------------
+
+
+def fp16_batch_cache(model, left_padding):
+    """mlx-lm's fp16 ``BatchKVCache`` for each layer of ``model``, rows left-padded by ``left_padding``."""
+    return [lm_cache.BatchKVCache(left_padding) for _ in lm_cache.make_prompt_cache(model)]
+
+
+def extract_row(cache, i):
+    """Row ``i`` of an mlx-lm ``BatchKVCache``, padding dropped, as a single-row ``KVCache``."""
+    return cache.extract(i)
+
+
+def empty_fp16_cache():
+    """An empty mlx-lm ``KVCache``."""
+    return lm_cache.KVCache()
+
+
+def is_fp16_cache(c):
+    """Whether ``c`` is mlx-lm's plain ``KVCache`` (what ``kv_bits=None`` leaves a layer)."""
+    return type(c) is lm_cache.KVCache
+
+
+def merge_mlx_lm_caches(caches):
+    """One mlx-lm batch cache from single-row mlx-lm caches of one layer (their ``merge``)."""
+    if not hasattr(caches[0], "merge"):
+        raise ValueError(f"{type(caches[0]).__name__} layers cannot be batched.")
+    return caches[0].merge(list(caches))

@@ -81,7 +81,9 @@ def test_generate_step_runs_unchanged(model):
 def test_save_load_with_mlx_lm_functions(model, tmp_path):
     cache = mlx_kvq.make_prompt_cache(model, kv_bits=4, window=3)
     model(PROMPT[None], cache=cache)
+    model(PROMPT[None, :2], cache=cache)  # a second chunk packs the first
     model(PROMPT[None, :1], cache=cache)
+    assert cache[0].n_packed > 0 and cache[0].window_keys.shape[2] > 0
     path = tmp_path / "c.safetensors"
     lm_cache.save_prompt_cache(str(path), cache, {"model": "tiny"})
     loaded, meta = lm_cache.load_prompt_cache(str(path), return_metadata=True)
@@ -128,6 +130,33 @@ def test_trim_through_mlx_lm(model):
     full = model(PROMPT[None], cache=fresh)
     again = model(PROMPT[None, -5:], cache=cache)
     assert rel_err(again[0], full[0, -5:]) < 0.02
+
+
+def test_fp16_batch_helpers(model):
+    """The mlx-lm cache helpers mlx_kvq.batch uses: left-padded prefill, rows out, merged back."""
+    from mlx_kvq.integration import (
+        empty_fp16_cache, extract_row, fp16_batch_cache, is_fp16_cache, merge_mlx_lm_caches,
+    )
+
+    a, b = PROMPT[:10], PROMPT[:6]
+    cache = fp16_batch_cache(model, [0, 4])
+    assert len(cache) == 2 and all(type(c) is lm_cache.BatchKVCache for c in cache)
+    x = mx.concatenate([a[None], mx.concatenate([mx.zeros((4,), PROMPT.dtype), b])[None]])
+    model(x, cache=cache)
+    for i, p in enumerate([a, b]):
+        rows = [extract_row(c, i) for c in cache]
+        assert all(is_fp16_cache(r) and r.offset == len(p) for r in rows)
+        alone = lm_cache.make_prompt_cache(model)
+        model(p[None], cache=alone)
+        for r, c in zip(rows, alone):
+            assert rel_err(r.keys, c.keys[:, :, : len(p)]) < 1e-2
+    empty = empty_fp16_cache()
+    assert is_fp16_cache(empty) and empty.empty()
+    assert not is_fp16_cache(cache[0]) and not is_fp16_cache(QuantizedKVCache(4))
+    merged = merge_mlx_lm_caches([extract_row(cache[0], 0), extract_row(cache[0], 1)])
+    assert type(merged) is lm_cache.BatchKVCache and merged.left_padding.tolist() == [0, 4]
+    with pytest.raises(ValueError, match="object layers cannot be batched"):
+        merge_mlx_lm_caches([object()])
 
 
 # -- with the real SmolLM2-135M-Instruct weights (the embedded model) ---------------------
