@@ -4,7 +4,11 @@ For each KV config: prefill a long prompt in chunks through mlx-lm's ``generate_
 decode greedily. Reports prefill tokens/s, decode tokens/s (median step after warm-up), peak
 memory above the weights, and KV bytes. Run on a GPU:
 
-    python benchmarks/bench_generate.py --context 32768 --new 64 --json out.json
+    python benchmarks/bench_generate.py --context 32768 --new 64 --json out.json --plot out.png
+    mlx_kvq.bench generate --context 32768 --new 64      # the same, installed
+
+``--json`` writes ``{"meta": {command, device, versions, date}, "rows": [one per config]}``;
+``--plot`` a PNG of the ``--plot-y`` columns per config (default: the memory columns).
 
 Configs: ``fp16`` (mlx-lm KVCache), ``mlx-lm-8``/``mlx-lm-4`` (mlx-lm's QuantizedKVCache via
 ``kv_bits``), ``kvq-8``/``kvq-4``/... (mlx_kvq). A config that fails is reported, not fatal.
@@ -17,7 +21,11 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__:  # mlx_kvq.benchmarks.bench_generate (python -m mlx_kvq.bench generate)
+    from .report import plot, require_matplotlib, write_json
+else:  # python3 benchmarks/bench_generate.py: the repository's mlx_kvq, and report.py beside this
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from report import plot, require_matplotlib, write_json
 
 import mlx_kvq  # noqa: E402  (OpenBLAS before mlx.core)
 import mlx.core as mx  # noqa: E402
@@ -89,8 +97,13 @@ def main(argv=None):
     p.add_argument("--chunk", type=int, default=2048)
     p.add_argument("--layers", type=int, help="fewer layers for a quick run")
     p.add_argument("--configs", default="fp16,mlx-lm-8,mlx-lm-4,kvq-8,kvq-4")
-    p.add_argument("--json", help="write results here")
+    p.add_argument("--json", metavar="PATH", help="write the rows and the run's meta data here")
+    p.add_argument("--plot", metavar="PATH", help="write a PNG of the --plot-y columns per config here")
+    p.add_argument("--plot-y", default="peak_above_weights_gib,kv_gib",
+                   help="columns to plot (default: %(default)s; also prefill_tok_s, decode_tok_s)")
     args = p.parse_args(argv)
+    if args.plot:
+        require_matplotlib()
     mx.random.seed(0)
     model = random_model(args.layers)
     print(f"device: {mx.default_device()}  mlx {mx.__version__}", flush=True)
@@ -102,7 +115,7 @@ def main(argv=None):
             rows.append(dict(config=name, error=f"{type(e).__name__}: {str(e)[:200]}"))
         print(json.dumps(rows[-1]), flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        write_json(rows, args.json, dict(args=vars(args)))
     print(f"\n{'config':10} {'prefill tok/s':>14} {'decode tok/s':>13} {'peak-weights GiB':>17} {'KV GiB':>8}")
     for r in rows:
         if "error" in r:
@@ -110,6 +123,13 @@ def main(argv=None):
         else:
             print(f"{r['config']:10} {r['prefill_tok_s']:14.1f} {r['decode_tok_s']:13.1f} "
                   f"{r['peak_above_weights_gib']:17.2f} {r['kv_gib']:8.2f}")
+    if args.plot:
+        ys = args.plot_y.split(",")
+        units = {"GiB" if y.endswith("_gib") else "tokens/s" if y.endswith("_tok_s") else y for y in ys}
+        unit = units.pop() if len(units) == 1 else None
+        layers = args.layers or LLAMA3_8B["num_hidden_layers"]
+        plot(rows, "config", ys, args.plot, f"generate, {args.context}-token prompt, {layers}-layer Llama-3-8B shape",
+             ylabel=unit)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,11 @@ to a cache of 32k tokens plus itself. Measures peak memory above the inputs and 
 time for: fp16 ``mx.fast.scaled_dot_product_attention``, mlx-lm's quantized attention, and
 mlx_kvq's attention (fused kernels where present, and the reference with MLX_KVQ_REFERENCE=1).
 
-    python benchmarks/bench_prefill_memory.py --cache 32768 --chunk 2048
+    python benchmarks/bench_prefill_memory.py --cache 32768 --chunk 2048 --json out.json --plot out.png
+    mlx_kvq.bench prefill-memory --cache 32768 --chunk 2048      # the same, installed
+
+``--json`` writes ``{"meta": {command, device, versions, date}, "rows": [one per path]}``;
+``--plot`` a PNG of the ``--plot-y`` column per path (default: the extra peak memory).
 """
 
 import argparse
@@ -15,7 +19,11 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__:  # mlx_kvq.benchmarks.bench_prefill_memory (python -m mlx_kvq.bench prefill-memory)
+    from .report import plot, require_matplotlib, write_json
+else:  # python3 benchmarks/bench_prefill_memory.py: the repository's mlx_kvq, and report.py beside this
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from report import plot, require_matplotlib, write_json
 
 import mlx_kvq  # noqa: E402
 import mlx.core as mx  # noqa: E402
@@ -42,7 +50,12 @@ def main(argv=None):
     p.add_argument("--cache", type=int, default=32768)
     p.add_argument("--chunk", type=int, default=2048)
     p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--json", metavar="PATH", help="write the rows and the run's meta data here")
+    p.add_argument("--plot", metavar="PATH", help="write a PNG of the --plot-y column per path here")
+    p.add_argument("--plot-y", default="extra_peak_gib", help="columns to plot (default: %(default)s; also median_ms)")
     args = p.parse_args(argv)
+    if args.plot:
+        require_matplotlib()
     Hq, Hkv, D, L = 32, 8, 128, args.chunk
     mx.random.seed(0)
     kv = mlx_kvq.QuantizedKVCache(args.bits, 64, sinks=0, window=0, rotate=False)
@@ -65,15 +78,26 @@ def main(argv=None):
     }
     print(f"device {mx.default_device()}, chunk {L} x cache {N}, Hq {Hq}, Hkv {Hkv}, d {D}")
     print(f"{'path':28} {'extra peak GiB':>15} {'median ms':>10}")
+    rows = []
     for name, fn in runs.items():
         for ref in ([False, True] if name.startswith("mlx_kvq") else [False]):
             os.environ["MLX_KVQ_REFERENCE"] = "1" if ref else "0"
             label = name + (" (reference)" if ref else "")
+            row = dict(path=label, chunk=L, keys=N, bits=args.bits)
             try:
                 gib, ms = measure(fn)
                 print(f"{label:28} {gib:15.2f} {ms:10.2f}", flush=True)
+                rows.append(dict(row, extra_peak_gib=gib, median_ms=ms))
             except Exception as e:
                 print(f"{label:28} failed: {type(e).__name__}: {str(e)[:120]}", flush=True)
+                rows.append(dict(row, error=f"{type(e).__name__}: {str(e)[:200]}"))
+    if args.json:
+        write_json(rows, args.json, dict(args=vars(args)))
+    if args.plot:
+        ys = args.plot_y.split(",")
+        units = {"GiB" if y.endswith("_gib") else "ms" if y.endswith("_ms") else y for y in ys}
+        plot(rows, "path", ys, args.plot, f"one {L}-query prefill chunk against {N} keys, {args.bits}-bit",
+             ylabel=units.pop() if len(units) == 1 else None)
 
 
 if __name__ == "__main__":
