@@ -96,8 +96,10 @@ def _gpu_prefill(q, view, scale, mask, sinks):
         parts_k.append(view.sinks[0])
         parts_v.append(view.sinks[1])
     if n:
+        # depends on q: dequantized only when this layer runs, so one layer's copy is
+        # alive at a time (otherwise MLX may schedule every layer's copy up front)
         deq = lambda p, bits: quant.dequantize(
-            tuple(x[:, :, :n] for x in p), bits, cache.group_size, cache.mode, dt
+            tuple(mx.depends([x[:, :, :n] for x in p], [q])), bits, cache.group_size, cache.mode, dt
         )
         parts_k.append(deq(k, cache.k_bits))
         parts_v.append(deq(v, cache.v_bits))
