@@ -85,7 +85,7 @@ def _gpu_prefill(q, view, scale, mask, sinks):
     if q.shape[2] <= kernels.DECODE_MAX_L or not kernels.enabled():
         return None
     k, v, n = view.packed
-    dt = cache.dtype
+    dt = cache.store_dtype
     B, Hkv = k[0].shape[:2] if n else (None, None)
     if n:
         d = k[0].shape[-1] * 32 // cache.k_bits + v[0].shape[-1] * 32 // cache.v_bits

@@ -172,12 +172,20 @@ class QuantizedKVCache:
         """Head dims that the group size does not divide are zero-padded up to a multiple."""
         return -(-d // self.group_size) * self.group_size
 
+    @property
+    def store_dtype(self):
+        """The dtype of the unquantized runs and of the scales: the model's, but float16
+        for a float32 model (a KV cache gains nothing from float32; it would double
+        the window and the scales)."""
+        return mx.float16 if self.dtype == mx.float32 else self.dtype
+
     def _prepare(self, x, rotate):
-        """Zero-pad to the packed head dim and rotate; the model's dtype is kept."""
+        """Zero-pad to the packed head dim, rotate, cast to ``store_dtype``."""
         d = self.padded_dim(x.shape[-1])
         if d != x.shape[-1]:
             x = mx.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, d - x.shape[-1])])
-        return (x @ rotation(d)).astype(x.dtype) if rotate else x
+        x = x @ rotation(d) if rotate else x
+        return x.astype(self.store_dtype)
 
     # -- the protocol --------------------------------------------------------
     def update_and_fetch(self, keys, values):
