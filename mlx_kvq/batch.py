@@ -175,7 +175,7 @@ def _empty_packed(c, name):
 
     d = c.padded_dim(c.k_dim if name == "keys" else c.v_dim)
     bits = c.k_bits if name == "keys" else c.v_bits
-    x = mx.zeros((1, c.kv_heads, 1, d), c.dtype)
+    x = mx.zeros((1, c.kv_heads, 1, d), c.store_dtype)
     return tuple(a[:, :, :0] for a in quant.quantize(x, bits, c.group_size, c.mode))
 
 
