@@ -36,6 +36,7 @@ NEEDLE = "The secret passphrase is 'violet-harbor-42'."
 NEEDLE_ANSWER = "violet-harbor-42"
 NEEDLE_QUESTION = "What is the secret passphrase? Answer with the passphrase only."
 NEEDLE_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+NEEDLE_MAX_TOKENS = 32  # answer tokens: "The secret passphrase given in the text is '...'" is ~20
 
 BASELINE = "fp16"
 BITS = MODES["affine"][0]
@@ -448,20 +449,39 @@ def evaluate(model, tokens, configs, chunk=512, progress=None, fp_bytes=2):
 # ---------------------------------------------------------------- needle in a haystack
 
 
+def insert_needle(text, depth, needle=NEEDLE):
+    """``text`` with ``needle`` as a paragraph of its own at ``depth`` (0..1) of it.
+
+    The needle goes at the paragraph break (a blank line) nearest to the depth (depth 0:
+    the first one), or, with none within 1,500 characters, after the next sentence end:
+    never inside a sentence or a hard-wrapped line, where a small model reads it as part
+    of the prose around it.
+    """
+    text = text.strip()
+    # depth 0 is the first paragraph break, not the first character: at the very start of
+    # the user turn the embedded model recalls the needle over ~1k fewer tokens
+    pos = max(round(depth * len(text)), 1)
+    if pos < len(text):
+        breaks = [i for i in (text.rfind("\n\n", 0, pos), text.find("\n\n", pos)) if i != -1]
+        near = min(breaks, key=lambda i: abs(i - pos)) if breaks else -1
+        if near != -1 and abs(near - pos) <= 1500:
+            pos = near
+        else:
+            ends = [i for i in (text.find(". ", pos), text.find(".\n", pos)) if i != -1]
+            if ends and min(ends) - pos < 1500:
+                pos = min(ends) + 1
+    before, after = text[:pos].rstrip(), text[pos:].lstrip()
+    return "\n\n".join(part for part in (before, needle, after) if part)
+
+
 def needle_prompt(tokenizer, context_ids, depth, needle=NEEDLE, question=NEEDLE_QUESTION):
     """Token ids of a chat prompt with ``needle`` inserted at ``depth`` (0..1) of the context.
 
-    The needle goes at a sentence boundary near the depth, so the text stays prose.
+    The needle is a paragraph of its own at a paragraph break near the depth (see
+    :func:`insert_needle`); the question follows the document, in the same user turn.
     """
-    text = tokenizer.decode(list(context_ids))
-    pos = round(depth * len(text))
-    if 0 < pos < len(text):
-        # move to the next sentence end (". " or a newline), if one is close
-        ends = [i for i in (text.find(". ", pos), text.find("\n", pos)) if i != -1]
-        if ends and min(ends) - pos < 400:
-            pos = min(ends) + 1
-    haystack = text[:pos].rstrip() + " " + needle + " " + text[pos:].lstrip()
-    content = f"{haystack.strip()}\n\n{question}"
+    haystack = insert_needle(tokenizer.decode(list(context_ids)), depth, needle)
+    content = f"{haystack}\n\n{question}"
     messages = [{"role": "user", "content": content}]
     if getattr(tokenizer, "chat_template", None):
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
@@ -469,6 +489,38 @@ def needle_prompt(tokenizer, context_ids, depth, needle=NEEDLE, question=NEEDLE_
             ids = encode(tokenizer, ids)
         return list(ids)
     return encode(tokenizer, f"{content}\nAnswer:")  # a base model without a chat template
+
+
+def recalled(answer, passphrase=NEEDLE_ANSWER):
+    """True if ``answer`` holds ``passphrase``, ignoring case and whitespace (quotes,
+    punctuation and words around it are fine; a misspelt passphrase is not)."""
+    def squash(t):
+        return "".join(t.lower().split())
+
+    return squash(passphrase) in squash(answer)
+
+
+def model_context(model):
+    """The model's context length (``max_position_embeddings`` of its args), or None."""
+    args = getattr(model, "args", None)
+    for name in ("max_position_embeddings", "context_length", "max_seq_len"):
+        v = getattr(args, name, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def fit_haystack(tokenizer, context_ids, limit, reserve=NEEDLE_MAX_TOKENS):
+    """The longest prefix of ``context_ids`` whose needle prompt plus ``reserve`` answer
+    tokens fits in ``limit`` tokens (all of it when it already fits)."""
+    ids = list(context_ids)
+    for _ in range(8):
+        longest = max(len(needle_prompt(tokenizer, ids, d)) for d in (0.0, 0.5, 1.0))
+        over = longest + reserve - limit
+        if over <= 0:
+            return ids
+        ids = ids[: max(len(ids) - over - 4, 0)]
+    return ids
 
 
 def generate_greedy(model, prompt_ids, cache, max_tokens=24, chunk=512, eos=(), stop=None):
@@ -505,12 +557,18 @@ def _eos_ids(tokenizer):
 
 
 def needle_test(model, tokenizer, context_tokens, configs, depths=NEEDLE_DEPTHS,
-                chunk=512, max_tokens=24, progress=None):
+                chunk=512, max_tokens=NEEDLE_MAX_TOKENS, progress=None, context_limit=None):
     """Needle-in-a-haystack recall per config.
 
-    ``context_tokens``: token ids of the haystack text. Returns a list of dicts
-    ``{config, context_tokens, recall, answers: {depth: answer}}``; recall is the
-    fraction of depths whose greedy answer contains the passphrase.
+    ``context_tokens``: token ids of the haystack text, cut (from the end) so that the
+    prompt and ``max_tokens`` answer tokens fit in ``context_limit`` tokens (default: the
+    model's context, :func:`model_context`). Each answer is decoded greedily until the
+    end-of-turn token, ``max_tokens``, or the passphrase (:func:`recalled`).
+
+    Returns a list of dicts ``{config, context_tokens, haystack_tokens, recall, answers:
+    {depth: answer}, hits: {depth: bool}}`` (depths as ``f"{d:g}"``); ``recall`` is the
+    fraction of depths whose answer holds the passphrase. The fp16 row comes first: a
+    depth that fp16 itself misses says nothing about a quantized cache.
     """
     entries = []
     for c in [BASELINE] + [c for c in configs if c != BASELINE]:
@@ -518,35 +576,56 @@ def needle_test(model, tokenizer, context_tokens, configs, depths=NEEDLE_DEPTHS,
             entries.append((c, lambda m, c=c: make_cache(m, c)))
         else:
             entries.append(c)
+    limit = context_limit or model_context(model)
+    context_tokens = list(context_tokens)
+    if limit:
+        fitted = fit_haystack(tokenizer, context_tokens, limit, max_tokens)
+        if len(fitted) < len(context_tokens):
+            _progress(
+                f"[needle] haystack cut to {len(fitted)} tokens so that prompt + {max_tokens} "
+                f"answer tokens fit the {limit}-token context",
+                progress,
+            )
+        context_tokens = fitted
     prompts = {d: needle_prompt(tokenizer, context_tokens, d) for d in depths}
     eos = _eos_ids(tokenizer)
 
-    def one_line(ids):  # the answer is one line: stop at the first newline after text
-        text = tokenizer.decode(ids)
-        return "\n" in text.lstrip()
+    def found(ids):  # stop as soon as the passphrase is out
+        return recalled(tokenizer.decode(ids))
 
     rows = []
     for name, factory in entries:
-        answers, hits = {}, 0
+        answers, hits = {}, {}
         for d in depths:
             t0 = time.perf_counter()
-            ids = generate_greedy(model, prompts[d], factory(model), max_tokens, chunk, eos, one_line)
+            ids = generate_greedy(model, prompts[d], factory(model), max_tokens, chunk, eos, found)
             ans = tokenizer.decode(ids).strip()
             answers[f"{d:g}"] = ans
-            hits += NEEDLE_ANSWER in ans
+            hits[f"{d:g}"] = recalled(ans)
             _progress(
-                f"[needle] {name} depth {d:.0%}: {ans!r} ({time.perf_counter() - t0:.1f}s)",
+                f"[needle] {name} depth {d:.0%}: {'found' if hits[f'{d:g}'] else 'MISSED'} "
+                f"{ans!r} ({time.perf_counter() - t0:.1f}s)",
                 progress,
             )
         rows.append(
             {
                 "config": name,
                 "context_tokens": len(prompts[depths[0]]),
-                "recall": hits / len(depths),
+                "haystack_tokens": len(context_tokens),
+                "recall": sum(hits.values()) / len(depths),
                 "answers": answers,
+                "hits": hits,
             }
         )
     return rows
+
+
+def needle_baseline_misses(needle_rows):
+    """The depths (as ``f"{d:g}"`` keys) at which the fp16 row missed the passphrase."""
+    for r in needle_rows or []:
+        if r["config"] == BASELINE:
+            return [d for d, hit in r.get("hits", {}).items() if not hit]
+    return []
 
 
 # ---------------------------------------------------------------- report and CLI
@@ -630,9 +709,14 @@ def build_parser():
                    "fast on CPU); KV bytes are counted at 2 bytes per float either way")
     p.add_argument("--needle", action="store_true", help="also run the needle-in-a-haystack test")
     p.add_argument("--needle-tokens", type=_positive, default=2048,
-                   help="haystack length in tokens (default 2048)")
+                   help="haystack length in tokens (default 2048); cut so that the prompt and "
+                   "the answer fit the model's context (e.g. 8192 gives a ~8.1k-token prompt "
+                   "on the embedded model)")
     p.add_argument("--needle-depths", type=_depths, default=NEEDLE_DEPTHS,
                    help="needle depths in percent (default 0,25,50,75,100)")
+    p.add_argument("--needle-max-tokens", type=_positive, default=NEEDLE_MAX_TOKENS,
+                   help=f"answer tokens at most (default {NEEDLE_MAX_TOKENS}); decoding stops "
+                   "early at the end of the turn or once the passphrase is out")
     p.add_argument("--no-ppl", action="store_true", help="skip the perplexity/KL pass")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
@@ -694,7 +778,7 @@ def _run(args, model, tokenizer, progress):
         ctx = text_tokens(tokenizer, args.text, args.needle_tokens)
         needle_rows = needle_test(
             model, tokenizer, ctx.tolist(), args.configs, args.needle_depths,
-            chunk=args.chunk, progress=progress,
+            chunk=args.chunk, max_tokens=args.needle_max_tokens, progress=progress,
         )
         result["needle"] = needle_rows
 
@@ -703,11 +787,19 @@ def _run(args, model, tokenizer, progress):
               f"chunk {args.chunk} | {args.dtype} | {result['device']}")
         print(format_table(rows, needle_rows))
     if needle_rows:
-        if not rows:
-            for r in needle_rows:
-                print(f"{r['config']:<18} needle recall {r['recall']:.0%}")
+        for r in needle_rows:
+            marks = " ".join(
+                f"{float(d):.0%}:{'ok' if hit else 'MISS'}" for d, hit in r["hits"].items()
+            )
+            print(f"{r['config']:<18} needle recall {r['recall']:.0%}  ({marks})")
         print(f"needle: {NEEDLE!r} in {needle_rows[0]['context_tokens']} prompt tokens at depths "
               + ", ".join(f"{d:.0%}" for d in args.needle_depths))
+        misses = needle_baseline_misses(needle_rows)
+        if misses:
+            print("warning: fp16 itself missed the needle at depth "
+                  + ", ".join(f"{float(d):.0%}" for d in misses)
+                  + ": there the test says nothing about the quantized caches (the model "
+                  "misses it without quantization; a shorter --needle-tokens is within its reach)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -139,12 +139,58 @@ def test_4bit_default_beats_plain_groupwise(rows):
     assert default["kv_bytes_per_token"] < 0.35 * rows["fp16"]["kv_bytes_per_token"]
 
 
-def test_needle_found_with_fp16(fp32_model):
+def test_insert_needle_is_a_paragraph_of_its_own():
+    # hard-wrapped prose, as in the shipped texts: a line break is not a sentence end
+    text = ("Title\n\nChapter 1\n\nSir Walter Elliot, of Kellynch Hall, was a man who,\n"
+            "for his own amusement, never took up any book. He read it.\n\n"
+            "Another paragraph, wrapped\nover two lines.\n\nThe end.")
+    for d in (0.0, 0.3, 0.5, 0.7, 1.0):
+        out = ev.insert_needle(text, d, "NEEDLE.")
+        assert out.count("NEEDLE.") == 1
+        assert f"\n\n{out}\n\n".count("\n\nNEEDLE.\n\n") == 1, (d, out)
+        assert out.replace("\n\nNEEDLE.", "", 1).replace("NEEDLE.\n\n", "", 1) == text
+    # depth 0: after the first paragraph, not glued to the start of the user turn
+    assert ev.insert_needle(text, 0.0, "NEEDLE.").startswith("Title\n\nNEEDLE.")
+    assert ev.insert_needle(text, 1.0, "NEEDLE.").endswith("The end.\n\nNEEDLE.")
+    # no paragraph break near: after a sentence end, still as its own paragraph
+    long = "word " * 1000 + "End of a sentence. " + "word " * 1000
+    out = ev.insert_needle(long, 0.5, "NEEDLE.")
+    assert "End of a sentence.\n\nNEEDLE.\n\nword" in out
+
+
+def test_recalled_rule():
+    for ans in ("violet-harbor-42", "The secret passphrase is 'Violet-Harbor-42'.",
+                'The secret passphrase is "violet-harbor-42."', "violet-\nharbor-42"):
+        assert ev.recalled(ans), ans
+    for ans in ("The secret passphrase is:", "violet-harbour-42", "violet-harbor", ""):
+        assert not ev.recalled(ans), ans
+
+
+def test_needle_prompt_fits_the_context(fp32_model):
     model, tokenizer = fp32_model
-    ctx = ev.text_tokens(tokenizer, ev.DEFAULT_TEXT, 256).tolist()
-    (row,) = ev.needle_test(model, tokenizer, ctx, [], depths=(0.5,), max_tokens=16)
-    assert row["config"] == "fp16"
-    assert row["recall"] == 1.0, row["answers"]
+    assert ev.model_context(model) == 8192
+    ctx = ev.text_tokens(tokenizer, ev.DEFAULT_TEXT, 1200).tolist()
+    fitted = ev.fit_haystack(tokenizer, ctx, 1000, reserve=32)
+    lengths = [len(ev.needle_prompt(tokenizer, fitted, d)) for d in ev.NEEDLE_DEPTHS]
+    assert max(lengths) + 32 <= 1000 < max(lengths) + 32 + 16
+    assert fitted == ctx[: len(fitted)]
+    assert ev.fit_haystack(tokenizer, ctx[:500], 1000) == ctx[:500]  # already fits: untouched
+
+
+def test_needle_recalled_by_fp16_and_4bit(fp32_model):
+    """A ~1.1k-token prompt, prefilled in 512-token chunks: at depths 0 and 50% the needle is
+    packed (4 bits) before the question attends to it. Both caches must answer with it."""
+    model, tokenizer = fp32_model
+    ctx = ev.text_tokens(tokenizer, ev.DEFAULT_TEXT, 1024).tolist()
+    rows = ev.needle_test(model, tokenizer, ctx, ["4"], depths=(0.0, 0.5), chunk=512)
+    assert [r["config"] for r in rows] == ["fp16", "4"]
+    for r in rows:
+        assert 1080 < r["context_tokens"] < 1100 and r["haystack_tokens"] == 1024
+        assert r["recall"] == 1.0, (r["config"], r["answers"])
+        assert r["hits"] == {"0": True, "0.5": True}
+        for ans in r["answers"].values():
+            assert ans.lower().endswith(ev.NEEDLE_ANSWER)  # decoding stopped at the passphrase
+    assert ev.needle_baseline_misses(rows) == []
 
 
 def test_cli_end_to_end(smollm_path, tmp_path, capsys):
@@ -152,9 +198,18 @@ def test_cli_end_to_end(smollm_path, tmp_path, capsys):
     text.write_text(ev.read_text(ev.DEFAULT_TEXT)[:3000])
     out = tmp_path / "r.json"
     assert ev.main(["--model", str(smollm_path), "--text", str(text), "--tokens", "128",
-                    "--chunk", "64", "--configs", "fp16", "8", "--json", str(out), "--quiet"]) == 0
+                    "--chunk", "64", "--configs", "fp16", "8", "--json", str(out), "--quiet",
+                    # two answer tokens cannot hold the passphrase: fp16 misses, and says so
+                    "--needle", "--needle-tokens", "64", "--needle-depths", "50",
+                    "--needle-max-tokens", "2"]) == 0
     table = capsys.readouterr().out
     assert "fp16" in table and "bytes/tok" in table
+    assert "needle recall 0%  (50%:MISS)" in table
+    assert "warning: fp16 itself missed the needle at depth 50%" in table
     data = json.loads(out.read_text())
     assert [r["config"] for r in data["results"]] == ["fp16", "8"]
     assert data["tokens"] == 128
+    needle = data["needle"]
+    assert [r["config"] for r in needle] == ["fp16", "8"]
+    assert needle[0]["hits"] == {"0.5": False} and needle[0]["haystack_tokens"] == 64
+    assert set(needle[0]) >= {"config", "context_tokens", "recall", "answers"}
