@@ -316,19 +316,23 @@ def packed_bytes(kp, vp, n):
     return tot
 
 
+def fp16_baseline(args, B, Hkv, rep, L, D, n):
+    """Four query arrays for n keys, and the time of fp16 sdpa over n random keys."""
+    mx.random.seed(n)
+    qs = [mx.random.normal((B, Hkv * rep, L, D)).astype(mx.float16) for _ in range(4)]
+    kf = mx.random.normal((B, Hkv, n, D)).astype(mx.float16)
+    vf = mx.random.normal((B, Hkv, n, D)).astype(mx.float16)
+    mx.eval(qs, kf, vf)
+    t, _ = timeit(lambda q: mx.fast.scaled_dot_product_attention(q, kf, vf, scale=D**-0.5), qs,
+                  args.reps, args.inner)
+    return qs, t
+
+
 def bench(args, sizes, configs, variants=None):
     B, Hkv, rep, L, D = 1, 8, 4, 1, 128
     res = []
     for n in sizes:
-        mx.random.seed(n)
-        qs = [mx.random.normal((B, Hkv * rep, L, D)).astype(mx.float16) for _ in range(4)]
-        kf = mx.random.normal((B, Hkv, n, D)).astype(mx.float16)
-        vf = mx.random.normal((B, Hkv, n, D)).astype(mx.float16)
-        mx.eval(qs, kf, vf)
-        t_sdpa, _ = timeit(
-            lambda q: mx.fast.scaled_dot_product_attention(q, kf, vf, scale=D**-0.5), qs,
-            args.reps, args.inner,
-        )
+        qs, t_sdpa = fp16_baseline(args, B, Hkv, rep, L, D, n)
         for (kb, vb, gs) in configs:
             q0, kp, vp = make(B, Hkv, rep, L, D, n, kb, vb, gs, "affine", mx.float16, seed=n + kb)
             nbytes = packed_bytes(kp, vp, n)
@@ -368,14 +372,7 @@ def bench_decode(args, sizes, configs):
     wpc0 = kernels.WARPS_PER_CORE
     rows = []
     for n in sizes:
-        mx.random.seed(n)
-        qs = [mx.random.normal((B, Hkv * rep, L, D)).astype(mx.float16) for _ in range(4)]
-        kf = mx.random.normal((B, Hkv, n, D)).astype(mx.float16)
-        vf = mx.random.normal((B, Hkv, n, D)).astype(mx.float16)
-        mx.eval(qs, kf, vf)
-        t_sdpa, _ = timeit(lambda q: mx.fast.scaled_dot_product_attention(q, kf, vf, scale=D**-0.5),
-                           qs, args.reps, args.inner)
-        del kf, vf
+        qs, t_sdpa = fp16_baseline(args, B, Hkv, rep, L, D, n)
         for (kb, vb, gs) in configs:
             q0, kp, vp, sinks, window = make_view(B, Hkv, rep, L, D, n, 4, 48, k_bits=kb, v_bits=vb,
                                                   group_size=gs, dtype=mx.float16, seed=n + kb, C=n)
@@ -467,7 +464,7 @@ def main():
     ap.add_argument("--decode", action="store_true", help="time the tensor-core decode kernel (sdpa_decode)")
     ap.add_argument("--parts", action="store_true", help="sdpa_decode alone and the merge alone, 128k keys")
     ap.add_argument("--ncu-decode", type=int, default=0, help="128k sdpa_decode calls of this many bits, for ncu")
-    ap.add_argument("--wpc", default="16", help="--decode: warps per GPU core to try (comma list)")
+    ap.add_argument("--wpc", default="8", help="--decode: warps per GPU core to try (comma list)")
     args = ap.parse_args()
     args.deq = False
     args.wpc = [int(x) for x in args.wpc.split(",")]

@@ -29,6 +29,21 @@ CASES = [
 ]
 
 
+def case_mask(kind, L, N):
+    """(mask for quantized_sdpa, the same as an array for the reference)."""
+    full = attention.causal_mask(L, N - L)
+    if kind == "causal":
+        return "causal", full
+    if kind == "bool":  # e.g. left padding: batch row 0 cannot see its first 10 keys
+        pad = mx.arange(N)[None] >= mx.array([10, 0])[:, None]
+        m = full[None, None] & pad[:, None, None, :]
+        return m, m
+    if kind == "additive":
+        m = mx.where(full, 0.0, -1e9) + mx.random.normal((L, N)) * 0.5
+        return m, m
+    return None, None
+
+
 @pytest.mark.parametrize("case", CASES, ids=[str(i) for i in range(len(CASES))])
 def test_matches_plain_fp32_attention_over_the_dequantized_cache(case):
     config, B, Hq, Hkv, D, past, L, mask_kind = case
@@ -37,17 +52,7 @@ def test_matches_plain_fp32_attention_over_the_dequantized_cache(case):
     k = mx.random.normal((B, Hkv, L, D)).astype(mx.float16)
     view, _ = cache.update_and_fetch(k, k)
     q = mx.random.normal((B, Hq, L, D)).astype(mx.float16)
-    N = cache.offset
-    full = attention.causal_mask(L, N - L)
-    if mask_kind == "causal":
-        mask, ref_mask = "causal", full
-    elif mask_kind == "bool":  # e.g. left padding: batch row 0 cannot see its first 10 keys
-        pad = mx.arange(N)[None] >= mx.array([10, 0])[:, None]
-        mask = ref_mask = full[None, None] & pad[:, None, None, :]
-    elif mask_kind == "additive":
-        mask = ref_mask = mx.where(full, 0.0, -1e9) + mx.random.normal((L, N)) * 0.5
-    else:
-        mask = ref_mask = None
+    mask, ref_mask = case_mask(mask_kind, L, cache.offset)
     out = quantized_sdpa(q, view, scale=D**-0.5, mask=mask)
     ref = reference_over_cache(cache, q, D**-0.5, ref_mask)
     assert out.shape == (B, Hq, L, D) and out.dtype == q.dtype
@@ -68,13 +73,7 @@ def test_gpu_prefill_path_matches_plain_attention(monkeypatch, case):
     k = mx.random.normal((B, Hkv, L, D)).astype(mx.float16)
     view, _ = cache.update_and_fetch(k, k)
     q = mx.random.normal((B, Hq, L, D)).astype(mx.float16)
-    N = cache.offset
-    full = attention.causal_mask(L, N - L)
-    if mask_kind == "bool":
-        pad = mx.arange(N)[None] >= mx.array([10, 0])[:, None]
-        mask = ref_mask = full[None, None] & pad[:, None, None, :]
-    else:
-        mask, ref_mask = "causal", full
+    mask, ref_mask = case_mask(mask_kind if mask_kind == "bool" else "causal", L, cache.offset)
     monkeypatch.setattr(kernels, "enabled", lambda: True)
     calls = []
     sdpa = mx.fast.scaled_dot_product_attention
