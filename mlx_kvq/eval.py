@@ -163,36 +163,16 @@ def parse_config(spec):
     return backend, kw
 
 
-def have_kvq_cache():
-    """True once ``mlx_kvq.make_prompt_cache`` exists."""
-    try:
-        from . import integration
-    except ImportError:
-        return False
-    return hasattr(integration, "make_prompt_cache")
-
-
 def make_cache(model, spec):
     """Build the per-layer cache list for a config string."""
-    from mlx_lm.models import cache as lm_cache
+    from . import integration
 
     backend, kw = parse_config(spec)
     if backend == BASELINE:
-        return lm_cache.make_prompt_cache(model)
-    if backend == "kvq" and have_kvq_cache():
-        from .integration import make_prompt_cache
-
-        return make_prompt_cache(model, **kw)
-    if backend == "kvq":
-        # Before mlx_kvq.make_prompt_cache exists: plain configs run on mlx-lm's cache.
-        bits = kw.get("kv_bits")
-        if bits is None or kw.get("rotate") or kw.get("sinks") or kw.get("window") or kw.get("mode"):
-            raise ConfigError(
-                f"cache config {spec!r} needs mlx_kvq.make_prompt_cache, which is not available"
-            )
-        kw = {"bits": bits, "group_size": kw.get("kv_group_size", 64)}
-    n = len(model.layers)
-    return [lm_cache.QuantizedKVCache(group_size=kw["group_size"], bits=kw["bits"]) for _ in range(n)]
+        return integration.make_prompt_cache(model, kv_bits=None)
+    if backend == "mlxlm":
+        return integration.mlx_lm_quantized_cache(model, **kw)
+    return integration.make_prompt_cache(model, **kw)
 
 
 def _arrays(obj, depth=0):

@@ -85,6 +85,11 @@ def make_prompt_cache(
     return [_quantized(c, config) for c in caches]
 
 
+def mlx_lm_quantized_cache(model, bits, group_size):
+    """mlx-lm's own ``QuantizedKVCache`` for every layer (the baseline ``mlx_kvq.eval`` compares with)."""
+    return [lm_cache.QuantizedKVCache(group_size=group_size, bits=bits) for _ in model.layers]
+
+
 def _quantized(c, config):
     """Our cache for an mlx-lm layer cache: KVCache and RotatingKVCache are swapped."""
     if type(c) is lm_cache.KVCache:
