@@ -3,13 +3,26 @@
     python benchmarks/bench_batch.py                      # 200 prompts, then 64 at 4 bits vs fp16
     python benchmarks/bench_batch.py --prompts 50 --max-tokens 4 --configs fp16,4
     python benchmarks/bench_batch.py --check-prompts 0 --json batch.json   # rows also as JSON
+    python benchmarks/bench_batch.py --prompts 64 --prompt-tokens 1024 --check-prompts 0  # long prompts
+    python benchmarks/bench_batch.py --prompts 8 --prompt-tokens 256 --configs 4 --verify 8
+
+Prompts: by default short questions about single sentences of *Persuasion* (~40-120
+tokens with the chat template); with ``--prompt-tokens N`` each prompt is one of four
+instructions followed by a different slice of N tokens of the novel (consecutive,
+non-overlapping slices while the text lasts), so the prompt holds N tokens plus the
+instruction and the chat template (re-encoding a slice may shift its length by a token or
+two; the per-run line shows the range). ``--verify K`` runs the first K prompts of each
+config alone (``mlx_lm.generate_step`` with the same cache config) and checks that their
+greedy tokens equal the batch's.
 
 Runs ``mlx_kvq.batch_generate`` on the embedded SmolLM2-135M-Instruct (weights
 dequantized to float32 on the CPU, where quantized matmuls are slow; ``--dtype model``
 keeps them). KV bytes are those of the tokens held (padding included, as in mlx-lm's
-``BatchKVCache``) and those allocated; fp16 means mlx-lm's own batch cache. A float32
-model stores keys, values and scales in float32: the "as fp16 model" columns count those
-at 2 bytes, which is what the same run stores with a float16 model (packed words unchanged).
+``BatchKVCache``) and those allocated; fp16 means mlx-lm's own batch cache. mlx-lm's cache
+of a float32 model stores keys and values in float32: the "as fp16 model" columns count
+float32 arrays at 2 bytes, which is what the same run stores with a float16 model (packed
+words unchanged). The quantized cache keeps its window, sinks and scales in float16 for a
+float32 model (``QuantizedKVCache.store_dtype``), so its two columns agree.
 """
 
 import mlx_kvq  # noqa: F401  (OpenBLAS before mlx.core)
@@ -27,14 +40,28 @@ from mlx_kvq.cache_prompt import prepare_model
 from mlx_kvq.models import load
 
 DATA = os.path.join(os.path.dirname(mlx_kvq.__file__), "data", "persuasion.txt")
+ASKS = ["Summarize in five words:", "Who is this about?", "Rewrite simply:", "What happens here?"]
 
 
-def make_prompts(n):
-    """``n`` questions about sentences of *Persuasion*, of varied lengths."""
+def make_prompts(n, tokenizer=None, prompt_tokens=None):
+    """``n`` questions about *Persuasion*.
+
+    Without ``prompt_tokens``: about single sentences, of varied lengths. With it: each
+    about a different slice of ``prompt_tokens`` tokens of the novel (``tokenizer``'s
+    tokens; consecutive slices, overlapping only when ``n`` of them do not fit).
+    """
     text = open(DATA).read().split("Chapter 1", 1)[1]
-    sentences = [s.strip().replace("\n", " ") for s in text.split(".") if 40 < len(s.strip()) < 300]
-    asks = ["Summarize in five words:", "Who is this about?", "Rewrite simply:", "What happens here?"]
-    return [f"{asks[i % len(asks)]} {sentences[i]}." for i in range(n)]
+    if not prompt_tokens:
+        sentences = [s.strip().replace("\n", " ") for s in text.split(".") if 40 < len(s.strip()) < 300]
+        return [f"{ASKS[i % len(ASKS)]} {sentences[i]}." for i in range(n)]
+    ids = tokenizer.encode(text.strip())
+    if prompt_tokens > len(ids):
+        raise SystemExit(f"--prompt-tokens {prompt_tokens}: the text has only {len(ids)} tokens")
+    stride = prompt_tokens if n * prompt_tokens <= len(ids) else (len(ids) - prompt_tokens) // max(n - 1, 1)
+    if stride < 1:
+        raise SystemExit(f"{n} prompts of {prompt_tokens} tokens: not enough text for distinct slices")
+    chunks = [tokenizer.decode(ids[i * stride : i * stride + prompt_tokens]).strip() for i in range(n)]
+    return [f"{ASKS[i % len(ASKS)]}\n\n{c}" for i, c in enumerate(chunks)]
 
 
 def _size(arrays, as_fp16):
@@ -56,9 +83,11 @@ def kv_bytes(caches, as_fp16=False):
             sinks = [q.sink_keys, q.sink_values]
             packed = list(q.keys or ()) + list(q.values or ())
             used += _size(sinks + [q.window_keys, q.window_values] + [a[:, :, :n] for a in packed], as_fp16)
-            # the window's buffers (spare room included): what ``nbytes`` counts beyond the rest
+            # the window's buffers (spare room included): what ``nbytes`` counts beyond the rest;
+            # stored in ``store_dtype`` (float16 for a float32 model since the cache has one)
             window = q.nbytes - _size(sinks + packed, False)
-            alloc += _size(sinks + packed, as_fp16) + (window // 2 if as_fp16 and q.dtype == mx.float32 else window)
+            wide = getattr(q, "store_dtype", q.dtype) == mx.float32
+            alloc += _size(sinks + packed, as_fp16) + (window // 2 if as_fp16 and wide else window)
         else:  # mlx-lm BatchKVCache
             used += _size([c.keys[..., : c.size(), :], c.values[..., : c.size(), :]], as_fp16)
             alloc += _size([c.keys, c.values], as_fp16)
@@ -73,8 +102,25 @@ def parse_config(spec):
     return dict(kv_bits=int(bits), window=int(window) if window else None)
 
 
-def run(model, tokenizer, prompts, bits, max_tokens):
+def alone(model, tokenizer, prompt, max_tokens, **kv):
+    """Greedy tokens of ``prompt`` run alone through mlx-lm (EOS and after dropped)."""
+    from mlx_lm.generate import generate_step
+
+    cache = mlx_kvq.make_prompt_cache(model, **kv)
+    out = []
+    for t, _ in generate_step(mx.array(prompt), model, max_tokens=max_tokens, prompt_cache=cache):
+        t = t if isinstance(t, int) else t.item()
+        if t in tokenizer.eos_token_ids:
+            break
+        out.append(t)
+    return out
+
+
+def run(model, tokenizer, prompts, bits, max_tokens, verify=0):
+    from mlx_kvq.generate import encode_prompt
+
     kv = parse_config(bits)
+    lengths = [len(encode_prompt(tokenizer, p)) for p in prompts]
     mx.clear_cache()
     mx.reset_peak_memory()
     tic = time.perf_counter()
@@ -86,8 +132,15 @@ def run(model, tokenizer, prompts, bits, max_tokens):
         cache=name, prompts=len(prompts), tokens=r.caches[0].size(), used=used, alloc=alloc,
         used16=used16, alloc16=alloc16,
         peak=mx.get_peak_memory(), seconds=time.perf_counter() - tic,
+        prompt_tokens_min=min(lengths), prompt_tokens_max=max(lengths),
+        new_tokens=sum(len(t) for t in r.token_ids),
     )
+    token_ids = r.token_ids
     del r
+    if verify:
+        bad = [i for i, p in enumerate(prompts[:verify])
+               if alone(model, tokenizer, encode_prompt(tokenizer, p), max_tokens, **kv) != token_ids[i]]
+        row.update(verified=min(verify, len(prompts)), mismatches=bad)
     return row
 
 
@@ -126,6 +179,10 @@ def main():
     p.add_argument("--max-tokens", type=int, default=8)
     p.add_argument("--configs", default="fp16,8,4,2,2w0", help="fp16, bits, or bits + w + recent window (2w0)")
     p.add_argument("--check-prompts", type=int, default=64, help="prompts of the 4-bit vs fp16 check (0: skip)")
+    p.add_argument("--prompt-tokens", type=int, default=0, metavar="N",
+                   help="prompts of N tokens of the novel plus an instruction (default 0: short sentences)")
+    p.add_argument("--verify", type=int, default=0, metavar="K",
+                   help="check the first K prompts of each config against running them alone")
     p.add_argument("--dtype", choices=["auto", "model", "float32"], default="auto")
     p.add_argument("--json", metavar="PATH", help="also write the rows (a list of dicts, bytes and seconds) to PATH")
     args = p.parse_args()
@@ -136,12 +193,22 @@ def main():
           f"{os.cpu_count()} cores), weights {weights / 2**20:.1f} MiB")
     jobs = [(args.prompts, b) for b in args.configs.split(",")]
     jobs += [(args.check_prompts, b) for b in ("fp16", "4")] if args.check_prompts else []
+    if args.prompt_tokens:
+        print(f"prompts: {args.prompt_tokens} tokens of {os.path.basename(DATA)} each, plus an instruction")
     rows = []
+    prompts = {}
     for n, b in jobs:
-        rows.append(run(model, tokenizer, make_prompts(n), b, args.max_tokens))
+        if n not in prompts:
+            prompts[n] = make_prompts(n, tokenizer, args.prompt_tokens)
+        rows.append(run(model, tokenizer, prompts[n], b, args.max_tokens, args.verify))
         r = rows[-1]
-        print(f"{r['cache']}, {n} prompts: KV {r['used16'] / 2**20:.1f} MiB (as fp16 model), "
-              f"peak {r['peak'] / 2**20:.0f} MiB, {r['seconds']:.0f} s", flush=True)
+        check = ""
+        if args.verify:
+            check = (f", {r['verified']} alone: " +
+                     (f"MISMATCH {r['mismatches']}" if r["mismatches"] else "same tokens"))
+        print(f"{r['cache']}, {n} prompts of {r['prompt_tokens_min']}-{r['prompt_tokens_max']} tokens: "
+              f"KV {r['used16'] / 2**20:.1f} MiB (as fp16 model), "
+              f"peak {r['peak'] / 2**20:.0f} MiB, {r['seconds']:.0f} s{check}", flush=True)
     dtype = str(model.model.norm.weight.dtype).split(".")[-1]
     print(table(rows, weights, dtype))
     if args.check_prompts:
@@ -152,6 +219,8 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump(json_rows(rows, weights, dtype), f, indent=1)
+    if any(r.get("mismatches") for r in rows):
+        raise SystemExit("batch outputs differ from running the prompts alone (see MISMATCH above)")
 
 
 if __name__ == "__main__":
