@@ -13,8 +13,11 @@ alone. Merged caches keep each row's real sinks; the padding goes right after th
 
 Positions: like mlx-lm's ``BatchKVCache``, the batch cache's ``offset`` is a (B,)
 array (each row's own length), so RoPE (``mx.fast.rope`` takes an array offset)
-rotates every row as if it ran alone. Packing is per token, so quantized tokens are
-bit-identical to the single-prompt run and greedy outputs match.
+rotates every row as if it ran alone. Known gap: once prompts are long enough to pack,
+the merged rows pack on different decode steps than a single run (merge flushes right
+after prefill; a single run at its first decode step), and a float32 model's batched
+prefill attends to float32 keys where a single run uses float16: greedy outputs can then
+differ from running a prompt alone (BENCHMARKS.md, "Many prompts at once").
 """
 
 import time
