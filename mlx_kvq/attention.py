@@ -120,20 +120,19 @@ def _fused_decode(q, view, scale, causal, mask):
     if q.shape[2] > kernels.DECODE_MAX_L or not kernels.enabled():
         return None
     k, v, n = view.packed
-    packed = n > 0 and k is not None
-    dense = [x for x in (view.sinks, view.window) if x[0] is not None and x[0].shape[2]]
-    if not packed and not dense:
+    if not (n > 0 and k is not None):
+        k = v = None
+    present = lambda run: run if run[0] is not None and run[0].shape[2] else None
+    sinks, window = present(view.sinks), present(view.window)
+    dense = sinks or window
+    if k is None and dense is None:
         return None
-    fmt = dict(k_bits=cache.k_bits, v_bits=cache.v_bits, group_size=cache.group_size, mode=cache.mode)
-    dense_dtype = dense[0][0].dtype if dense else None
-    if not kernels.decode_supports(q, k if packed else None, v if packed else None, dense_dtype, mask=mask, **fmt):
+    fmt = dict(k_bits=cache.k_bits, v_bits=cache.v_bits, group_size=cache.group_size)
+    dense_dtype = dense[0].dtype if dense else None
+    if not kernels.decode_supports(q, k, v, dense_dtype, mode=cache.mode, mask=mask, **fmt):
         return None
-    fmt.pop("mode")
-    sinks = view.sinks if view.sinks[0] is not None and view.sinks[0].shape[2] else None
-    window = view.window if view.window[0] is not None and view.window[0].shape[2] else None
     return kernels.decode_attention(
-        q, k if packed else None, v if packed else None, n, sinks, window,
-        scale=scale, q_start=view.q_start, causal=causal, mask=mask, **fmt,
+        q, k, v, n, sinks, window, scale=scale, q_start=view.q_start, causal=causal, mask=mask, **fmt
     )
 
 

@@ -225,6 +225,21 @@ def _mask_ok(mask, B, Hq, L, n):
     return all(s in (1, t) for s, t in zip(shape, (B, Hq, L, n)))
 
 
+def _pair_ok(q, k_packed, v_packed, k_bits, v_bits, group_size, mode):
+    """Packed K and V of the right shapes for ``q`` (B, Hq, L, D): GQA heads, words,
+    scales of one dtype, and a grid within the CUDA y/z limits (tiles of 8 rows)."""
+    B, Hq, L, D = q.shape
+    Hkv = k_packed[0].shape[1]
+    if Hkv < 1 or Hq % Hkv:
+        return False
+    if not (_packed_ok(k_packed, B, Hkv, D, k_bits, group_size, mode)
+            and _packed_ok(v_packed, B, Hkv, D, v_bits, group_size, mode)):
+        return False
+    if k_packed[1].dtype != v_packed[1].dtype:
+        return False
+    return Hkv * -(-(Hq // Hkv) * L // 8) <= 65535 and B <= 65535
+
+
 def supports(q, k_packed, v_packed, k_bits, v_bits, group_size, mode, mask):
     """Whether :func:`packed_attention` handles these shapes and formats.
     Does not look at the backend (see :func:`enabled`)."""
@@ -238,20 +253,11 @@ def supports(q, k_packed, v_packed, k_bits, v_bits, group_size, mode, mask):
             return False
         if not (_fmt_ok(k_bits, group_size, mode, D) and _fmt_ok(v_bits, group_size, mode, D)):
             return False
-        Hkv = k_packed[0].shape[1]
-        if Hkv < 1 or Hq % Hkv != 0:
-            return False
-        if not _packed_ok(k_packed, B, Hkv, D, k_bits, group_size, mode):
-            return False
-        if not _packed_ok(v_packed, B, Hkv, D, v_bits, group_size, mode):
+        if not _pair_ok(q, k_packed, v_packed, k_bits, v_bits, group_size, mode):
             return False
         if k_packed[0].shape[2] != v_packed[0].shape[2]:
             return False
-        if k_packed[1].dtype != v_packed[1].dtype:
-            return False
         C = k_packed[0].shape[2]
-        if Hkv * -(-(Hq // Hkv) * L // 8) > 65535 or B > 65535:
-            return False  # grid y/z limits (CUDA)
         if mask is not None and not _mask_ok(mask, B, Hq, L, mask.shape[-1] if mask.ndim else 1):
             return False
         if mask is not None and mask.ndim and mask.shape[-1] not in (1,) and mask.shape[-1] > C:
@@ -444,17 +450,8 @@ def decode_supports(q, k_packed, v_packed, dense_dtype, k_bits, v_bits, group_si
             return False
         if dense_dtype is not None and dense_dtype not in _FLOATS:
             return False
-        if k_packed is not None:
-            Hkv = k_packed[0].shape[1]
-            if Hkv < 1 or Hq % Hkv:
-                return False
-            if not (_packed_ok(k_packed, B, Hkv, D, k_bits, group_size, mode)
-                    and _packed_ok(v_packed, B, Hkv, D, v_bits, group_size, mode)):
-                return False
-            if k_packed[1].dtype != v_packed[1].dtype:
-                return False
-            if Hkv * -(-(Hq // Hkv) * L // 8) > 65535 or B > 65535:
-                return False
+        if k_packed is not None and not _pair_ok(q, k_packed, v_packed, k_bits, v_bits, group_size, mode):
+            return False
         if mask is not None and not _mask_ok(mask, B, Hq, L, mask.shape[-1] if mask.ndim else 1):
             return False
         return True
