@@ -1,23 +1,22 @@
 """Batched generation with quantized KV caches.
 
-Each prompt is prefilled as ``mlx_lm.stream_generate`` would do it alone (prompts that
-fit in one prefill step are prefilled in left-padded batches through mlx-lm's fp16
-``BatchKVCache``, which gives the same keys, and packed afterwards), then the
+Each prompt is prefilled alone, exactly as ``mlx_lm.stream_generate`` would do it
+(fp16 caches: in left-padded batches through mlx-lm's ``BatchKVCache``), then the
 per-prompt caches are merged into one batch cache and decoded together.
 
-Why not prefill a left-padded batch? The cache keeps its first ``sinks`` tokens
-unquantized: in a left-padded batch the sinks of a short row would be padding and
-its real first tokens would be packed, so its output would differ from running it
-alone. Merged caches keep each row's real sinks; the padding goes right after them
-(``QuantizedKVCache.left_padding``), hidden by the mask.
+Why not prefill a left-padded batch into a quantized cache? The cache keeps its first
+``sinks`` tokens unquantized: in a left-padded batch the sinks of a short row would be
+padding and its real first tokens would be packed. And a single run's prefill attends to
+the rotated, float16-rounded keys its own cache stores. Merged caches keep each row's
+real sinks; the padding goes right after them (``QuantizedKVCache.left_padding``),
+hidden by the mask. ``merge`` packs each row as its first decode step alone would, and
+the cache packs its window on a schedule of decode steps (not of tokens held), so every
+row packs the same tokens on the same steps as when it runs alone.
 
 Positions: like mlx-lm's ``BatchKVCache``, the batch cache's ``offset`` is a (B,)
 array (each row's own length), so RoPE (``mx.fast.rope`` takes an array offset)
-rotates every row as if it ran alone. Known gap: once prompts are long enough to pack,
-the merged rows pack on different decode steps than a single run (merge flushes right
-after prefill; a single run at its first decode step), and a float32 model's batched
-prefill attends to float32 keys where a single run uses float16: greedy outputs can then
-differ from running a prompt alone (BENCHMARKS.md, "Many prompts at once").
+rotates every row as if it ran alone. Outputs equal single runs up to the rounding of
+batched matrix products (as with mlx-lm's own batched fp16 generation).
 """
 
 import time
@@ -109,19 +108,28 @@ def merge(caches):
     """One batch ``QuantizedKVCache`` from single-row ones of the same config.
 
     Row b keeps its sinks, then ``left_padding[b]`` hidden positions, then its packed
-    tokens and its recent window; every row ends at the same position.
+    tokens and its recent window; every row ends at the same position. The rows are
+    caches right after a prefill (the next update is the first decode step).
     """
     config = caches[0].config
+    offsets = {c.offset for c in caches}
+    if config["start"] and len(offsets) > 1 and min(offsets) + 1 < config["start"]:
+        raise ValueError(
+            "Prompts of different lengths shorter than quantized_kv_start would start "
+            "packing on different steps alone; use quantized_kv_start=0 to batch them."
+        )
     for c in caches:
         if c.config != config or c.kv_heads is None or c.kv_heads != caches[0].kv_heads:
             raise ValueError("Only filled single-row caches of one config and model can be merged.")
-        c._flush()
         held = 0 if c.sink_keys is None else c.sink_keys.shape[2]
         if held < c.sinks or c.offset <= c.sinks:
             raise ValueError(
                 f"A prompt of {c.offset} tokens is too short to batch with sinks={c.sinks}; "
                 "use longer prompts or sinks=0."
             )
+        # what the row's first decode step alone packs, less the token that step adds
+        if c.offset + 1 >= c.start:
+            c.pack_all_but(max(c.window - 1, 0))
     s = config["sinks"]
     windows = [0 if c.window_keys is None else c.window_keys.shape[2] for c in caches]
     T, W = max(c.offset for c in caches), max(windows)
@@ -221,14 +229,11 @@ class BatchResponse:
     peak_memory: float = 0.0  # GB
 
 
-def batched_prefill(model, prompts, config, batch_size=32):
-    """Per-prompt caches after feeding all but the last token of each prompt, in batches.
+def batched_prefill(model, prompts, batch_size=32):
+    """Per-prompt fp16 caches after feeding all but the last token of each prompt.
 
-    The batch runs through mlx-lm's fp16 ``BatchKVCache`` (left padding, per-row
-    positions); each row is then packed with ``QuantizedKVCache.from_cache``. A prompt
-    prefilled alone in one step also attends to its own keys unquantized, so this gives
-    the same cache as ``prefill`` when every prompt fits in one prefill step.
-    ``config``: the ``QuantizedKVCache`` config, or None for fp16 caches.
+    The prompts run ``batch_size`` at a time through mlx-lm's ``BatchKVCache`` (left
+    padding, per-row positions), which is how mlx-lm batches fp16 generation.
     """
     rows = []
     for a in range(0, len(prompts), batch_size):
@@ -241,11 +246,7 @@ def batched_prefill(model, prompts, config, batch_size=32):
             model(x, cache=cache)
             mx.eval([c.state for c in cache])
         for i in range(len(group)):
-            layers = [extract_row(c, i) if L else empty_fp16_cache() for c in cache]
-            if config is not None:
-                layers = compact([QuantizedKVCache.from_cache(c, **_init_args(config)) for c in layers])
-                mx.eval([c.state for c in layers])
-            rows.append(layers)
+            rows.append([extract_row(c, i) if L else empty_fp16_cache() for c in cache])
         del cache
     return rows
 
@@ -279,8 +280,9 @@ def batch_generate(
     ``kv_kwargs``: ``make_prompt_cache`` options (``kv_bits=None`` for fp16 caches).
     Greedy by default (``sampler``: mlx-lm sampler applied to the (B, vocab) logprobs).
     Each prompt's output is the one it would get alone with the same cache config.
-    Prompts are prefilled ``prefill_batch_size`` at a time when they all fit in one
-    prefill step (else one by one), then decoded together.
+    Prompts are prefilled one by one into quantized caches (fp16 caches:
+    ``prefill_batch_size`` at a time when they all fit in one prefill step), then
+    decoded together.
     """
     from .generate import encode_prompt
 
@@ -292,12 +294,10 @@ def batch_generate(
     kv_kwargs.setdefault("kv_bits", 4)
     tic = time.perf_counter()
     template = make_prompt_cache(model, **kv_kwargs)
-    quantized = all(type(c) is QuantizedKVCache for c in template)
     fp16 = all(is_fp16_cache(c) for c in template)
     one_step = max(len(p) for p in prompts) - 1 <= prefill_step_size
-    if one_step and template and (quantized or fp16):
-        config = template[0].config if quantized else None
-        rows = batched_prefill(model, prompts, config, prefill_batch_size)
+    if one_step and template and fp16:
+        rows = batched_prefill(model, prompts, prefill_batch_size)
     else:
         rows = []
         for p in prompts:

@@ -9,10 +9,12 @@ The tokens of a cache sit in three runs, in order of position:
 New tokens enter the recent window and the tokens that fall out of it are packed and
 appended. A prefill chunk attends to its own keys unquantized (it is packed at the
 next update, so the window never holds more than ``window`` + one chunk). In decode
-the window fills up to ``window + flush_block - 1`` tokens and then packs the oldest
-``flush_block`` at once, so the packing costs one launch per ``flush_block`` tokens and
-at least ``window`` recent tokens are always unquantized. The window lives in a
-preallocated buffer that decoded tokens are written into in place.
+the window is packed down to ``window`` tokens on the 1st, ``flush_block + 1``-th, ...
+decode step after a prefill chunk, so the packing costs one launch per ``flush_block``
+tokens and at least ``window`` recent tokens are always unquantized. The schedule
+counts steps, not tokens held, so rows of different lengths decoded together in one
+batch cache pack exactly the tokens they would pack alone (``batch.merge``). The window
+lives in a preallocated buffer that decoded tokens are written into in place.
 Keys (and optionally values) can be rotated by a fixed orthogonal (Hadamard)
 matrix before they are stored; attention rotates queries to match.
 
@@ -98,7 +100,7 @@ class QuantizedKVCache:
     """
 
     step = 256
-    flush_block = 32  # decode: tokens packed at once when the window overflows
+    flush_block = 32  # decode: the window is packed every flush_block steps
 
     def __init__(
         self,
@@ -137,6 +139,7 @@ class QuantizedKVCache:
         self.sink_keys = self.sink_values = None
         self._wk = self._wv = None  # window buffers (B, H, capacity, D)
         self._wn = self._wvn = 0  # tokens in the window (keys, values: set one at a time)
+        self._steps = 0  # decode steps since the last prefill chunk (the flush schedule)
         # Optional (B,) int array: row b's padding is the ``left_padding[b]`` positions
         # right after the sink run (at the very start when the cache keeps no sinks).
         self.left_padding = None
@@ -209,11 +212,14 @@ class QuantizedKVCache:
             self._window_append(keys, values)
         self.offset += L
         # A prefill chunk attends to itself unquantized and is packed at the next update;
-        # in decode the window is packed down to ``window`` tokens once it overflows.
+        # in decode the window is packed down to ``window`` tokens every flush_block steps.
         if L > 1:
+            self._steps = 0
             self._flush(max(self.window, L))
-        elif self._wn >= self.window + self.flush_block:
-            self._flush()
+        else:
+            self._steps += 1
+            if (self._steps - 1) % self.flush_block == 0:
+                self._flush()
         view = KVView(self, L)
         return view, view
 
@@ -249,10 +255,16 @@ class QuantizedKVCache:
         self._wn = self._wvn = n + m
 
     def _flush(self, keep=None):
-        """Pack all but the ``keep`` (default: ``window``) most recent unquantized tokens."""
-        if self.window_keys is None or self.offset < self.start:
+        """Pack all but the ``keep`` (default: ``window``) most recent unquantized tokens
+        (nothing while the cache holds fewer than ``start`` tokens)."""
+        if self.offset >= self.start:
+            self.pack_all_but(self.window if keep is None else keep)
+
+    def pack_all_but(self, keep):
+        """Pack all but the ``keep`` most recent unquantized tokens."""
+        if self.window_keys is None:
             return
-        extra = self.window_keys.shape[2] - (self.window if keep is None else keep)
+        extra = self.window_keys.shape[2] - keep
         if extra <= 0:
             return
         self._append_packed(self.window_keys[:, :, :extra], self.window_values[:, :, :extra])
@@ -346,7 +358,7 @@ class QuantizedKVCache:
         n = self.n_packed
         cut = lambda t: None if t is None else tuple(a[:, :, :n] for a in t)
         return (
-            json.dumps({"config": self.config, "dims": self._dims()}, sort_keys=True),
+            json.dumps({"config": self.config, "dims": self._dims(), "steps": self._steps}, sort_keys=True),
             self.offset,
             n,
             cut(self.keys),
@@ -375,6 +387,7 @@ class QuantizedKVCache:
             start=config["start"],
         )
         self.kv_heads, self.k_dim, self.v_dim, dtype = head["dims"]
+        self._steps = head.get("steps", 0)  # where the decode flush schedule stands
         self.dtype = dtype and getattr(mx, dtype)
         (_, self.offset, self.n_packed, keys, values) = v[:5]
         self.keys = None if keys is None else tuple(keys)

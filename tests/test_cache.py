@@ -64,19 +64,40 @@ def test_update_holds_every_token_in_order(config, chunks):
 def test_buffers_grow_in_steps_not_per_token():
     cache = QuantizedKVCache(4, 64, sinks=0, window=0)
     F = QuantizedKVCache.flush_block
-    feed(cache, [1] * (F - 1))  # decoded tokens wait in the window until a block is full
-    assert cache.keys is None and cache.window_keys.shape[2] == F - 1
+    feed(cache, [1])  # the first decode step packs the window (here: everything)
+    assert cache.n_packed == 1 and cache.window_keys.shape[2] == 0
+    feed(cache, [1] * (F - 1))  # then decoded tokens wait in the window for F steps
+    assert cache.n_packed == 1 and cache.window_keys.shape[2] == F - 1
     feed(cache, [1])
-    assert cache.n_packed == F and cache.window_keys.shape[2] == 0
+    assert cache.n_packed == F + 1 and cache.window_keys.shape[2] == 0
     cap = cache.keys[0].shape[2]
     assert cap == QuantizedKVCache.step
     feed(cache, [1] * (3 * F))
-    assert cache.keys[0].shape[2] == cap and cache.n_packed == 4 * F
+    assert cache.keys[0].shape[2] == cap and cache.n_packed == 4 * F + 1
     feed(cache, [300])  # a prefill chunk stays unquantized for its own attention
-    assert cache.n_packed == 4 * F and cache.window_keys.shape[2] == 300
-    feed(cache, [1])  # ... and is packed at the next update (the window overflows)
-    assert cache.n_packed == 4 * F + 301 and cache.window_keys.shape[2] == 0
+    assert cache.n_packed == 4 * F + 1 and cache.window_keys.shape[2] == 300
+    feed(cache, [1])  # ... and is packed at the next update (the first decode step)
+    assert cache.n_packed == 4 * F + 302 and cache.window_keys.shape[2] == 0
     assert cache.keys[0].shape[2] % QuantizedKVCache.step == 0 and cache.keys[0].shape[2] >= 4 * F + 300
+
+
+def test_decode_packs_on_a_schedule_of_steps_not_of_tokens_held():
+    """Caches of different lengths pack on the same decode steps (what batching needs)."""
+    F = QuantizedKVCache.flush_block
+    caches = [QuantizedKVCache(4, 64, sinks=0, window=8) for _ in range(2)]
+    for c, n in zip(caches, [40, 5]):
+        feed(c, [n])
+    for step in range(1, 2 * F + 2):
+        for c in caches:
+            feed(c, [1])
+        packed = [c.n_packed for c in caches]
+        if step == 1:
+            assert packed == [33, 0]
+        elif step == F + 1:
+            assert packed == [33 + F, 5 + F + 1 - 8]
+        elif step < F + 1:
+            assert packed == [33, 0]
+    assert [c.window_keys.shape[2] for c in caches] == [8, 8]
 
 
 @pytest.mark.parametrize("config", CONFIGS)
