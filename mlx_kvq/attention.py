@@ -13,7 +13,7 @@ bounded by ``BLOCK_ELEMENTS`` whatever the context length.
 import mlx.core as mx
 
 from . import kernels, quant
-from .rotation import rotation
+from .rotation import rotate
 
 BLOCK_ELEMENTS = 1 << 23  # float32 elements of scores + dequantized K/V per block (CPU)
 GPU_BLOCK_ELEMENTS = 1 << 25  # fewer, larger blocks on GPUs: launches cost more than bytes there
@@ -42,7 +42,7 @@ def quantized_sdpa(queries, view, scale, mask=None, sinks=None):
     if d != q.shape[-1]:
         q = mx.pad(q, [(0, 0)] * 3 + [(0, d - q.shape[-1])])
     if cache.rotate:
-        q = q.astype(mx.float32) @ rotation(d)
+        q = rotate(q)
     causal = isinstance(mask, str)
     if causal and mask != "causal":
         raise ValueError(f"Unsupported mask {mask!r}.")
@@ -52,8 +52,8 @@ def quantized_sdpa(queries, view, scale, mask=None, sinks=None):
     if fast is not None:
         out = fast
         if cache.rotate == "kv":
-            out = out.astype(mx.float32) @ rotation(out.shape[-1]).T
-        return out[..., : cache.v_dim].astype(queries.dtype)
+            out = rotate(out, inverse=True)
+        return _finish(out, cache.v_dim, queries.dtype)
     fused = _fused_decode(q, view, scale, causal, array_mask)
     if fused is not None:
         out, lse = fused
@@ -64,8 +64,15 @@ def quantized_sdpa(queries, view, scale, mask=None, sinks=None):
         total = mx.logaddexp(lse, s)
         out = out * mx.exp(lse - total)[..., None]
     if cache.rotate == "kv":
-        out = out @ rotation(out.shape[-1]).T
-    return out[..., : cache.v_dim].astype(queries.dtype)
+        out = rotate(out.astype(queries.dtype), inverse=True)
+    return _finish(out, cache.v_dim, queries.dtype)
+
+
+def _finish(out, v_dim, dtype):
+    """Drop the zero-padded value dims and cast (no ops where there is nothing to do)."""
+    if out.shape[-1] != v_dim:
+        out = out[..., :v_dim]
+    return out if out.dtype == dtype else out.astype(dtype)
 
 
 PREFILL_COPY_BYTES = 1 << 30  # largest transient unquantized copy of one layer's K/V (GPU prefill)
@@ -96,10 +103,12 @@ def _gpu_prefill(q, view, scale, mask, sinks):
         parts_k.append(view.sinks[0])
         parts_v.append(view.sinks[1])
     if n:
-        # depends on q: dequantized only when this layer runs, so one layer's copy is
-        # alive at a time (otherwise MLX may schedule every layer's copy up front)
+        # Evaluate everything up to this layer's queries first: left lazy, MLX kept
+        # every layer's copy alive at once (32k tokens, 32 layers: 8-10 GiB instead of
+        # one layer's 0.25 GiB; benchmarks/diag_peak.py). One sync per layer and chunk.
+        _eval_outside_compile(q)
         deq = lambda p, bits: quant.dequantize(
-            tuple(mx.depends([x[:, :, :n] for x in p], [q])), bits, cache.group_size, cache.mode, dt
+            tuple(x[:, :, :n] for x in p), bits, cache.group_size, cache.mode, dt
         )
         parts_k.append(deq(k, cache.k_bits))
         parts_v.append(deq(v, cache.v_bits))
@@ -111,6 +120,13 @@ def _gpu_prefill(q, view, scale, mask, sinks):
     return mx.fast.scaled_dot_product_attention(
         q.astype(dt), keys, values, scale=scale, mask=mask, sinks=sinks
     )
+
+
+def _eval_outside_compile(x):
+    try:
+        mx.eval(x)
+    except ValueError:  # inside mx.compile / a transform: nothing to sync
+        pass
 
 
 def _fused_decode(q, view, scale, causal, mask):

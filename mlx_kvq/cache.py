@@ -27,7 +27,7 @@ import json
 import mlx.core as mx
 
 from . import kernels, quant
-from .rotation import rotation
+from .rotation import rotate, rotation
 
 ROTATE = (None, "k", "kv")
 
@@ -182,12 +182,12 @@ class QuantizedKVCache:
         the window and the scales)."""
         return mx.float16 if self.dtype == mx.float32 else self.dtype
 
-    def _prepare(self, x, rotate):
+    def _prepare(self, x, rotated):
         """Zero-pad to the packed head dim, rotate, cast to ``store_dtype``."""
         d = self.padded_dim(x.shape[-1])
         if d != x.shape[-1]:
             x = mx.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, d - x.shape[-1])])
-        x = x @ rotation(d) if rotate else x
+        x = rotate(x) if rotated else x
         return x.astype(self.store_dtype)
 
     # -- the protocol --------------------------------------------------------

@@ -15,8 +15,12 @@ SEED = 0x6B7671  # fixed: a saved cache must be read back with the same rotation
 
 
 @lru_cache(maxsize=None)
-def rotation(d):
-    """The ``d x d`` float32 rotation matrix (cached)."""
+def rotation(d, dtype=mx.float32, transpose=False):
+    """The ``d x d`` rotation matrix (or its transpose, the inverse) in ``dtype`` (cached).
+
+    In float16 and bfloat16 every entry ``+-1/sqrt(d)`` rounds the same way, so the
+    rounded matrix is the rotation times a scalar within 1.1e-4 of 1.
+    """
     try:
         h = mx.hadamard_transform(mx.eye(d), scale=d**-0.5)
     except Exception as e:
@@ -24,4 +28,17 @@ def rotation(d):
             f"head_dim {d} has no Hadamard rotation in MLX ({e}); use rotate=None."
         ) from None
     signs = np.random.default_rng(SEED).choice([-1.0, 1.0], size=d).astype(np.float32)
-    return mx.array(signs)[:, None] * h
+    r = mx.array(signs)[:, None] * h
+    r = mx.contiguous(r.T if transpose else r).astype(dtype)
+    mx.eval(r)
+    return r
+
+
+def rotate(x, inverse=False):
+    """``x @ R`` (``inverse``: ``x @ R^T``) over the last axis, computed in ``x``'s dtype.
+
+    Half-precision inputs stay in half precision: on GPUs a float32 product costs a
+    slower matmul plus a cast on every decode step, per layer.
+    """
+    dtype = x.dtype if x.dtype in (mx.float16, mx.bfloat16) else mx.float32
+    return x @ rotation(x.shape[-1], dtype, inverse)
