@@ -18,6 +18,7 @@ Public API (called by the attention dispatch):
 
 import math
 import os
+from functools import lru_cache
 from pathlib import Path
 
 import mlx.core as mx
@@ -86,6 +87,7 @@ def kernel_source(name):
 
 
 # --------------------------------------------------------------------------- backends
+@lru_cache(maxsize=None)
 def _backend():
     try:
         if mx.metal.is_available():
@@ -433,9 +435,29 @@ WARPS_PER_CORE = 8  # packed splits: about this many warps per GPU core in all
 DECODE_PF = {2: 1, 4: 1, 8: 1}  # blocks of keys loaded ahead (sdpa_decode PF), by the larger bits: 2 measured no faster than 1 (253 registers)
 
 
+_SUPPORTED = {}
+
+
 def decode_supports(q, k_packed, v_packed, dense_dtype, k_bits, v_bits, group_size, mode, mask):
     """Whether :func:`decode_attention` (the tensor-core decode kernel over a whole
-    cache view) handles these shapes and formats; others take :func:`packed_attention`."""
+    cache view) handles these shapes and formats; others take :func:`packed_attention`.
+    The answer is remembered per shapes and formats (it is asked every decode step)."""
+    try:
+        sig = lambda t: None if t is None else tuple((a.shape, a.dtype) for a in t)
+        key = (q.shape, q.dtype, sig(k_packed), sig(v_packed), dense_dtype, k_bits, v_bits,
+               group_size, mode, None if mask is None else (mask.shape, mask.dtype))
+    except Exception:
+        return False
+    ok = _SUPPORTED.get(key)
+    if ok is None:
+        if len(_SUPPORTED) > 4096:  # packed capacities grow in steps: keep it bounded
+            _SUPPORTED.clear()
+        ok = _SUPPORTED[key] = _decode_supports(
+            q, k_packed, v_packed, dense_dtype, k_bits, v_bits, group_size, mode, mask)
+    return ok
+
+
+def _decode_supports(q, k_packed, v_packed, dense_dtype, k_bits, v_bits, group_size, mode, mask):
     try:
         if not isinstance(q, mx.array) or q.ndim != 4 or q.dtype not in _FLOATS:
             return False
