@@ -1,30 +1,44 @@
-"""Diagnostic for the open 8-bit peak-memory question (BENCHMARKS.md, end to end): prefill a
-32k prompt through a 4-layer Llama-3-8B-shaped model and print, per cache config, how much
-the first layer packed, its window, the peak above the weights and the KV bytes.
-Not yet run on a GPU (no device time was left).
+"""Diagnostic for the 8-bit peak-memory question (BENCHMARKS.md, end to end): prefill a
+32k prompt through a 4-layer Llama-3-8B-shaped model chunk by chunk and print, per cache
+config, the peak above the weights of each chunk (and of the last step's logits).
 
     python3 benchmarks/diag_peak.py
 """
-import sys, os, time
+import sys
+import time
+
 sys.path.insert(0, "benchmarks")
-import mlx.core as mx
-import mlx_kvq
-from bench_generate import random_model, LLAMA3_8B
-from mlx_lm.generate import generate_step
-import mlx.nn as nn
-model = random_model(layers=4)
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
+
+import mlx_kvq  # noqa: E402
+from bench_generate import LLAMA3_8B, random_model  # noqa: E402
+
+CONFIGS = [
+    ("8 rot=- s0", dict(kv_bits=8)),
+    ("8 rot=- s4", dict(kv_bits=8, sinks=4)),
+    ("8 rot=kv s0", dict(kv_bits=8, rotate="kv")),
+    ("4 rot=kv s4", dict(kv_bits=4)),
+    ("4 rot=- s0", dict(kv_bits=4, rotate=False, sinks=0)),
+]
+model = random_model(layers=int(sys.argv[1]) if len(sys.argv) > 1 else 4)
 weights = sum(v.nbytes for _, v in nn.utils.tree_flatten(model.parameters()))
-for name, kw in [("kvq-8", dict(kv_bits=8)), ("kvq-8 rkv s4", dict(kv_bits=8, rotate="kv", sinks=4)), ("kvq-4", dict(kv_bits=4)), ("kvq-8 no-qa", dict(kv_bits=8))]:
-    if name.endswith("no-qa"):
-        from mlx_kvq import kernels
-        kernels.quantize_supported = lambda *a: False
+prompt = mx.random.randint(0, LLAMA3_8B["vocab_size"], (32768,))
+for name, kw in CONFIGS:
     cache = mlx_kvq.make_prompt_cache(model, kv_group_size=64, **kw)
-    prompt = mx.random.randint(0, LLAMA3_8B["vocab_size"], (32768,))
-    mx.synchronize(); mx.clear_cache(); mx.reset_peak_memory()
+    mx.synchronize()
+    mx.clear_cache()
+    peaks = []
     t0 = time.perf_counter()
-    steps = generate_step(prompt, model, prompt_cache=cache, prefill_step_size=2048)
-    next(steps)
-    t1 = time.perf_counter()
-    c = cache[0]
-    print(name, "prefill s %.2f" % (t1 - t0), "n_packed", c.n_packed, "window", c._wn, "buf", None if c._wk is None else c._wk.shape,
-          "peak-w GiB %.2f" % ((mx.get_peak_memory() - weights) / 2**30), "kv GiB %.3f" % (sum(x.nbytes for x in cache) / 2**30), flush=True)
+    for a in range(0, 32768 - 2048, 2048):
+        mx.reset_peak_memory()
+        model(prompt[a : a + 2048][None], cache=cache)
+        mx.eval([c.state for c in cache])
+        peaks.append((mx.get_peak_memory() - weights) / 2**30)
+    mx.reset_peak_memory()
+    logits = model(prompt[-2048:][None], cache=cache)[:, -1]
+    mx.eval(logits)
+    last = (mx.get_peak_memory() - weights) / 2**30
+    kv = sum(c.nbytes for c in cache) / 2**30
+    print(f"{name:12} {time.perf_counter() - t0:6.1f} s  chunk peaks GiB "
+          + " ".join(f"{p:.2f}" for p in peaks) + f"  last {last:.2f}  kv {kv:.3f}", flush=True)
