@@ -139,6 +139,8 @@ def test_merge_rejects_short_prompts_and_mixed_configs():
         merge([_filled(10, 0, dict(bits=4)), _filled(3, 1, dict(bits=4))])
     with pytest.raises(ValueError, match="one config"):
         merge([_filled(10, 0, dict(bits=4)), _filled(10, 1, dict(bits=8))])
+    with pytest.raises(ValueError, match="quantized_kv_start"):
+        merge([_prefilled(20, 0, dict(bits=4, start=64)), _prefilled(12, 1, dict(bits=4, start=64))])
 
 
 def test_batch_generate_errors(fast_smollm):
