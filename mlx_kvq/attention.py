@@ -48,23 +48,18 @@ def quantized_sdpa(queries, view, scale, mask=None, sinks=None):
         raise ValueError(f"Unsupported mask {mask!r}.")
     array_mask = None if causal or mask is None else mask
 
-    fast = _gpu_prefill(q, view, scale, mask, sinks)
-    if fast is not None:
-        out = fast
+    out = _gpu_prefill(q, view, scale, mask, sinks)  # in the cache's dtype
+    if out is None:  # float32 (out, lse): sinks applied here, then the model's dtype
+        fused = _fused_decode(q, view, scale, causal, array_mask)
+        out, lse = fused if fused is not None else merge(_segment_parts(q, view, scale, causal, array_mask))
+        if sinks is not None:
+            s = sinks.astype(mx.float32).reshape(1, -1, 1)
+            total = mx.logaddexp(lse, s)
+            out = out * mx.exp(lse - total)[..., None]
         if cache.rotate == "kv":
-            out = rotate(out, inverse=True)
-        return _finish(out, cache.v_dim, queries.dtype)
-    fused = _fused_decode(q, view, scale, causal, array_mask)
-    if fused is not None:
-        out, lse = fused
-    else:
-        out, lse = merge(_segment_parts(q, view, scale, causal, array_mask))
-    if sinks is not None:
-        s = sinks.astype(mx.float32).reshape(1, -1, 1)
-        total = mx.logaddexp(lse, s)
-        out = out * mx.exp(lse - total)[..., None]
+            out = out.astype(queries.dtype)  # rotate back in the model's precision
     if cache.rotate == "kv":
-        out = rotate(out.astype(queries.dtype), inverse=True)
+        out = rotate(out, inverse=True)
     return _finish(out, cache.v_dim, queries.dtype)
 
 

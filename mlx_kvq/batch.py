@@ -132,7 +132,7 @@ def merge(caches):
             c.pack_all_but(max(c.window - 1, 0))
     s = config["sinks"]
     windows = [0 if c.window_keys is None else c.window_keys.shape[2] for c in caches]
-    T, W = max(c.offset for c in caches), max(windows)
+    T, W = max(offsets), max(windows)
     P = T - s - W
     for c, w in zip(caches, windows):
         if c.n_packed and w < W:

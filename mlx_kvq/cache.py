@@ -188,7 +188,8 @@ class QuantizedKVCache:
         if d != x.shape[-1]:
             x = mx.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, d - x.shape[-1])])
         x = rotate(x) if rotated else x
-        return x.astype(self.store_dtype)
+        # astype makes a new array (a launch per decode step) even for the same dtype
+        return x if x.dtype == self.store_dtype else x.astype(self.store_dtype)
 
     # -- the protocol --------------------------------------------------------
     def update_and_fetch(self, keys, values):
