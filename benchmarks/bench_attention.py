@@ -284,9 +284,8 @@ def decode_parts_bits(args, B, Hkv, rep, D, n, bits):
                               qs, args.reps, args.inner)
             o, l = kernels.decode_launch(L_, q, kp, vp, n, None, None, merge=False, **kw)
             mx.eval(o, l)
-            rows = o.shape[1]
-            t_merge, _ = timeit(lambda _: L_("sdpa_merge", [o, l], [("D", D)], (rows * 32, 1, 1), (32, 1, 1),
-                                             [(rows, D), (rows,)], [mx.float32, mx.float32]), qs, args.reps, args.inner)
+            t_merge, _ = timeit(lambda _: kernels.merge_launch(L_, o, l, (B, Hkv * rep, 1, D)),
+                                qs, args.reps, args.inner)
             t_all, _ = timeit(lambda q: kernels.decode_launch(L_, q, kp, vp, n, None, None, **kw),
                               qs, args.reps, args.inner)
             print(f"{bits}-bit pf {int(pf)} nsg {nsg} warps/core {wpc:2d} partials {o.shape[0]:4d}: decode {t_dec:.4f} merge {t_merge:.4f} "

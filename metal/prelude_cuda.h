@@ -3,7 +3,7 @@
 // shared helpers (kvq_common.h) and the kernel bodies.
 //   threadgroup memory     -> __shared__
 //   device/thread spaces   -> (nothing)
-//   simdgroup (32 lanes)   -> warp; simd_sum/max/shuffle -> __shfl_*_sync
+//   simdgroup (32 lanes)   -> warp; simd_sum/max/shuffle -> __shfl_*_sync, simd_any -> __any_sync
 //   threadgroup_barrier    -> __syncthreads, simdgroup_barrier -> __syncwarp
 //   Metal attributes       -> threadIdx/blockIdx expressions (1-D threadgroups)
 #define device
@@ -65,6 +65,7 @@ __device__ __forceinline__ T simd_max(T x) {
   }
   return x;
 }
+__device__ __forceinline__ bool simd_any(bool x) { return __any_sync(0xffffffffu, x); }
 template <typename T>
 __device__ __forceinline__ T simd_shuffle(T x, uint src) {
   return __shfl_sync(0xffffffffu, x, src);

@@ -32,11 +32,15 @@
 //
 // Template: T (query dtype), S (scale dtype), DT (sinks/window dtype), MT (mask
 // dtype), D, KB, VB (2, 4 or 8), GS, MASK (0 none, 1 bool keep, 2 additive),
-// CAUSAL, NSG (warps per threadgroup), PF (blocks of keys loaded ahead: 0, 1 or 2).  Needs D % 16 == 0, (D * KB) % 128 == 0, (D * VB) % 256 == 0,
+// CAUSAL, NSG (warps per threadgroup), PF (blocks of keys loaded ahead: 0, 1 or 2),
+// ROTQ (rotate the queries by the cache's rotation first, D a power of two).
+// Needs D % 16 == 0, (D * KB) % 128 == 0, (D * VB) % 256 == 0,
 // GS a multiple of D/8 and D/4 a multiple or divisor of GS (kernels.py checks).
 // Inputs: q (B,Hq,L,D); kw/ks/kb, vw/vs/vb packed (B,Hkv,C,...); sk/sv sinks,
 // wk/wv window (B,Hkv,*,D); mask 4-D over absolute key positions; carrier;
-// fparams [scale].  All may be strided in their first three dims.
+// fparams [scale] (ROTQ: scale / sqrt(D), the transform below is unnormalized);
+// signs (D,) float32, the rotation's signs (read when ROTQ).
+// All may be strided in their first three dims.
 // Carrier shape: (n/32768+1, n%32768+1, d/65536+1, d%65536+1, ns+1, nw+1, P+1)
 // with n packed keys, d = q_start - ns + 2^31, ns sinks, nw window keys, P
 // packed splits.  Positions: sink i -> i, packed j -> ns + j, window i ->
@@ -104,19 +108,48 @@ for (int i = 0; i < 2; i++) {
   rpos[i] = q_start + (rok[i] ? row % L : 0);
 }
 
+// The tile's query rows in threadgroup memory (rows past R are zeros), rotated
+// when ROTQ: q R = ((q * signs) H) / sqrt(D), H the Sylvester Hadamard matrix,
+// by an in-place fast Walsh-Hadamard transform (D a power of two); the 1 / sqrt(D)
+// is in fparams[0].
+threadgroup float q_tg[8 * D];
+for (int i = tid; i < 8 * D; i += NT) {
+  const int row = row0 + i / D;
+  const int d = i % D;
+  float x = 0.0f;
+  if (row < R) {
+    x = float(q[size_t(b) * size_t(q_strides[0]) + size_t(kvh * rep + row / L) * size_t(q_strides[1]) +
+                size_t(row % L) * size_t(q_strides[2]) + size_t(d)]);
+    if (ROTQ) {
+      x *= signs[d];
+    }
+  }
+  q_tg[i] = x;
+}
+threadgroup_barrier(mem_flags::mem_threadgroup);
+if (ROTQ) {
+  for (int h = 1; h < D; h <<= 1) {
+    for (int i = tid; i < 4 * D; i += NT) {  // 8 rows x D/2 butterflies
+      const int j = i % (D / 2);
+      const int lo = (i / (D / 2)) * D + (j / h) * 2 * h + j % h;
+      const float x0 = q_tg[lo];
+      const float x1 = q_tg[lo + h];
+      q_tg[lo] = x0 + x1;
+      q_tg[lo + h] = x0 - x1;
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+  }
+}
 // Q^T fragments (B operand): k-step c, row gr, dims d0, d0+KH (b0) and
 // d0+1, d0+1+KH (b1), d0 = tq*KDL + KCPW*(c/KKPW) + 2*(c%KKPW)
 uint qb[NK][2];
 {
-  const int row = row0 + gr;
-  const bool ok = row < R;
-  const size_t base = size_t(b) * size_t(q_strides[0]) +
-      size_t(kvh * rep + (ok ? row / L : 0)) * size_t(q_strides[1]) + size_t(ok ? row % L : 0) * size_t(q_strides[2]);
+  const KVQ_TGP(float) qr = q_tg + gr * D;
   KVQ_UNROLL
   for (int c = 0; c < NK; c++) {
     const int d0 = tq * KDL + KCPW * (c / KKPW) + 2 * (c % KKPW);
-    qb[c][0] = ok ? kvq_h2(float(q[base + d0]), float(q[base + d0 + KH])) : 0u;
-    qb[c][1] = ok ? kvq_h2(float(q[base + d0 + 1]), float(q[base + d0 + 1 + KH])) : 0u;
+    qb[c][0] = kvq_h2(qr[d0], qr[d0 + KH]);
+    qb[c][1] = kvq_h2(qr[d0 + 1], qr[d0 + 1 + KH]);
   }
 }
 
@@ -280,29 +313,41 @@ for (int blk = kbeg; blk < kend; blk += 16) {
     s[e] = x;
     bmax[i] = metal::max(bmax[i], x);
   }
-  float fac[2];
+  // The running max moves only when a row's block max passes it by more than
+  // RESCALE_SLACK (log2 units): until then probabilities are exp2(s - m) <= 2^8
+  // (fine in fp16), and the 2 * NJ * 2 rescaling multiplies are skipped by the
+  // whole warp.  Exact: out and lse are normalized by the same m at the end.
+  constexpr float RESCALE_SLACK = 8.0f;
+  float fac[2] = {1.0f, 1.0f};
+  bool grow = false;
   KVQ_UNROLL
   for (int i = 0; i < 2; i++) {
     bmax[i] = metal::max(bmax[i], simd_shuffle_xor(bmax[i], 4u));
     bmax[i] = metal::max(bmax[i], simd_shuffle_xor(bmax[i], 8u));
     bmax[i] = metal::max(bmax[i], simd_shuffle_xor(bmax[i], 16u));
-    const float mnew = metal::max(m[i], bmax[i]);
-    fac[i] = mnew == NEG_INF ? 1.0f : metal::exp2(m[i] - mnew);
-    m[i] = mnew;
+    if (bmax[i] > m[i] + RESCALE_SLACK || (m[i] == NEG_INF && bmax[i] != NEG_INF)) {
+      fac[i] = metal::exp2(m[i] - bmax[i]);  // 0 when m was -inf
+      m[i] = bmax[i];
+      grow = true;
+    }
   }
   KVQ_UNROLL
   for (int e = 0; e < 4; e++) {
     s[e] = m[e & 1] == NEG_INF ? 0.0f : metal::exp2(s[e] - m[e & 1]);
   }
-  lsum[0] = lsum[0] * fac[0] + s[0] + s[2];
-  lsum[1] = lsum[1] * fac[1] + s[1] + s[3];
-  KVQ_UNROLL
-  for (int j = 0; j < NJ; j++) {
-    o[j][0] *= fac[0];
-    o[j][1] *= fac[1];
-    o[j][2] *= fac[0];
-    o[j][3] *= fac[1];
+  if (simd_any(grow)) {
+    lsum[0] *= fac[0];
+    lsum[1] *= fac[1];
+    KVQ_UNROLL
+    for (int j = 0; j < NJ; j++) {
+      o[j][0] *= fac[0];
+      o[j][1] *= fac[1];
+      o[j][2] *= fac[0];
+      o[j][3] *= fac[1];
+    }
   }
+  lsum[0] += s[0] + s[2];
+  lsum[1] += s[1] + s[3];
   // P^T as the B operand: b0 = P[row gr][keys 2tq, 2tq+1], b1 = keys 2tq+8, 2tq+9,
   // gathered from the lanes holding them (lane 4*key + row/2, fp16 pair of rows)
   uint pb0, pb1;

@@ -41,16 +41,23 @@ def quantized_sdpa(queries, view, scale, mask=None, sinks=None):
     d = cache.padded_dim(q.shape[-1])
     if d != q.shape[-1]:
         q = mx.pad(q, [(0, 0)] * 3 + [(0, d - q.shape[-1])])
-    if cache.rotate:
-        q = rotate(q)
     causal = isinstance(mask, str)
     if causal and mask != "causal":
         raise ValueError(f"Unsupported mask {mask!r}.")
     array_mask = None if causal or mask is None else mask
+    # Decode: the decode kernel and its merge do it all (rotations, the model's dtype): on
+    # GPUs every extra op costs host time, which decode steps are short of.
+    whole = sinks is None and (not cache.rotate or kernels.rotates_in_kernel(d))
+    if whole:
+        fused = _fused_decode(q, view, scale, causal, array_mask, cache.rotate, queries.dtype)
+        if fused is not None:
+            return _finish(fused[0], cache.v_dim, queries.dtype)
+    if cache.rotate:
+        q = rotate(q)
 
     out = _gpu_prefill(q, view, scale, mask, sinks)  # in the cache's dtype
     if out is None:  # float32 (out, lse): sinks applied here, then the model's dtype
-        fused = _fused_decode(q, view, scale, causal, array_mask)
+        fused = None if whole else _fused_decode(q, view, scale, causal, array_mask)
         out, lse = fused if fused is not None else merge(_segment_parts(q, view, scale, causal, array_mask))
         if sinks is not None:
             s = sinks.astype(mx.float32).reshape(1, -1, 1)
@@ -124,9 +131,10 @@ def _eval_outside_compile(x):
         pass
 
 
-def _fused_decode(q, view, scale, causal, mask):
+def _fused_decode(q, view, scale, causal, mask, rotate=None, out_dtype=mx.float32):
     """(out, lse) from the one-launch decode kernel over the whole view, or None
-    where it does not apply (prefill, formats it lacks, no GPU, MLX_KVQ_REFERENCE=1)."""
+    where it does not apply (prefill, formats it lacks, no GPU, MLX_KVQ_REFERENCE=1).
+    ``rotate``: the kernels rotate ``q`` (and, for ``"kv"``, rotate the output back)."""
     cache = view.cache
     if q.shape[2] > kernels.DECODE_MAX_L or not kernels.enabled():
         return None
@@ -143,7 +151,8 @@ def _fused_decode(q, view, scale, causal, mask):
     if not kernels.decode_supports(q, k, v, dense_dtype, mode=cache.mode, mask=mask, **fmt):
         return None
     return kernels.decode_attention(
-        q, k, v, n, sinks, window, scale=scale, q_start=view.q_start, causal=causal, mask=mask, **fmt
+        q, k, v, n, sinks, window, scale=scale, q_start=view.q_start, causal=causal, mask=mask,
+        rotate_q=bool(rotate), rotate_out=rotate == "kv", out_dtype=out_dtype, **fmt
     )
 
 

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from .rotation import signs as rotation_signs
+
 HEAD_DIMS = (64, 80, 96, 128, 256)
 AFFINE_BITS = (2, 3, 4, 5, 6, 8)
 _MODE_ID = {"affine": 0, "mxfp4": 1, "nvfp4": 2, "mxfp8": 3}
@@ -49,11 +51,11 @@ KERNELS = {
     ),
     "sdpa_decode": (
         "sdpa_decode.metal",
-        ["q", "kw", "ks", "kb", "vw", "vs", "vb", "sk", "sv", "wk", "wv", "mask", "carrier", "fparams"],
+        ["q", "kw", "ks", "kb", "vw", "vs", "vb", "sk", "sv", "wk", "wv", "mask", "carrier", "fparams", "signs"],
         ["out", "lse"],
         False,
     ),
-    "sdpa_merge": ("sdpa_merge.metal", ["o_part", "lse_part"], ["out", "lse"], True),
+    "sdpa_merge": ("sdpa_merge.metal", ["o_part", "lse_part", "signs", "fparams"], ["out", "lse"], True),
     "quantize_append": ("quantize_append.metal", ["x"], ["w", "scales", "biases"], True),
 }
 
@@ -78,6 +80,20 @@ def read_source(fname):
     if fname not in _TEXT:
         _TEXT[fname] = (source_dir() / fname).read_text()
     return _TEXT[fname]
+
+
+def compact(text):
+    """Kernel text without comments, indentation and blank lines: MLX copies a
+    custom kernel's whole source on every call, which costs host time per step."""
+    out = []
+    for line in text.splitlines():
+        i = line.find("//")
+        if i >= 0 and '"' not in line[:i]:
+            line = line[:i]
+        line = line.strip()
+        if line:
+            out.append(line)
+    return "\n".join(out) + "\n"
 
 
 def kernel_source(name):
@@ -130,8 +146,8 @@ class MLXLauncher:
                 name="kvq_" + name,
                 input_names=inputs,
                 output_names=outputs,
-                source=body,
-                header=read_source(prelude) + "\n" + common,
+                source=compact(body),
+                header=compact(read_source(prelude) + "\n" + common),
                 ensure_row_contiguous=KERNELS[name][3],
             )
             self._kernels[name] = k
@@ -395,16 +411,37 @@ def attention_launch(
         [mx.float32, mx.float32],
     )
     if nsplit > 1:
-        out, lse = launch(
-            "sdpa_merge",
-            [out, lse],
-            [("D", D)],
-            (rows * 32, 1, 1),
-            (32, 1, 1),
-            [(rows, D), (rows,)],
-            [mx.float32, mx.float32],
-        )
+        return merge_launch(launch, out, lse, (B, Hq, L, D))
     return out.reshape(B, Hq, L, D), lse.reshape(B, Hq, L)
+
+
+def merge_launch(launch, out, lse, shape, rotate_out=False, out_dtype=mx.float32):
+    """sdpa_merge of split partials ``out`` (nsplit, rows, D) / ``lse`` (nsplit, rows) into
+    ``(out, lse)`` of ``shape`` (B, Hq, L, D) / (B, Hq, L); ``rotate_out``: times the
+    transposed rotation of the cache (D a power of two >= 32), written as ``out_dtype``."""
+    D = shape[-1]
+    signs, fp = _rotation_args(D, rotate_out, 1.0)
+    return launch(
+        "sdpa_merge", [out, lse, signs, fp], [("D", D), ("OT", out_dtype), ("ROTO", bool(rotate_out))],
+        (out.shape[1] * 32, 1, 1), (32, 1, 1), [shape, shape[:-1]], [out_dtype, mx.float32],
+    )
+
+
+def _rotation_args(D, rotate, scale):
+    """(signs, fparams) inputs: the rotation's signs (a dummy when not rotating) and
+    ``[scale]``, divided by sqrt(D) when rotating (the kernels' transform is unnormalized)."""
+    if rotate:
+        signs = _const(("signs", D), lambda: rotation_signs(D))
+        scale = scale * D**-0.5
+    else:
+        signs = _const("signs0", lambda: mx.zeros((1,), dtype=mx.float32))
+    return signs, _const(("scale", float(scale)), lambda: mx.array([scale], dtype=mx.float32))
+
+
+def rotates_in_kernel(D):
+    """Whether the decode kernels can apply the cache's rotation themselves
+    (a fast Walsh-Hadamard transform: D a power of two, at least 32)."""
+    return D >= 32 and D & (D - 1) == 0
 
 
 def packed_attention(
@@ -503,6 +540,7 @@ def decode_plan(B, Hkv, tiles, n, nsplit=None):
 def decode_launch(
     launch, q, k_packed, v_packed, n, sinks, window, *, k_bits, v_bits, group_size,
     scale, q_start, causal, mask=None, nsplit=None, nsg=4, merge=True, pf=None,
+    rotate_q=False, rotate_out=False, out_dtype=mx.float32,
 ):
     """The kernel sequence of :func:`decode_attention` on ``launch`` (``merge=False``:
     the per-threadgroup partials (out (T, rows, D), lse (T, rows)), for benchmarks)."""
@@ -516,11 +554,13 @@ def decode_launch(
     nw = 0 if window is None else window[0].shape[2]
     if k_packed is not None and n > k_packed[0].shape[2]:
         raise ValueError(f"n={n} exceeds the cache capacity {k_packed[0].shape[2]}")
+    if (rotate_q or rotate_out) and not rotates_in_kernel(D):
+        raise ValueError(f"the decode kernels rotate only power-of-two head dims >= 32, not {D}")
     P = decode_plan(B, Hkv, tiles, n, nsplit)
     warps = P + (1 if ns + nw else 0)
     if warps == 0:
         return (
-            mx.zeros((B, Hq, L, D), dtype=mx.float32),
+            mx.zeros((B, Hq, L, D), dtype=out_dtype),
             mx.full((B, Hq, L), -math.inf, dtype=mx.float32),
         )
     nsg = max(1, min(nsg, warps))
@@ -539,29 +579,27 @@ def decode_launch(
     wk, wv = window if window is not None else (empty, empty)
     marr, mkind = _mask_arg(mask)
     carrier = _carrier7(n, int(q_start) - ns, ns, nw, P)
-    fparams = _const(("scale", float(scale)), lambda: mx.array([scale], dtype=mx.float32))
+    signs, fparams = _rotation_args(D, rotate_q, float(scale))
     template = [
         ("T", q.dtype), ("S", k_packed[1].dtype), ("DT", dt), ("MT", marr.dtype), ("D", D),
         ("KB", k_bits), ("VB", v_bits), ("GS", group_size), ("MASK", mkind), ("CAUSAL", bool(causal)),
         ("NSG", nsg), ("PF", int(DECODE_PF.get(max(k_bits, v_bits), 1) if pf is None else pf)),
+        ("ROTQ", bool(rotate_q)),
     ]
     rows = B * Hq * L
     out, lse = launch(
         "sdpa_decode",
-        [q, *k_packed, *v_packed, sk, sv, wk, wv, marr, carrier, fparams],
+        [q, *k_packed, *v_packed, sk, sv, wk, wv, marr, carrier, fparams, signs],
         template,
         (parts * nsg * 32, Hkv * tiles, B),
         (nsg * 32, 1, 1),
         [(parts, rows, D), (parts, rows)],
         [mx.float32, mx.float32],
     )
-    if parts > 1 and merge:
-        out, lse = launch(
-            "sdpa_merge", [out, lse], [("D", D)], (rows * 32, 1, 1), (32, 1, 1),
-            [(rows, D), (rows,)], [mx.float32, mx.float32],
-        )
     if not merge:
         return out, lse
+    if parts > 1 or rotate_out or out_dtype != mx.float32:
+        return merge_launch(launch, out, lse, (B, Hq, L, D), rotate_out, out_dtype)
     return out.reshape(B, Hq, L, D), lse.reshape(B, Hq, L)
 
 
@@ -573,6 +611,9 @@ def decode_attention(q, k_packed, v_packed, n, sinks, window, **kw):
     right after them, the window after the packed run.  ``mask`` (bool or
     additive) is indexed by absolute key position.  Returns ``(out, lse)`` as
     :func:`packed_attention`.  Scores and values go through fp16 (tensor cores).
+    ``rotate_q``/``rotate_out``: the kernels apply the cache's rotation to the
+    queries / its inverse to the output (see :func:`rotates_in_kernel`);
+    ``out_dtype``: the dtype of ``out``.
     """
     return decode_launch(_launcher(), q, k_packed, v_packed, n, sinks, window, **kw)
 

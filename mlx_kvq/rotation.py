@@ -1,6 +1,8 @@
 """The fixed orthogonal rotation applied to keys (and values) before packing.
 
-A Hadamard matrix with fixed random signs, ``R = diag(s) H / sqrt(d)``, spreads an
+A Hadamard matrix with fixed random signs, ``R = diag(s) H / sqrt(d)`` (for a power of
+two ``d``, ``H`` is the Sylvester matrix: the decode kernels apply it as a fast
+Walsh-Hadamard transform), spreads an
 outlier channel over every channel of the head, so group-wise quantization loses
 less. ``q R (k R)^T = q k^T``, so attention rotates queries by ``R`` and, when
 values are rotated too, rotates the output back by ``R^T``.
@@ -12,6 +14,11 @@ import mlx.core as mx
 import numpy as np
 
 SEED = 0x6B7671  # fixed: a saved cache must be read back with the same rotation
+
+
+def signs(d):
+    """The rotation's fixed random signs ``s`` (float32, (d,))."""
+    return mx.array(np.random.default_rng(SEED).choice([-1.0, 1.0], size=d).astype(np.float32))
 
 
 @lru_cache(maxsize=None)
@@ -27,8 +34,7 @@ def rotation(d, dtype=mx.float32, transpose=False):
         raise ValueError(
             f"head_dim {d} has no Hadamard rotation in MLX ({e}); use rotate=None."
         ) from None
-    signs = np.random.default_rng(SEED).choice([-1.0, 1.0], size=d).astype(np.float32)
-    r = mx.array(signs)[:, None] * h
+    r = signs(d)[:, None] * h
     r = mx.contiguous(r.T if transpose else r).astype(dtype)
     mx.eval(r)
     return r

@@ -1,5 +1,8 @@
 import mlx_kvq  # loads OpenBLAS before mlx.core
 
+import os
+import shutil
+
 import pytest
 
 from mlx_kvq.gguf import load_gguf
@@ -25,3 +28,15 @@ def fast_smollm(smollm_path):
 
     model, tokenizer = load_gguf(smollm_path)
     return to_fp32(model), tokenizer
+
+
+@pytest.fixture(scope="session")
+def emu(tmp_path_factory):
+    """The CPU emulator of the kernels' Metal execution model, as a kernel launcher."""
+    if shutil.which(os.environ.get("CXX", "g++")) is None:
+        pytest.skip("no C++ compiler for the emulator")
+    from emulator.emu import EmuLauncher
+
+    # pad_strides: attention inputs arrive as strided views into larger garbage-
+    # filled buffers, as slices of a preallocated cache would
+    return EmuLauncher(tmp_path_factory.mktemp("kvq_emu"), pad_strides=True)

@@ -85,6 +85,29 @@ def test_gpu_prefill_path_matches_plain_attention(monkeypatch, case):
     assert rel_err(out, ref) < 4e-3
 
 
+@pytest.mark.parametrize("rotate", [False, "k", "kv"])
+def test_decode_through_the_kernels_matches_plain_attention(monkeypatch, emu, rotate):
+    """Decode steps on the kernel path (run by the CPU emulator): the decode kernel rotates
+    the queries, its merge rotates the output back and writes the model's dtype."""
+    from mlx_kvq import kernels
+
+    monkeypatch.setattr(kernels, "enabled", lambda: True)
+    monkeypatch.setattr(kernels, "_launcher", lambda: emu)
+    B, Hq, Hkv, D = 1, 8, 2, 64
+    cache = filled(dict(bits=4, group_size=32, sinks=2, window=8, rotate=rotate), B, Hkv, D, [90])
+    for step in range(3):
+        k = mx.random.normal((B, Hkv, 1, D)).astype(mx.float16)
+        view, _ = cache.update_and_fetch(k, k * 0.5)
+        q = mx.random.normal((B, Hq, 1, D)).astype(mx.float16)
+        emu.launches.clear()
+        out = quantized_sdpa(q, view, scale=D**-0.5)
+        assert [x[0] for x in emu.launches] == ["sdpa_decode", "sdpa_merge"]
+        assert emu.launches[0][1]["ROTQ"] == bool(rotate) and emu.launches[1][1]["ROTO"] == (rotate == "kv")
+        ref = reference_over_cache(cache, q, D**-0.5, None)
+        assert out.shape == (B, Hq, 1, D) and out.dtype == q.dtype
+        assert rel_err(out, ref) < 4e-3
+
+
 def test_blocks_bound_memory_and_agree_with_one_block(monkeypatch):
     cache = filled(dict(bits=4, group_size=64, sinks=0, window=0), 1, 2, 64, [1000, 1])
     q = mx.random.normal((1, 4, 1, 64))

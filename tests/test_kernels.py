@@ -8,8 +8,6 @@ only when that backend is present (skipped otherwise).
 """
 
 import math
-import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -22,22 +20,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from emulator.reference import reference_attention, rel_err  # noqa: E402
 
-from mlx_kvq import kernels  # noqa: E402
+from mlx_kvq import kernels
+from mlx_kvq.rotation import rotate
 
-HAVE_CXX = shutil.which(os.environ.get("CXX", "g++")) is not None
 ON_GPU = kernels._backend() is not None
 TOL = 2e-5  # fp32 accumulation, fp32 dequantization: errors ~1e-7..1e-6
-
-
-@pytest.fixture(scope="session")
-def emu(tmp_path_factory):
-    if not HAVE_CXX:
-        pytest.skip("no C++ compiler for the emulator")
-    from emulator.emu import EmuLauncher
-
-    # pad_strides: attention inputs arrive as strided views into larger garbage-
-    # filled buffers, as slices of a preallocated cache would
-    return EmuLauncher(tmp_path_factory.mktemp("kvq_emu"), pad_strides=True)
 
 
 def make_case(B, Hkv, rep, L, D, C, *, k_bits, v_bits, group_size, mode, dtype, seed):
@@ -655,9 +642,13 @@ def run_view(launch, q, kp, vp, n, sinks, window, *, mask=None, causal=True, q_s
     args = dict(scale=q.shape[-1] ** -0.5, q_start=q_start, causal=causal, mask=mask)
     out, lse = kernels.decode_launch(launch, q, kp, vp, n, sinks, window, **fmt, **args, **{
         k: v for k, v in kw.items() if k not in fmt})
-    with mx.stream(mx.cpu):
-        ro, rl = view_reference(q, kp, vp, n, sinks, window, **fmt, **args)
-    return check_partial(out, lse, ro, rl, VIEW_TOL, lse_tol=2e-2)
+    assert out.dtype == kw.get("out_dtype", mx.float32)
+    with mx.stream(mx.cpu):  # the kernels' rotations: the view's keys/values count as rotated
+        qr = rotate(q.astype(mx.float32)) if kw.get("rotate_q") else q
+        ro, rl = view_reference(qr, kp, vp, n, sinks, window, **fmt, **args)
+        if kw.get("rotate_out"):
+            ro = rotate(ro, inverse=True)
+    return check_partial(out.astype(mx.float32), lse, ro, rl, VIEW_TOL, lse_tol=2e-2)
 
 
 VIEW_CASES = [
@@ -684,6 +675,73 @@ def test_decode_view_emulated(emu, case):
     if n > 100:  # every prefetch depth, and one warp per threadgroup
         for pf in (0, 1, 2):
             run_view(emu, q, kp, vp, n, sinks, window, k_bits=kb, v_bits=vb, group_size=gs, nsplit=nsplit, pf=pf, nsg=1)
+
+
+ROTATION_CASES = [
+    # D, k_bits, v_bits, gs, dtype, B, Hkv, rep, L, n, ns, nw, nsplit
+    (128, 4, 4, 64, mx.float16, 1, 2, 4, 1, 150, 4, 20, 3),
+    (64, 8, 4, 32, mx.bfloat16, 2, 1, 3, 3, 40, 0, 7, 1),
+    (256, 2, 2, 32, mx.float16, 1, 1, 2, 1, 0, 2, 9, None),
+]
+
+
+@pytest.mark.parametrize("rot", ["k", "kv"])
+@pytest.mark.parametrize("case", ROTATION_CASES, ids=lambda c: f"D{c[0]}-k{c[1]}v{c[2]}-n{c[9]}-L{c[8]}")
+def test_decode_view_rotations_emulated(emu, case, rot):
+    """The kernels rotate the queries (and the output back) themselves, and write the
+    model's dtype: against rotating outside around the plain fp32 reference."""
+    D, kb, vb, gs, dtype, B, Hkv, rep, L, n, ns, nw, nsplit = case
+    q, kp, vp, sinks, window = make_view(
+        B, Hkv, rep, L, D, n, ns, nw, k_bits=kb, v_bits=vb, group_size=gs, dtype=dtype, seed=D + n + 1)
+    run_view(emu, q, kp, vp, n, sinks, window, k_bits=kb, v_bits=vb, group_size=gs, nsplit=nsplit,
+             rotate_q=True, rotate_out=rot == "kv", out_dtype=dtype)
+    assert emu.launches[-1][0] == "sdpa_merge"
+
+
+def test_decode_running_max_jumps(emu):
+    """Scores that jump by far more than the kernel's rescale slack (2^8) several
+    times along a warp's keys, and rows whose first keys are all far below the max."""
+    B, Hkv, rep, L, D, n, nsplit = 1, 1, 4, 1, 64, 200, 1
+    q, _, _, _, window = make_view(B, Hkv, rep, L, D, n, 0, 5, k_bits=4, v_bits=4, group_size=32,
+                                   dtype=mx.float16, seed=11)
+    mx.random.seed(12)
+    k = mx.random.normal((B, Hkv, n, D)) * 0.1
+    qdir = q[:, :1, 0].astype(mx.float32)  # (B, 1, D): aligned with the first head's query
+    pos = mx.arange(n)[None, None, :, None]
+    boost = mx.where(pos == 40, 6.0, 0.0) + mx.where(pos == 150, 14.0, 0.0) + mx.where(pos == 197, 25.0, 0.0)
+    k = (k + boost * qdir[:, :, None] / mx.linalg.norm(qdir)).astype(mx.float16)
+    v = mx.random.normal((B, Hkv, n, D)).astype(mx.float16)
+    kp = tuple(mx.quantize(k, group_size=32, bits=4))
+    vp = tuple(mx.quantize(v, group_size=32, bits=4))
+    run_view(emu, q, kp, vp, n, None, window, k_bits=4, v_bits=4, group_size=32, nsplit=nsplit)
+
+
+def test_compacted_sources_run_the_same(emu, monkeypatch):
+    """GPUs get the sources without comments and blank lines (kernels.compact): the
+    compacted decode kernel and merge, run by the emulator, give the same bits."""
+    case = ROTATION_CASES[0]
+    D, kb, vb, gs, dtype, B, Hkv, rep, L, n, ns, nw, nsplit = case
+    q, kp, vp, sinks, window = make_view(
+        B, Hkv, rep, L, D, n, ns, nw, k_bits=kb, v_bits=vb, group_size=gs, dtype=dtype, seed=3)
+    args = dict(k_bits=kb, v_bits=vb, group_size=gs, scale=0.1, q_start=ns + n + nw - 1, causal=True,
+                nsplit=nsplit, rotate_q=True, rotate_out=True, out_dtype=dtype)
+    plain = kernels.decode_launch(emu, q, kp, vp, n, sinks, window, **args)
+    source = kernels.kernel_source
+    monkeypatch.setattr(kernels, "kernel_source", lambda name: tuple(
+        kernels.compact(x) if i < 2 else x for i, x in enumerate(source(name))))
+    assert "//" not in kernels.kernel_source("sdpa_decode")[1]
+    compacted = kernels.decode_launch(emu, q, kp, vp, n, sinks, window, **args)
+    for a, b in zip(plain, compacted):
+        assert mx.array_equal(a, b).item()
+
+
+def test_decode_rotation_needs_a_power_of_two():
+    q, kp, vp, sinks, window = make_view(1, 1, 2, 1, 96, 0, 0, 5, k_bits=4, v_bits=4, group_size=32,
+                                         dtype=mx.float16, seed=1)
+    assert not kernels.rotates_in_kernel(96) and kernels.rotates_in_kernel(64)
+    with pytest.raises(ValueError, match="power-of-two"):
+        kernels.decode_launch(kernels.MLXLauncher("cuda"), q, None, None, 0, None, window, k_bits=4, v_bits=4,
+                              group_size=32, scale=1.0, q_start=4, causal=True, rotate_q=True)
 
 
 def view_mask(kind, B, Hq, L, total, hidden):
@@ -726,6 +784,18 @@ def test_gpu_decode_view(case):
         B, Hkv, rep, L, D, n, ns, nw, k_bits=kb, v_bits=vb, group_size=gs, dtype=dtype, seed=D + n)
     run_view(kernels._launcher(), q, kp, vp, n, sinks, window, k_bits=kb, v_bits=vb, group_size=gs, nsplit=None)
     run_view(kernels._launcher(), q, kp, vp, n, sinks, window, k_bits=kb, v_bits=vb, group_size=gs, nsplit=nsplit)
+
+
+@gpu
+@pytest.mark.parametrize("rot", ["k", "kv"])
+@pytest.mark.parametrize("case", ROTATION_CASES, ids=lambda c: f"D{c[0]}-k{c[1]}v{c[2]}-n{c[9]}-L{c[8]}")
+def test_gpu_decode_view_rotations(case, rot):
+    D, kb, vb, gs, dtype, B, Hkv, rep, L, n, ns, nw, nsplit = case
+    n = n * 37
+    q, kp, vp, sinks, window = make_view(
+        B, Hkv, rep, L, D, n, ns, nw, k_bits=kb, v_bits=vb, group_size=gs, dtype=dtype, seed=D + n + 1)
+    run_view(kernels._launcher(), q, kp, vp, n, sinks, window, k_bits=kb, v_bits=vb, group_size=gs,
+             rotate_q=True, rotate_out=rot == "kv", out_dtype=dtype)
 
 
 @gpu

@@ -333,6 +333,9 @@ template <typename T>
 inline T simd_min(T x) {
   return simd_reduce(x, x, [](T a, T b) { return std::min(a, b); });
 }
+inline bool simd_any(bool x) {
+  return simd_reduce(int(x), 0, [](int a, int b) { return a | b; }) != 0;
+}
 template <typename T>
 inline T simd_shuffle(T x, uint src) {
   uint sg = emu::cur_tid() / 32;
