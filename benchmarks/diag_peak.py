@@ -2,7 +2,7 @@
 32k prompt through a 4-layer Llama-3-8B-shaped model chunk by chunk and print, per cache
 config, the peak above the weights of each chunk (and of the last step's logits).
 
-    python3 benchmarks/diag_peak.py
+    python3 benchmarks/diag_peak.py [LAYERS [CONFIG-NAME-PREFIX]]
 """
 import sys
 import time
@@ -15,6 +15,7 @@ import mlx_kvq  # noqa: E402
 from bench_generate import LLAMA3_8B, random_model  # noqa: E402
 
 CONFIGS = [
+    ("fp16", None),
     ("8 rot=- s0", dict(kv_bits=8)),
     ("8 rot=- s4", dict(kv_bits=8, sinks=4)),
     ("8 rot=kv s0", dict(kv_bits=8, rotate="kv")),
@@ -24,8 +25,12 @@ CONFIGS = [
 model = random_model(layers=int(sys.argv[1]) if len(sys.argv) > 1 else 4)
 weights = sum(v.nbytes for _, v in nn.utils.tree_flatten(model.parameters()))
 prompt = mx.random.randint(0, LLAMA3_8B["vocab_size"], (32768,))
+only = sys.argv[2] if len(sys.argv) > 2 else ""
 for name, kw in CONFIGS:
-    cache = mlx_kvq.make_prompt_cache(model, kv_group_size=64, **kw)
+    if not name.startswith(only):
+        continue
+    cache = (mlx_kvq.make_prompt_cache(model, kv_bits=None) if kw is None
+             else mlx_kvq.make_prompt_cache(model, kv_group_size=64, **kw))
     mx.synchronize()
     mx.clear_cache()
     peaks = []
@@ -40,5 +45,6 @@ for name, kw in CONFIGS:
     mx.eval(logits)
     last = (mx.get_peak_memory() - weights) / 2**30
     kv = sum(c.nbytes for c in cache) / 2**30
+    window = sum(c._wk.nbytes + c._wv.nbytes for c in cache if getattr(c, "_wk", None) is not None) / 2**30
     print(f"{name:12} {time.perf_counter() - t0:6.1f} s  chunk peaks GiB "
-          + " ".join(f"{p:.2f}" for p in peaks) + f"  last {last:.2f}  kv {kv:.3f}", flush=True)
+          + " ".join(f"{p:.2f}" for p in peaks) + f"  last {last:.2f}  kv {kv:.3f} (of which window buffers {window:.3f})", flush=True)

@@ -100,15 +100,16 @@ def _gpu_prefill(q, view, scale, mask, sinks):
         d = k[0].shape[-1] * 32 // cache.k_bits + v[0].shape[-1] * 32 // cache.v_bits
         if B * Hkv * (cache.offset) * d * dt.size > PREFILL_COPY_BYTES:
             return None
+    # Evaluate everything up to this layer's queries first: left lazy, MLX kept every
+    # layer's transients alive at once (32k tokens, 32 layers: 8-10 GiB instead of one
+    # layer's 0.25 GiB; the first chunk, with nothing packed yet, 3.1 GiB instead of
+    # ~0.5; benchmarks/diag_peak.py). One sync per layer and chunk.
+    eval_now(q)
     parts_k, parts_v = [], []
     if view.sinks[0] is not None and view.sinks[0].shape[2]:
         parts_k.append(view.sinks[0])
         parts_v.append(view.sinks[1])
     if n:
-        # Evaluate everything up to this layer's queries first: left lazy, MLX kept
-        # every layer's copy alive at once (32k tokens, 32 layers: 8-10 GiB instead of
-        # one layer's 0.25 GiB; benchmarks/diag_peak.py). One sync per layer and chunk.
-        _eval_outside_compile(q)
         deq = lambda p, bits: quant.dequantize(
             tuple(x[:, :, :n] for x in p), bits, cache.group_size, cache.mode, dt
         )
@@ -124,9 +125,11 @@ def _gpu_prefill(q, view, scale, mask, sinks):
     )
 
 
-def _eval_outside_compile(x):
+def eval_now(*x):
+    """``mx.eval``, except inside ``mx.compile`` or a transform (nothing to sync there).
+    Bounds memory where MLX's lazy schedule would keep many layers' transients alive."""
     try:
-        mx.eval(x)
+        mx.eval(*x)
     except ValueError:  # inside mx.compile / a transform: nothing to sync
         pass
 
