@@ -171,11 +171,11 @@ def sanitize():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from test_kernels import make_view
 
-    for (B, Hkv, rep, L, D, n, ns, nw, kb, vb, gs, mk, pf) in [
-        (1, 2, 4, 1, 128, 300, 4, 20, 4, 4, 64, None, 1),
-        (2, 1, 2, 3, 64, 301, 0, 7, 2, 4, 32, "bool", 2),
-        (1, 2, 12, 1, 128, 170, 2, 0, 8, 8, 64, "add", 0),
-        (1, 1, 2, 1, 256, 0, 4, 33, 4, 8, 32, None, 1),
+    for (B, Hkv, rep, L, D, n, ns, nw, kb, vb, gs, mk, pf, rot) in [
+        (1, 2, 4, 1, 128, 300, 4, 20, 4, 4, 64, None, 1, "kv"),
+        (2, 1, 2, 3, 64, 301, 0, 7, 2, 4, 32, "bool", 2, "k"),
+        (1, 2, 12, 1, 128, 170, 2, 0, 8, 8, 64, "add", 0, None),
+        (1, 1, 2, 1, 256, 0, 4, 33, 4, 8, 32, None, 1, "kv"),
     ]:
         q, kp, vp, sinks, window = make_view(B, Hkv, rep, L, D, n, ns, nw, k_bits=kb, v_bits=vb,
                                              group_size=gs, dtype=mx.float16, seed=n)
@@ -186,7 +186,9 @@ def sanitize():
         elif mk == "add":
             mask = mx.random.normal((B, Hkv * rep, L, total)).astype(mx.float16)
         out, lse = kernels.decode_launch(L_, q, kp, vp, n, sinks, window, k_bits=kb, v_bits=vb, group_size=gs,
-                                         scale=0.1, q_start=total - L, causal=True, mask=mask, pf=pf)
+                                         scale=0.1, q_start=total - L, causal=True, mask=mask, pf=pf,
+                                         rotate_q=bool(rot), rotate_out=rot == "kv",
+                                         out_dtype=mx.float16 if rot else mx.float32)
         mx.eval(out, lse)
     x = mx.random.normal((1, 2, 3, 128)).astype(mx.bfloat16)
     mx.eval(kernels.quantize_launch(L_, x, bits=3, group_size=64, flavor=1))
