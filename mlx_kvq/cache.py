@@ -27,6 +27,7 @@ import json
 import mlx.core as mx
 
 from . import kernels, quant
+from .attention import causal_mask, eval_now
 from .rotation import rotate, rotation
 
 ROTATE = (None, "k", "kv")
@@ -286,8 +287,6 @@ class QuantizedKVCache:
             # the copy now, so that the old buffers go now: left in the step's lazy
             # graph, every layer's old and new buffers were alive at once (32 layers,
             # 32k tokens, 4-bit: +1.1 GiB at the step that grows them)
-            from .attention import eval_now
-
             eval_now(self.keys, self.values)
         else:  # the quantize-append kernel on GPUs (bit-identical to mx.quantize)
             fmt = dict(group_size=self.group_size, mode=self.mode)
@@ -326,8 +325,6 @@ class QuantizedKVCache:
         return n
 
     def make_mask(self, N, return_array=False, window_size=None):
-        from .attention import causal_mask
-
         if self.left_padding is not None:
             return self._padding_mask(causal_mask(N, self.offset, window_size))
         if window_size is not None or return_array:
