@@ -166,6 +166,35 @@ KVQ_FUNC void kvq_load_octet_raw(const device uint* row, int u, thread uint& lo,
   }
 }
 
+// ---- the unnormalized Walsh-Hadamard transform of one row of D = 32 * E
+// values spread over a simdgroup, lane holding dims [lane * E, lane * E + E):
+// acc <- acc H (H the D x D Sylvester Hadamard matrix).  Butterflies of stride
+// < E in registers, larger strides across lanes (partner lane = lane ^ (h / E)).
+// The cache's rotation is R = diag(signs) H / sqrt(D): x R = ((x * signs) H) /
+// sqrt(D), x R^T = ((x H) / sqrt(D)) * signs.  Every lane must call it.
+template <int E>
+KVQ_FUNC void kvq_fwht_lanes(thread float* acc, uint lane) {
+  KVQ_UNROLL
+  for (int h = 1; h < E; h <<= 1) {
+    KVQ_UNROLL
+    for (int e = 0; e < E; e++) {
+      if ((e & h) == 0) {
+        const float x0 = acc[e];
+        const float x1 = acc[e + h];
+        acc[e] = x0 + x1;
+        acc[e + h] = x0 - x1;
+      }
+    }
+  }
+  for (int m = 1; m < 32; m <<= 1) {
+    KVQ_UNROLL
+    for (int e = 0; e < E; e++) {
+      const float other = simd_shuffle_xor(acc[e], uint(m));
+      acc[e] = (lane & uint(m)) ? other - acc[e] : acc[e] + other;
+    }
+  }
+}
+
 // ---- the warp matrix op of sdpa_decode: c[0..3] += A * B over one
 // simdgroup, A 16x16 and B 16x8 in fp16 (uint = two halves), C 16x8 fp32,
 // in the register layout of CUDA's mma.sync.m16n8k16 (lane = 4 * gr + tq):

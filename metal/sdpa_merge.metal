@@ -21,8 +21,7 @@ if (row < rows) {
     }
   }
   if (ROTO) {
-    // lane holds dims [lane * E, lane * E + E): butterflies of stride < E in
-    // registers, larger strides across lanes (partner lane = lane ^ (h / E))
+    // lane holds dims [lane * E, lane * E + E) (kvq_fwht_lanes)
     constexpr int E = D / 32;
     float acc[E];
     KVQ_UNROLL
@@ -38,25 +37,7 @@ if (row < rows) {
         }
       }
     }
-    KVQ_UNROLL
-    for (int h = 1; h < E; h <<= 1) {
-      KVQ_UNROLL
-      for (int e = 0; e < E; e++) {
-        if ((e & h) == 0) {
-          const float x0 = acc[e];
-          const float x1 = acc[e + h];
-          acc[e] = x0 + x1;
-          acc[e + h] = x0 - x1;
-        }
-      }
-    }
-    for (int m = 1; m < 32; m <<= 1) {
-      KVQ_UNROLL
-      for (int e = 0; e < E; e++) {
-        const float other = simd_shuffle_xor(acc[e], uint(m));
-        acc[e] = (lane & uint(m)) ? other - acc[e] : acc[e] + other;
-      }
-    }
+    kvq_fwht_lanes<E>(acc, lane);
     KVQ_UNROLL
     for (int e = 0; e < E; e++) {
       const int d = int(lane) * E + e;

@@ -145,7 +145,13 @@ def _fused_decode(q, view, scale, causal, mask, rotate=None, out_dtype=mx.float3
     if not (n > 0 and k is not None):
         k = v = None
     present = lambda run: run if run[0] is not None and run[0].shape[2] else None
-    sinks, window = present(view.sinks), present(view.window)
+    sinks = present(view.sinks)
+    wk, wv, nw, nwv = view.window_buffers
+    if wk is not None and nw and nw == nwv:
+        window = (wk, wv)  # the whole buffers: the kernel reads their first nw rows
+    else:
+        window = present(view.window)
+        nw = 0 if window is None else window[0].shape[2]
     dense = sinks or window
     if k is None and dense is None:
         return None
@@ -154,7 +160,7 @@ def _fused_decode(q, view, scale, causal, mask, rotate=None, out_dtype=mx.float3
     if not kernels.decode_supports(q, k, v, dense_dtype, mode=cache.mode, mask=mask, **fmt):
         return None
     return kernels.decode_attention(
-        q, k, v, n, sinks, window, scale=scale, q_start=view.q_start, causal=causal, mask=mask,
+        q, k, v, n, sinks, window, nw=nw, scale=scale, q_start=view.q_start, causal=causal, mask=mask,
         rotate_q=bool(rotate), rotate_out=rotate == "kv", out_dtype=out_dtype, **fmt
     )
 

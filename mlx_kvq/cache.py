@@ -60,7 +60,18 @@ class KVView:
         self.q_start = cache.offset - query_len
         self.sinks = (cache.sink_keys, cache.sink_values)
         self.packed = (cache.keys, cache.values, cache.n_packed)
-        self.window = (cache.window_keys, cache.window_values)
+        # the window's buffers and the rows in use (the decode kernel reads them as they
+        # are: slicing would cost an op per step)
+        self.window_buffers = (cache._wk, cache._wv, cache._wn, cache._wvn)
+        self._window = None
+
+    @property
+    def window(self):
+        """``(keys, values)`` of the recent unquantized window (or ``(None, None)``)."""
+        if self._window is None:
+            wk, wv, n, nv = self.window_buffers
+            self._window = (_first(wk, n), _first(wv, nv))
+        return self._window
 
     def segments(self):
         """``(kind, keys, values, k_start, n, positions)`` for each non-empty part.
@@ -200,18 +211,19 @@ class QuantizedKVCache:
             self.k_dim, self.v_dim = keys.shape[-1], values.shape[-1]
             self.kv_heads = keys.shape[0] * keys.shape[1]
             self.dtype = keys.dtype
-        keys = self._prepare(keys, self.rotate)
-        values = self._prepare(values, self.rotate == "kv")
         L = keys.shape[2]
         held = 0 if self.sink_keys is None else self.sink_keys.shape[2]
         take = min(self.sinks - held, L)
-        if take > 0:
-            # copies: a slice would keep the whole first chunk alive for a few tokens
-            self.sink_keys = _cat(self.sink_keys, mx.contiguous(keys[:, :, :take]))
-            self.sink_values = _cat(self.sink_values, mx.contiguous(values[:, :, :take]))
-            keys, values = keys[:, :, take:], values[:, :, take:]
-        if keys.shape[2]:
-            self._window_append(keys, values)
+        if take > 0 or not self._window_append_kernel(keys, values):
+            keys = self._prepare(keys, self.rotate)
+            values = self._prepare(values, self.rotate == "kv")
+            if take > 0:
+                # copies: a slice would keep the whole first chunk alive for a few tokens
+                self.sink_keys = _cat(self.sink_keys, mx.contiguous(keys[:, :, :take]))
+                self.sink_values = _cat(self.sink_values, mx.contiguous(values[:, :, :take]))
+                keys, values = keys[:, :, take:], values[:, :, take:]
+            if keys.shape[2]:
+                self._window_append(keys, values)
         self.offset += L
         # A prefill chunk attends to itself unquantized and is packed at the next update;
         # in decode the window is packed down to ``window`` tokens every flush_block steps.
@@ -255,6 +267,20 @@ class QuantizedKVCache:
             self._wk = _cat_spare(self.window_keys, keys, spare)
             self._wv = _cat_spare(self.window_values, values, spare)
         self._wn = self._wvn = n + m
+
+    def _window_append_kernel(self, keys, values):
+        """Decode on GPUs: rotate and cast the new rows and write them into the window
+        buffers in one launch (``kernels.window_append``); False where it does not apply."""
+        if keys.shape[2] > kernels.DECODE_MAX_L or self._wn != self._wvn:
+            return False
+        if self.padded_dim(keys.shape[-1]) != keys.shape[-1]:
+            return False
+        rk, rv = bool(self.rotate), self.rotate == "kv"
+        if not kernels.window_append_supports(self._wk, self._wv, keys, values, self._wn, rk, rv):
+            return False
+        self._wk, self._wv = kernels.window_append(self._wk, self._wv, keys, values, self._wn, rk, rv)
+        self._wn = self._wvn = self._wn + keys.shape[2]
+        return True
 
     def _flush(self, keep=None):
         """Pack all but the ``keep`` (default: ``window``) most recent unquantized tokens

@@ -57,6 +57,12 @@ KERNELS = {
     ),
     "sdpa_merge": ("sdpa_merge.metal", ["o_part", "lse_part", "signs", "fparams"], ["out", "lse"], True),
     "quantize_append": ("quantize_append.metal", ["x"], ["w", "scales", "biases"], True),
+    "window_append": (
+        "window_append.metal",
+        ["wk", "wv", "k", "v", "signs", "fparams", "carrier"],
+        ["ok", "ov"],
+        False,
+    ),
 }
 
 
@@ -419,11 +425,17 @@ def merge_launch(launch, out, lse, shape, rotate_out=False, out_dtype=mx.float32
     """sdpa_merge of split partials ``out`` (nsplit, rows, D) / ``lse`` (nsplit, rows) into
     ``(out, lse)`` of ``shape`` (B, Hq, L, D) / (B, Hq, L); ``rotate_out``: times the
     transposed rotation of the cache (D a power of two >= 32), written as ``out_dtype``."""
+    inputs, args = _merge_args(out.shape[1], tuple(shape), rotate_out, out_dtype)
+    return launch("sdpa_merge", [out, lse, *inputs], *args)
+
+
+def _merge_args(rows, shape, rotate_out, out_dtype):
+    """(extra inputs, (template, grid, threadgroup, output shapes, dtypes)) of sdpa_merge."""
     D = shape[-1]
     signs, fp = _rotation_args(D, rotate_out, 1.0)
-    return launch(
-        "sdpa_merge", [out, lse, signs, fp], [("D", D), ("OT", out_dtype), ("ROTO", bool(rotate_out))],
-        (out.shape[1] * 32, 1, 1), (32, 1, 1), [shape, shape[:-1]], [out_dtype, mx.float32],
+    return [signs, fp], (
+        [("D", D), ("OT", out_dtype), ("ROTO", bool(rotate_out))],
+        (rows * 32, 1, 1), (32, 1, 1), [shape, shape[:-1]], [out_dtype, mx.float32],
     )
 
 
@@ -540,18 +552,69 @@ def decode_plan(B, Hkv, tiles, n, nsplit=None):
 def decode_launch(
     launch, q, k_packed, v_packed, n, sinks, window, *, k_bits, v_bits, group_size,
     scale, q_start, causal, mask=None, nsplit=None, nsg=4, merge=True, pf=None,
-    rotate_q=False, rotate_out=False, out_dtype=mx.float32,
+    rotate_q=False, rotate_out=False, out_dtype=mx.float32, nw=None,
 ):
     """The kernel sequence of :func:`decode_attention` on ``launch`` (``merge=False``:
-    the per-threadgroup partials (out (T, rows, D), lse (T, rows)), for benchmarks)."""
-    B, Hq, L, D = q.shape
+    the per-threadgroup partials (out (T, rows, D), lse (T, rows)), for benchmarks).
+    ``nw``: the window rows in use (default: all of ``window``'s)."""
     n = int(n) if k_packed is not None else 0
+    ns = 0 if sinks is None else sinks[0].shape[2]
+    if window is None:
+        nw = 0
+    elif nw is None:
+        nw = window[0].shape[2]
+    elif not 0 <= nw <= min(window[0].shape[2], window[1].shape[2]):
+        raise ValueError(f"nw={nw} exceeds the window buffers {window[0].shape[2]}")
+    # everything but the arrays and the per-step integers, worked out once per
+    # shapes and options (a decode step asks again for every layer)
+    key = (
+        q.shape, q.dtype, None if k_packed is None else (k_packed[0].shape, k_packed[1].dtype, v_packed[0].shape),
+        n, ns, None if sinks is None else sinks[0].dtype, None if window is None else (window[0].shape, window[0].dtype),
+        nw > 0, None if mask is None else (mask.shape, mask.dtype), k_bits, v_bits, group_size, float(scale),
+        bool(causal), nsplit, nsg, pf, bool(rotate_q), bool(rotate_out), out_dtype,
+    )
+    st = _DECODE_SETUPS.get(key)
+    if st is None:
+        if len(_DECODE_SETUPS) > 4096:
+            _DECODE_SETUPS.clear()
+        st = _DECODE_SETUPS[key] = _decode_setup(
+            q, k_packed, v_packed, n, sinks, window, ns, nw, k_bits, v_bits, group_size, scale, causal, mask,
+            nsplit, nsg, pf, rotate_q, rotate_out, out_dtype)
+    if st.P is None:  # nothing to attend to
+        B, Hq, L, D = q.shape
+        return mx.zeros((B, Hq, L, D), dtype=out_dtype), mx.full((B, Hq, L), -math.inf, dtype=mx.float32)
+    sk, sv = sinks if sinks is not None else st.empty
+    wk, wv = window if window is not None else st.empty
+    kp = k_packed if k_packed is not None else st.kp0
+    vp = v_packed if v_packed is not None else st.vp0
+    marr = st.marr if mask is None else _mask_arg(mask)[0]
+    carrier = _carrier7(n, int(q_start) - ns, ns, nw, st.P)
+    out, lse = launch("sdpa_decode", [q, *kp, *vp, sk, sv, wk, wv, marr, carrier, st.fparams, st.signs], *st.decode)
+    if not merge:
+        return out, lse
+    if st.merge is not None:
+        return launch("sdpa_merge", [out, lse, *st.merge_inputs], *st.merge)
+    B, Hq, L, D = q.shape
+    return out.reshape(B, Hq, L, D), lse.reshape(B, Hq, L)
+
+
+_DECODE_SETUPS = {}
+
+
+class _DecodeSetup:
+    """What :func:`decode_launch` needs besides the arrays and the per-step integers."""
+
+    P = None
+
+
+def _decode_setup(q, k_packed, v_packed, n, sinks, window, ns, nw, k_bits, v_bits, group_size, scale, causal,
+                  mask, nsplit, nsg, pf, rotate_q, rotate_out, out_dtype):
+    st = _DecodeSetup()
+    B, Hq, L, D = q.shape
     dense = [x for x in (sinks, window) if x is not None]
     Hkv = (k_packed[0] if k_packed is not None else dense[0][0]).shape[1]
     rep = Hq // Hkv
     tiles = -(-(rep * L) // 8)
-    ns = 0 if sinks is None else sinks[0].shape[2]
-    nw = 0 if window is None else window[0].shape[2]
     if k_packed is not None and n > k_packed[0].shape[2]:
         raise ValueError(f"n={n} exceeds the cache capacity {k_packed[0].shape[2]}")
     if (rotate_q or rotate_out) and not rotates_in_kernel(D):
@@ -559,48 +622,37 @@ def decode_launch(
     P = decode_plan(B, Hkv, tiles, n, nsplit)
     warps = P + (1 if ns + nw else 0)
     if warps == 0:
-        return (
-            mx.zeros((B, Hq, L, D), dtype=out_dtype),
-            mx.full((B, Hq, L), -math.inf, dtype=mx.float32),
-        )
+        return st
+    st.P = P
     nsg = max(1, min(nsg, warps))
     parts = -(-warps // nsg)  # threadgroups along x, one partial each
-    if k_packed is None:
-        sdt = dense[0][0].dtype
-        k_packed = _const(("kp0", B, Hkv, D, k_bits, sdt), lambda: (
-            mx.zeros((B, Hkv, 1, D * k_bits // 32), mx.uint32), mx.zeros((B, Hkv, 1, D // group_size), sdt),
-            mx.zeros((B, Hkv, 1, D // group_size), sdt)))
-        v_packed = _const(("vp0", B, Hkv, D, v_bits, sdt), lambda: (
-            mx.zeros((B, Hkv, 1, D * v_bits // 32), mx.uint32), mx.zeros((B, Hkv, 1, D // group_size), sdt),
-            mx.zeros((B, Hkv, 1, D // group_size), sdt)))
+    sdt = (k_packed[1] if k_packed is not None else dense[0][0]).dtype
+    st.kp0 = _const(("kp0", B, Hkv, D, k_bits, sdt), lambda: (
+        mx.zeros((B, Hkv, 1, D * k_bits // 32), mx.uint32), mx.zeros((B, Hkv, 1, D // group_size), sdt),
+        mx.zeros((B, Hkv, 1, D // group_size), sdt)))
+    st.vp0 = _const(("vp0", B, Hkv, D, v_bits, sdt), lambda: (
+        mx.zeros((B, Hkv, 1, D * v_bits // 32), mx.uint32), mx.zeros((B, Hkv, 1, D // group_size), sdt),
+        mx.zeros((B, Hkv, 1, D // group_size), sdt)))
     dt = dense[0][0].dtype if dense else q.dtype
     empty = _const(("dense0", D, dt), lambda: mx.zeros((1, 1, 1, D), dtype=dt))
-    sk, sv = sinks if sinks is not None else (empty, empty)
-    wk, wv = window if window is not None else (empty, empty)
-    marr, mkind = _mask_arg(mask)
-    carrier = _carrier7(n, int(q_start) - ns, ns, nw, P)
-    signs, fparams = _rotation_args(D, rotate_q, float(scale))
+    st.empty = (empty, empty)
+    st.marr, mkind = _mask_arg(mask)
+    st.signs, st.fparams = _rotation_args(D, rotate_q, float(scale))
     template = [
-        ("T", q.dtype), ("S", k_packed[1].dtype), ("DT", dt), ("MT", marr.dtype), ("D", D),
+        ("T", q.dtype), ("S", sdt), ("DT", dt), ("MT", st.marr.dtype), ("D", D),
         ("KB", k_bits), ("VB", v_bits), ("GS", group_size), ("MASK", mkind), ("CAUSAL", bool(causal)),
         ("NSG", nsg), ("PF", int(DECODE_PF.get(max(k_bits, v_bits), 1) if pf is None else pf)),
         ("ROTQ", bool(rotate_q)),
     ]
     rows = B * Hq * L
-    out, lse = launch(
-        "sdpa_decode",
-        [q, *k_packed, *v_packed, sk, sv, wk, wv, marr, carrier, fparams, signs],
-        template,
-        (parts * nsg * 32, Hkv * tiles, B),
-        (nsg * 32, 1, 1),
-        [(parts, rows, D), (parts, rows)],
-        [mx.float32, mx.float32],
+    st.decode = (
+        template, (parts * nsg * 32, Hkv * tiles, B), (nsg * 32, 1, 1),
+        [(parts, rows, D), (parts, rows)], [mx.float32, mx.float32],
     )
-    if not merge:
-        return out, lse
+    st.merge = None
     if parts > 1 or rotate_out or out_dtype != mx.float32:
-        return merge_launch(launch, out, lse, (B, Hq, L, D), rotate_out, out_dtype)
-    return out.reshape(B, Hq, L, D), lse.reshape(B, Hq, L)
+        st.merge_inputs, st.merge = _merge_args(rows, (B, Hq, L, D), rotate_out, out_dtype)
+    return st
 
 
 def decode_attention(q, k_packed, v_packed, n, sinks, window, **kw):
@@ -683,3 +735,47 @@ def quantize_append(x, buffers, start, *, bits, group_size, mode):
     else:
         new = tuple(mx.quantize(x, group_size=group_size, bits=bits, mode=mode))
     return tuple(_write_rows(buf, v, start) for buf, v in zip(buffers, new))
+
+
+# --------------------------------------------------------------------------- window append
+def window_append_supports(buf_k, buf_v, keys, values, nw, rotate_k, rotate_v):
+    """Whether :func:`window_append` takes these: a GPU, room in the buffers, head
+    dims a multiple of 32 (a power of two >= 32 where a rotation is applied)."""
+    if not enabled() or buf_k is None or buf_v is None:
+        return False
+    B, H, C, D = buf_k.shape
+    if buf_v.shape != buf_k.shape or buf_v.dtype != buf_k.dtype or buf_k.dtype not in _FLOATS:
+        return False
+    if keys.shape != values.shape or keys.shape[:2] != (B, H) or keys.shape[3] != D or keys.dtype not in _FLOATS:
+        return False
+    if D % 32 or nw + keys.shape[2] > C or ((rotate_k or rotate_v) and not rotates_in_kernel(D)):
+        return False
+    return True
+
+
+def window_append_launch(launch, buf_k, buf_v, keys, values, nw, rotate_k=False, rotate_v=False):
+    """The window buffers ``buf_k``/``buf_v`` (B, H, C, D) with rows ``[nw, nw + L)``
+    replaced by ``keys``/``values`` (B, H, L, D), rotated by the cache's rotation
+    where asked, in the buffers' dtype: new arrays (one launch)."""
+    key = (buf_k.shape, buf_k.dtype, keys.dtype, bool(rotate_k), bool(rotate_v))
+    st = _WINDOW_SETUPS.get(key)
+    if st is None:
+        B, H, C, D = buf_k.shape
+        rows = B * H * C
+        st = _WINDOW_SETUPS[key] = (
+            list(_rotation_args(D, rotate_k or rotate_v, 1.0)),
+            _const("u8x1", lambda: mx.zeros((1,), dtype=mx.uint8)),
+            ([("IT", keys.dtype), ("OT", buf_k.dtype), ("D", D), ("ROTK", bool(rotate_k)), ("ROTV", bool(rotate_v))],
+             (-(-rows // 4) * 128, 2, 1), (128, 1, 1), [buf_k.shape, buf_k.shape], [buf_k.dtype, buf_k.dtype]),
+        )
+    consts, z, args = st
+    carrier = mx.broadcast_to(z, (int(nw) + 1,))
+    return launch("window_append", [buf_k, buf_v, keys, values, *consts, carrier], *args)
+
+
+_WINDOW_SETUPS = {}
+
+
+def window_append(buf_k, buf_v, keys, values, nw, rotate_k=False, rotate_v=False):
+    """:func:`window_append_launch` on this backend's launcher."""
+    return window_append_launch(_launcher(), buf_k, buf_v, keys, values, nw, rotate_k, rotate_v)

@@ -227,3 +227,42 @@ def test_sinks_do_not_keep_the_first_chunk_alive():
     mx.clear_cache()
     held = mx.get_active_memory() - before
     assert held < 20000 * 64 * 2, held  # one fp16 copy of the chunk is 2.4 MiB; packed K+V 1.4 MiB
+
+
+@pytest.mark.parametrize("config", [
+    dict(bits=4, group_size=32, sinks=2, window=5, rotate="kv"),
+    dict(bits=8, group_size=64, sinks=0, window=3, rotate=False),
+    dict(bits=4, group_size=64, sinks=1, window=4, rotate="k"),
+])
+def test_window_append_kernel_stores_what_the_host_path_stores(monkeypatch, emu, config):
+    """Decode steps on GPUs write the window with one kernel (rotation in fp32 by a fast
+    Walsh-Hadamard transform, run here by the CPU emulator); the host path rotates with a
+    matmul. Both caches must hold the same tokens."""
+    from mlx_kvq import kernels
+
+    host, fused = QuantizedKVCache(**config), QuantizedKVCache(**config)
+    mx.random.seed(5)
+    chunks = [7] + [1] * 12 + [33] + [1] * 5
+    data = [(mx.random.normal((1, 2, L, 64)).astype(mx.float16), mx.random.normal((1, 2, L, 64)).astype(mx.float16))
+            for L in chunks]
+    for k, v in data:
+        host.update_and_fetch(k, v)
+    k_all = mx.concatenate([k for k, _ in data], axis=2)
+    v_all = mx.concatenate([v for _, v in data], axis=2)
+    monkeypatch.setattr(kernels, "enabled", lambda: True)
+    monkeypatch.setattr(kernels, "_launcher", lambda: emu)
+    emu.launches.clear()
+    for k, v in data:
+        fused.update_and_fetch(k, v)
+        assert fused._wn == fused._wvn and fused.offset <= k_all.shape[2]
+    assert sum(x[0] == "window_append" for x in emu.launches) >= 10
+    hk, hv = cache_contents(host)
+    fk, fv = cache_contents(fused)
+    ek, ev = expected(fused, k_all, v_all)
+    assert fk.shape == hk.shape == ek.shape
+    # the unquantized tail (window) agrees closely; packed tokens within quantization error
+    w = fused._wn
+    assert rel_err(fk[:, :, -w:], hk[:, :, -w:]) < 1e-3 and rel_err(fv[:, :, -w:], hv[:, :, -w:]) < 1e-3
+    assert rel_err(fk[:, :, -w:], ek[:, :, -w:]) < 1e-3 and rel_err(fv[:, :, -w:], ev[:, :, -w:]) < 1e-3
+    tol = 0.1 if config["bits"] == 4 else 0.01
+    assert rel_err(fk, ek) < tol and rel_err(fv, ev) < tol

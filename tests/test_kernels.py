@@ -806,3 +806,79 @@ def test_gpu_decode_view_masks(kind):
         B, Hkv, rep, L, D, n, ns, nw, k_bits=4, v_bits=4, group_size=64, dtype=mx.float16, seed=7)
     mask = view_mask(kind, B, Hkv * rep, L, ns + n + nw, hidden=700)
     run_view(kernels._launcher(), q, kp, vp, n, sinks, window, mask=mask, k_bits=4, v_bits=4, group_size=64)
+
+
+# ------------------------------------------------------------------ window append
+WINDOW_CASES = [
+    # D, B, H, C, L, nw, in dtype, window dtype, rotate k, rotate v
+    (64, 1, 2, 12, 1, 5, mx.float16, mx.float16, True, True),
+    (128, 2, 3, 9, 3, 6, mx.bfloat16, mx.bfloat16, True, False),
+    (32, 1, 1, 8, 2, 0, mx.float32, mx.float16, False, True),
+    (96, 1, 2, 7, 1, 6, mx.float16, mx.float16, False, False),
+]
+
+
+def window_reference(buf, x, nw, rot):
+    """The buffer with rows [nw, nw + L) = x (times the rotation, in fp32, when ``rot``)."""
+    from mlx_kvq.rotation import rotation
+
+    with mx.stream(mx.cpu):
+        new = x.astype(mx.float32) @ rotation(x.shape[-1], mx.float32) if rot else x
+        out = mx.array(buf)
+        out[:, :, nw : nw + x.shape[2]] = new.astype(buf.dtype)
+        return out
+
+
+def window_case(case, seed):
+    D, B, H, C, L, nw, dt, wdt, rk, rv = case
+    mx.random.seed(seed)
+    wk, wv = (mx.random.normal((B, H, C, D)).astype(wdt) for _ in range(2))
+    # new rows as the model hands them: a transposed (strided) view
+    k, v = (mx.random.normal((B, L, H, D)).astype(dt).transpose(0, 2, 1, 3) for _ in range(2))
+    mx.eval(wk, wv, k, v)
+    return wk, wv, k, v, nw, rk, rv
+
+
+def check_window(launch, case, seed):
+    wk, wv, k, v, nw, rk, rv = window_case(case, seed)
+    assert kernels.window_append_supports(wk, wv, k, v, nw, rk, rv) or not kernels.enabled()
+    ok, ov = kernels.window_append_launch(launch, wk, wv, k, v, nw, rk, rv)
+    for got, buf, x, rot in ((ok, wk, k, rk), (ov, wv, v, rv)):
+        ref = window_reference(buf, x, nw, rot)
+        assert got.dtype == buf.dtype and got.shape == buf.shape
+        g, r = np.array(got.astype(mx.float32)), np.array(ref.astype(mx.float32))
+        assert not np.isnan(g).any(), "unwritten (poisoned) rows"
+        L = x.shape[2]
+        # untouched rows bit for bit; new rows within one rounding of the window dtype
+        np.testing.assert_array_equal(np.delete(g, range(nw, nw + L), axis=2), np.delete(r, range(nw, nw + L), axis=2))
+        tol = 8e-3 if buf.dtype == mx.bfloat16 else 1e-3
+        np.testing.assert_allclose(g[:, :, nw : nw + L], r[:, :, nw : nw + L], rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("case", WINDOW_CASES)
+def test_window_append_emulated(emu, case):
+    check_window(emu, case, seed=11)
+    assert emu.launches[-1][0] == "window_append"
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs the Metal or CUDA backend")
+@pytest.mark.parametrize("case", WINDOW_CASES)
+def test_gpu_window_append(case):
+    check_window(kernels._launcher(), case, seed=12)
+
+
+def test_window_append_supports(monkeypatch):
+    wk = wv = mx.zeros((1, 2, 8, 64), mx.float16)
+    k = v = mx.zeros((1, 2, 1, 64), mx.float16)
+    assert kernels.window_append_supports(wk, wv, k, v, 7, True, True) == kernels.enabled()
+    monkeypatch.setattr(kernels, "enabled", lambda: True)  # the shape rules, on any machine
+    on = True
+    assert kernels.window_append_supports(wk, wv, k, v, 7, True, True) == on
+    assert not kernels.window_append_supports(wk, wv, k, v, 8, False, False)  # no room
+    w96 = mx.zeros((1, 2, 8, 96), mx.float16)
+    k96 = mx.zeros((1, 2, 1, 96), mx.float16)
+    assert kernels.window_append_supports(w96, w96, k96, k96, 0, False, False) == on
+    assert not kernels.window_append_supports(w96, w96, k96, k96, 0, True, False)  # rotation needs 2^k
+    w80 = mx.zeros((1, 2, 8, 80), mx.float16)
+    k80 = mx.zeros((1, 2, 1, 80), mx.float16)
+    assert not kernels.window_append_supports(w80, w80, k80, k80, 0, False, False)
