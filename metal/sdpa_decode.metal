@@ -108,6 +108,65 @@ for (int i = 0; i < 2; i++) {
   rpos[i] = q_start + (rok[i] ? row % L : 0);
 }
 
+// (b, kvh) bases and per-key strides
+const device uint* kwp = kw + size_t(b) * size_t(kw_strides[0]) + size_t(kvh) * size_t(kw_strides[1]);
+const device S* ksp = ks + size_t(b) * size_t(ks_strides[0]) + size_t(kvh) * size_t(ks_strides[1]);
+const device S* kbp = kb + size_t(b) * size_t(kb_strides[0]) + size_t(kvh) * size_t(kb_strides[1]);
+const device uint* vwp = vw + size_t(b) * size_t(vw_strides[0]) + size_t(kvh) * size_t(vw_strides[1]);
+const device S* vsp = vs + size_t(b) * size_t(vs_strides[0]) + size_t(kvh) * size_t(vs_strides[1]);
+const device S* vbp = vb + size_t(b) * size_t(vb_strides[0]) + size_t(kvh) * size_t(vb_strides[1]);
+const int kws = int(kw_strides[2]), kss = int(ks_strides[2]), kbs = int(kb_strides[2]);
+const int vws = int(vw_strides[2]), vss = int(vs_strides[2]), vbs = int(vb_strides[2]);
+size_t mst0 = 0, mst1 = 0, mst2 = 0, mst3 = 0;
+if (MASK != 0) {
+  mst0 = mask_shape[0] == 1 ? 0 : size_t(mask_strides[0]);
+  mst1 = mask_shape[1] == 1 ? 0 : size_t(mask_strides[1]);
+  mst2 = mask_shape[2] == 1 ? 0 : size_t(mask_strides[2]);
+  mst3 = mask_shape[3] == 1 ? 0 : size_t(mask_strides[3]);
+}
+
+// Packed blocks: raw K/V words and scales of a block of 16 keys, loaded into
+// registers; with PF the next block's are loaded while this one is computed.
+//   K: keys blk + gr (kr0) and blk + gr + 8 (kr1), the words of dims [tq*D/4, ...)
+//   V: keys blk + 2tq, +1, +8, +9 (vr[0..3]), the words of dims [gr*D/8, ...)
+#define KVQ_LOAD_BLOCK(BLK, KR0, KR1, KS0, KB0, KS1, KB1, VR, VSC, VBI)          \
+  {                                                                            \
+    const int key0_ = metal::min((BLK) + gr, kend - 1);                        \
+    const int key1_ = metal::min((BLK) + gr + 8, kend - 1);                    \
+    kvq_load_words<KWL>(kwp + key0_ * kws + tq * KWL, KR0);                   \
+    kvq_load_words<KWL>(kwp + key1_ * kws + tq * KWL, KR1);                   \
+    KVQ_UNROLL                                                                 \
+    for (int x = 0; x < LGK; x++) {                                            \
+      const int gi = (tq * KDL) / GS + x;                                      \
+      KS0[x] = float(ksp[key0_ * kss + gi]);                                   \
+      KB0[x] = float(kbp[key0_ * kbs + gi]);                                   \
+      KS1[x] = float(ksp[key1_ * kss + gi]);                                   \
+      KB1[x] = float(kbp[key1_ * kbs + gi]);                                   \
+    }                                                                          \
+    const int vg_ = (gr * DPL) / GS;                                           \
+    KVQ_UNROLL                                                                 \
+    for (int i = 0; i < 4; i++) {                                              \
+      const int vk_ = metal::min((BLK) + 2 * tq + (i & 1) + 8 * (i >> 1), kend - 1); \
+      kvq_load_words<VWL>(vwp + vk_ * vws + gr * VWL, VR[i]);                 \
+      VSC[i] = float(vsp[vk_ * vss + vg_]);                                    \
+      VBI[i] = float(vbp[vk_ * vbs + vg_]);                                    \
+    }                                                                          \
+  }
+uint kr0[KWL], kr1[KWL], vr[4][VWL];
+float ks0f[LGK], kb0f[LGK], ks1f[LGK], kb1f[LGK], vsc[4], vbi[4];
+uint nkr0[KWL], nkr1[KWL], nvr[4][VWL];
+float nks0[LGK], nkb0[LGK], nks1[LGK], nkb1[LGK], nvsc[4], nvbi[4];
+uint fkr0[KWL], fkr1[KWL], fvr[4][VWL];
+float fks0[LGK], fkb0[LGK], fks1[LGK], fkb1[LGK], fvsc[4], fvbi[4];
+// (the first block's loads go out before the query prologue below, so that its
+// latency overlaps it)
+if (PF > 0 && !dense && kbeg < kend) {
+  KVQ_LOAD_BLOCK(kbeg, kr0, kr1, ks0f, kb0f, ks1f, kb1f, vr, vsc, vbi);
+  if (PF > 1) {
+    KVQ_LOAD_BLOCK(kbeg + 16, nkr0, nkr1, nks0, nkb0, nks1, nkb1, nvr, nvsc, nvbi);
+  }
+}
+
 // The tile's query rows in threadgroup memory (rows past R are zeros), rotated
 // when ROTQ: q R = ((q * signs) H) / sqrt(D), H the Sylvester Hadamard matrix,
 // by an in-place fast Walsh-Hadamard transform (D a power of two); the 1 / sqrt(D)
@@ -153,69 +212,12 @@ uint qb[NK][2];
   }
 }
 
-// (b, kvh) bases and per-key strides
-const device uint* kwp = kw + size_t(b) * size_t(kw_strides[0]) + size_t(kvh) * size_t(kw_strides[1]);
-const device S* ksp = ks + size_t(b) * size_t(ks_strides[0]) + size_t(kvh) * size_t(ks_strides[1]);
-const device S* kbp = kb + size_t(b) * size_t(kb_strides[0]) + size_t(kvh) * size_t(kb_strides[1]);
-const device uint* vwp = vw + size_t(b) * size_t(vw_strides[0]) + size_t(kvh) * size_t(vw_strides[1]);
-const device S* vsp = vs + size_t(b) * size_t(vs_strides[0]) + size_t(kvh) * size_t(vs_strides[1]);
-const device S* vbp = vb + size_t(b) * size_t(vb_strides[0]) + size_t(kvh) * size_t(vb_strides[1]);
-const int kws = int(kw_strides[2]), kss = int(ks_strides[2]), kbs = int(kb_strides[2]);
-const int vws = int(vw_strides[2]), vss = int(vs_strides[2]), vbs = int(vb_strides[2]);
-size_t mst0 = 0, mst1 = 0, mst2 = 0, mst3 = 0;
-if (MASK != 0) {
-  mst0 = mask_shape[0] == 1 ? 0 : size_t(mask_strides[0]);
-  mst1 = mask_shape[1] == 1 ? 0 : size_t(mask_strides[1]);
-  mst2 = mask_shape[2] == 1 ? 0 : size_t(mask_strides[2]);
-  mst3 = mask_shape[3] == 1 ? 0 : size_t(mask_strides[3]);
-}
-
 float m[2] = {NEG_INF, NEG_INF};  // running max (base 2) of rows 2tq, 2tq + 1
 float lsum[2] = {0.0f, 0.0f};     // this lane's share of their softmax sums
 float o[NJ][4];                   // O^T tiles: dims (2j, 2j+1 of lane gr) x rows (2tq, 2tq+1)
 KVQ_UNROLL
 for (int j = 0; j < NJ; j++) {
   o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
-}
-
-// Packed blocks: raw K/V words and scales of a block of 16 keys, loaded into
-// registers; with PF the next block's are loaded while this one is computed.
-//   K: keys blk + gr (kr0) and blk + gr + 8 (kr1), the words of dims [tq*D/4, ...)
-//   V: keys blk + 2tq, +1, +8, +9 (vr[0..3]), the words of dims [gr*D/8, ...)
-#define KVQ_LOAD_BLOCK(BLK, KR0, KR1, KS0, KB0, KS1, KB1, VR, VSC, VBI)          \
-  {                                                                            \
-    const int key0_ = metal::min((BLK) + gr, kend - 1);                        \
-    const int key1_ = metal::min((BLK) + gr + 8, kend - 1);                    \
-    kvq_load_words<KWL>(kwp + key0_ * kws + tq * KWL, KR0);                   \
-    kvq_load_words<KWL>(kwp + key1_ * kws + tq * KWL, KR1);                   \
-    KVQ_UNROLL                                                                 \
-    for (int x = 0; x < LGK; x++) {                                            \
-      const int gi = (tq * KDL) / GS + x;                                      \
-      KS0[x] = float(ksp[key0_ * kss + gi]);                                   \
-      KB0[x] = float(kbp[key0_ * kbs + gi]);                                   \
-      KS1[x] = float(ksp[key1_ * kss + gi]);                                   \
-      KB1[x] = float(kbp[key1_ * kbs + gi]);                                   \
-    }                                                                          \
-    const int vg_ = (gr * DPL) / GS;                                           \
-    KVQ_UNROLL                                                                 \
-    for (int i = 0; i < 4; i++) {                                              \
-      const int vk_ = metal::min((BLK) + 2 * tq + (i & 1) + 8 * (i >> 1), kend - 1); \
-      kvq_load_words<VWL>(vwp + vk_ * vws + gr * VWL, VR[i]);                 \
-      VSC[i] = float(vsp[vk_ * vss + vg_]);                                    \
-      VBI[i] = float(vbp[vk_ * vbs + vg_]);                                    \
-    }                                                                          \
-  }
-uint kr0[KWL], kr1[KWL], vr[4][VWL];
-float ks0f[LGK], kb0f[LGK], ks1f[LGK], kb1f[LGK], vsc[4], vbi[4];
-uint nkr0[KWL], nkr1[KWL], nvr[4][VWL];
-float nks0[LGK], nkb0[LGK], nks1[LGK], nkb1[LGK], nvsc[4], nvbi[4];
-uint fkr0[KWL], fkr1[KWL], fvr[4][VWL];
-float fks0[LGK], fkb0[LGK], fks1[LGK], fkb1[LGK], fvsc[4], fvbi[4];
-if (PF > 0 && !dense && kbeg < kend) {
-  KVQ_LOAD_BLOCK(kbeg, kr0, kr1, ks0f, kb0f, ks1f, kb1f, vr, vsc, vbi);
-  if (PF > 1) {
-    KVQ_LOAD_BLOCK(kbeg + 16, nkr0, nkr1, nks0, nkb0, nks1, nkb1, nvr, nvsc, nvbi);
-  }
 }
 
 for (int blk = kbeg; blk < kend; blk += 16) {

@@ -16,8 +16,10 @@ Public API (called by the attention dispatch):
 * :func:`quantize_append` -- pack new tokens into the preallocated buffers.
 """
 
+import hashlib
 import math
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -148,12 +150,15 @@ class MLXLauncher:
                 "metal": (mx.fast.metal_kernel, "prelude_metal.h"),
                 "cuda": (mx.fast.cuda_kernel, "prelude_cuda.h"),
             }[self.backend]
+            header, source, kname = compact(read_source(prelude) + "\n" + common), compact(body), "kvq_" + name
+            if self.backend == "cuda" and CUDA_INCLUDE:
+                header, source, kname = _cuda_includes(name, prelude, body) or (header, source, kname)
             k = make(
-                name="kvq_" + name,
+                name=kname,
                 input_names=inputs,
                 output_names=outputs,
-                source=compact(body),
-                header=compact(read_source(prelude) + "\n" + common),
+                source=source,
+                header=header,
                 ensure_row_contiguous=KERNELS[name][3],
             )
             self._kernels[name] = k
@@ -168,6 +173,26 @@ class MLXLauncher:
             output_shapes=output_shapes,
             output_dtypes=output_dtypes,
         )
+
+
+# MLX copies a custom kernel's whole source text on every call (host time per decode
+# step): on CUDA the launcher hands NVRTC #include lines of the source files instead.
+CUDA_INCLUDE = os.environ.get("MLX_KVQ_CUDA_INCLUDE", "1") not in ("", "0")
+
+
+def _cuda_includes(name, prelude, body):
+    """(header, source, kernel name) that #include the files by absolute path, or None
+    where a path cannot be written in an #include line.  MLX passes ``x_shape`` /
+    ``x_strides`` only for names it finds in the source text: the first line lists
+    those the body uses.  The name carries a digest of the files (compile caches)."""
+    d = source_dir()
+    files = [d / prelude, d / "kvq_common.h", d / KERNELS[name][0]]
+    if any('"' in str(f) or "\\" in str(f) or not str(f).isascii() for f in files):
+        return None
+    used = sorted(set(re.findall(r"\b\w+_(?:shape|strides|ndim)\b", body)))
+    digest = hashlib.sha1("".join(read_source(f.name) for f in files).encode()).hexdigest()[:12]
+    header = "".join(f'#include "{f}"\n' for f in files[:2])
+    return header, f"// {' '.join(used)}\n#include \"{files[2]}\"\n", f"kvq_{name}_{digest}"
 
 
 _LAUNCHERS = {}

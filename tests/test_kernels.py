@@ -882,3 +882,21 @@ def test_window_append_supports(monkeypatch):
     w80 = mx.zeros((1, 2, 8, 80), mx.float16)
     k80 = mx.zeros((1, 2, 1, 80), mx.float16)
     assert not kernels.window_append_supports(w80, w80, k80, k80, 0, False, False)
+
+
+def test_cuda_launcher_includes_the_source_files():
+    """On CUDA the launcher passes #include lines instead of the source text (MLX copies
+    the text on every call); the first line must name every shape/strides argument the
+    body reads, or MLX would not pass it."""
+    import re
+
+    for name, (fname, inputs, _, _) in kernels.KERNELS.items():
+        header, source, kname = kernels._cuda_includes(name, "prelude_cuda.h", kernels.read_source(fname))
+        files = re.findall(r'#include "([^"]+)"', header + source)
+        assert [Path(f).name for f in files] == ["prelude_cuda.h", "kvq_common.h", fname]
+        assert all(Path(f).is_file() for f in files)
+        body = kernels.read_source(fname)
+        for x in inputs:
+            for kind in ("shape", "strides"):
+                assert (f"{x}_{kind}" in body) == (f"{x}_{kind}" in source.splitlines()[0]), (name, x, kind)
+        assert kname.startswith(f"kvq_{name}_") and len(kname) > len(f"kvq_{name}_") + 8
