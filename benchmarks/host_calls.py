@@ -4,27 +4,15 @@ binding (it rebuilds the kernel's source text on every call), and the launch.
     python3 benchmarks/host_calls.py
 """
 
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import mlx.core as mx
 
 from mlx_kvq import kernels
 
-
-def build_us(fn, calls=200, reps=7):
-    build, dispatch = [], []
-    for _ in range(reps):
-        mx.synchronize()
-        t0 = time.perf_counter()
-        keep = [fn() for _ in range(calls)]
-        t1 = time.perf_counter()
-        mx.async_eval(keep)
-        t2 = time.perf_counter()
-        mx.synchronize()
-        build.append((t1 - t0) / calls * 1e6)
-        dispatch.append((t2 - t1) / calls * 1e6)
-    return statistics.median(build), statistics.median(dispatch)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from profile_host import per_call_us  # noqa: E402
 
 
 class Recorder:
@@ -79,7 +67,7 @@ def main():
     ])
     print(f"device {mx.default_device()}  mlx {mx.__version__}; build / dispatch us per call, median")
     for label, fn in rows:
-        b, d = build_us(fn)
+        b, d = per_call_us(fn, 200)
         print(f"  {label:42s} {b:8.1f} {d:8.1f}", flush=True)
 
 
