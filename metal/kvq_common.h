@@ -195,6 +195,68 @@ KVQ_FUNC void kvq_fwht_lanes(thread float* acc, uint lane) {
   }
 }
 
+// ---- merging split partials: row `row` of o_part (nsplit, rows, D) / lse_part
+// (nsplit, rows) (normalized out, natural-log lse) into out[row] (OT) / lse[row]
+// by log-sum-exp, by one simdgroup; ROTO: times R^T (kvq_fwht_lanes, `rs` =
+// 1 / sqrt(D), D a power of two >= 32).  CG: read the partials through L2
+// (kvq_load_cg: they were written by other threadgroups of the same launch).
+template <int D, typename OT, bool ROTO, bool CG>
+KVQ_FUNC void kvq_merge_row(const device float* o_part, const device float* lse_part, int nsplit, size_t rows,
+                            size_t row, uint lane, const device float* signs, float rs, device OT* out,
+                            device float* lse) {
+  float mx = -INFINITY;
+  for (int s = 0; s < nsplit; s++) {
+    mx = metal::max(mx, CG ? kvq_load_cg(lse_part + size_t(s) * rows + row) : lse_part[size_t(s) * rows + row]);
+  }
+  float den = 0.0f;
+  if (mx != -INFINITY) {
+    for (int s = 0; s < nsplit; s++) {
+      den += metal::exp((CG ? kvq_load_cg(lse_part + size_t(s) * rows + row) : lse_part[size_t(s) * rows + row]) - mx);
+    }
+  }
+  // lane holds dims [lane * E, lane * E + E) (the layout of kvq_fwht_lanes)
+  constexpr int E = D / 32 > 0 ? D / 32 : 1;
+  if (ROTO) {
+    float acc[E];
+    KVQ_UNROLL
+    for (int e = 0; e < E; e++) {
+      acc[e] = 0.0f;
+    }
+    if (mx != -INFINITY) {
+      for (int s = 0; s < nsplit; s++) {
+        const size_t ls = size_t(s) * rows + row;
+        const float w = metal::exp((CG ? kvq_load_cg(lse_part + ls) : lse_part[ls]) - mx) / den;
+        KVQ_UNROLL
+        for (int e = 0; e < E; e++) {
+          const size_t i = ls * D + lane * E + e;
+          acc[e] += w * (CG ? kvq_load_cg(o_part + i) : o_part[i]);
+        }
+      }
+    }
+    kvq_fwht_lanes<E>(acc, lane);
+    KVQ_UNROLL
+    for (int e = 0; e < E; e++) {
+      const int d = int(lane) * E + e;
+      out[row * D + d] = OT(acc[e] * rs * signs[d]);
+    }
+  } else {
+    for (int d = int(lane); d < D; d += 32) {
+      float acc = 0.0f;
+      if (mx != -INFINITY) {
+        for (int s = 0; s < nsplit; s++) {
+          const size_t ls = size_t(s) * rows + row;
+          const float w = metal::exp((CG ? kvq_load_cg(lse_part + ls) : lse_part[ls]) - mx);
+          acc += w * (CG ? kvq_load_cg(o_part + ls * D + d) : o_part[ls * D + d]);
+        }
+      }
+      out[row * D + d] = OT(mx != -INFINITY ? acc / den : 0.0f);
+    }
+  }
+  if (lane == 0) {
+    lse[row] = mx != -INFINITY ? mx + metal::log(den) : -INFINITY;
+  }
+}
+
 // ---- the warp matrix op of sdpa_decode: c[0..3] += A * B over one
 // simdgroup, A 16x16 and B 16x8 in fp16 (uint = two halves), C 16x8 fp32,
 // in the register layout of CUDA's mma.sync.m16n8k16 (lane = 4 * gr + tq):

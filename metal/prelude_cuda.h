@@ -80,6 +80,11 @@ __device__ __forceinline__ T simd_shuffle_down(T x, uint d) {
 }
 
 __device__ __forceinline__ float kvq_as_float(uint b) { return __uint_as_float(b); }
+// cross-threadgroup hand-off (the decode kernel's fused merge): make this thread's device
+// writes visible to the whole grid, count threadgroups done, read others' writes from L2
+__device__ __forceinline__ void kvq_device_fence() { __threadfence(); }
+__device__ __forceinline__ uint kvq_atomic_add(uint* p, uint v) { return atomicAdd(p, v); }
+__device__ __forceinline__ float kvq_load_cg(const float* p) { return __ldcg(p); }
 // IEEE division whatever the JIT's math flags
 __device__ __forceinline__ float kvq_div(float a, float b) { return __fdiv_rn(a, b); }
 

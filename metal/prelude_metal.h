@@ -11,6 +11,18 @@ using namespace metal;
 inline float kvq_as_float(uint b) {
   return as_type<float>(b);
 }
+// Cross-threadgroup hand-off, used only by the decode kernel's fused merge, which the
+// launcher enables on CUDA alone (MLX's Metal kernels never order memory across
+// threadgroups within a launch); defined so that the shared bodies compile.
+inline void kvq_device_fence() {
+  threadgroup_barrier(mem_flags::mem_device);
+}
+inline uint kvq_atomic_add(device uint* p, uint v) {
+  return atomic_fetch_add_explicit((device atomic_uint*)p, v, memory_order_relaxed);
+}
+inline float kvq_load_cg(const device float* p) {
+  return *p;
+}
 // metal_kernel compiles with math_mode "safe": '/' is IEEE division
 inline float kvq_div(float a, float b) {
   return a / b;

@@ -38,7 +38,7 @@
 // GS a multiple of D/8 and D/4 a multiple or divisor of GS (kernels.py checks).
 // Inputs: q (B,Hq,L,D); kw/ks/kb, vw/vs/vb packed (B,Hkv,C,...); sk/sv sinks,
 // wk/wv window (B,Hkv,*,D); mask 4-D over absolute key positions; carrier;
-// fparams [scale] (ROTQ: scale / sqrt(D), the transform below is unnormalized);
+// fparams [scale, 1 / sqrt(D)] (ROTQ: scale / sqrt(D), the transform below is unnormalized);
 // signs (D,) float32, the rotation's signs (read when ROTQ).
 // All may be strided in their first three dims.
 // Carrier shape: (n/32768+1, n%32768+1, d/65536+1, d%65536+1, ns+1, nw+1, P+1)
@@ -46,6 +46,12 @@
 // packed splits.  Positions: sink i -> i, packed j -> ns + j, window i ->
 // ns + n + i; query row l -> q_start + l.
 // Outputs: out float32 (T, B*Hq*L, D), lse float32 (T, B*Hq*L), T = threadgroups along x.
+// Fused merge (the kernel "sdpa_decode_fused", KVQ_FUSED_MERGE defined; CUDA only):
+// template OT, ROTO as sdpa_merge's; more outputs fout OT (B*Hq*L, D), flse float32
+// (B*Hq*L); one more input, counter uint (B * threadgroups along y), fresh zeros per
+// launch, which the kernel counts up (written although an input: nothing else holds
+// it): the last threadgroup of each row tile to finish merges the tile's T partials
+// (kvq_merge_row) -- one launch instead of two.
 
 constexpr float NEG_INF = -INFINITY;
 constexpr int NT = NSG * 32;
@@ -504,3 +510,28 @@ for (int i = tid; i < 8 * D; i += NT) {
     }
   }
 }
+#ifdef KVQ_FUSED_MERGE
+{
+  // every thread fences its own partial writes; then one thread counts this
+  // threadgroup done for its row tile, and the last one merges the tile
+  threadgroup uint last_tg[1];
+  kvq_device_fence();
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  const int nparts = int(threadgroups_per_grid.x);
+  device uint* tiles_done = (device uint*)counter;  // this launch's zeros (see above)
+  const uint tile = uint(b) * threadgroups_per_grid.y + threadgroup_position_in_grid.y;
+  if (tid == 0) {
+    last_tg[0] = kvq_atomic_add(tiles_done + tile, 1u) == uint(nparts - 1) ? 1u : 0u;
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  if (last_tg[0] != 0u) {
+    kvq_device_fence();
+    for (int r = sg; r < 8; r += NSG) {
+      if (row0 + r < R) {
+        kvq_merge_row<D, OT, ROTO, true>(out, lse, nparts, rows_total, size_t((b * Hq + kvh * rep) * L + row0 + r),
+                                         lane, signs, fparams[1], fout, flse);
+      }
+    }
+  }
+}
+#endif

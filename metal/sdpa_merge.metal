@@ -8,54 +8,7 @@
 const int nsplit = int(o_part_shape[0]);
 const int rows = int(o_part_shape[1]);
 const int row = int(threadgroup_position_in_grid.x);
-const uint lane = thread_index_in_simdgroup;
 if (row < rows) {
-  float mx = -INFINITY;
-  for (int s = 0; s < nsplit; s++) {
-    mx = metal::max(mx, lse_part[size_t(s) * rows + row]);
-  }
-  float den = 0.0f;
-  if (mx != -INFINITY) {
-    for (int s = 0; s < nsplit; s++) {
-      den += metal::exp(lse_part[size_t(s) * rows + row] - mx);
-    }
-  }
-  if (ROTO) {
-    // lane holds dims [lane * E, lane * E + E) (kvq_fwht_lanes)
-    constexpr int E = D / 32;
-    float acc[E];
-    KVQ_UNROLL
-    for (int e = 0; e < E; e++) {
-      acc[e] = 0.0f;
-    }
-    if (mx != -INFINITY) {
-      for (int s = 0; s < nsplit; s++) {
-        const float w = metal::exp(lse_part[size_t(s) * rows + row] - mx) / den;
-        KVQ_UNROLL
-        for (int e = 0; e < E; e++) {
-          acc[e] += w * o_part[(size_t(s) * rows + row) * D + lane * E + e];
-        }
-      }
-    }
-    kvq_fwht_lanes<E>(acc, lane);
-    KVQ_UNROLL
-    for (int e = 0; e < E; e++) {
-      const int d = int(lane) * E + e;
-      out[size_t(row) * D + d] = OT(acc[e] * fparams[0] * signs[d]);
-    }
-  } else {
-    for (int d = int(lane); d < D; d += 32) {
-      float acc = 0.0f;
-      if (mx != -INFINITY) {
-        for (int s = 0; s < nsplit; s++) {
-          float w = metal::exp(lse_part[size_t(s) * rows + row] - mx);
-          acc += w * o_part[(size_t(s) * rows + row) * D + d];
-        }
-      }
-      out[size_t(row) * D + d] = OT(mx != -INFINITY ? acc / den : 0.0f);
-    }
-  }
-  if (lane == 0) {
-    lse[row] = mx != -INFINITY ? mx + metal::log(den) : -INFINITY;
-  }
+  kvq_merge_row<D, OT, ROTO, false>(o_part, lse_part, nsplit, size_t(rows), size_t(row), thread_index_in_simdgroup,
+                                    signs, fparams[0], out, lse);
 }

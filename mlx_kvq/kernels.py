@@ -57,6 +57,13 @@ KERNELS = {
         ["out", "lse"],
         False,
     ),
+    "sdpa_decode_fused": (
+        "sdpa_decode.metal",
+        ["q", "kw", "ks", "kb", "vw", "vs", "vb", "sk", "sv", "wk", "wv", "mask", "carrier", "fparams", "signs",
+         "counter"],
+        ["out", "lse", "fout", "flse"],
+        False,
+    ),
     "sdpa_merge": ("sdpa_merge.metal", ["o_part", "lse_part", "signs", "fparams"], ["out", "lse"], True),
     "quantize_append": ("quantize_append.metal", ["x"], ["w", "scales", "biases"], True),
     "window_append": (
@@ -104,10 +111,14 @@ def compact(text):
     return "\n".join(out) + "\n"
 
 
+# kernels built from another's body with a preprocessor switch
+DEFINES = {"sdpa_decode_fused": "#define KVQ_FUSED_MERGE 1\n"}
+
+
 def kernel_source(name):
     """(common header text, body text, input names, output names) of a kernel."""
     fname, inputs, outputs, _ = KERNELS[name]
-    return read_source("kvq_common.h"), read_source(fname), list(inputs), list(outputs)
+    return DEFINES.get(name, "") + read_source("kvq_common.h"), read_source(fname), list(inputs), list(outputs)
 
 
 # --------------------------------------------------------------------------- backends
@@ -141,6 +152,9 @@ class MLXLauncher:
     def __init__(self, backend):
         self.backend = backend
         self._kernels = {}
+        # decode merges its split partials in the same launch (sdpa_decode_fused): CUDA
+        # only, it needs memory ordering across threadgroups (kvq_device_fence)
+        self.fused_merge = backend == "cuda" and FUSED_MERGE
 
     def _kernel(self, name):
         k = self._kernels.get(name)
@@ -175,6 +189,9 @@ class MLXLauncher:
         )
 
 
+# Off by default: the version with fresh per-launch counters is tested under the emulator
+# only; its first GPU run (a counter kept across launches) raced (benchmarks/NOTES_kernels.md).
+FUSED_MERGE = os.environ.get("MLX_KVQ_FUSED_MERGE", "0") not in ("", "0")
 # MLX copies a custom kernel's whole source text on every call (host time per decode
 # step): on CUDA the launcher hands NVRTC #include lines of the source files instead.
 CUDA_INCLUDE = os.environ.get("MLX_KVQ_CUDA_INCLUDE", "1") not in ("", "0")
@@ -191,7 +208,7 @@ def _cuda_includes(name, prelude, body):
         return None
     used = sorted(set(re.findall(r"\b\w+_(?:shape|strides|ndim)\b", body)))
     digest = hashlib.sha1("".join(read_source(f.name) for f in files).encode()).hexdigest()[:12]
-    header = "".join(f'#include "{f}"\n' for f in files[:2])
+    header = DEFINES.get(name, "") + "".join(f'#include "{f}"\n' for f in files[:2])
     return header, f"// {' '.join(used)}\n#include \"{files[2]}\"\n", f"kvq_{name}_{digest}"
 
 
@@ -466,13 +483,14 @@ def _merge_args(rows, shape, rotate_out, out_dtype):
 
 def _rotation_args(D, rotate, scale):
     """(signs, fparams) inputs: the rotation's signs (a dummy when not rotating) and
-    ``[scale]``, divided by sqrt(D) when rotating (the kernels' transform is unnormalized)."""
+    ``[scale, 1 / sqrt(D)]``, the scale divided by sqrt(D) when rotating (the kernels'
+    transform is unnormalized)."""
     if rotate:
         signs = _const(("signs", D), lambda: rotation_signs(D))
         scale = scale * D**-0.5
     else:
         signs = _const("signs0", lambda: mx.zeros((1,), dtype=mx.float32))
-    return signs, _const(("scale", float(scale)), lambda: mx.array([scale], dtype=mx.float32))
+    return signs, _const(("scale", float(scale), D), lambda: mx.array([scale, D**-0.5], dtype=mx.float32))
 
 
 def rotates_in_kernel(D):
@@ -614,7 +632,13 @@ def decode_launch(
     vp = v_packed if v_packed is not None else st.vp0
     marr = st.marr if mask is None else _mask_arg(mask)[0]
     carrier = _carrier7(n, int(q_start) - ns, ns, nw, st.P)
-    out, lse = launch("sdpa_decode", [q, *kp, *vp, sk, sv, wk, wv, marr, carrier, st.fparams, st.signs], *st.decode)
+    inputs = [q, *kp, *vp, sk, sv, wk, wv, marr, carrier, st.fparams, st.signs]
+    if merge and st.merge is not None and getattr(launch, "fused_merge", False):
+        # the tile counters: fresh zeros per launch (one op). A workspace kept across
+        # launches raced: MLX's CUDA graphs run launches with no data dependency at once.
+        ws = mx.zeros((st.tiles,), dtype=mx.uint32)
+        return tuple(launch("sdpa_decode_fused", inputs + [ws], *st.fused)[2:4])
+    out, lse = launch("sdpa_decode", inputs, *st.decode)
     if not merge:
         return out, lse
     if st.merge is not None:
@@ -677,6 +701,13 @@ def _decode_setup(q, k_packed, v_packed, n, sinks, window, ns, nw, k_bits, v_bit
     st.merge = None
     if parts > 1 or rotate_out or out_dtype != mx.float32:
         st.merge_inputs, st.merge = _merge_args(rows, (B, Hq, L, D), rotate_out, out_dtype)
+        # the same with the merge in the launch: + OT, ROTO; + final out, lse, tile counters
+        t, grid, tg, shapes, dtypes = st.decode
+        st.fused = (
+            t + [("OT", out_dtype), ("ROTO", bool(rotate_out))], grid, tg,
+            shapes + [(B, Hq, L, D), (B, Hq, L)], dtypes + [out_dtype, mx.float32],
+        )
+        st.tiles = B * Hkv * tiles
     return st
 
 

@@ -900,3 +900,58 @@ def test_cuda_launcher_includes_the_source_files():
             for kind in ("shape", "strides"):
                 assert (f"{x}_{kind}" in body) == (f"{x}_{kind}" in source.splitlines()[0]), (name, x, kind)
         assert kname.startswith(f"kvq_{name}_") and len(kname) > len(f"kvq_{name}_") + 8
+
+
+FUSED_CASES = VIEW_CASES[:3] + VIEW_CASES[4:5] + ROTATION_CASES[:2]
+
+
+@pytest.mark.parametrize("rot", [None, "kv"])
+@pytest.mark.parametrize("case", FUSED_CASES, ids=lambda c: f"D{c[0]}-k{c[1]}v{c[2]}-n{c[9]}-L{c[8]}-p{c[12]}")
+def test_decode_fused_merge_emulated(emu, case, rot, monkeypatch):
+    """CUDA merges the split partials in the decode launch (the last threadgroup of a row
+    tile to finish does it): the same bits as decode + sdpa_merge, and the reference."""
+    D, kb, vb, gs, dtype, B, Hkv, rep, L, n, ns, nw, nsplit = case
+    if rot and not kernels.rotates_in_kernel(D):
+        pytest.skip("rotation needs a power-of-two head dim")
+    q, kp, vp, sinks, window = make_view(
+        B, Hkv, rep, L, D, n, ns, nw, k_bits=kb, v_bits=vb, group_size=gs, dtype=dtype, seed=21)
+    kw = dict(k_bits=kb, v_bits=vb, group_size=gs, nsplit=nsplit, rotate_q=bool(rot), rotate_out=rot == "kv",
+              out_dtype=dtype if rot else mx.float32)
+    two = run_view(emu, q, kp, vp, n, sinks, window, **kw)
+    assert emu.launches[-1][0] in ("sdpa_merge", "sdpa_decode")
+    monkeypatch.setattr(emu, "fused_merge", True)
+    fused = run_view(emu, q, kp, vp, n, sinks, window, **kw)
+    if emu.launches[-2][0] == "sdpa_merge":  # a merge was needed: now one launch
+        assert emu.launches[-1][0] == "sdpa_decode_fused"
+        assert emu.launches[-1][1]["ROTO"] == (rot == "kv")
+    for a, b in zip(two, fused):
+        assert mx.array_equal(a, b).item()
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs the Metal or CUDA backend")
+def test_gpu_decode_fused_merge_independent_launches():
+    """Launches with no data dependency may run at once (MLX's CUDA graphs): each fused
+    launch must count its own threadgroups. Many independent calls evaluated together
+    must each match the reference and one another."""
+    if kernels._backend() != "cuda":
+        pytest.skip("the fused merge runs on CUDA only")
+    launch = kernels.MLXLauncher("cuda")
+    launch.fused_merge = True  # off by default (MLX_KVQ_FUSED_MERGE)
+    D, kb, vb, gs, dtype, B, Hkv, rep, L, n, ns, nw, nsplit = VIEW_CASES[0]
+    n = n * 37
+    q, kp, vp, sinks, window = make_view(
+        B, Hkv, rep, L, D, n, ns, nw, k_bits=kb, v_bits=vb, group_size=gs, dtype=dtype, seed=4)
+    args = dict(k_bits=kb, v_bits=vb, group_size=gs, scale=D**-0.5, q_start=ns + n + nw - 1, causal=True,
+                rotate_q=True, rotate_out=True, out_dtype=dtype)
+    qs = [q * (1 + 0.1 * i) for i in range(12)]
+    outs = [kernels.decode_launch(launch, x, kp, vp, n, sinks, window, **args) for x in qs for _ in range(2)]
+    mx.eval(outs)
+    two = kernels.MLXLauncher(launch.backend)  # decode + sdpa_merge, one after another
+    two.fused_merge = False
+    refs = [kernels.decode_launch(two, x, kp, vp, n, sinks, window, **args) for x in qs]
+    mx.eval(refs)
+    for i, (ro, rl) in enumerate(refs):
+        for o, l in outs[2 * i : 2 * i + 2]:
+            assert mx.array_equal(o, ro).item() and mx.array_equal(l, rl).item(), i
+    run_view(launch, qs[-1], kp, vp, n, sinks, window, k_bits=kb, v_bits=vb, group_size=gs,
+             rotate_q=True, rotate_out=True, out_dtype=dtype)

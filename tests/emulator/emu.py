@@ -166,6 +166,7 @@ class EmuLauncher:
         self._libs = {}
         self._lock = threading.Lock()
         self.launches = []  # (name, template, grid, threadgroup) log for tests
+        self.fused_merge = False  # decode_launch: sdpa_decode_fused instead of decode + merge
         # pad_strides: hand kernels that read strided inputs (ensure_row_contiguous
         # off) views into larger buffers filled with garbage, so that wrong
         # stride handling shows up

@@ -354,6 +354,14 @@ inline T simd_shuffle_down(T x, uint delta) {
 }
 
 inline float kvq_as_float(uint b) { return emu_bits_to_float(b); }
+// threadgroups run one after another here: plain memory operations are the hand-off
+inline void kvq_device_fence() {}
+inline uint kvq_atomic_add(uint* p, uint v) {
+  const uint old = *p;
+  *p = old + v;
+  return old;
+}
+inline float kvq_load_cg(const float* p) { return *p; }
 inline float kvq_div(float a, float b) {
   volatile float r = a / b;  // no contraction / reassociation
   return r;
