@@ -44,6 +44,8 @@ def _vpf_ok(v_bits, D):
 # sdpa_packed reads its inputs through their strides (so cache slices and
 # transposed queries are not copied) and gets its per-call integers from the
 # shape of a broadcast "carrier" view, which must not be made contiguous.
+_DECODE_INPUTS = ["q", "kw", "ks", "kb", "vw", "vs", "vb", "sk", "sv", "wk", "wv", "mask", "carrier", "fparams",
+                  "signs"]
 KERNELS = {
     "sdpa_packed": (
         "sdpa_packed.metal",
@@ -51,19 +53,9 @@ KERNELS = {
         ["out", "lse"],
         False,
     ),
-    "sdpa_decode": (
-        "sdpa_decode.metal",
-        ["q", "kw", "ks", "kb", "vw", "vs", "vb", "sk", "sv", "wk", "wv", "mask", "carrier", "fparams", "signs"],
-        ["out", "lse"],
-        False,
-    ),
-    "sdpa_decode_fused": (
-        "sdpa_decode.metal",
-        ["q", "kw", "ks", "kb", "vw", "vs", "vb", "sk", "sv", "wk", "wv", "mask", "carrier", "fparams", "signs",
-         "counter"],
-        ["out", "lse", "fout", "flse"],
-        False,
-    ),
+    "sdpa_decode": ("sdpa_decode.metal", _DECODE_INPUTS, ["out", "lse"], False),
+    # the same body with the merge in the launch (DEFINES): + tile counters; + final out, lse
+    "sdpa_decode_fused": ("sdpa_decode.metal", _DECODE_INPUTS + ["counter"], ["out", "lse", "fout", "flse"], False),
     "sdpa_merge": ("sdpa_merge.metal", ["o_part", "lse_part", "signs", "fparams"], ["out", "lse"], True),
     "quantize_append": ("quantize_append.metal", ["x"], ["w", "scales", "biases"], True),
     "window_append": (
