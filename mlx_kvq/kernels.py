@@ -181,9 +181,9 @@ class MLXLauncher:
         )
 
 
-# Off by default: the version with fresh per-launch counters is tested under the emulator
-# only; its first GPU run (a counter kept across launches) raced (benchmarks/NOTES_kernels.md).
-FUSED_MERGE = os.environ.get("MLX_KVQ_FUSED_MERGE", "0") not in ("", "0")
+# On CUDA by default (MLX_KVQ_FUSED_MERGE=0: decode + sdpa_merge, two launches). Each
+# launch counts on fresh zeros: a counter kept across launches raced (NOTES_kernels.md).
+FUSED_MERGE = os.environ.get("MLX_KVQ_FUSED_MERGE", "1") not in ("", "0")
 # MLX copies a custom kernel's whole source text on every call (host time per decode
 # step): on CUDA the launcher hands NVRTC #include lines of the source files instead.
 CUDA_INCLUDE = os.environ.get("MLX_KVQ_CUDA_INCLUDE", "1") not in ("", "0")

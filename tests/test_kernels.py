@@ -936,7 +936,7 @@ def test_gpu_decode_fused_merge_independent_launches():
     if kernels._backend() != "cuda":
         pytest.skip("the fused merge runs on CUDA only")
     launch = kernels.MLXLauncher("cuda")
-    launch.fused_merge = True  # off by default (MLX_KVQ_FUSED_MERGE)
+    launch.fused_merge = True  # the CUDA default, whatever MLX_KVQ_FUSED_MERGE says
     D, kb, vb, gs, dtype, B, Hkv, rep, L, n, ns, nw, nsplit = VIEW_CASES[0]
     n = n * 37
     q, kp, vp, sinks, window = make_view(
