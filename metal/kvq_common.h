@@ -257,6 +257,13 @@ KVQ_FUNC void kvq_merge_row(const device float* o_part, const device float* lse_
   }
 }
 
+// Two stored scales (or biases) as an fp16 pair (a "h2", low half = lo); S is the
+// scale dtype.  The CUDA prelude overloads __half (a byte permute, no conversions).
+template <typename S>
+KVQ_FUNC uint kvq_h2s(S lo, S hi) {
+  return kvq_h2(float(lo), float(hi));
+}
+
 // ---- the warp matrix op of sdpa_decode: c[0..3] += A * B over one
 // simdgroup, A 16x16 and B 16x8 in fp16 (uint = two halves), C 16x8 fp32,
 // in the register layout of CUDA's mma.sync.m16n8k16 (lane = 4 * gr + tq):

@@ -95,6 +95,10 @@ __device__ __forceinline__ uint kvq_h2(float lo, float hi) {
   __half2 h = __floats2half2_rn(lo, hi);
   return *reinterpret_cast<uint*>(&h);
 }
+__device__ __forceinline__ uint kvq_h2s(__half lo, __half hi) {
+  __half2 h = __halves2half2(lo, hi);
+  return *reinterpret_cast<uint*>(&h);
+}
 // (x - 1024) * sc + bi per half: x holds codes as fp16 1024 + code (0x6400 | code)
 __device__ __forceinline__ uint kvq_h2_deq(uint x, uint sc, uint bi) {
   __half2 hx = *reinterpret_cast<__half2*>(&x);

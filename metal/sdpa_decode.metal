@@ -135,38 +135,38 @@ if (MASK != 0) {
 // registers; with PF the next block's are loaded while this one is computed.
 //   K: keys blk + gr (kr0) and blk + gr + 8 (kr1), the words of dims [tq*D/4, ...)
 //   V: keys blk + 2tq, +1, +8, +9 (vr[0..3]), the words of dims [gr*D/8, ...)
-#define KVQ_LOAD_BLOCK(BLK, KR0, KR1, KS0, KB0, KS1, KB1, VR, VSC, VBI)          \
+#define KVQ_LOAD_BLOCK(BLK, KR0, KR1, KS0, KB0, KS1, KB1, VR, VSC, VBI)        \
   {                                                                            \
     const int key0_ = metal::min((BLK) + gr, kend - 1);                        \
     const int key1_ = metal::min((BLK) + gr + 8, kend - 1);                    \
-    kvq_load_words<KWL>(kwp + key0_ * kws + tq * KWL, KR0);                   \
-    kvq_load_words<KWL>(kwp + key1_ * kws + tq * KWL, KR1);                   \
+    kvq_load_words<KWL>(kwp + uint(key0_ * kws + tq * KWL), KR0);              \
+    kvq_load_words<KWL>(kwp + uint(key1_ * kws + tq * KWL), KR1);              \
     KVQ_UNROLL                                                                 \
     for (int x = 0; x < LGK; x++) {                                            \
       const int gi = (tq * KDL) / GS + x;                                      \
-      KS0[x] = float(ksp[key0_ * kss + gi]);                                   \
-      KB0[x] = float(kbp[key0_ * kbs + gi]);                                   \
-      KS1[x] = float(ksp[key1_ * kss + gi]);                                   \
-      KB1[x] = float(kbp[key1_ * kbs + gi]);                                   \
+      KS0[x] = ksp[uint(key0_ * kss + gi)];                                    \
+      KB0[x] = kbp[uint(key0_ * kbs + gi)];                                    \
+      KS1[x] = ksp[uint(key1_ * kss + gi)];                                    \
+      KB1[x] = kbp[uint(key1_ * kbs + gi)];                                    \
     }                                                                          \
     const int vg_ = (gr * DPL) / GS;                                           \
     KVQ_UNROLL                                                                 \
     for (int i = 0; i < 4; i++) {                                              \
       const int vk_ = metal::min((BLK) + 2 * tq + (i & 1) + 8 * (i >> 1), kend - 1); \
-      kvq_load_words<VWL>(vwp + vk_ * vws + gr * VWL, VR[i]);                 \
-      VSC[i] = float(vsp[vk_ * vss + vg_]);                                    \
-      VBI[i] = float(vbp[vk_ * vbs + vg_]);                                    \
+      kvq_load_words<VWL>(vwp + uint(vk_ * vws + gr * VWL), VR[i]);            \
+      VSC[i] = vsp[uint(vk_ * vss + vg_)];                                     \
+      VBI[i] = vbp[uint(vk_ * vbs + vg_)];                                     \
     }                                                                          \
   }
 uint kr0[KWL], kr1[KWL], vr[4][VWL];
-float ks0f[LGK], kb0f[LGK], ks1f[LGK], kb1f[LGK], vsc[4], vbi[4];
+S ks0f[LGK], kb0f[LGK], ks1f[LGK], kb1f[LGK], vsc[4], vbi[4];  // scales/biases as stored
 uint nkr0[KWL], nkr1[KWL], nvr[4][VWL];
-float nks0[LGK], nkb0[LGK], nks1[LGK], nkb1[LGK], nvsc[4], nvbi[4];
+S nks0[LGK], nkb0[LGK], nks1[LGK], nkb1[LGK], nvsc[4], nvbi[4];
 uint fkr0[KWL], fkr1[KWL], fvr[4][VWL];
-float fks0[LGK], fkb0[LGK], fks1[LGK], fkb1[LGK], fvsc[4], fvbi[4];
+S fks0[LGK], fkb0[LGK], fks1[LGK], fkb1[LGK], fvsc[4], fvbi[4];
 // (the first block's loads go out before the query prologue below, so that its
 // latency overlaps it)
-if (PF > 0 && !dense && kbeg < kend) {
+if (!dense && kbeg < kend) {
   KVQ_LOAD_BLOCK(kbeg, kr0, kr1, ks0f, kb0f, ks1f, kb1f, vr, vsc, vbi);
   if (PF > 1) {
     KVQ_LOAD_BLOCK(kbeg + 16, nkr0, nkr1, nks0, nkb0, nks1, nkb1, nvr, nvsc, nvbi);
@@ -238,7 +238,7 @@ for (int blk = kbeg; blk < kend; blk += 16) {
       KVQ_LOAD_BLOCK(blk + 32, fkr0, fkr1, fks0, fkb0, fks1, fkb1, fvr, fvsc, fvbi);
     } else if (PF > 0) {
       KVQ_LOAD_BLOCK(blk + 16, nkr0, nkr1, nks0, nkb0, nks1, nkb1, nvr, nvsc, nvbi);
-    } else {
+    } else if (blk != kbeg) {
       KVQ_LOAD_BLOCK(blk, kr0, kr1, ks0f, kb0f, ks1f, kb1f, vr, vsc, vbi);
     }
   }
@@ -253,10 +253,10 @@ for (int blk = kbeg; blk < kend; blk += 16) {
       uint ksc0[LGK], kbi0[LGK], ksc1[LGK], kbi1[LGK];
       KVQ_UNROLL
       for (int x = 0; x < LGK; x++) {
-        ksc0[x] = kvq_h2(ks0f[x], ks0f[x]);
-        kbi0[x] = kvq_h2(kb0f[x], kb0f[x]);
-        ksc1[x] = kvq_h2(ks1f[x], ks1f[x]);
-        kbi1[x] = kvq_h2(kb1f[x], kb1f[x]);
+        ksc0[x] = kvq_h2s(ks0f[x], ks0f[x]);
+        kbi0[x] = kvq_h2s(kb0f[x], kb0f[x]);
+        ksc1[x] = kvq_h2s(ks1f[x], ks1f[x]);
+        kbi1[x] = kvq_h2s(kb1f[x], kb1f[x]);
       }
       KVQ_UNROLL
       for (int c = 0; c < NK; c++) {
@@ -374,10 +374,10 @@ for (int blk = kbeg; blk < kend; blk += 16) {
 
   // ---- O^T (dims x rows) += V^T P^T; tile j: local dims 2j (a0, a2) and 2j+1 (a1, a3)
   if (!dense) {
-    const uint sc01 = kvq_h2(vsc[0], vsc[1]);
-    const uint bi01 = kvq_h2(vbi[0], vbi[1]);
-    const uint sc23 = kvq_h2(vsc[2], vsc[3]);
-    const uint bi23 = kvq_h2(vbi[2], vbi[3]);
+    const uint sc01 = kvq_h2s(vsc[0], vsc[1]);
+    const uint bi01 = kvq_h2s(vbi[0], vbi[1]);
+    const uint sc23 = kvq_h2s(vsc[2], vsc[3]);
+    const uint bi23 = kvq_h2s(vbi[2], vbi[3]);
     KVQ_UNROLL
     for (int j = 0; j < NJ; j++) {
       const int l0 = 2 * j;

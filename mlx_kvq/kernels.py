@@ -515,8 +515,10 @@ def packed_attention(
 
 # --------------------------------------------------------------------------- decode (whole view)
 DECODE_BITS = (2, 4, 8)
-WARPS_PER_CORE = 8  # packed splits: about this many warps per GPU core in all
-DECODE_PF = {2: 1, 4: 1, 8: 1}  # blocks of keys loaded ahead (sdpa_decode PF), by the larger bits: 2 measured no faster than 1 (253 registers)
+WARPS_PER_CORE = 8  # packed splits: about this many warps per GPU core in all (12: no faster)
+# blocks of keys loaded ahead in registers (sdpa_decode PF), by the larger bits: 0 since
+# session 6 (PF=1 took 172 registers, 248 at 8 bits, and ran ~1.2x slower on the H100)
+DECODE_PF = {2: 0, 4: 0, 8: 0}
 
 
 _SUPPORTED = {}
