@@ -269,6 +269,30 @@ def ncu_decode_target(bits):
     mx.synchronize()
 
 
+def decode_variants(args, sizes):
+    """GPU-bound ms of the decode kernel (+ merge) for launch variants "nsg:pf:wpc"
+    (warps per threadgroup, blocks loaded ahead, warps per GPU core), 4- and 8-bit g64."""
+    B, Hkv, rep, D = 1, 8, 4, 128
+    L_ = kernels._launcher()
+    wpc0 = kernels.WARPS_PER_CORE
+    variants = [tuple(int(x) for x in v.split(":")) for v in args.variants.split(",")]
+    print(f"\n== decode variants, GPU-bound ms (graphs built first), Hq=32 Hkv=8 D=128 ==")
+    for n in sizes:
+        qs, _ = fp16_baseline(args, B, Hkv, rep, 1, D, n)
+        for bits in (4, 8):
+            q0, kp, vp = make(B, Hkv, rep, 1, D, n, bits, bits, 64, "affine", mx.float16, seed=1)
+            line = []
+            for nsg, pf, wpc in variants:
+                kernels.WARPS_PER_CORE = wpc
+                kw = dict(k_bits=bits, v_bits=bits, group_size=64, scale=D**-0.5, q_start=n - 1, causal=True,
+                          nsg=nsg, pf=pf, rotate_q=args.rotq, rotate_out=args.rotq)
+                t, _ = timeit(lambda q: kernels.decode_launch(L_, q, kp, vp, n, None, None, **kw), qs,
+                              args.reps, args.inner, prebuilt=True)
+                line.append(f"{nsg}:{pf}:{wpc} {t:.4f}")
+            print(f"{n:7d} {bits}-bit{' rot' if args.rotq else ''}  sdpa {args.sdpa_prebuilt:.4f} | " + "  ".join(line), flush=True)
+    kernels.WARPS_PER_CORE = wpc0
+
+
 def decode_parts(args):
     """128k keys, 4-bit: the decode kernel alone (partials) and the merge alone, per split plan."""
     B, Hkv, rep, D, n = 1, 8, 4, 128, 131072
@@ -480,10 +504,13 @@ def main():
     ap.add_argument("--decode", action="store_true", help="time the tensor-core decode kernel (sdpa_decode)")
     ap.add_argument("--parts", action="store_true", help="sdpa_decode alone and the merge alone, 128k keys")
     ap.add_argument("--ncu-decode", type=int, default=0, help="128k sdpa_decode calls of this many bits, for ncu")
-    ap.add_argument("--wpc", default="8", help="--decode: warps per GPU core to try (comma list)")
+    ap.add_argument("--variants", default="", help="decode variants nsg:pf:wpc,... (GPU-bound timing)")
+    ap.add_argument("--rotq", action="store_true", help="--variants: rotate queries and output in the kernels")
+    ap.add_argument("--wpc", default="", help="--decode: warps per GPU core to try (comma list; "
+                    "default: the library's WARPS_PER_CORE)")
     args = ap.parse_args()
     args.deq = False
-    args.wpc = [int(x) for x in args.wpc.split(",")]
+    args.wpc = [int(x) for x in args.wpc.split(",")] if args.wpc else [kernels.WARPS_PER_CORE]
     if args.emu:
         import tempfile
 
@@ -503,6 +530,9 @@ def main():
         return 0
     if args.ncu_decode:
         ncu_decode_target(args.ncu_decode)
+        return 0
+    if args.variants:
+        decode_variants(args, [int(s) for s in args.sizes.split(",")])
         return 0
     if args.parts:
         decode_parts(args)
