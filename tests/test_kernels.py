@@ -905,6 +905,21 @@ def test_cuda_launcher_includes_the_source_files():
 FUSED_CASES = VIEW_CASES[:3] + VIEW_CASES[4:5] + ROTATION_CASES[:2]
 
 
+def test_decode_plan_follows_warps_per_core(emu, monkeypatch):
+    """The memoized launch setup must not keep a split plan made for another
+    WARPS_PER_CORE (benchmarks sweep it): more warps per core, more partials."""
+    n = 8192
+    q, kp, vp, _, _ = make_view(1, 1, 4, 1, 64, n, 0, 0, k_bits=4, v_bits=4, group_size=64, dtype=mx.float16,
+                                seed=3)
+    parts = []
+    for wpc in (1, 2, 1):
+        monkeypatch.setattr(kernels, "WARPS_PER_CORE", wpc)
+        out, _ = kernels.decode_launch(emu, q, kp, vp, n, None, None, k_bits=4, v_bits=4, group_size=64,
+                                       scale=0.125, q_start=n - 1, causal=True, merge=False)
+        parts.append(out.shape[0])
+    assert parts[1] > parts[0] == parts[2], parts
+
+
 @pytest.mark.parametrize("rot", [None, "kv"])
 @pytest.mark.parametrize("case", FUSED_CASES, ids=lambda c: f"D{c[0]}-k{c[1]}v{c[2]}-n{c[9]}-L{c[8]}-p{c[12]}")
 def test_decode_fused_merge_emulated(emu, case, rot, monkeypatch):
