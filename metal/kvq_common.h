@@ -200,56 +200,94 @@ KVQ_FUNC void kvq_fwht_lanes(thread float* acc, uint lane) {
 // by log-sum-exp, by one simdgroup; ROTO: times R^T (kvq_fwht_lanes, `rs` =
 // 1 / sqrt(D), D a power of two >= 32).  CG: read the partials through L2
 // (kvq_load_cg: they were written by other threadgroups of the same launch).
+// The max and the sum of the lse run across lanes; the weighted sum of the
+// partials takes 4 splits per step, so that their loads are in flight together
+// (a merge's time is the latency of these loads: it is the tail of a decode).
+template <bool CG>
+KVQ_FUNC float kvq_ld(const device float* p, size_t i) {
+  return CG ? kvq_load_cg(p + i) : p[i];
+}
 template <int D, typename OT, bool ROTO, bool CG>
 KVQ_FUNC void kvq_merge_row(const device float* o_part, const device float* lse_part, int nsplit, size_t rows,
                             size_t row, uint lane, const device float* signs, float rs, device OT* out,
                             device float* lse) {
   float mx = -INFINITY;
-  for (int s = 0; s < nsplit; s++) {
-    mx = metal::max(mx, CG ? kvq_load_cg(lse_part + size_t(s) * rows + row) : lse_part[size_t(s) * rows + row]);
+  for (int s = int(lane); s < nsplit; s += 32) {
+    mx = metal::max(mx, kvq_ld<CG>(lse_part, size_t(s) * rows + row));
   }
+  mx = simd_max(mx);
   float den = 0.0f;
   if (mx != -INFINITY) {
-    for (int s = 0; s < nsplit; s++) {
-      den += metal::exp((CG ? kvq_load_cg(lse_part + size_t(s) * rows + row) : lse_part[size_t(s) * rows + row]) - mx);
+    for (int s = int(lane); s < nsplit; s += 32) {
+      den += metal::exp(kvq_ld<CG>(lse_part, size_t(s) * rows + row) - mx);
     }
   }
-  // lane holds dims [lane * E, lane * E + E) (the layout of kvq_fwht_lanes)
+  den = simd_sum(den);
+  // lane holds dims [lane * E, lane * E + E) with ROTO (the layout of kvq_fwht_lanes),
+  // dims lane + 32 * e otherwise
   constexpr int E = D / 32 > 0 ? D / 32 : 1;
-  if (ROTO) {
-    float acc[E];
-    KVQ_UNROLL
-    for (int e = 0; e < E; e++) {
-      acc[e] = 0.0f;
-    }
-    if (mx != -INFINITY) {
-      for (int s = 0; s < nsplit; s++) {
-        const size_t ls = size_t(s) * rows + row;
-        const float w = metal::exp((CG ? kvq_load_cg(lse_part + ls) : lse_part[ls]) - mx) / den;
+  constexpr int SU = 4;  // splits per step
+  float acc[E];
+  KVQ_UNROLL
+  for (int e = 0; e < E; e++) {
+    acc[e] = 0.0f;
+  }
+  const int dl = ROTO ? int(lane) * E : int(lane);
+  const int de = ROTO ? 1 : 32;
+  if (mx != -INFINITY && (ROTO || D % 32 == 0)) {
+    int s = 0;
+    for (; s + SU <= nsplit; s += SU) {
+      float w[SU];
+      float x[SU][E];
+      KVQ_UNROLL
+      for (int u = 0; u < SU; u++) {
+        const size_t ls = size_t(s + u) * rows + row;
+        w[u] = kvq_ld<CG>(lse_part, ls);
         KVQ_UNROLL
         for (int e = 0; e < E; e++) {
-          const size_t i = ls * D + lane * E + e;
-          acc[e] += w * (CG ? kvq_load_cg(o_part + i) : o_part[i]);
+          x[u][e] = kvq_ld<CG>(o_part, ls * D + dl + e * de);
+        }
+      }
+      KVQ_UNROLL
+      for (int u = 0; u < SU; u++) {
+        const float wu = metal::exp(w[u] - mx) / den;
+        KVQ_UNROLL
+        for (int e = 0; e < E; e++) {
+          acc[e] += wu * x[u][e];
         }
       }
     }
+    for (; s < nsplit; s++) {
+      const size_t ls = size_t(s) * rows + row;
+      const float wu = metal::exp(kvq_ld<CG>(lse_part, ls) - mx) / den;
+      KVQ_UNROLL
+      for (int e = 0; e < E; e++) {
+        acc[e] += wu * kvq_ld<CG>(o_part, ls * D + dl + e * de);
+      }
+    }
+  }
+  if (ROTO) {
     kvq_fwht_lanes<E>(acc, lane);
     KVQ_UNROLL
     for (int e = 0; e < E; e++) {
       const int d = int(lane) * E + e;
       out[row * D + d] = OT(acc[e] * rs * signs[d]);
     }
-  } else {
+  } else if (D % 32 == 0) {
+    KVQ_UNROLL
+    for (int e = 0; e < E; e++) {
+      out[row * D + lane + 32 * e] = OT(acc[e]);
+    }
+  } else {  // D not a multiple of 32 (not used by the decode kernels): one dim at a time
     for (int d = int(lane); d < D; d += 32) {
-      float acc = 0.0f;
+      float a = 0.0f;
       if (mx != -INFINITY) {
         for (int s = 0; s < nsplit; s++) {
           const size_t ls = size_t(s) * rows + row;
-          const float w = metal::exp((CG ? kvq_load_cg(lse_part + ls) : lse_part[ls]) - mx);
-          acc += w * (CG ? kvq_load_cg(o_part + ls * D + d) : o_part[ls * D + d]);
+          a += metal::exp(kvq_ld<CG>(lse_part, ls) - mx) / den * kvq_ld<CG>(o_part, ls * D + d);
         }
       }
-      out[row * D + d] = OT(mx != -INFINITY ? acc / den : 0.0f);
+      out[row * D + d] = OT(a);
     }
   }
   if (lane == 0) {
