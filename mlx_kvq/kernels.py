@@ -516,9 +516,11 @@ def packed_attention(
 # --------------------------------------------------------------------------- decode (whole view)
 DECODE_BITS = (2, 4, 8)
 WARPS_PER_CORE = 8  # packed splits: about this many warps per GPU core in all (12: no faster)
-# blocks of keys loaded ahead in registers (sdpa_decode PF), by the larger bits: 0 since
-# session 6 (PF=1 took 172 registers, 248 at 8 bits, and ran ~1.2x slower on the H100)
-DECODE_PF = {2: 0, 4: 0, 8: 0}
+# blocks of keys loaded ahead in registers (sdpa_decode PF): 1 from this many keys per
+# split, else 0. PF=1 takes 172 registers (248 at 8 bits) and so leaves 8 warps per SM,
+# which is what the grid has (WARPS_PER_CORE); a model's layers run one launch at a time,
+# and there, on the H100, PF=1 was 1.17x faster at 128k keys and PF=0 at 4k-16k.
+DECODE_PF_MIN_KEYS = 192
 
 
 _SUPPORTED = {}
@@ -685,7 +687,7 @@ def _decode_setup(q, k_packed, v_packed, n, sinks, window, ns, nw, k_bits, v_bit
     template = [
         ("T", q.dtype), ("S", sdt), ("DT", dt), ("MT", st.marr.dtype), ("D", D),
         ("KB", k_bits), ("VB", v_bits), ("GS", group_size), ("MASK", mkind), ("CAUSAL", bool(causal)),
-        ("NSG", nsg), ("PF", int(DECODE_PF.get(max(k_bits, v_bits), 1) if pf is None else pf)),
+        ("NSG", nsg), ("PF", int((P > 0 and -(-n // P) >= DECODE_PF_MIN_KEYS) if pf is None else pf)),
         ("ROTQ", bool(rotate_q)),
     ]
     rows = B * Hq * L
