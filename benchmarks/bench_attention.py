@@ -342,6 +342,75 @@ def timeit(fn, qs, reps, inner, prebuilt=False):
     return statistics.median(ts) * 1e3, (max(ts) - min(ts)) * 1e3
 
 
+def timeit_chain(fn, q0, reps, inner):
+    """Median ms per call of ``inner`` calls where each call's query is the previous
+    call's output (as a model's layers are chained), graphs built before the timed
+    region: the latency of a launch, which overlapping independent calls hide."""
+    def build():
+        q = q0
+        for _ in range(inner):
+            out = fn(q)
+            q = (out[0] if isinstance(out, (tuple, list)) else out).astype(q0.dtype)
+        return q
+    for _ in range(3):
+        mx.eval(build())
+    ts = []
+    for _ in range(reps):
+        y = build()
+        t0 = time.perf_counter()
+        mx.eval(y)
+        mx.synchronize()
+        ts.append((time.perf_counter() - t0) / inner)
+    return statistics.median(ts) * 1e3
+
+
+def decode_chain(args, sizes):
+    """Chained (dependent) decode calls, GPU-bound: fp16 sdpa against the default
+    decode launch at 4 and 8 bits, with and without the in-kernel rotations; with
+    ``--chain-parts``, 4-bit with rotations taken apart: the two-launch merge, the
+    decode kernel alone (no merge; the next query is partial 0), PF=0 and PF=1."""
+    B, Hkv, rep, D = 1, 8, 4, 128
+    L_ = kernels._launcher()
+    wpc0 = kernels.WARPS_PER_CORE
+    print("\n== chained decode calls (each query = the previous output), GPU-bound ms per call ==")
+    for n in sizes:
+        mx.random.seed(n)
+        q0 = mx.random.normal((B, Hkv * rep, 1, D)).astype(mx.float16)
+        kf = mx.random.normal((B, Hkv, n, D)).astype(mx.float16)
+        vf = mx.random.normal((B, Hkv, n, D)).astype(mx.float16)
+        mx.eval(q0, kf, vf)
+        t16 = timeit_chain(lambda q: mx.fast.scaled_dot_product_attention(q, kf, vf, scale=D**-0.5), q0,
+                           args.reps, args.inner)
+        for wpc in args.wpc:
+            kernels.WARPS_PER_CORE = wpc
+            line = [f"{n:7d} keys, {wpc:2d} warps/core: fp16 sdpa {t16:.4f}"]
+            for bits in (4, 8):
+                _, kp, vp = make(B, Hkv, rep, 1, D, n, bits, bits, 64, "affine", mx.float16, seed=1)
+                runs = [(f"{bits}-bit", dict(rotate_q=False, rotate_out=False)),
+                        (f"{bits}-bit+rot", dict(rotate_q=True, rotate_out=True))]
+                if args.chain_parts:
+                    runs = runs[1:] + [(f"{bits}b two launches", dict(rotate_q=True, rotate_out=True, fused=False)),
+                                       (f"{bits}b decode only", dict(rotate_q=True, merge=False)),
+                                       (f"{bits}b PF=0", dict(rotate_q=True, rotate_out=True, pf=0)),
+                                       (f"{bits}b PF=1", dict(rotate_q=True, rotate_out=True, pf=1))]
+                for label, extra in runs:
+                    kw = dict(k_bits=bits, v_bits=bits, group_size=64, scale=D**-0.5, q_start=n - 1, causal=True,
+                              out_dtype=mx.float16, **extra)
+                    fused = kw.pop("fused", True)
+
+                    def fn(q):
+                        L_.fused_merge, f0 = fused and L_.fused_merge, L_.fused_merge
+                        try:
+                            out = kernels.decode_launch(L_, q, kp, vp, n, None, None, **kw)
+                        finally:
+                            L_.fused_merge = f0
+                        return out[0][0].reshape(q.shape) if not kw.get("merge", True) else out
+                    t = timeit_chain(fn, q0, args.reps, args.inner)
+                    line.append(f"{label} {t:.4f} ({t16 / t:.2f}x)")
+            print("  ".join(line), flush=True)
+    kernels.WARPS_PER_CORE = wpc0
+
+
 def packed_bytes(kp, vp, n):
     tot = 0
     for p in (kp, vp):
@@ -505,6 +574,8 @@ def main():
     ap.add_argument("--parts", action="store_true", help="sdpa_decode alone and the merge alone, 128k keys")
     ap.add_argument("--ncu-decode", type=int, default=0, help="128k sdpa_decode calls of this many bits, for ncu")
     ap.add_argument("--variants", default="", help="decode variants nsg:pf:wpc,... (GPU-bound timing)")
+    ap.add_argument("--chain", action="store_true", help="chained (dependent) decode calls, GPU-bound")
+    ap.add_argument("--chain-parts", action="store_true", help="--chain: the 4-bit launch taken apart")
     ap.add_argument("--rotq", action="store_true", help="--variants: rotate queries and output in the kernels")
     ap.add_argument("--wpc", default="", help="--decode: warps per GPU core to try (comma list; "
                     "default: the library's WARPS_PER_CORE)")
@@ -530,6 +601,9 @@ def main():
         return 0
     if args.ncu_decode:
         ncu_decode_target(args.ncu_decode)
+        return 0
+    if args.chain:
+        decode_chain(args, [int(s) for s in args.sizes.split(",")])
         return 0
     if args.variants:
         decode_variants(args, [int(s) for s in args.sizes.split(",")])
