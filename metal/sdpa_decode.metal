@@ -174,37 +174,41 @@ if (!dense && kbeg < kend) {
 }
 
 // The tile's query rows in threadgroup memory (rows past R are zeros), rotated
-// when ROTQ: q R = ((q * signs) H) / sqrt(D), H the Sylvester Hadamard matrix,
-// by an in-place fast Walsh-Hadamard transform (D a power of two); the 1 / sqrt(D)
-// is in fparams[0].
+// when ROTQ: q R = ((q * signs) H) / sqrt(D), H the Sylvester Hadamard matrix, by
+// a fast Walsh-Hadamard transform of each row across a simdgroup (kvq_fwht_lanes,
+// D a power of two >= 32: a lane holds dims [lane * E, lane * E + E)); the
+// 1 / sqrt(D) is in fparams[0].
 threadgroup float q_tg[8 * D];
-for (int i = tid; i < 8 * D; i += NT) {
-  const int row = row0 + i / D;
-  const int d = i % D;
-  float x = 0.0f;
-  if (row < R) {
-    x = float(q[size_t(b) * size_t(q_strides[0]) + size_t(kvh * rep + row / L) * size_t(q_strides[1]) +
-                size_t(row % L) * size_t(q_strides[2]) + size_t(d)]);
-    if (ROTQ) {
-      x *= signs[d];
+if (ROTQ) {
+  constexpr int E = D / 32 > 0 ? D / 32 : 1;
+  for (int r = sg; r < 8; r += NSG) {
+    const int row = row0 + r;
+    float acc[E];
+    KVQ_UNROLL
+    for (int e = 0; e < E; e++) {
+      const int d = int(lane) * E + e;
+      acc[e] = row < R ? float(q[size_t(b) * size_t(q_strides[0]) + size_t(kvh * rep + row / L) * size_t(q_strides[1]) +
+                                 size_t(row % L) * size_t(q_strides[2]) + size_t(d)]) * signs[d]
+                       : 0.0f;
+    }
+    kvq_fwht_lanes<E>(acc, lane);
+    KVQ_UNROLL
+    for (int e = 0; e < E; e++) {
+      q_tg[r * D + int(lane) * E + e] = acc[e];
     }
   }
-  q_tg[i] = x;
+} else {
+  for (int i = tid; i < 8 * D; i += NT) {
+    const int row = row0 + i / D;
+    float x = 0.0f;
+    if (row < R) {
+      x = float(q[size_t(b) * size_t(q_strides[0]) + size_t(kvh * rep + row / L) * size_t(q_strides[1]) +
+                  size_t(row % L) * size_t(q_strides[2]) + size_t(i % D)]);
+    }
+    q_tg[i] = x;
+  }
 }
 threadgroup_barrier(mem_flags::mem_threadgroup);
-if (ROTQ) {
-  for (int h = 1; h < D; h <<= 1) {
-    for (int i = tid; i < 4 * D; i += NT) {  // 8 rows x D/2 butterflies
-      const int j = i % (D / 2);
-      const int lo = (i / (D / 2)) * D + (j / h) * 2 * h + j % h;
-      const float x0 = q_tg[lo];
-      const float x1 = q_tg[lo + h];
-      q_tg[lo] = x0 + x1;
-      q_tg[lo + h] = x0 - x1;
-    }
-    threadgroup_barrier(mem_flags::mem_threadgroup);
-  }
-}
 // Q^T fragments (B operand): k-step c, row gr, dims d0, d0+KH (b0) and
 // d0+1, d0+1+KH (b1), d0 = tq*KDL + KCPW*(c/KKPW) + 2*(c%KKPW)
 uint qb[NK][2];
