@@ -234,7 +234,7 @@ KVQ_FUNC void kvq_merge_row(const device float* o_part, const device float* lse_
   }
   const int dl = ROTO ? int(lane) * E : int(lane);
   const int de = ROTO ? 1 : 32;
-  if (mx != -INFINITY && (ROTO || D % 32 == 0)) {
+  if (mx != -INFINITY && D % 32 == 0) {  // (ROTO has D a power of two >= 32)
     int s = 0;
     for (; s + SU <= nsplit; s += SU) {
       float w[SU];

@@ -179,33 +179,28 @@ if (!dense && kbeg < kend) {
 // D a power of two >= 32: a lane holds dims [lane * E, lane * E + E)); the
 // 1 / sqrt(D) is in fparams[0].
 threadgroup float q_tg[8 * D];
-if (ROTQ) {
-  constexpr int E = D / 32 > 0 ? D / 32 : 1;
-  for (int r = sg; r < 8; r += NSG) {
-    const int row = row0 + r;
+for (int r = sg; r < 8; r += NSG) {  // a row per simdgroup
+  const int row = row0 + r;
+  const int qr_ = row < R ? row : 0;  // (rows past R are zeros)
+  const device T* qrow = q + size_t(b) * size_t(q_strides[0]) + size_t(kvh * rep + qr_ / L) * size_t(q_strides[1]) +
+      size_t(qr_ % L) * size_t(q_strides[2]);
+  if (ROTQ) {
+    constexpr int E = D / 32 > 0 ? D / 32 : 1;
     float acc[E];
     KVQ_UNROLL
     for (int e = 0; e < E; e++) {
       const int d = int(lane) * E + e;
-      acc[e] = row < R ? float(q[size_t(b) * size_t(q_strides[0]) + size_t(kvh * rep + row / L) * size_t(q_strides[1]) +
-                                 size_t(row % L) * size_t(q_strides[2]) + size_t(d)]) * signs[d]
-                       : 0.0f;
+      acc[e] = row < R ? float(qrow[d]) * signs[d] : 0.0f;
     }
     kvq_fwht_lanes<E>(acc, lane);
     KVQ_UNROLL
     for (int e = 0; e < E; e++) {
       q_tg[r * D + int(lane) * E + e] = acc[e];
     }
-  }
-} else {
-  for (int i = tid; i < 8 * D; i += NT) {
-    const int row = row0 + i / D;
-    float x = 0.0f;
-    if (row < R) {
-      x = float(q[size_t(b) * size_t(q_strides[0]) + size_t(kvh * rep + row / L) * size_t(q_strides[1]) +
-                  size_t(row % L) * size_t(q_strides[2]) + size_t(i % D)]);
+  } else {
+    for (int d = int(lane); d < D; d += 32) {
+      q_tg[r * D + d] = row < R ? float(qrow[d]) : 0.0f;
     }
-    q_tg[i] = x;
   }
 }
 threadgroup_barrier(mem_flags::mem_threadgroup);
