@@ -610,8 +610,7 @@ def decode_launch(
         q.shape, q.dtype, None if k_packed is None else (k_packed[0].shape, k_packed[1].dtype, v_packed[0].shape),
         n, ns, None if sinks is None else sinks[0].dtype, None if window is None else (window[0].shape, window[0].dtype),
         nw > 0, None if mask is None else (mask.shape, mask.dtype), k_bits, v_bits, group_size, float(scale),
-        bool(causal), nsplit if nsplit is not None else -WARPS_PER_CORE, nsg, pf, bool(rotate_q), bool(rotate_out),
-        out_dtype,
+        bool(causal), nsplit, WARPS_PER_CORE, nsg, pf, bool(rotate_q), bool(rotate_out), out_dtype,
     )
     st = _DECODE_SETUPS.get(key)
     if st is None:
