@@ -12,6 +12,7 @@ on different query arrays in one mx.eval and reports the time per call.
 """
 
 import argparse
+import copy
 import math
 import statistics
 import sys
@@ -371,6 +372,8 @@ def decode_chain(args, sizes):
     decode kernel alone (no merge; the next query is partial 0), PF=0 and PF=1."""
     B, Hkv, rep, D = 1, 8, 4, 128
     L_ = kernels._launcher()
+    two = copy.copy(L_)  # the same kernels, the merge as a second launch
+    two.fused_merge = False
     wpc0 = kernels.WARPS_PER_CORE
     print("\n== chained decode calls (each query = the previous output), GPU-bound ms per call ==")
     for n in sizes:
@@ -396,14 +399,10 @@ def decode_chain(args, sizes):
                 for label, extra in runs:
                     kw = dict(k_bits=bits, v_bits=bits, group_size=64, scale=D**-0.5, q_start=n - 1, causal=True,
                               out_dtype=mx.float16, **extra)
-                    fused = kw.pop("fused", True)
+                    launch = L_ if kw.pop("fused", True) else two
 
                     def fn(q):
-                        L_.fused_merge, f0 = fused and L_.fused_merge, L_.fused_merge
-                        try:
-                            out = kernels.decode_launch(L_, q, kp, vp, n, None, None, **kw)
-                        finally:
-                            L_.fused_merge = f0
+                        out = kernels.decode_launch(launch, q, kp, vp, n, None, None, **kw)
                         return out[0][0].reshape(q.shape) if not kw.get("merge", True) else out
                     t = timeit_chain(fn, q0, args.reps, args.inner)
                     line.append(f"{label} {t:.4f} ({t16 / t:.2f}x)")
