@@ -80,6 +80,14 @@ __device__ __forceinline__ T simd_shuffle_down(T x, uint d) {
 }
 
 __device__ __forceinline__ float kvq_as_float(uint b) { return __uint_as_float(b); }
+// a pointer the optimizer may not look through (computed once, kept in registers):
+// nvcc would otherwise re-derive a base pointer at every load (four ops each)
+template <typename T>
+__device__ __forceinline__ const T* kvq_opaque(const T* p) {
+  asm("" : "+l"(p));
+  __builtin_assume(__isGlobal(p));  // (only ever given device buffers: keeps LDG)
+  return p;
+}
 // cross-threadgroup hand-off (the decode kernel's fused merge): make this thread's device
 // writes visible to the whole grid, count threadgroups done, read others' writes from L2
 __device__ __forceinline__ void kvq_device_fence() { __threadfence(); }
@@ -95,6 +103,8 @@ __device__ __forceinline__ uint kvq_h2(float lo, float hi) {
   __half2 h = __floats2half2_rn(lo, hi);
   return *reinterpret_cast<uint*>(&h);
 }
+__device__ __forceinline__ float kvq_h2lo(uint x) { return __low2float(*reinterpret_cast<__half2*>(&x)); }
+__device__ __forceinline__ float kvq_h2hi(uint x) { return __high2float(*reinterpret_cast<__half2*>(&x)); }
 __device__ __forceinline__ uint kvq_h2s(__half lo, __half hi) {
   __half2 h = __halves2half2(lo, hi);
   return *reinterpret_cast<uint*>(&h);

@@ -11,6 +11,11 @@ using namespace metal;
 inline float kvq_as_float(uint b) {
   return as_type<float>(b);
 }
+// a pointer the optimizer may not look through (a hint for nvcc, see prelude_cuda.h)
+template <typename T>
+inline T kvq_opaque(T x) {
+  return x;
+}
 // Cross-threadgroup hand-off, used only by the decode kernel's fused merge, which the
 // launcher enables on CUDA alone (MLX's Metal kernels never order memory across
 // threadgroups within a launch); defined so that the shared bodies compile.

@@ -22,6 +22,15 @@
 //     (1024 + c_i, 1024 + c_i+CPW/2), and one half2 FMA applies scale and bias.
 //     The order of dims along the k axis is a permutation of D (the same for
 //     the query fragments), which a dot product does not see.
+//     KGP (a group's words split evenly over the 4 lanes tq: GS * KB % 128 == 0,
+//     so that every k-step lies in one group): no fp16 arithmetic per code at
+//     all.  Lane tq takes a quarter of each group's words, the raw fp16 pairs
+//     1024 + (c << o) go into the mma ((w >> s) & (mask << o) | 0x6400_6400: o
+//     up to 4 spares a shift; the query dims of those codes are divided by 2^o),
+//     one fp32 accumulator chain per group, and the scales apply after it:
+//     S = sum over groups of sc * (acc - 1024 * sum of the fragment's queries)
+//     + bias * (sum of the queries) -- exact but for fp32 rounding, since the
+//     codes and 1024 are exact in fp16 and the mma accumulates in fp32.
 //   softmax: fp32, base 2, online; lane (gr, tq) holds rows 2tq, 2tq+1 of
 //     keys gr, gr+8 (three shuffles for a row max; sums stay per lane).
 //   O^T (D x 8 rows) += V^T P^T: D/16 tiles; lane (gr, tq) loads the words of
@@ -61,7 +70,18 @@ constexpr int KWL = D * KB / 128;   // key words per lane and key
 constexpr int KCPW = 32 / KB;       // codes per word (keys)
 constexpr int KH = KCPW / 2;        // distance of the two codes of a pair
 constexpr int KKPW = KCPW / 4;      // k-steps per word
-constexpr int LGK = KDL >= GS ? KDL / GS : 1;  // key groups per lane
+constexpr int LGK = KDL >= GS ? KDL / GS : 1;  // key groups per lane (not KGP)
+constexpr int G = D / GS;           // groups per row
+constexpr int KWPG = GS * KB / 32;  // key words per group
+// KGP: every QK k-step lies in one group (lane tq takes a quarter of each group's
+// words), so the key scales apply after the mma, in fp32, per group accumulator
+constexpr bool KGP = KWPG % 4 == 0;
+constexpr int KLW = KGP ? KWPG / 4 : KWL;  // consecutive key words of a lane
+constexpr int KSG = KGP ? G : LGK;         // key scales (and biases) per key of a lane
+constexpr int NCH = KGP && G > 2 ? G : 2;  // QK accumulator chains
+// KGP codes go into the mma as fp16 1024 + c << o: no shift when o + KB <= 10 and
+// o <= 4 (the query dims of code position p are divided by 2^o instead)
+constexpr int KNPB = KGP ? (KB == 2 ? 3 : (KB == 4 ? 2 : 1)) : 1;  // code positions per shift
 constexpr int DPL = D / 8;          // value dims per lane (gr)
 constexpr int NJ = D / 16;          // PV tiles (16 dims each)
 constexpr int VWL = D * VB / 256;   // value words per lane and key
@@ -83,6 +103,9 @@ const int Hkv = int(kw_shape[1]);
 const int rep = Hq / Hkv;
 const int R = rep * L;
 const int q_start = delta + ns;
+// MAGIC from a launch value (P < 2^30), so that it sits in a register: (x & M) | magic
+// is then one op (nvcc folds a constant, and LOP3 takes one immediate)
+const uint magic = MAGIC | uint(P >> 30);
 
 const uint lane = thread_index_in_simdgroup;
 const int gr = int(lane >> 2);
@@ -115,12 +138,13 @@ for (int i = 0; i < 2; i++) {
 }
 
 // (b, kvh) bases and per-key strides
-const device uint* kwp = kw + size_t(b) * size_t(kw_strides[0]) + size_t(kvh) * size_t(kw_strides[1]);
-const device S* ksp = ks + size_t(b) * size_t(ks_strides[0]) + size_t(kvh) * size_t(ks_strides[1]);
-const device S* kbp = kb + size_t(b) * size_t(kb_strides[0]) + size_t(kvh) * size_t(kb_strides[1]);
-const device uint* vwp = vw + size_t(b) * size_t(vw_strides[0]) + size_t(kvh) * size_t(vw_strides[1]);
-const device S* vsp = vs + size_t(b) * size_t(vs_strides[0]) + size_t(kvh) * size_t(vs_strides[1]);
-const device S* vbp = vb + size_t(b) * size_t(vb_strides[0]) + size_t(kvh) * size_t(vb_strides[1]);
+// (kvq_opaque: computed here once, not folded into every load's address)
+const device uint* kwp = kvq_opaque(kw + size_t(b) * size_t(kw_strides[0]) + size_t(kvh) * size_t(kw_strides[1]));
+const device S* ksp = kvq_opaque(ks + size_t(b) * size_t(ks_strides[0]) + size_t(kvh) * size_t(ks_strides[1]));
+const device S* kbp = kvq_opaque(kb + size_t(b) * size_t(kb_strides[0]) + size_t(kvh) * size_t(kb_strides[1]));
+const device uint* vwp = kvq_opaque(vw + size_t(b) * size_t(vw_strides[0]) + size_t(kvh) * size_t(vw_strides[1]));
+const device S* vsp = kvq_opaque(vs + size_t(b) * size_t(vs_strides[0]) + size_t(kvh) * size_t(vs_strides[1]));
+const device S* vbp = kvq_opaque(vb + size_t(b) * size_t(vb_strides[0]) + size_t(kvh) * size_t(vb_strides[1]));
 const int kws = int(kw_strides[2]), kss = int(ks_strides[2]), kbs = int(kb_strides[2]);
 const int vws = int(vw_strides[2]), vss = int(vs_strides[2]), vbs = int(vb_strides[2]);
 size_t mst0 = 0, mst1 = 0, mst2 = 0, mst3 = 0;
@@ -139,11 +163,14 @@ if (MASK != 0) {
   {                                                                            \
     const int key0_ = metal::min((BLK) + gr, kend - 1);                        \
     const int key1_ = metal::min((BLK) + gr + 8, kend - 1);                    \
-    kvq_load_words<KWL>(kwp + uint(key0_ * kws + tq * KWL), KR0);              \
-    kvq_load_words<KWL>(kwp + uint(key1_ * kws + tq * KWL), KR1);              \
     KVQ_UNROLL                                                                 \
-    for (int x = 0; x < LGK; x++) {                                            \
-      const int gi = (tq * KDL) / GS + x;                                      \
+    for (int g = 0; g < KWL / KLW; g++) {                                      \
+      kvq_load_words<KLW>(kwp + uint(key0_ * kws + g * KWPG + tq * KLW), KR0 + g * KLW); \
+      kvq_load_words<KLW>(kwp + uint(key1_ * kws + g * KWPG + tq * KLW), KR1 + g * KLW); \
+    }                                                                          \
+    KVQ_UNROLL                                                                 \
+    for (int x = 0; x < KSG; x++) {                                            \
+      const int gi = KGP ? x : (tq * KDL) / GS + x;                            \
       KS0[x] = ksp[uint(key0_ * kss + gi)];                                    \
       KB0[x] = kbp[uint(key0_ * kbs + gi)];                                    \
       KS1[x] = ksp[uint(key1_ * kss + gi)];                                    \
@@ -159,11 +186,11 @@ if (MASK != 0) {
     }                                                                          \
   }
 uint kr0[KWL], kr1[KWL], vr[4][VWL];
-S ks0f[LGK], kb0f[LGK], ks1f[LGK], kb1f[LGK], vsc[4], vbi[4];  // scales/biases as stored
+S ks0f[KSG], kb0f[KSG], ks1f[KSG], kb1f[KSG], vsc[4], vbi[4];  // scales/biases as stored
 uint nkr0[KWL], nkr1[KWL], nvr[4][VWL];
-S nks0[LGK], nkb0[LGK], nks1[LGK], nkb1[LGK], nvsc[4], nvbi[4];
+S nks0[KSG], nkb0[KSG], nks1[KSG], nkb1[KSG], nvsc[4], nvbi[4];
 uint fkr0[KWL], fkr1[KWL], fvr[4][VWL];
-S fks0[LGK], fkb0[LGK], fks1[LGK], fkb1[LGK], fvsc[4], fvbi[4];
+S fks0[KSG], fkb0[KSG], fks1[KSG], fkb1[KSG], fvsc[4], fvbi[4];
 // (the first block's loads go out before the query prologue below, so that its
 // latency overlaps it)
 if (!dense && kbeg < kend) {
@@ -205,15 +232,45 @@ for (int r = sg; r < 8; r += NSG) {  // a row per simdgroup
 }
 threadgroup_barrier(mem_flags::mem_threadgroup);
 // Q^T fragments (B operand): k-step c, row gr, dims d0, d0+KH (b0) and
-// d0+1, d0+1+KH (b1), d0 = tq*KDL + KCPW*(c/KKPW) + 2*(c%KKPW)
+// d0+1, d0+1+KH (b1), d0 = KCPW * (the lane's key word c/KKPW) + 2*(c%KKPW); KGP:
+// divided by 2^o of their code position (qf) -- and, per group g and rows
+// 2tq + i, the sums of the queries qs (bias term) and 1024 x those of the
+// fragments' values qc (the 1024 of the codes), for the scales after the mma
 uint qb[NK][2];
+float qs[2][G], qc[2][G];
 {
   const KVQ_TGP(float) qr = q_tg + gr * D;
+  float ps[G], pc[G];  // this lane's share for row gr
+  KVQ_UNROLL
+  for (int g = 0; g < G; g++) {
+    ps[g] = pc[g] = 0.0f;
+  }
   KVQ_UNROLL
   for (int c = 0; c < NK; c++) {
-    const int d0 = tq * KDL + KCPW * (c / KKPW) + 2 * (c % KKPW);
-    qb[c][0] = kvq_h2(qr[d0], qr[d0 + KH]);
-    qb[c][1] = kvq_h2(qr[d0 + 1], qr[d0 + 1 + KH]);
+    const int u = c / KKPW;
+    const int p = 2 * (c % KKPW);
+    const int d0 = ((u / KLW) * KWPG + tq * KLW + u % KLW) * KCPW + p;
+    const float f0 = 1.0f / float(1 << ((p % KNPB) * KB));
+    const float f1 = 1.0f / float(1 << (((p + 1) % KNPB) * KB));
+    qb[c][0] = kvq_h2(qr[d0] * f0, qr[d0 + KH] * f0);
+    qb[c][1] = kvq_h2(qr[d0 + 1] * f1, qr[d0 + 1 + KH] * f1);
+    if (KGP) {
+      const int g = u / KLW;
+      ps[g] += (qr[d0] + qr[d0 + KH]) + (qr[d0 + 1] + qr[d0 + 1 + KH]);
+      pc[g] += (kvq_h2lo(qb[c][0]) + kvq_h2hi(qb[c][0])) + (kvq_h2lo(qb[c][1]) + kvq_h2hi(qb[c][1]));
+    }
+  }
+  KVQ_UNROLL
+  for (int g = 0; g < G; g++) {
+    ps[g] += simd_shuffle_xor(ps[g], 1u);
+    ps[g] += simd_shuffle_xor(ps[g], 2u);
+    pc[g] += simd_shuffle_xor(pc[g], 1u);
+    pc[g] += simd_shuffle_xor(pc[g], 2u);
+    KVQ_UNROLL
+    for (int i = 0; i < 2; i++) {
+      qs[i][g] = simd_shuffle(ps[g], uint(4 * (2 * tq + i)));
+      qc[i][g] = 1024.0f * simd_shuffle(pc[g], uint(4 * (2 * tq + i)));
+    }
   }
 }
 
@@ -243,54 +300,95 @@ for (int blk = kbeg; blk < kend; blk += 16) {
   }
 
   // ---- S^T (16 keys x 8 rows) = K Q^T: keys blk + gr (a0, a2) and blk + gr + 8 (a1, a3)
-  float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-  float s2[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // odd k-steps: two independent mma chains
+  float s[4];
   {
+    float acc[NCH][4];  // independent mma chains (KGP with G > 1: one per group)
+    KVQ_UNROLL
+    for (int h = 0; h < NCH; h++) {
+      acc[h][0] = acc[h][1] = acc[h][2] = acc[h][3] = 0.0f;
+    }
     const int key0 = metal::min(blk + gr, klast);
     const int key1 = metal::min(blk + gr + 8, klast);
-    if (!dense) {
-      uint ksc0[LGK], kbi0[LGK], ksc1[LGK], kbi1[LGK];
-      KVQ_UNROLL
-      for (int x = 0; x < LGK; x++) {
-        ksc0[x] = kvq_h2s(ks0f[x], ks0f[x]);
-        kbi0[x] = kvq_h2s(kb0f[x], kb0f[x]);
-        ksc1[x] = kvq_h2s(ks1f[x], ks1f[x]);
-        kbi1[x] = kvq_h2s(kb1f[x], kb1f[x]);
-      }
+    if (!dense && KGP) {
       KVQ_UNROLL
       for (int c = 0; c < NK; c++) {
-        const int x = LGK > 1 ? (KCPW * (c / KKPW)) / GS : 0;
-        const int sh = 2 * (c % KKPW) * KB;
-        const uint w0 = kr0[c / KKPW];
-        const uint w1 = kr1[c / KKPW];
-        const uint a0 = kvq_h2_deq(((w0 >> sh) & KM2) | MAGIC, ksc0[x], kbi0[x]);
-        const uint a2 = kvq_h2_deq(((w0 >> (sh + KB)) & KM2) | MAGIC, ksc0[x], kbi0[x]);
-        const uint a1 = kvq_h2_deq(((w1 >> sh) & KM2) | MAGIC, ksc1[x], kbi1[x]);
-        const uint a3 = kvq_h2_deq(((w1 >> (sh + KB)) & KM2) | MAGIC, ksc1[x], kbi1[x]);
-        kvq_mma_16816((c & 1) ? s2 : s, a0, a1, a2, a3, qb[c][0], qb[c][1], lane);
+        const int u = c / KKPW;
+        const int p = 2 * (c % KKPW);  // code positions p (a0, a1), p + 1 (a2, a3)
+        const int o0 = (p % KNPB) * KB, o1 = ((p + 1) % KNPB) * KB;
+        const uint w0 = kr0[u];
+        const uint w1 = kr1[u];
+        const uint a0 = ((w0 >> (p * KB - o0)) & (KM2 << o0)) | magic;
+        const uint a2 = ((w0 >> ((p + 1) * KB - o1)) & (KM2 << o1)) | magic;
+        const uint a1 = ((w1 >> (p * KB - o0)) & (KM2 << o0)) | magic;
+        const uint a3 = ((w1 >> ((p + 1) * KB - o1)) & (KM2 << o1)) | magic;
+        kvq_mma_16816(acc[G > 1 ? u / KLW : (c & 1)], a0, a1, a2, a3, qb[c][0], qb[c][1], lane);
+      }
+      // acc = sum of q (1024 + c): S = sum over groups of sc (acc - qc) + bias qs
+      KVQ_UNROLL
+      for (int e = 0; e < 4; e++) {
+        const int i = e & 1;
+        float t = 0.0f;
+        KVQ_UNROLL
+        for (int g = 0; g < G; g++) {
+          const float a = G > 1 ? acc[g][e] : acc[0][e] + acc[1][e];
+          const float sc = float((e >> 1) ? ks1f[g] : ks0f[g]);
+          const float bi = float((e >> 1) ? kb1f[g] : kb0f[g]);
+          t += sc * (a - qc[i][g]) + bi * qs[i][g];
+        }
+        s[e] = t;
       }
     } else {
-      const device DT* kp0 = key0 < ns ? sk + size_t(b) * size_t(sk_strides[0]) + size_t(kvh) * size_t(sk_strides[1]) +
-              size_t(key0) * size_t(sk_strides[2])
-                                        : wk + size_t(b) * size_t(wk_strides[0]) + size_t(kvh) * size_t(wk_strides[1]) +
-              size_t(key0 - ns) * size_t(wk_strides[2]);
-      const device DT* kp1 = key1 < ns ? sk + size_t(b) * size_t(sk_strides[0]) + size_t(kvh) * size_t(sk_strides[1]) +
-              size_t(key1) * size_t(sk_strides[2])
-                                        : wk + size_t(b) * size_t(wk_strides[0]) + size_t(kvh) * size_t(wk_strides[1]) +
-              size_t(key1 - ns) * size_t(wk_strides[2]);
-      KVQ_UNROLL
-      for (int c = 0; c < NK; c++) {
-        const int d0 = tq * KDL + KCPW * (c / KKPW) + 2 * (c % KKPW);
-        const uint a0 = kvq_h2(float(kp0[d0]), float(kp0[d0 + KH]));
-        const uint a2 = kvq_h2(float(kp0[d0 + 1]), float(kp0[d0 + 1 + KH]));
-        const uint a1 = kvq_h2(float(kp1[d0]), float(kp1[d0 + KH]));
-        const uint a3 = kvq_h2(float(kp1[d0 + 1]), float(kp1[d0 + 1 + KH]));
-        kvq_mma_16816((c & 1) ? s2 : s, a0, a1, a2, a3, qb[c][0], qb[c][1], lane);
+      if (!dense) {
+        uint ksc0[LGK], kbi0[LGK], ksc1[LGK], kbi1[LGK];
+        KVQ_UNROLL
+        for (int x = 0; x < LGK; x++) {
+          ksc0[x] = kvq_h2s(ks0f[x], ks0f[x]);
+          kbi0[x] = kvq_h2s(kb0f[x], kb0f[x]);
+          ksc1[x] = kvq_h2s(ks1f[x], ks1f[x]);
+          kbi1[x] = kvq_h2s(kb1f[x], kb1f[x]);
+        }
+        KVQ_UNROLL
+        for (int c = 0; c < NK; c++) {
+          const int x = LGK > 1 ? (KCPW * (c / KKPW)) / GS : 0;
+          const int sh = 2 * (c % KKPW) * KB;
+          const uint w0 = kr0[c / KKPW];
+          const uint w1 = kr1[c / KKPW];
+          const uint a0 = kvq_h2_deq(((w0 >> sh) & KM2) | magic, ksc0[x], kbi0[x]);
+          const uint a2 = kvq_h2_deq(((w0 >> (sh + KB)) & KM2) | magic, ksc0[x], kbi0[x]);
+          const uint a1 = kvq_h2_deq(((w1 >> sh) & KM2) | magic, ksc1[x], kbi1[x]);
+          const uint a3 = kvq_h2_deq(((w1 >> (sh + KB)) & KM2) | magic, ksc1[x], kbi1[x]);
+          kvq_mma_16816(acc[c & 1], a0, a1, a2, a3, qb[c][0], qb[c][1], lane);
+        }
+      } else {
+        const device DT* kp0 = key0 < ns ? sk + size_t(b) * size_t(sk_strides[0]) + size_t(kvh) * size_t(sk_strides[1]) +
+                size_t(key0) * size_t(sk_strides[2])
+                                          : wk + size_t(b) * size_t(wk_strides[0]) + size_t(kvh) * size_t(wk_strides[1]) +
+                size_t(key0 - ns) * size_t(wk_strides[2]);
+        const device DT* kp1 = key1 < ns ? sk + size_t(b) * size_t(sk_strides[0]) + size_t(kvh) * size_t(sk_strides[1]) +
+                size_t(key1) * size_t(sk_strides[2])
+                                          : wk + size_t(b) * size_t(wk_strides[0]) + size_t(kvh) * size_t(wk_strides[1]) +
+                size_t(key1 - ns) * size_t(wk_strides[2]);
+        KVQ_UNROLL
+        for (int c = 0; c < NK; c++) {
+          const int u = c / KKPW;
+          const int p = 2 * (c % KKPW);
+          const int d0 = ((u / KLW) * KWPG + tq * KLW + u % KLW) * KCPW + p;
+          const uint a0 = kvq_h2(float(kp0[d0]), float(kp0[d0 + KH]));
+          const uint a2 = kvq_h2(float(kp0[d0 + 1]), float(kp0[d0 + 1 + KH]));
+          const uint a1 = kvq_h2(float(kp1[d0]), float(kp1[d0 + KH]));
+          const uint a3 = kvq_h2(float(kp1[d0 + 1]), float(kp1[d0 + 1 + KH]));
+          // (KGP: the fragments hold q / 2^o; back to q, exactly)
+          const float f0 = float(1 << ((p % KNPB) * KB));
+          const float f1 = float(1 << (((p + 1) % KNPB) * KB));
+          const uint b0 = f0 == 1.0f ? qb[c][0] : kvq_h2(kvq_h2lo(qb[c][0]) * f0, kvq_h2hi(qb[c][0]) * f0);
+          const uint b1 = f1 == 1.0f ? qb[c][1] : kvq_h2(kvq_h2lo(qb[c][1]) * f1, kvq_h2hi(qb[c][1]) * f1);
+          kvq_mma_16816(acc[c & 1], a0, a1, a2, a3, b0, b1, lane);
+        }
       }
-    }
-    KVQ_UNROLL
-    for (int e = 0; e < 4; e++) {
-      s[e] += s2[e];
+      KVQ_UNROLL
+      for (int e = 0; e < 4; e++) {
+        s[e] = acc[0][e] + acc[1][e];
+      }
     }
   }
 
@@ -384,10 +482,10 @@ for (int blk = kbeg; blk < kend; blk += 16) {
       const int q0 = l0 % VCPW;
       const int k0 = q0 / VCPB, e0 = q0 % VCPB;
       const int k1 = (q0 + 1) / VCPB, e1 = (q0 + 1) % VCPB;
-      const uint a0 = kvq_h2_deq(((kvq_bytes2(vr[0][x], vr[1][x], k0) >> (e0 * VB)) & VM2) | MAGIC, sc01, bi01);
-      const uint a1 = kvq_h2_deq(((kvq_bytes2(vr[0][x], vr[1][x], k1) >> (e1 * VB)) & VM2) | MAGIC, sc01, bi01);
-      const uint a2 = kvq_h2_deq(((kvq_bytes2(vr[2][x], vr[3][x], k0) >> (e0 * VB)) & VM2) | MAGIC, sc23, bi23);
-      const uint a3 = kvq_h2_deq(((kvq_bytes2(vr[2][x], vr[3][x], k1) >> (e1 * VB)) & VM2) | MAGIC, sc23, bi23);
+      const uint a0 = kvq_h2_deq(((kvq_bytes2(vr[0][x], vr[1][x], k0) >> (e0 * VB)) & VM2) | magic, sc01, bi01);
+      const uint a1 = kvq_h2_deq(((kvq_bytes2(vr[0][x], vr[1][x], k1) >> (e1 * VB)) & VM2) | magic, sc01, bi01);
+      const uint a2 = kvq_h2_deq(((kvq_bytes2(vr[2][x], vr[3][x], k0) >> (e0 * VB)) & VM2) | magic, sc23, bi23);
+      const uint a3 = kvq_h2_deq(((kvq_bytes2(vr[2][x], vr[3][x], k1) >> (e1 * VB)) & VM2) | magic, sc23, bi23);
       kvq_mma_16816(o[j], a0, a1, a2, a3, pb0, pb1, lane);
     }
   } else {
@@ -418,7 +516,7 @@ for (int blk = kbeg; blk < kend; blk += 16) {
       nkr1[x] = fkr1[x];
     }
     KVQ_UNROLL
-    for (int x = 0; x < LGK; x++) {
+    for (int x = 0; x < KSG; x++) {
       ks0f[x] = nks0[x];
       kb0f[x] = nkb0[x];
       ks1f[x] = nks1[x];

@@ -716,6 +716,24 @@ def test_decode_running_max_jumps(emu):
     run_view(emu, q, kp, vp, n, None, window, k_bits=4, v_bits=4, group_size=32, nsplit=nsplit)
 
 
+@pytest.mark.parametrize("kb", [4, 8])
+def test_decode_large_queries_and_key_offsets(emu, kb):
+    """Keys enter the mma as raw codes (1024 + c in fp16) with the scales applied in
+    fp32 afterwards, less 1024 x the sum of the queries: large queries (an outlier
+    channel) and keys far from zero (a large bias per group) must not cost accuracy."""
+    B, Hkv, rep, L, D, n, nw = 1, 1, 4, 1, 128, 120, 6
+    q, _, _, _, window = make_view(B, Hkv, rep, L, D, n, 0, nw, k_bits=kb, v_bits=4, group_size=64,
+                                   dtype=mx.float16, seed=21)
+    mx.random.seed(22)
+    chan = mx.where(mx.arange(D) == 5, 60.0, 0.0) + mx.where(mx.arange(D) == 70, -40.0, 0.0)
+    q = (q.astype(mx.float32) * 6.0 + chan).astype(mx.float16)
+    k = (mx.random.normal((B, Hkv, n, D)) * 0.8 + mx.where(mx.arange(D) < 64, 30.0, -18.0)).astype(mx.float16)
+    v = mx.random.normal((B, Hkv, n, D)).astype(mx.float16)
+    kp = tuple(mx.quantize(k, group_size=64, bits=kb))
+    vp = tuple(mx.quantize(v, group_size=64, bits=4))
+    run_view(emu, q, kp, vp, n, None, window, k_bits=kb, v_bits=4, group_size=64, nsplit=2)
+
+
 def test_compacted_sources_run_the_same(emu, monkeypatch):
     """GPUs get the sources without comments and blank lines (kernels.compact): the
     compacted decode kernel and merge, run by the emulator, give the same bits."""

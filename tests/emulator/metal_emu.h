@@ -354,6 +354,8 @@ inline T simd_shuffle_down(T x, uint delta) {
 }
 
 inline float kvq_as_float(uint b) { return emu_bits_to_float(b); }
+template <typename T>
+inline T kvq_opaque(T x) { return x; }
 // threadgroups run one after another here: plain memory operations are the hand-off
 inline void kvq_device_fence() {}
 inline uint kvq_atomic_add(uint* p, uint v) {
