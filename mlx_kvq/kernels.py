@@ -517,7 +517,7 @@ def packed_attention(
 DECODE_BITS = (2, 4, 8)
 WARPS_PER_CORE = 8  # packed splits: about this many warps per GPU core in all (12: no faster)
 # blocks of keys loaded ahead in registers (sdpa_decode PF): 1 from this many keys per
-# split, else 0. PF=1 takes 172 registers (248 at 8 bits) and so leaves 8 warps per SM,
+# split, else 0. PF=1 takes 229 registers (255 at 8 bits; PF=0 168) and so leaves 8 warps per SM,
 # which is what the grid has (WARPS_PER_CORE); a model's layers run one launch at a time,
 # and there, on the H100, PF=1 was 1.17x faster at 128k keys and PF=0 at 4k-16k.
 DECODE_PF_MIN_KEYS = 192
