@@ -82,6 +82,8 @@ constexpr int NCH = KGP && G > 2 ? G : 2;  // QK accumulator chains
 // KGP codes go into the mma as fp16 1024 + c << o: no shift when o + KB <= 10 and
 // o <= 4 (the query dims of code position p are divided by 2^o instead)
 constexpr int KNPB = KGP ? (KB == 2 ? 3 : (KB == 4 ? 2 : 1)) : 1;  // code positions per shift
+// bit offset o of code position p inside its 16-bit half in the mma (0 but with KGP)
+#define KVQ_KOFF(p) (((p) % KNPB) * KB)
 constexpr int DPL = D / 8;          // value dims per lane (gr)
 constexpr int NJ = D / 16;          // PV tiles (16 dims each)
 constexpr int VWL = D * VB / 256;   // value words per lane and key
@@ -110,6 +112,10 @@ const uint magic = MAGIC | uint(P >> 30);
 const uint lane = thread_index_in_simdgroup;
 const int gr = int(lane >> 2);
 const int tq = int(lane & 3u);
+// k-step c: the first dim d0 of lane tq's pairs (b0: d0, d0 + KH; b1: d0 + 1, d0 + 1 + KH),
+// from the layout of its key words (KGP: a quarter of each group's)
+#define KVQ_KDIM(c) \
+  ((((c) / KKPW / KLW) * KWPG + tq * KLW + ((c) / KKPW) % KLW) * KCPW + 2 * ((c) % KKPW))
 const int sg = int(simdgroup_index_in_threadgroup);
 const int tid = int(thread_index_in_threadgroup);
 const int part = int(threadgroup_position_in_grid.x);
@@ -232,10 +238,10 @@ for (int r = sg; r < 8; r += NSG) {  // a row per simdgroup
 }
 threadgroup_barrier(mem_flags::mem_threadgroup);
 // Q^T fragments (B operand): k-step c, row gr, dims d0, d0+KH (b0) and
-// d0+1, d0+1+KH (b1), d0 = KCPW * (the lane's key word c/KKPW) + 2*(c%KKPW); KGP:
-// divided by 2^o of their code position (qf) -- and, per group g and rows
-// 2tq + i, the sums of the queries qs (bias term) and 1024 x those of the
-// fragments' values qc (the 1024 of the codes), for the scales after the mma
+// d0+1, d0+1+KH (b1) (KVQ_KDIM); KGP: divided by 2^o of their code position -- and,
+// per group g and rows 2tq + i, the sums of the queries qs (bias term) and 1024 x
+// those of the fragments' values qc (the 1024 of the codes), for the scales after
+// the mma
 uint qb[NK][2];
 float qs[2][G], qc[2][G];
 {
@@ -247,15 +253,14 @@ float qs[2][G], qc[2][G];
   }
   KVQ_UNROLL
   for (int c = 0; c < NK; c++) {
-    const int u = c / KKPW;
     const int p = 2 * (c % KKPW);
-    const int d0 = ((u / KLW) * KWPG + tq * KLW + u % KLW) * KCPW + p;
-    const float f0 = 1.0f / float(1 << ((p % KNPB) * KB));
-    const float f1 = 1.0f / float(1 << (((p + 1) % KNPB) * KB));
+    const int d0 = KVQ_KDIM(c);
+    const float f0 = 1.0f / float(1 << KVQ_KOFF(p));
+    const float f1 = 1.0f / float(1 << KVQ_KOFF(p + 1));
     qb[c][0] = kvq_h2(qr[d0] * f0, qr[d0 + KH] * f0);
     qb[c][1] = kvq_h2(qr[d0 + 1] * f1, qr[d0 + 1 + KH] * f1);
     if (KGP) {
-      const int g = u / KLW;
+      const int g = c / KKPW / KLW;
       ps[g] += (qr[d0] + qr[d0 + KH]) + (qr[d0 + 1] + qr[d0 + 1 + KH]);
       pc[g] += (kvq_h2lo(qb[c][0]) + kvq_h2hi(qb[c][0])) + (kvq_h2lo(qb[c][1]) + kvq_h2hi(qb[c][1]));
     }
@@ -314,7 +319,7 @@ for (int blk = kbeg; blk < kend; blk += 16) {
       for (int c = 0; c < NK; c++) {
         const int u = c / KKPW;
         const int p = 2 * (c % KKPW);  // code positions p (a0, a1), p + 1 (a2, a3)
-        const int o0 = (p % KNPB) * KB, o1 = ((p + 1) % KNPB) * KB;
+        const int o0 = KVQ_KOFF(p), o1 = KVQ_KOFF(p + 1);
         const uint w0 = kr0[u];
         const uint w1 = kr1[u];
         const uint a0 = ((w0 >> (p * KB - o0)) & (KM2 << o0)) | magic;
@@ -370,16 +375,15 @@ for (int blk = kbeg; blk < kend; blk += 16) {
                 size_t(key1 - ns) * size_t(wk_strides[2]);
         KVQ_UNROLL
         for (int c = 0; c < NK; c++) {
-          const int u = c / KKPW;
-          const int p = 2 * (c % KKPW);
-          const int d0 = ((u / KLW) * KWPG + tq * KLW + u % KLW) * KCPW + p;
+          const int d0 = KVQ_KDIM(c);
           const uint a0 = kvq_h2(float(kp0[d0]), float(kp0[d0 + KH]));
           const uint a2 = kvq_h2(float(kp0[d0 + 1]), float(kp0[d0 + 1 + KH]));
           const uint a1 = kvq_h2(float(kp1[d0]), float(kp1[d0 + KH]));
           const uint a3 = kvq_h2(float(kp1[d0 + 1]), float(kp1[d0 + 1 + KH]));
           // (KGP: the fragments hold q / 2^o; back to q, exactly)
-          const float f0 = float(1 << ((p % KNPB) * KB));
-          const float f1 = float(1 << (((p + 1) % KNPB) * KB));
+          const int p = 2 * (c % KKPW);
+          const float f0 = float(1 << KVQ_KOFF(p));
+          const float f1 = float(1 << KVQ_KOFF(p + 1));
           const uint b0 = f0 == 1.0f ? qb[c][0] : kvq_h2(kvq_h2lo(qb[c][0]) * f0, kvq_h2hi(qb[c][0]) * f0);
           const uint b1 = f1 == 1.0f ? qb[c][1] : kvq_h2(kvq_h2lo(qb[c][1]) * f1, kvq_h2hi(qb[c][1]) * f1);
           kvq_mma_16816(acc[c & 1], a0, a1, a2, a3, b0, b1, lane);
@@ -541,6 +545,8 @@ for (int blk = kbeg; blk < kend; blk += 16) {
   }
 }
 #undef KVQ_LOAD_BLOCK
+#undef KVQ_KDIM
+#undef KVQ_KOFF
 
 // ---- combine the NSG warps of this threadgroup (same head and rows, adjacent
 // key ranges) into one partial: out normalized, lse in natural log
