@@ -398,7 +398,7 @@ def decode_chain(args, sizes):
                                        (f"{bits}b PF=1", dict(rotate_q=True, rotate_out=True, pf=1))]
                 for label, extra in runs:
                     kw = dict(k_bits=bits, v_bits=bits, group_size=64, scale=D**-0.5, q_start=n - 1, causal=True,
-                              out_dtype=mx.float16, **extra)
+                              out_dtype=mx.float16, **{"pf": args.pf, **extra})
                     launch = L_ if kw.pop("fused", True) else two
 
                     def fn(q):
@@ -575,6 +575,7 @@ def main():
     ap.add_argument("--variants", default="", help="decode variants nsg:pf:wpc,... (GPU-bound timing)")
     ap.add_argument("--chain", action="store_true", help="chained (dependent) decode calls, GPU-bound")
     ap.add_argument("--chain-parts", action="store_true", help="--chain: the 4-bit launch taken apart")
+    ap.add_argument("--pf", type=int, default=None, help="--chain: blocks loaded ahead (default: by length)")
     ap.add_argument("--rotq", action="store_true", help="--variants: rotate queries and output in the kernels")
     ap.add_argument("--wpc", default="", help="--decode: warps per GPU core to try (comma list; "
                     "default: the library's WARPS_PER_CORE)")

@@ -32,7 +32,11 @@
 //     + bias * (sum of the queries) -- exact but for fp32 rounding, since the
 //     codes and 1024 are exact in fp16 and the mma accumulates in fp32.
 //   softmax: fp32, base 2, online; lane (gr, tq) holds rows 2tq, 2tq+1 of
-//     keys gr, gr+8 (three shuffles for a row max; sums stay per lane).
+//     keys gr, gr+8 (sums stay per lane); the running max moves only by more than
+//     a slack, which one vote detects (three shuffles for a row max only then).
+// The block loop is written once and compiled twice, for the packed warps and
+// the dense one (a constant flag in each), so that its registers are those of
+// the larger of the two loops, not of both joined.
 //   O^T (D x 8 rows) += V^T P^T: D/16 tiles; lane (gr, tq) loads the words of
 //     dims [gr*D/8, (gr+1)*D/8) of keys 2tq, 2tq+1, 2tq+8, 2tq+9 and pairs the
 //     same byte of two keys (kvq_bytes2), so that one fp16 pair holds one dim
@@ -287,260 +291,271 @@ for (int j = 0; j < NJ; j++) {
   o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
 }
 
-for (int blk = kbeg; blk < kend; blk += 16) {
-  const int klast = kend - 1;
-  int vkey[4];
-  vkey[0] = metal::min(blk + 2 * tq, klast);
-  vkey[1] = metal::min(blk + 2 * tq + 1, klast);
-  vkey[2] = metal::min(blk + 2 * tq + 8, klast);
-  vkey[3] = metal::min(blk + 2 * tq + 9, klast);
-  if (!dense) {
-    if (PF > 1) {
-      KVQ_LOAD_BLOCK(blk + 32, fkr0, fkr1, fks0, fkb0, fks1, fkb1, fvr, fvsc, fvbi);
-    } else if (PF > 0) {
-      KVQ_LOAD_BLOCK(blk + 16, nkr0, nkr1, nks0, nkb0, nks1, nkb1, nvr, nvsc, nvbi);
-    } else if (blk != kbeg) {
-      KVQ_LOAD_BLOCK(blk, kr0, kr1, ks0f, kb0f, ks1f, kb1f, vr, vsc, vbi);
-    }
+// The block loop twice, for the packed warps and the dense one (dns a constant in each):
+// registers are then those of the larger loop, not of both joined
+KVQ_UNROLL
+for (int ph = 0; ph < 2; ph++) {
+  const bool dns = ph == 1;
+  if (dns != dense) {
+    continue;
   }
-
-  // ---- S^T (16 keys x 8 rows) = K Q^T: keys blk + gr (a0, a2) and blk + gr + 8 (a1, a3)
-  float s[4];
-  {
-    float acc[NCH][4];  // independent mma chains (KGP with G > 1: one per group)
-    KVQ_UNROLL
-    for (int h = 0; h < NCH; h++) {
-      acc[h][0] = acc[h][1] = acc[h][2] = acc[h][3] = 0.0f;
-    }
-    const int key0 = metal::min(blk + gr, klast);
-    const int key1 = metal::min(blk + gr + 8, klast);
-    if (!dense && KGP) {
-      KVQ_UNROLL
-      for (int c = 0; c < NK; c++) {
-        const int u = c / KKPW;
-        const int p = 2 * (c % KKPW);  // code positions p (a0, a1), p + 1 (a2, a3)
-        const int o0 = KVQ_KOFF(p), o1 = KVQ_KOFF(p + 1);
-        const uint w0 = kr0[u];
-        const uint w1 = kr1[u];
-        const uint a0 = ((w0 >> (p * KB - o0)) & (KM2 << o0)) | magic;
-        const uint a2 = ((w0 >> ((p + 1) * KB - o1)) & (KM2 << o1)) | magic;
-        const uint a1 = ((w1 >> (p * KB - o0)) & (KM2 << o0)) | magic;
-        const uint a3 = ((w1 >> ((p + 1) * KB - o1)) & (KM2 << o1)) | magic;
-        kvq_mma_16816(acc[G > 1 ? u / KLW : (c & 1)], a0, a1, a2, a3, qb[c][0], qb[c][1], lane);
+  for (int blk = kbeg; blk < kend; blk += 16) {
+    const int klast = kend - 1;
+    int vkey[4];
+    vkey[0] = metal::min(blk + 2 * tq, klast);
+    vkey[1] = metal::min(blk + 2 * tq + 1, klast);
+    vkey[2] = metal::min(blk + 2 * tq + 8, klast);
+    vkey[3] = metal::min(blk + 2 * tq + 9, klast);
+    if (!dns) {
+      if (PF > 1) {
+        KVQ_LOAD_BLOCK(blk + 32, fkr0, fkr1, fks0, fkb0, fks1, fkb1, fvr, fvsc, fvbi);
+      } else if (PF > 0) {
+        KVQ_LOAD_BLOCK(blk + 16, nkr0, nkr1, nks0, nkb0, nks1, nkb1, nvr, nvsc, nvbi);
+      } else if (blk != kbeg) {
+        KVQ_LOAD_BLOCK(blk, kr0, kr1, ks0f, kb0f, ks1f, kb1f, vr, vsc, vbi);
       }
-      // acc = sum of q (1024 + c): S = sum over groups of sc (acc - qc) + bias qs
+    }
+
+    // ---- S^T (16 keys x 8 rows) = K Q^T: keys blk + gr (a0, a2) and blk + gr + 8 (a1, a3)
+    float s[4];
+    {
+      float acc[NCH][4];  // independent mma chains (KGP with G > 1: one per group)
       KVQ_UNROLL
-      for (int e = 0; e < 4; e++) {
-        const int i = e & 1;
-        float t = 0.0f;
+      for (int h = 0; h < NCH; h++) {
+        acc[h][0] = acc[h][1] = acc[h][2] = acc[h][3] = 0.0f;
+      }
+      const int key0 = metal::min(blk + gr, klast);
+      const int key1 = metal::min(blk + gr + 8, klast);
+      if (!dns && KGP) {
         KVQ_UNROLL
-        for (int g = 0; g < G; g++) {
-          const float a = G > 1 ? acc[g][e] : acc[0][e] + acc[1][e];
-          const float sc = float((e >> 1) ? ks1f[g] : ks0f[g]);
-          const float bi = float((e >> 1) ? kb1f[g] : kb0f[g]);
-          t += sc * (a - qc[i][g]) + bi * qs[i][g];
+        for (int c = 0; c < NK; c++) {
+          const int u = c / KKPW;
+          const int p = 2 * (c % KKPW);  // code positions p (a0, a1), p + 1 (a2, a3)
+          const int o0 = KVQ_KOFF(p), o1 = KVQ_KOFF(p + 1);
+          const uint w0 = kr0[u];
+          const uint w1 = kr1[u];
+          const uint a0 = ((w0 >> (p * KB - o0)) & (KM2 << o0)) | magic;
+          const uint a2 = ((w0 >> ((p + 1) * KB - o1)) & (KM2 << o1)) | magic;
+          const uint a1 = ((w1 >> (p * KB - o0)) & (KM2 << o0)) | magic;
+          const uint a3 = ((w1 >> ((p + 1) * KB - o1)) & (KM2 << o1)) | magic;
+          kvq_mma_16816(acc[G > 1 ? u / KLW : (c & 1)], a0, a1, a2, a3, qb[c][0], qb[c][1], lane);
         }
-        s[e] = t;
+        // acc = sum of q (1024 + c): S = sum over groups of sc (acc - qc) + bias qs
+        KVQ_UNROLL
+        for (int e = 0; e < 4; e++) {
+          const int i = e & 1;
+          float t = 0.0f;
+          KVQ_UNROLL
+          for (int g = 0; g < G; g++) {
+            const float a = G > 1 ? acc[g][e] : acc[0][e] + acc[1][e];
+            const float sc = float((e >> 1) ? ks1f[g] : ks0f[g]);
+            const float bi = float((e >> 1) ? kb1f[g] : kb0f[g]);
+            t += sc * (a - qc[i][g]) + bi * qs[i][g];
+          }
+          s[e] = t;
+        }
+      } else {
+        if (!dns) {
+          uint ksc0[LGK], kbi0[LGK], ksc1[LGK], kbi1[LGK];
+          KVQ_UNROLL
+          for (int x = 0; x < LGK; x++) {
+            ksc0[x] = kvq_h2s(ks0f[x], ks0f[x]);
+            kbi0[x] = kvq_h2s(kb0f[x], kb0f[x]);
+            ksc1[x] = kvq_h2s(ks1f[x], ks1f[x]);
+            kbi1[x] = kvq_h2s(kb1f[x], kb1f[x]);
+          }
+          KVQ_UNROLL
+          for (int c = 0; c < NK; c++) {
+            const int x = LGK > 1 ? (KCPW * (c / KKPW)) / GS : 0;
+            const int sh = 2 * (c % KKPW) * KB;
+            const uint w0 = kr0[c / KKPW];
+            const uint w1 = kr1[c / KKPW];
+            const uint a0 = kvq_h2_deq(((w0 >> sh) & KM2) | magic, ksc0[x], kbi0[x]);
+            const uint a2 = kvq_h2_deq(((w0 >> (sh + KB)) & KM2) | magic, ksc0[x], kbi0[x]);
+            const uint a1 = kvq_h2_deq(((w1 >> sh) & KM2) | magic, ksc1[x], kbi1[x]);
+            const uint a3 = kvq_h2_deq(((w1 >> (sh + KB)) & KM2) | magic, ksc1[x], kbi1[x]);
+            kvq_mma_16816(acc[c & 1], a0, a1, a2, a3, qb[c][0], qb[c][1], lane);
+          }
+        } else {
+          const device DT* kp0 = key0 < ns ? sk + size_t(b) * size_t(sk_strides[0]) + size_t(kvh) * size_t(sk_strides[1]) +
+                  size_t(key0) * size_t(sk_strides[2])
+                                            : wk + size_t(b) * size_t(wk_strides[0]) + size_t(kvh) * size_t(wk_strides[1]) +
+                  size_t(key0 - ns) * size_t(wk_strides[2]);
+          const device DT* kp1 = key1 < ns ? sk + size_t(b) * size_t(sk_strides[0]) + size_t(kvh) * size_t(sk_strides[1]) +
+                  size_t(key1) * size_t(sk_strides[2])
+                                            : wk + size_t(b) * size_t(wk_strides[0]) + size_t(kvh) * size_t(wk_strides[1]) +
+                  size_t(key1 - ns) * size_t(wk_strides[2]);
+          const KVQ_TGP(float) qd = q_tg + gr * D;
+          constexpr bool qb_dense = KGP && KNPB > 1;  // (else qb holds exactly these)
+          KVQ_UNROLL
+          for (int c = 0; c < NK; c++) {
+            const int d0 = KVQ_KDIM(c);
+            const uint a0 = kvq_h2(float(kp0[d0]), float(kp0[d0 + KH]));
+            const uint a2 = kvq_h2(float(kp0[d0 + 1]), float(kp0[d0 + 1 + KH]));
+            const uint a1 = kvq_h2(float(kp1[d0]), float(kp1[d0 + KH]));
+            const uint a3 = kvq_h2(float(kp1[d0 + 1]), float(kp1[d0 + 1 + KH]));
+            // (the query fragments as the prologue builds them, but not divided by 2^o: read
+            // again from q_tg, which holds the rows until the end -- no registers held for them)
+            const uint b0 = qb_dense ? kvq_h2(qd[d0], qd[d0 + KH]) : qb[c][0];
+            const uint b1 = qb_dense ? kvq_h2(qd[d0 + 1], qd[d0 + 1 + KH]) : qb[c][1];
+            kvq_mma_16816(acc[c & 1], a0, a1, a2, a3, b0, b1, lane);
+          }
+        }
+        KVQ_UNROLL
+        for (int e = 0; e < 4; e++) {
+          s[e] = acc[0][e] + acc[1][e];
+        }
+      }
+    }
+
+    // ---- masking and online softmax (base 2); s[e]: key blk + gr + 8*(e>>1), row 2tq + (e&1)
+    float bmax[2] = {NEG_INF, NEG_INF};  // (this lane's keys first)
+    KVQ_UNROLL
+    for (int e = 0; e < 4; e++) {
+      const int i = e & 1;
+      const int key = blk + gr + 8 * (e >> 1);
+      const int pos = dns ? (key < ns ? key : key + n) : ns + key;
+      float x = s[e] * qscale;
+      bool vis = key < kend && rok[i];
+      if (CAUSAL) {
+        vis = vis && pos <= rpos[i];
+      }
+      if (MASK != 0) {
+        const size_t mi = size_t(b) * mst0 + size_t(rhead[i]) * mst1 + size_t(rpos[i] - q_start) * mst2 +
+            size_t(vis ? pos : 0) * mst3;
+        const float mv = float(mask[mi]);
+        if (MASK == 1) {
+          vis = vis && mv != 0.0f;
+        } else {
+          x += mv * KVQ_LOG2E;
+        }
+      }
+      x = vis ? x : NEG_INF;
+      s[e] = x;
+      bmax[i] = metal::max(bmax[i], x);
+    }
+    // The running max moves only when a row's block max passes it by more than
+    // RESCALE_SLACK (log2 units): until then probabilities are exp2(s - m) <= 2^8
+    // (fine in fp16), and the 2 * NJ * 2 rescaling multiplies are skipped by the
+    // whole warp.  Exact: out and lse are normalized by the same m at the end.
+    // A row's block max passes m + slack iff some lane's share of it does, so one
+    // vote decides, and the reductions across lanes run only when it says so (the
+    // first block, rarely later): no shuffle chain on the common path.
+    constexpr float RESCALE_SLACK = 8.0f;
+    // (m = -inf: any visible key passes, as -inf + slack = -inf)
+    if (simd_any(bmax[0] > m[0] + RESCALE_SLACK || bmax[1] > m[1] + RESCALE_SLACK)) {
+      float fac[2] = {1.0f, 1.0f};
+      KVQ_UNROLL
+      for (int i = 0; i < 2; i++) {
+        bmax[i] = metal::max(bmax[i], simd_shuffle_xor(bmax[i], 4u));
+        bmax[i] = metal::max(bmax[i], simd_shuffle_xor(bmax[i], 8u));
+        bmax[i] = metal::max(bmax[i], simd_shuffle_xor(bmax[i], 16u));
+        if (bmax[i] > m[i] + RESCALE_SLACK) {
+          fac[i] = metal::exp2(m[i] - bmax[i]);  // 0 when m was -inf
+          m[i] = bmax[i];
+        }
+      }
+      lsum[0] *= fac[0];
+      lsum[1] *= fac[1];
+      KVQ_UNROLL
+      for (int j = 0; j < NJ; j++) {
+        o[j][0] *= fac[0];
+        o[j][1] *= fac[1];
+        o[j][2] *= fac[0];
+        o[j][3] *= fac[1];
+      }
+    }
+    KVQ_UNROLL
+    for (int e = 0; e < 4; e++) {
+      s[e] = m[e & 1] == NEG_INF ? 0.0f : metal::exp2(s[e] - m[e & 1]);
+    }
+    lsum[0] += s[0] + s[2];
+    lsum[1] += s[1] + s[3];
+    // P^T as the B operand: b0 = P[row gr][keys 2tq, 2tq+1], b1 = keys 2tq+8, 2tq+9,
+    // gathered from the lanes holding them (lane 4*key + row/2, fp16 pair of rows)
+    uint pb0, pb1;
+    {
+      const uint u01 = kvq_h2(s[0], s[1]);
+      const uint u23 = kvq_h2(s[2], s[3]);
+      const uint src = uint(8 * tq + (gr >> 1));
+      const uint sh = (gr & 1) ? 16u : 0u;
+      const uint x0 = simd_shuffle(u01, src);
+      const uint x1 = simd_shuffle(u01, src + 4u);
+      const uint x2 = simd_shuffle(u23, src);
+      const uint x3 = simd_shuffle(u23, src + 4u);
+      pb0 = ((x0 >> sh) & 0xFFFFu) | (((x1 >> sh) & 0xFFFFu) << 16);
+      pb1 = ((x2 >> sh) & 0xFFFFu) | (((x3 >> sh) & 0xFFFFu) << 16);
+    }
+
+    // ---- O^T (dims x rows) += V^T P^T; tile j: local dims 2j (a0, a2) and 2j+1 (a1, a3)
+    if (!dns) {
+      const uint sc01 = kvq_h2s(vsc[0], vsc[1]);
+      const uint bi01 = kvq_h2s(vbi[0], vbi[1]);
+      const uint sc23 = kvq_h2s(vsc[2], vsc[3]);
+      const uint bi23 = kvq_h2s(vbi[2], vbi[3]);
+      KVQ_UNROLL
+      for (int j = 0; j < NJ; j++) {
+        const int l0 = 2 * j;
+        const int x = l0 / VCPW;
+        const int q0 = l0 % VCPW;
+        const int k0 = q0 / VCPB, e0 = q0 % VCPB;
+        const int k1 = (q0 + 1) / VCPB, e1 = (q0 + 1) % VCPB;
+        const uint a0 = kvq_h2_deq(((kvq_bytes2(vr[0][x], vr[1][x], k0) >> (e0 * VB)) & VM2) | magic, sc01, bi01);
+        const uint a1 = kvq_h2_deq(((kvq_bytes2(vr[0][x], vr[1][x], k1) >> (e1 * VB)) & VM2) | magic, sc01, bi01);
+        const uint a2 = kvq_h2_deq(((kvq_bytes2(vr[2][x], vr[3][x], k0) >> (e0 * VB)) & VM2) | magic, sc23, bi23);
+        const uint a3 = kvq_h2_deq(((kvq_bytes2(vr[2][x], vr[3][x], k1) >> (e1 * VB)) & VM2) | magic, sc23, bi23);
+        kvq_mma_16816(o[j], a0, a1, a2, a3, pb0, pb1, lane);
       }
     } else {
-      if (!dense) {
-        uint ksc0[LGK], kbi0[LGK], ksc1[LGK], kbi1[LGK];
-        KVQ_UNROLL
-        for (int x = 0; x < LGK; x++) {
-          ksc0[x] = kvq_h2s(ks0f[x], ks0f[x]);
-          kbi0[x] = kvq_h2s(kb0f[x], kb0f[x]);
-          ksc1[x] = kvq_h2s(ks1f[x], ks1f[x]);
-          kbi1[x] = kvq_h2s(kb1f[x], kb1f[x]);
-        }
-        KVQ_UNROLL
-        for (int c = 0; c < NK; c++) {
-          const int x = LGK > 1 ? (KCPW * (c / KKPW)) / GS : 0;
-          const int sh = 2 * (c % KKPW) * KB;
-          const uint w0 = kr0[c / KKPW];
-          const uint w1 = kr1[c / KKPW];
-          const uint a0 = kvq_h2_deq(((w0 >> sh) & KM2) | magic, ksc0[x], kbi0[x]);
-          const uint a2 = kvq_h2_deq(((w0 >> (sh + KB)) & KM2) | magic, ksc0[x], kbi0[x]);
-          const uint a1 = kvq_h2_deq(((w1 >> sh) & KM2) | magic, ksc1[x], kbi1[x]);
-          const uint a3 = kvq_h2_deq(((w1 >> (sh + KB)) & KM2) | magic, ksc1[x], kbi1[x]);
-          kvq_mma_16816(acc[c & 1], a0, a1, a2, a3, qb[c][0], qb[c][1], lane);
-        }
-      } else {
-        const device DT* kp0 = key0 < ns ? sk + size_t(b) * size_t(sk_strides[0]) + size_t(kvh) * size_t(sk_strides[1]) +
-                size_t(key0) * size_t(sk_strides[2])
-                                          : wk + size_t(b) * size_t(wk_strides[0]) + size_t(kvh) * size_t(wk_strides[1]) +
-                size_t(key0 - ns) * size_t(wk_strides[2]);
-        const device DT* kp1 = key1 < ns ? sk + size_t(b) * size_t(sk_strides[0]) + size_t(kvh) * size_t(sk_strides[1]) +
-                size_t(key1) * size_t(sk_strides[2])
-                                          : wk + size_t(b) * size_t(wk_strides[0]) + size_t(kvh) * size_t(wk_strides[1]) +
-                size_t(key1 - ns) * size_t(wk_strides[2]);
-        KVQ_UNROLL
-        for (int c = 0; c < NK; c++) {
-          const int d0 = KVQ_KDIM(c);
-          const uint a0 = kvq_h2(float(kp0[d0]), float(kp0[d0 + KH]));
-          const uint a2 = kvq_h2(float(kp0[d0 + 1]), float(kp0[d0 + 1 + KH]));
-          const uint a1 = kvq_h2(float(kp1[d0]), float(kp1[d0 + KH]));
-          const uint a3 = kvq_h2(float(kp1[d0 + 1]), float(kp1[d0 + 1 + KH]));
-          // (KGP: the fragments hold q / 2^o; back to q, exactly)
-          const int p = 2 * (c % KKPW);
-          const float f0 = float(1 << KVQ_KOFF(p));
-          const float f1 = float(1 << KVQ_KOFF(p + 1));
-          const uint b0 = f0 == 1.0f ? qb[c][0] : kvq_h2(kvq_h2lo(qb[c][0]) * f0, kvq_h2hi(qb[c][0]) * f0);
-          const uint b1 = f1 == 1.0f ? qb[c][1] : kvq_h2(kvq_h2lo(qb[c][1]) * f1, kvq_h2hi(qb[c][1]) * f1);
-          kvq_mma_16816(acc[c & 1], a0, a1, a2, a3, b0, b1, lane);
-        }
+      const device DT* vp[4];
+      KVQ_UNROLL
+      for (int i = 0; i < 4; i++) {
+        vp[i] = vkey[i] < ns
+            ? sv + size_t(b) * size_t(sv_strides[0]) + size_t(kvh) * size_t(sv_strides[1]) + size_t(vkey[i]) * size_t(sv_strides[2])
+            : wv + size_t(b) * size_t(wv_strides[0]) + size_t(kvh) * size_t(wv_strides[1]) +
+                size_t(vkey[i] - ns) * size_t(wv_strides[2]);
       }
       KVQ_UNROLL
-      for (int e = 0; e < 4; e++) {
-        s[e] = acc[0][e] + acc[1][e];
+      for (int j = 0; j < NJ; j++) {
+        const int d = gr * DPL + 2 * j;
+        const uint a0 = kvq_h2(float(vp[0][d]), float(vp[1][d]));
+        const uint a1 = kvq_h2(float(vp[0][d + 1]), float(vp[1][d + 1]));
+        const uint a2 = kvq_h2(float(vp[2][d]), float(vp[3][d]));
+        const uint a3 = kvq_h2(float(vp[2][d + 1]), float(vp[3][d + 1]));
+        kvq_mma_16816(o[j], a0, a1, a2, a3, pb0, pb1, lane);
       }
     }
-  }
-
-  // ---- masking and online softmax (base 2); s[e]: key blk + gr + 8*(e>>1), row 2tq + (e&1)
-  float bmax[2] = {NEG_INF, NEG_INF};
-  KVQ_UNROLL
-  for (int e = 0; e < 4; e++) {
-    const int i = e & 1;
-    const int key = blk + gr + 8 * (e >> 1);
-    const int pos = dense ? (key < ns ? key : key + n) : ns + key;
-    float x = s[e] * qscale;
-    bool vis = key < kend && rok[i];
-    if (CAUSAL) {
-      vis = vis && pos <= rpos[i];
-    }
-    if (MASK != 0) {
-      const size_t mi = size_t(b) * mst0 + size_t(rhead[i]) * mst1 + size_t(rpos[i] - q_start) * mst2 +
-          size_t(vis ? pos : 0) * mst3;
-      const float mv = float(mask[mi]);
-      if (MASK == 1) {
-        vis = vis && mv != 0.0f;
-      } else {
-        x += mv * KVQ_LOG2E;
-      }
-    }
-    x = vis ? x : NEG_INF;
-    s[e] = x;
-    bmax[i] = metal::max(bmax[i], x);
-  }
-  // The running max moves only when a row's block max passes it by more than
-  // RESCALE_SLACK (log2 units): until then probabilities are exp2(s - m) <= 2^8
-  // (fine in fp16), and the 2 * NJ * 2 rescaling multiplies are skipped by the
-  // whole warp.  Exact: out and lse are normalized by the same m at the end.
-  constexpr float RESCALE_SLACK = 8.0f;
-  float fac[2] = {1.0f, 1.0f};
-  bool grow = false;
-  KVQ_UNROLL
-  for (int i = 0; i < 2; i++) {
-    bmax[i] = metal::max(bmax[i], simd_shuffle_xor(bmax[i], 4u));
-    bmax[i] = metal::max(bmax[i], simd_shuffle_xor(bmax[i], 8u));
-    bmax[i] = metal::max(bmax[i], simd_shuffle_xor(bmax[i], 16u));
-    if (bmax[i] > m[i] + RESCALE_SLACK || (m[i] == NEG_INF && bmax[i] != NEG_INF)) {
-      fac[i] = metal::exp2(m[i] - bmax[i]);  // 0 when m was -inf
-      m[i] = bmax[i];
-      grow = true;
-    }
-  }
-  KVQ_UNROLL
-  for (int e = 0; e < 4; e++) {
-    s[e] = m[e & 1] == NEG_INF ? 0.0f : metal::exp2(s[e] - m[e & 1]);
-  }
-  if (simd_any(grow)) {
-    lsum[0] *= fac[0];
-    lsum[1] *= fac[1];
-    KVQ_UNROLL
-    for (int j = 0; j < NJ; j++) {
-      o[j][0] *= fac[0];
-      o[j][1] *= fac[1];
-      o[j][2] *= fac[0];
-      o[j][3] *= fac[1];
-    }
-  }
-  lsum[0] += s[0] + s[2];
-  lsum[1] += s[1] + s[3];
-  // P^T as the B operand: b0 = P[row gr][keys 2tq, 2tq+1], b1 = keys 2tq+8, 2tq+9,
-  // gathered from the lanes holding them (lane 4*key + row/2, fp16 pair of rows)
-  uint pb0, pb1;
-  {
-    const uint u01 = kvq_h2(s[0], s[1]);
-    const uint u23 = kvq_h2(s[2], s[3]);
-    const uint src = uint(8 * tq + (gr >> 1));
-    const uint sh = (gr & 1) ? 16u : 0u;
-    const uint x0 = simd_shuffle(u01, src);
-    const uint x1 = simd_shuffle(u01, src + 4u);
-    const uint x2 = simd_shuffle(u23, src);
-    const uint x3 = simd_shuffle(u23, src + 4u);
-    pb0 = ((x0 >> sh) & 0xFFFFu) | (((x1 >> sh) & 0xFFFFu) << 16);
-    pb1 = ((x2 >> sh) & 0xFFFFu) | (((x3 >> sh) & 0xFFFFu) << 16);
-  }
-
-  // ---- O^T (dims x rows) += V^T P^T; tile j: local dims 2j (a0, a2) and 2j+1 (a1, a3)
-  if (!dense) {
-    const uint sc01 = kvq_h2s(vsc[0], vsc[1]);
-    const uint bi01 = kvq_h2s(vbi[0], vbi[1]);
-    const uint sc23 = kvq_h2s(vsc[2], vsc[3]);
-    const uint bi23 = kvq_h2s(vbi[2], vbi[3]);
-    KVQ_UNROLL
-    for (int j = 0; j < NJ; j++) {
-      const int l0 = 2 * j;
-      const int x = l0 / VCPW;
-      const int q0 = l0 % VCPW;
-      const int k0 = q0 / VCPB, e0 = q0 % VCPB;
-      const int k1 = (q0 + 1) / VCPB, e1 = (q0 + 1) % VCPB;
-      const uint a0 = kvq_h2_deq(((kvq_bytes2(vr[0][x], vr[1][x], k0) >> (e0 * VB)) & VM2) | magic, sc01, bi01);
-      const uint a1 = kvq_h2_deq(((kvq_bytes2(vr[0][x], vr[1][x], k1) >> (e1 * VB)) & VM2) | magic, sc01, bi01);
-      const uint a2 = kvq_h2_deq(((kvq_bytes2(vr[2][x], vr[3][x], k0) >> (e0 * VB)) & VM2) | magic, sc23, bi23);
-      const uint a3 = kvq_h2_deq(((kvq_bytes2(vr[2][x], vr[3][x], k1) >> (e1 * VB)) & VM2) | magic, sc23, bi23);
-      kvq_mma_16816(o[j], a0, a1, a2, a3, pb0, pb1, lane);
-    }
-  } else {
-    const device DT* vp[4];
-    KVQ_UNROLL
-    for (int i = 0; i < 4; i++) {
-      vp[i] = vkey[i] < ns
-          ? sv + size_t(b) * size_t(sv_strides[0]) + size_t(kvh) * size_t(sv_strides[1]) + size_t(vkey[i]) * size_t(sv_strides[2])
-          : wv + size_t(b) * size_t(wv_strides[0]) + size_t(kvh) * size_t(wv_strides[1]) +
-              size_t(vkey[i] - ns) * size_t(wv_strides[2]);
-    }
-    KVQ_UNROLL
-    for (int j = 0; j < NJ; j++) {
-      const int d = gr * DPL + 2 * j;
-      const uint a0 = kvq_h2(float(vp[0][d]), float(vp[1][d]));
-      const uint a1 = kvq_h2(float(vp[0][d + 1]), float(vp[1][d + 1]));
-      const uint a2 = kvq_h2(float(vp[2][d]), float(vp[3][d]));
-      const uint a3 = kvq_h2(float(vp[2][d + 1]), float(vp[3][d + 1]));
-      kvq_mma_16816(o[j], a0, a1, a2, a3, pb0, pb1, lane);
-    }
-  }
-  if (PF > 0 && !dense) {  // shift the prefetched blocks down
-    KVQ_UNROLL
-    for (int x = 0; x < KWL; x++) {
-      kr0[x] = nkr0[x];
-      kr1[x] = nkr1[x];
-      nkr0[x] = fkr0[x];
-      nkr1[x] = fkr1[x];
-    }
-    KVQ_UNROLL
-    for (int x = 0; x < KSG; x++) {
-      ks0f[x] = nks0[x];
-      kb0f[x] = nkb0[x];
-      ks1f[x] = nks1[x];
-      kb1f[x] = nkb1[x];
-      nks0[x] = fks0[x];
-      nkb0[x] = fkb0[x];
-      nks1[x] = fks1[x];
-      nkb1[x] = fkb1[x];
-    }
-    KVQ_UNROLL
-    for (int i = 0; i < 4; i++) {
+    if (PF > 0 && !dns) {  // shift the prefetched blocks down
       KVQ_UNROLL
-      for (int x = 0; x < VWL; x++) {
-        vr[i][x] = nvr[i][x];
-        nvr[i][x] = fvr[i][x];
+      for (int x = 0; x < KWL; x++) {
+        kr0[x] = nkr0[x];
+        kr1[x] = nkr1[x];
+        nkr0[x] = fkr0[x];
+        nkr1[x] = fkr1[x];
       }
-      vsc[i] = nvsc[i];
-      vbi[i] = nvbi[i];
-      nvsc[i] = fvsc[i];
-      nvbi[i] = fvbi[i];
+      KVQ_UNROLL
+      for (int x = 0; x < KSG; x++) {
+        ks0f[x] = nks0[x];
+        kb0f[x] = nkb0[x];
+        ks1f[x] = nks1[x];
+        kb1f[x] = nkb1[x];
+        nks0[x] = fks0[x];
+        nkb0[x] = fkb0[x];
+        nks1[x] = fks1[x];
+        nkb1[x] = fkb1[x];
+      }
+      KVQ_UNROLL
+      for (int i = 0; i < 4; i++) {
+        KVQ_UNROLL
+        for (int x = 0; x < VWL; x++) {
+          vr[i][x] = nvr[i][x];
+          nvr[i][x] = fvr[i][x];
+        }
+        vsc[i] = nvsc[i];
+        vbi[i] = nvbi[i];
+        nvsc[i] = fvsc[i];
+        nvbi[i] = fvbi[i];
+      }
     }
   }
 }
