@@ -421,7 +421,7 @@ def attention_launch(
     KW = D * k_bits // 32
     kvw = 4 if KW % 4 == 0 else 1
     carrier = _carrier(n, int(q_start) - int(k_start))
-    fparams = _const(("scale", float(scale)), lambda: mx.array([scale], dtype=mx.float32))
+    fparams = _const(("scale", float(scale)), lambda: param_array([scale]))
     template = [
         ("T", q.dtype),
         ("S", ks.dtype),
@@ -482,7 +482,16 @@ def _rotation_args(D, rotate, scale):
         scale = scale * D**-0.5
     else:
         signs = _const("signs0", lambda: mx.zeros((1,), dtype=mx.float32))
-    return signs, _const(("scale", float(scale), D), lambda: mx.array([scale, D**-0.5], dtype=mx.float32))
+    return signs, _const(("scale", float(scale), D), lambda: param_array([scale, D**-0.5]))
+
+
+def param_array(values):
+    """float32 launch parameters as an array of at least 32 bytes. MLX's CUDA allocator
+    serves arrays of 8 bytes or less from a small-block pool of managed memory whose pages
+    the host touches, and a kernel's first read from such a page waited for it to migrate:
+    ~10% of a 128k-key decode launch (benchmarks/NOTES_kernels.md, session 8)."""
+    values = [float(v) for v in values]
+    return mx.array(values + [0.0] * max(0, 8 - len(values)), dtype=mx.float32)
 
 
 def rotates_in_kernel(D):
@@ -517,9 +526,10 @@ def packed_attention(
 DECODE_BITS = (2, 4, 8)
 WARPS_PER_CORE = 8  # packed splits: about this many warps per GPU core in all (12: no faster)
 # blocks of keys loaded ahead in registers (sdpa_decode PF): 1 from this many keys per
-# split, else 0. PF=1 takes 229 registers (255 at 8 bits; PF=0 168) and so leaves 8 warps per SM,
-# which is what the grid has (WARPS_PER_CORE); a model's layers run one launch at a time,
-# and there, on the H100, PF=1 was 1.17x faster at 128k keys and PF=0 at 4k-16k.
+# split, else 0. PF=1 takes 168 registers (206 at 8 bits; PF=0 162); the grid has 8 warps
+# per SM (WARPS_PER_CORE; 12, which 168 registers allow, was no faster, nor was PF=2);
+# a model's layers run one launch at a time, and there, on the H100, PF=1 was 1.17x
+# faster at 128k keys and PF=0 at 4k-16k.
 DECODE_PF_MIN_KEYS = 192
 
 
@@ -632,7 +642,7 @@ def decode_launch(
     if merge and st.merge is not None and getattr(launch, "fused_merge", False):
         # the tile counters: fresh zeros per launch (one op). A workspace kept across
         # launches raced: MLX's CUDA graphs run launches with no data dependency at once.
-        ws = mx.zeros((st.tiles,), dtype=mx.uint32)
+        ws = mx.zeros((max(st.tiles, 8),), dtype=mx.uint32)  # (not from the small pool: param_array)
         return tuple(launch("sdpa_decode_fused", inputs + [ws], *st.fused)[2:4])
     out, lse = launch("sdpa_decode", inputs, *st.decode)
     if not merge:

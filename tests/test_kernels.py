@@ -923,6 +923,20 @@ def test_cuda_launcher_includes_the_source_files():
 FUSED_CASES = VIEW_CASES[:3] + VIEW_CASES[4:5] + ROTATION_CASES[:2]
 
 
+def test_launch_parameters_are_not_small_arrays():
+    """The float parameters the kernels read come in arrays of more than 8 bytes, which
+    MLX's CUDA allocator serves from a small-block pool whose pages the host touches
+    (a kernel's first read then waited for the page: see kernels.param_array)."""
+    p = kernels.param_array([0.25])
+    assert p.nbytes >= 32 and p.dtype == mx.float32 and p[0].item() == 0.25
+    assert kernels.param_array(range(9)).tolist() == list(range(9))
+    for rotate in (False, True):
+        signs, fp = kernels._rotation_args(128, rotate, 0.5)
+        assert fp.nbytes >= 32
+        assert fp[0].item() == pytest.approx(0.5 / math.sqrt(128) if rotate else 0.5)
+        assert fp[1].item() == pytest.approx(1 / math.sqrt(128))
+
+
 def test_decode_plan_follows_warps_per_core(emu, monkeypatch):
     """The memoized launch setup must not keep a split plan made for another
     WARPS_PER_CORE (benchmarks sweep it): more warps per core, more partials."""
