@@ -34,14 +34,14 @@
 //   softmax: fp32, base 2, online; lane (gr, tq) holds rows 2tq, 2tq+1 of
 //     keys gr, gr+8 (sums stay per lane); the running max moves only by more than
 //     a slack, which one vote detects (three shuffles for a row max only then).
-// The block loop is written once and compiled twice, for the packed warps and
-// the dense one (a constant flag in each), so that its registers are those of
-// the larger of the two loops, not of both joined.
 //   O^T (D x 8 rows) += V^T P^T: D/16 tiles; lane (gr, tq) loads the words of
 //     dims [gr*D/8, (gr+1)*D/8) of keys 2tq, 2tq+1, 2tq+8, 2tq+9 and pairs the
 //     same byte of two keys (kvq_bytes2), so that one fp16 pair holds one dim
 //     of two keys, as the A fragment wants.  P^T (B operand) is gathered from
 //     the score lanes with four shuffles.
+// The block loop is written once and compiled twice, for the packed warps and
+// the dense one (a constant flag in each), so that its registers are those of
+// the larger of the two loops, not of both joined.
 //
 // Template: T (query dtype), S (scale dtype), DT (sinks/window dtype), MT (mask
 // dtype), D, KB, VB (2, 4 or 8), GS, MASK (0 none, 1 bool keep, 2 additive),
@@ -386,7 +386,6 @@ for (int ph = 0; ph < 2; ph++) {
                                             : wk + size_t(b) * size_t(wk_strides[0]) + size_t(kvh) * size_t(wk_strides[1]) +
                   size_t(key1 - ns) * size_t(wk_strides[2]);
           const KVQ_TGP(float) qd = q_tg + gr * D;
-          constexpr bool qb_dense = KGP && KNPB > 1;  // (else qb holds exactly these)
           KVQ_UNROLL
           for (int c = 0; c < NK; c++) {
             const int d0 = KVQ_KDIM(c);
@@ -394,10 +393,10 @@ for (int ph = 0; ph < 2; ph++) {
             const uint a2 = kvq_h2(float(kp0[d0 + 1]), float(kp0[d0 + 1 + KH]));
             const uint a1 = kvq_h2(float(kp1[d0]), float(kp1[d0 + KH]));
             const uint a3 = kvq_h2(float(kp1[d0 + 1]), float(kp1[d0 + 1 + KH]));
-            // (the query fragments as the prologue builds them, but not divided by 2^o: read
-            // again from q_tg, which holds the rows until the end -- no registers held for them)
-            const uint b0 = qb_dense ? kvq_h2(qd[d0], qd[d0 + KH]) : qb[c][0];
-            const uint b1 = qb_dense ? kvq_h2(qd[d0 + 1], qd[d0 + 1 + KH]) : qb[c][1];
+            // (the query fragments as the prologue builds them, but never divided by 2^o:
+            // read again from q_tg, which holds the rows until the end)
+            const uint b0 = kvq_h2(qd[d0], qd[d0 + KH]);
+            const uint b1 = kvq_h2(qd[d0 + 1], qd[d0 + 1 + KH]);
             kvq_mma_16816(acc[c & 1], a0, a1, a2, a3, b0, b1, lane);
           }
         }

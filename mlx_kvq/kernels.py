@@ -485,13 +485,17 @@ def _rotation_args(D, rotate, scale):
     return signs, _const(("scale", float(scale), D), lambda: param_array([scale, D**-0.5]))
 
 
+# MLX's CUDA allocator serves arrays of 8 bytes or less from a small-block pool of managed
+# memory whose pages the host touches, and a kernel's first read from such a page waited
+# for it to migrate: ~10% of a 128k-key decode launch (benchmarks/NOTES_kernels.md,
+# session 8). Small arrays the kernels read are padded to this many 4-byte words.
+MIN_KERNEL_WORDS = 8
+
+
 def param_array(values):
-    """float32 launch parameters as an array of at least 32 bytes. MLX's CUDA allocator
-    serves arrays of 8 bytes or less from a small-block pool of managed memory whose pages
-    the host touches, and a kernel's first read from such a page waited for it to migrate:
-    ~10% of a 128k-key decode launch (benchmarks/NOTES_kernels.md, session 8)."""
+    """float32 launch parameters as an array of at least MIN_KERNEL_WORDS words."""
     values = [float(v) for v in values]
-    return mx.array(values + [0.0] * max(0, 8 - len(values)), dtype=mx.float32)
+    return mx.array(values + [0.0] * max(0, MIN_KERNEL_WORDS - len(values)), dtype=mx.float32)
 
 
 def rotates_in_kernel(D):
@@ -642,7 +646,7 @@ def decode_launch(
     if merge and st.merge is not None and getattr(launch, "fused_merge", False):
         # the tile counters: fresh zeros per launch (one op). A workspace kept across
         # launches raced: MLX's CUDA graphs run launches with no data dependency at once.
-        ws = mx.zeros((max(st.tiles, 8),), dtype=mx.uint32)  # (not from the small pool: param_array)
+        ws = mx.zeros((max(st.tiles, MIN_KERNEL_WORDS),), dtype=mx.uint32)
         return tuple(launch("sdpa_decode_fused", inputs + [ws], *st.fused)[2:4])
     out, lse = launch("sdpa_decode", inputs, *st.decode)
     if not merge:
