@@ -201,7 +201,7 @@ KVQ_FUNC void kvq_fwht_lanes(thread float* acc, uint lane) {
 // 1 / sqrt(D), D a power of two >= 32).  CG: read the partials through L2
 // (kvq_load_cg: they were written by other threadgroups of the same launch).
 // The max and the sum of the lse run across lanes; the weighted sum of the
-// partials takes 4 splits per step, so that their loads are in flight together
+// partials takes up to 16 splits per step, so that their loads are in flight together
 // (a merge's time is the latency of these loads: it is the tail of a decode).
 template <bool CG>
 KVQ_FUNC float kvq_ld(const device float* p, size_t i) {
@@ -226,7 +226,9 @@ KVQ_FUNC void kvq_merge_row(const device float* o_part, const device float* lse_
   // lane holds dims [lane * E, lane * E + E) with ROTO (the layout of kvq_fwht_lanes),
   // dims lane + 32 * e otherwise
   constexpr int E = D / 32 > 0 ? D / 32 : 1;
-  constexpr int SU = 4;  // splits per step
+  // splits per step: their loads are issued together (64 floats per lane in flight);
+  // the last step's missing splits weigh 0
+  constexpr int SU = 64 / E < 16 ? 64 / E : 16;
   float acc[E];
   KVQ_UNROLL
   for (int e = 0; e < E; e++) {
@@ -235,34 +237,27 @@ KVQ_FUNC void kvq_merge_row(const device float* o_part, const device float* lse_
   const int dl = ROTO ? int(lane) * E : int(lane);
   const int de = ROTO ? 1 : 32;
   if (mx != -INFINITY && D % 32 == 0) {  // (ROTO has D a power of two >= 32)
-    int s = 0;
-    for (; s + SU <= nsplit; s += SU) {
+    const float rden = 1.0f / den;
+    for (int s = 0; s < nsplit; s += SU) {
       float w[SU];
       float x[SU][E];
       KVQ_UNROLL
       for (int u = 0; u < SU; u++) {
-        const size_t ls = size_t(s + u) * rows + row;
-        w[u] = kvq_ld<CG>(lse_part, ls);
+        const bool ok = s + u < nsplit;
+        const size_t ls = size_t(ok ? s + u : s) * rows + row;
+        w[u] = ok ? kvq_ld<CG>(lse_part, ls) : -INFINITY;
         KVQ_UNROLL
         for (int e = 0; e < E; e++) {
-          x[u][e] = kvq_ld<CG>(o_part, ls * D + dl + e * de);
+          x[u][e] = ok ? kvq_ld<CG>(o_part, ls * D + dl + e * de) : 0.0f;
         }
       }
       KVQ_UNROLL
       for (int u = 0; u < SU; u++) {
-        const float wu = metal::exp(w[u] - mx) / den;
+        const float wu = metal::exp(w[u] - mx) * rden;
         KVQ_UNROLL
         for (int e = 0; e < E; e++) {
           acc[e] += wu * x[u][e];
         }
-      }
-    }
-    for (; s < nsplit; s++) {
-      const size_t ls = size_t(s) * rows + row;
-      const float wu = metal::exp(kvq_ld<CG>(lse_part, ls) - mx) / den;
-      KVQ_UNROLL
-      for (int e = 0; e < E; e++) {
-        acc[e] += wu * kvq_ld<CG>(o_part, ls * D + dl + e * de);
       }
     }
   }

@@ -677,6 +677,21 @@ def test_decode_view_emulated(emu, case):
             run_view(emu, q, kp, vp, n, sinks, window, k_bits=kb, v_bits=vb, group_size=gs, nsplit=nsplit, pf=pf, nsg=1)
 
 
+@pytest.mark.parametrize("D, nsplit", [(128, 40), (256, 20)])
+def test_decode_merge_many_partials(emu, D, nsplit):
+    """More partials than the merge takes per step (16 at D=128, 8 at D=256), and a last
+    step with missing splits (which must weigh 0); 16 keys per split, so that no partial
+    is empty (an empty one weighs 0 whatever the merge does)."""
+    n = 16 * nsplit
+    q, kp, vp, sinks, window = make_view(
+        1, 1, 4, 1, D, n, 0, 5, k_bits=4, v_bits=4, group_size=64, dtype=mx.float16, seed=n)
+    run_view(emu, q, kp, vp, n, sinks, window, k_bits=4, v_bits=4, group_size=64, nsplit=nsplit, nsg=1)
+    name, _, grid, tg = emu.launches[-2]
+    parts = grid[0] // tg[0]
+    assert name == "sdpa_decode" and emu.launches[-1][0] == "sdpa_merge"
+    assert parts == nsplit + 1 and parts % (16 if D == 128 else 8) != 0
+
+
 ROTATION_CASES = [
     # D, k_bits, v_bits, gs, dtype, B, Hkv, rep, L, n, ns, nw, nsplit
     (128, 4, 4, 64, mx.float16, 1, 2, 4, 1, 150, 4, 20, 3),
