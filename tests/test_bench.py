@@ -168,3 +168,37 @@ def test_plot_without_matplotlib_says_how_to_install(tmp_path, monkeypatch):
     with pytest.raises(ImportError, match="pip install matplotlib"):
         report.require_matplotlib()
     assert not (tmp_path / "p.png").exists()
+
+
+# --- benchmarks/decode_bounds.py (the decode kernel cut down for timing) -------------------------
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"kvq_{name}", ROOT / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_decode_bounds_cuts_apply_to_the_kernel():
+    bounds = _load("decode_bounds")
+    src = (ROOT / "metal" / "sdpa_decode.metal").read_text()
+    texts = {name: bounds.cut(src, *v) for name, v in bounds.VARIANTS.items()}
+    assert texts["full"].startswith("#define KVQ_CUT 0\n")
+    assert texts["loads"].startswith("#define KVQ_CUT 1\n")
+    assert "blk += kstep)" in texts["interleaved"] and "blk += 16)" not in texts["interleaved"]
+    assert "blk += 16)" in texts["full"]
+    for old in bounds._SCALE_LOADS:
+        assert old in texts["loads"] and old not in texts["loads_noscales"]
+    assert len(set(texts.values())) == len(texts)
+    with pytest.raises(AssertionError, match="sdpa_decode.metal changed"):
+        bounds.cut(src.replace("blk += 16)", "blk += 32)"), 0, True, False)
+
+
+def test_decode_bounds_writes_one_tree_per_variant(tmp_path):
+    bounds = _load("decode_bounds")
+    trees = bounds.write_trees(tmp_path)
+    assert set(trees) == set(bounds.VARIANTS)
+    for name, d in trees.items():
+        assert (d / "mlx_kvq" / "kernels.py").is_file() and not (d / "benchmarks" / "results").exists()
+        assert (d / "metal" / "sdpa_decode.metal").read_text().startswith(f"#define KVQ_CUT {bounds.VARIANTS[name][0]}\n")
