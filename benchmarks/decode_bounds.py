@@ -102,12 +102,13 @@ def cut(text, mode, interleaved, noscales):
     return t
 
 
-def write_trees(out):
-    """One tree per variant under ``out`` (copies of this checkout's package, kernels,
-    benchmarks and tests); returns {name: path}."""
+def write_trees(out, names):
+    """One tree per variant of ``names`` under ``out`` (copies of this checkout's package,
+    kernels, benchmarks and tests); returns {name: path}."""
     src = (ROOT / "metal" / "sdpa_decode.metal").read_text()
     trees = {}
-    for name, (mode, inter, nosc) in VARIANTS.items():
+    for name in names:
+        mode, inter, nosc = VARIANTS[name]
         d = Path(out) / name
         shutil.rmtree(d, ignore_errors=True)
         for part in ("mlx_kvq", "metal", "benchmarks", "tests"):
@@ -125,11 +126,11 @@ def main(argv=None):
     p.add_argument("--sizes", default="131072")
     p.add_argument("--only", default="", help="comma list of variant names (default: all)")
     args = p.parse_args(argv)
-    trees = write_trees(args.out)
-    names = [n for n in (args.only.split(",") if args.only else VARIANTS)]
+    names = args.only.split(",") if args.only else list(VARIANTS)
     for name in names:
-        if name not in trees:
+        if name not in VARIANTS:
             raise SystemExit(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}")
+    trees = write_trees(args.out, names)
     print(f"trees in {args.out}: {', '.join(names)}", flush=True)
     if not args.run:
         return 0

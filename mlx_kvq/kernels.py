@@ -646,7 +646,7 @@ def decode_launch(
     if merge and st.merge is not None and getattr(launch, "fused_merge", False):
         # the tile counters: fresh zeros per launch (one op). A workspace kept across
         # launches raced: MLX's CUDA graphs run launches with no data dependency at once.
-        ws = mx.zeros((max(st.tiles, MIN_KERNEL_WORDS),), dtype=mx.uint32)
+        ws = mx.zeros((st.counters,), dtype=mx.uint32)
         return tuple(launch("sdpa_decode_fused", inputs + [ws], *st.fused)[2:4])
     out, lse = launch("sdpa_decode", inputs, *st.decode)
     if not merge:
@@ -717,7 +717,7 @@ def _decode_setup(q, k_packed, v_packed, n, sinks, window, ns, nw, k_bits, v_bit
             t + [("OT", out_dtype), ("ROTO", bool(rotate_out))], grid, tg,
             shapes + [(B, Hq, L, D), (B, Hq, L)], dtypes + [out_dtype, mx.float32],
         )
-        st.tiles = B * Hkv * tiles
+        st.counters = max(B * Hkv * tiles, MIN_KERNEL_WORDS)  # one per row tile, padded
     return st
 
 

@@ -18,14 +18,15 @@ from mlx_kvq import bench
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_report():
-    spec = importlib.util.spec_from_file_location("kvq_bench_report", ROOT / "benchmarks" / "report.py")
+def _load(name):
+    """A script of benchmarks/ as a module (benchmarks/ is not a package on the path)."""
+    spec = importlib.util.spec_from_file_location(f"kvq_bench_{name}", ROOT / "benchmarks" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
 
 
-report = _load_report()
+report = _load("report")
 
 
 def _python(*args):
@@ -173,13 +174,6 @@ def test_plot_without_matplotlib_says_how_to_install(tmp_path, monkeypatch):
 # --- benchmarks/decode_bounds.py (the decode kernel cut down for timing) -------------------------
 
 
-def _load(name):
-    spec = importlib.util.spec_from_file_location(f"kvq_{name}", ROOT / "benchmarks" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_decode_bounds_cuts_apply_to_the_kernel():
     bounds = _load("decode_bounds")
     src = (ROOT / "metal" / "sdpa_decode.metal").read_text()
@@ -197,7 +191,7 @@ def test_decode_bounds_cuts_apply_to_the_kernel():
 
 def test_decode_bounds_writes_one_tree_per_variant(tmp_path):
     bounds = _load("decode_bounds")
-    trees = bounds.write_trees(tmp_path)
+    trees = bounds.write_trees(tmp_path, list(bounds.VARIANTS))
     assert set(trees) == set(bounds.VARIANTS)
     for name, d in trees.items():
         assert (d / "mlx_kvq" / "kernels.py").is_file() and not (d / "benchmarks" / "results").exists()
