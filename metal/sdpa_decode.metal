@@ -300,12 +300,6 @@ for (int ph = 0; ph < 2; ph++) {
     continue;
   }
   for (int blk = kbeg; blk < kend; blk += 16) {
-    const int klast = kend - 1;
-    int vkey[4];
-    vkey[0] = metal::min(blk + 2 * tq, klast);
-    vkey[1] = metal::min(blk + 2 * tq + 1, klast);
-    vkey[2] = metal::min(blk + 2 * tq + 8, klast);
-    vkey[3] = metal::min(blk + 2 * tq + 9, klast);
     if (!dns) {
       if (PF > 1) {
         KVQ_LOAD_BLOCK(blk + 32, fkr0, fkr1, fks0, fkb0, fks1, fkb1, fvr, fvsc, fvbi);
@@ -324,8 +318,6 @@ for (int ph = 0; ph < 2; ph++) {
       for (int h = 0; h < NCH; h++) {
         acc[h][0] = acc[h][1] = acc[h][2] = acc[h][3] = 0.0f;
       }
-      const int key0 = metal::min(blk + gr, klast);
-      const int key1 = metal::min(blk + gr + 8, klast);
       if (!dns && KGP) {
         KVQ_UNROLL
         for (int c = 0; c < NK; c++) {
@@ -376,7 +368,9 @@ for (int ph = 0; ph < 2; ph++) {
             const uint a3 = kvq_h2_deq(((w1 >> (sh + KB)) & KM2) | magic, ksc1[x], kbi1[x]);
             kvq_mma_16816(acc[c & 1], a0, a1, a2, a3, qb[c][0], qb[c][1], lane);
           }
-        } else {
+        } else {  // the dense warp: keys blk + gr, blk + gr + 8 (clamped) of sinks | window
+          const int key0 = metal::min(blk + gr, kend - 1);
+          const int key1 = metal::min(blk + gr + 8, kend - 1);
           const device DT* kp0 = key0 < ns ? sk + size_t(b) * size_t(sk_strides[0]) + size_t(kvh) * size_t(sk_strides[1]) +
                   size_t(key0) * size_t(sk_strides[2])
                                             : wk + size_t(b) * size_t(wk_strides[0]) + size_t(kvh) * size_t(wk_strides[1]) +
@@ -508,11 +502,12 @@ for (int ph = 0; ph < 2; ph++) {
     } else {
       const device DT* vp[4];
       KVQ_UNROLL
-      for (int i = 0; i < 4; i++) {
-        vp[i] = vkey[i] < ns
-            ? sv + size_t(b) * size_t(sv_strides[0]) + size_t(kvh) * size_t(sv_strides[1]) + size_t(vkey[i]) * size_t(sv_strides[2])
+      for (int i = 0; i < 4; i++) {  // keys blk + 2tq, +1, +8, +9 (clamped), as the packed loads
+        const int vk = metal::min(blk + 2 * tq + (i & 1) + 8 * (i >> 1), kend - 1);
+        vp[i] = vk < ns
+            ? sv + size_t(b) * size_t(sv_strides[0]) + size_t(kvh) * size_t(sv_strides[1]) + size_t(vk) * size_t(sv_strides[2])
             : wv + size_t(b) * size_t(wv_strides[0]) + size_t(kvh) * size_t(wv_strides[1]) +
-                size_t(vkey[i] - ns) * size_t(wv_strides[2]);
+                size_t(vk - ns) * size_t(wv_strides[2]);
       }
       KVQ_UNROLL
       for (int j = 0; j < NJ; j++) {
