@@ -97,7 +97,7 @@ def check(args):
         kw = dict(k_bits=kb, v_bits=vb, group_size=gs, mode=mode, scale=D**-0.5,
                   q_start=n - L, k_start=0, causal=causal, mask=mask)
         assert kernels.supports(q, kp, vp, kb, vb, gs, mode, mask), name
-        out, lse = kernels.attention_launch(kernels._launcher(), q, kp, vp, n, nsplit=nsplit, **kw)
+        out, lse = kernels.attention_launch(kernels.launcher(), q, kp, vp, n, nsplit=nsplit, **kw)
         with mx.stream(mx.cpu):  # fp32 on the CPU: no TF32 in the reference
             ro, rl = reference_attention(q, kp, vp, n, **kw)
         mx.eval(out, lse, ro, rl)
@@ -107,8 +107,8 @@ def check(args):
         le = float(mx.max(mx.abs(lse - rl)))
         good = (not nan) and e < 1e-3 and le < 1e-3
         ok &= good
-        plan = kernels._plan(B, Hkv, rep, L, D, n, None, nsplit)
-        vpf = kernels.DEFAULT_VPF and kernels._vpf_ok(vb, D)
+        plan = kernels.plan(B, Hkv, rep, L, D, n, None, nsplit)
+        vpf = kernels.packed.DEFAULT_VPF and kernels.packed.vpf_ok(vb, D)
         rows.append((name + (" pf" if vpf else ""), e, le, plan[5], "ok" if good else "FAIL"))
     # quantize-append: bit-identical to mx.quantize on this backend
     qrows = []
@@ -120,7 +120,7 @@ def check(args):
                 x = mx.concatenate([x, -mx.abs(x[:, :, :1]), mx.full((2, 8, 1, 128), 0.25, dt)], 2)
                 if args.emu and (bits, gs) != (4, 64):
                     continue
-                got = kernels.quantize_launch(kernels._launcher(), x, bits=bits, group_size=gs, flavor=1)
+                got = kernels.quantize_launch(kernels.launcher(), x, bits=bits, group_size=gs, flavor=1)
                 want = mx.quantize(x, group_size=gs, bits=bits)
                 mism = 0
                 for a, b in zip(got, want):
@@ -152,7 +152,7 @@ def check(args):
 
 def sanitize():
     """Small launches of every kernel, for compute-sanitizer (memcheck/racecheck)."""
-    L_ = kernels._launcher()
+    L_ = kernels.launcher()
     for (B, Hkv, rep, L, D, n, kb, vb, gs, mode, nsplit, mk) in [
         (1, 2, 4, 1, 128, 300, 4, 4, 64, "affine", None, None),
         (2, 1, 2, 3, 64, 301, 3, 8, 32, "affine", 3, "bool"),
@@ -206,7 +206,7 @@ def overhead(args):
     """Where the fixed per-call cost comes from (CUDA): a trivial kernel fed
     (a) a params array made from a Python list each call, (b) a cached one,
     (c) the ints carried in the shape of a broadcast view (no buffer at all)."""
-    be = kernels._backend()
+    be = kernels.backend_name()
     mk = mx.fast.cuda_kernel if be == "cuda" else mx.fast.metal_kernel
     src = "if (threadgroup_position_in_grid.x == 0 && thread_index_in_threadgroup == 0) out[0] = float(params[0]) + x[0];"
     src_shape = "if (threadgroup_position_in_grid.x == 0 && thread_index_in_threadgroup == 0) out[0] = float(carrier_shape[0] + carrier_shape[3]) + x[0];"
@@ -252,7 +252,7 @@ def ncu_target(bits):
     q, kp, vp = make(B, Hkv, rep, 1, D, n, bits, bits, 64, "affine", mx.float16, seed=1)
     for _ in range(4):
         out = kernels.attention_launch(
-            kernels._launcher(), q, kp, vp, n, k_bits=bits, v_bits=bits, group_size=64,
+            kernels.launcher(), q, kp, vp, n, k_bits=bits, v_bits=bits, group_size=64,
             mode="affine", scale=D**-0.5, q_start=n - 1, k_start=0, causal=True)
         mx.eval(out)
     mx.synchronize()
@@ -264,7 +264,7 @@ def ncu_decode_target(bits):
     q, kp, vp = make(B, Hkv, rep, 1, D, n, bits, bits, 64, "affine", mx.float16, seed=1)
     for _ in range(4):
         out = kernels.decode_launch(
-            kernels._launcher(), q, kp, vp, n, None, None, k_bits=bits, v_bits=bits, group_size=64,
+            kernels.launcher(), q, kp, vp, n, None, None, k_bits=bits, v_bits=bits, group_size=64,
             scale=D**-0.5, q_start=n - 1, causal=True)
         mx.eval(out)
     mx.synchronize()
@@ -274,8 +274,7 @@ def decode_variants(args, sizes):
     """GPU-bound ms of the decode kernel (+ merge) for launch variants "nsg:pf:wpc"
     (warps per threadgroup, blocks loaded ahead, warps per GPU core), 4- and 8-bit g64."""
     B, Hkv, rep, D = 1, 8, 4, 128
-    L_ = kernels._launcher()
-    wpc0 = kernels.WARPS_PER_CORE
+    L_ = kernels.launcher()
     variants = [tuple(int(x) for x in v.split(":")) for v in args.variants.split(",")]
     print(f"\n== decode variants, GPU-bound ms (graphs built first), Hq=32 Hkv=8 D=128 ==")
     for n in sizes:
@@ -284,14 +283,12 @@ def decode_variants(args, sizes):
             q0, kp, vp = make(B, Hkv, rep, 1, D, n, bits, bits, 64, "affine", mx.float16, seed=1)
             line = []
             for nsg, pf, wpc in variants:
-                kernels.WARPS_PER_CORE = wpc
                 kw = dict(k_bits=bits, v_bits=bits, group_size=64, scale=D**-0.5, q_start=n - 1, causal=True,
-                          nsg=nsg, pf=pf, rotate_q=args.rotq, rotate_out=args.rotq)
+                          nsg=nsg, pf=pf, rotate_q=args.rotq, rotate_out=args.rotq, warps_per_core=wpc)
                 t, _ = timeit(lambda q: kernels.decode_launch(L_, q, kp, vp, n, None, None, **kw), qs,
                               args.reps, args.inner, prebuilt=True)
                 line.append(f"{nsg}:{pf}:{wpc} {t:.4f}")
             print(f"{n:7d} {bits}-bit{' rot' if args.rotq else ''}  sdpa {args.sdpa_prebuilt:.4f} | " + "  ".join(line), flush=True)
-    kernels.WARPS_PER_CORE = wpc0
 
 
 def decode_parts(args):
@@ -305,13 +302,12 @@ def decode_parts_bits(args, B, Hkv, rep, D, n, bits):
     q, kp, vp = make(B, Hkv, rep, 1, D, n, bits, bits, 64, "affine", mx.float16, seed=1)
     qs = [q] + [mx.random.normal(q.shape).astype(mx.float16) for _ in range(3)]
     mx.eval(qs)
-    L_ = kernels._launcher()
-    wpc0 = kernels.WARPS_PER_CORE
+    L_ = kernels.launcher()
     print(f"\n== 128k keys, {bits}-bit g64: decode kernel alone / merge alone (ms) ==")
     for nsg, wpc, pf in [(4, 8, 0), (4, 8, 1), (4, 8, 2), (4, 16, 2), (2, 8, 2), (4, 12, 1)]:
         if True:
-            kernels.WARPS_PER_CORE = wpc
-            kw = dict(k_bits=bits, v_bits=bits, group_size=64, scale=D**-0.5, q_start=n - 1, causal=True, nsg=nsg, pf=pf)
+            kw = dict(k_bits=bits, v_bits=bits, group_size=64, scale=D**-0.5, q_start=n - 1, causal=True, nsg=nsg, pf=pf,
+                      warps_per_core=wpc)
             t_dec, _ = timeit(lambda q: kernels.decode_launch(L_, q, kp, vp, n, None, None, merge=False, **kw),
                               qs, args.reps, args.inner)
             o, l = kernels.decode_launch(L_, q, kp, vp, n, None, None, merge=False, **kw)
@@ -322,7 +318,6 @@ def decode_parts_bits(args, B, Hkv, rep, D, n, bits):
                               qs, args.reps, args.inner)
             print(f"{bits}-bit pf {int(pf)} nsg {nsg} warps/core {wpc:2d} partials {o.shape[0]:4d}: decode {t_dec:.4f} merge {t_merge:.4f} "
                   f"both {t_all:.4f}")
-    kernels.WARPS_PER_CORE = wpc0
 
 
 def timeit(fn, qs, reps, inner, prebuilt=False):
@@ -371,10 +366,9 @@ def decode_chain(args, sizes):
     ``--chain-parts``, 4-bit with rotations taken apart: the two-launch merge, the
     decode kernel alone (no merge; the next query is partial 0), PF=0 and PF=1."""
     B, Hkv, rep, D = 1, 8, 4, 128
-    L_ = kernels._launcher()
+    L_ = kernels.launcher()
     two = copy.copy(L_)  # the same kernels, the merge as a second launch
     two.fused_merge = False
-    wpc0 = kernels.WARPS_PER_CORE
     print("\n== chained decode calls (each query = the previous output), GPU-bound ms per call ==")
     for n in sizes:
         mx.random.seed(n)
@@ -385,7 +379,6 @@ def decode_chain(args, sizes):
         t16 = timeit_chain(lambda q: mx.fast.scaled_dot_product_attention(q, kf, vf, scale=D**-0.5), q0,
                            args.reps, args.inner)
         for wpc in args.wpc:
-            kernels.WARPS_PER_CORE = wpc
             line = [f"{n:7d} keys, {wpc:2d} warps/core: fp16 sdpa {t16:.4f}"]
             for bits in (4, 8):
                 _, kp, vp = make(B, Hkv, rep, 1, D, n, bits, bits, 64, "affine", mx.float16, seed=1)
@@ -398,7 +391,7 @@ def decode_chain(args, sizes):
                                        (f"{bits}b PF=1", dict(rotate_q=True, rotate_out=True, pf=1))]
                 for label, extra in runs:
                     kw = dict(k_bits=bits, v_bits=bits, group_size=64, scale=D**-0.5, q_start=n - 1, causal=True,
-                              out_dtype=mx.float16, **{"pf": args.pf, **extra})
+                              out_dtype=mx.float16, warps_per_core=wpc, **{"pf": args.pf, **extra})
                     launch = L_ if kw.pop("fused", True) else two
 
                     def fn(q):
@@ -407,7 +400,6 @@ def decode_chain(args, sizes):
                     t = timeit_chain(fn, q0, args.reps, args.inner)
                     line.append(f"{label} {t:.4f} ({t16 / t:.2f}x)")
             print("  ".join(line), flush=True)
-    kernels.WARPS_PER_CORE = wpc0
 
 
 def packed_bytes(kp, vp, n):
@@ -451,13 +443,13 @@ def bench(args, sizes, configs, variants=None):
                 t_deq, _ = timeit(deq_sdpa, qs, args.reps, args.inner)
             for var in (variants or [dict()]):
                 fn = lambda q: kernels.attention_launch(
-                    kernels._launcher(), q, kp, vp, n, k_bits=kb, v_bits=vb, group_size=gs,
+                    kernels.launcher(), q, kp, vp, n, k_bits=kb, v_bits=vb, group_size=gs,
                     mode="affine", scale=D**-0.5, q_start=n - 1, k_start=0, causal=True, **var,
                 )
                 t, spread = timeit(fn, qs, args.reps, args.inner)
-                plan = kernels._plan(B, Hkv, rep, L, D, n, var.get("nsg"), var.get("nsplit"))
-                res.append(dict(n=n, cfg=f"{kb}/{vb} g{gs}", var=var, ms=t, spread=spread, vu=var.get("vu", kernels.DEFAULT_VU),
-                                vpf=int(bool(var.get("vpf", kernels.DEFAULT_VPF))),
+                plan = kernels.plan(B, Hkv, rep, L, D, n, var.get("nsg"), var.get("nsplit"))
+                res.append(dict(n=n, cfg=f"{kb}/{vb} g{gs}", var=var, ms=t, spread=spread, vu=var.get("vu", kernels.packed.DEFAULT_VU),
+                                vpf=int(bool(var.get("vpf", kernels.packed.DEFAULT_VPF))),
                                 sdpa=t_sdpa, bw=nbytes / (t * 1e-3), nsplit=plan[5], nsg=plan[2],
                                 deq=t_deq))
     return res
@@ -472,8 +464,7 @@ def bench_decode(args, sizes, configs):
     from test_kernels import make_view, view_reference
 
     B, Hkv, rep, L, D = 1, 8, 4, 1, 128
-    L_ = kernels._launcher()
-    wpc0 = kernels.WARPS_PER_CORE
+    L_ = kernels.launcher()
     rows = []
     for n in sizes:
         qs, t_sdpa = fp16_baseline(args, B, Hkv, rep, L, D, n)
@@ -493,19 +484,18 @@ def bench_decode(args, sizes, configs):
                 L_, q, kp, vp, n, **fmt, mode="affine", scale=D**-0.5, q_start=n - 1, k_start=0, causal=True)
             t_old, _ = timeit(old, qs, args.reps, args.inner)
             for wpc in args.wpc:
-                kernels.WARPS_PER_CORE = wpc
                 new = lambda q: kernels.decode_launch(
-                    L_, q, kp, vp, n, None, None, **fmt, scale=D**-0.5, q_start=n - 1, causal=True)
+                    L_, q, kp, vp, n, None, None, **fmt, scale=D**-0.5, q_start=n - 1, causal=True, warps_per_core=wpc)
                 t_new, spread = timeit(new, qs, args.reps, args.inner)
                 view = lambda q: kernels.decode_launch(
-                    L_, q, kp, vp, n, sinks, window, **fmt, scale=D**-0.5, q_start=n + 51, causal=True)
+                    L_, q, kp, vp, n, sinks, window, **fmt, scale=D**-0.5, q_start=n + 51, causal=True,
+                    warps_per_core=wpc)
                 t_view, _ = timeit(view, qs, args.reps, args.inner)
                 t_gpu, _ = timeit(new, qs, args.reps, args.inner, prebuilt=True)
-                P = kernels.decode_plan(B, Hkv, 1, n)
+                P = kernels.decode_plan(B, Hkv, 1, n, warps_per_core=wpc)
                 rows.append(dict(n=n, cfg=f"{kb}/{vb} g{gs}", wpc=wpc, splits=P, ms=t_new, spread=spread,
                                  view_ms=t_view, old_ms=t_old, sdpa=t_sdpa, bw=nbytes / (t_new * 1e-3), err=err,
                                  gpu_ms=t_gpu, sdpa_gpu=args.sdpa_prebuilt))
-            kernels.WARPS_PER_CORE = wpc0
     print("\n== tensor-core decode kernel: Hq=32 Hkv=8 D=128 B=1 L=1, fp16 queries; ms per call (median) ==")
     print(f"{'keys':>7s} {'K/V bits':>10s} {'w/core':>6s} {'splits':>6s} {'packed ms':>10s} {'spread':>7s} "
           f"{'view ms':>8s} {'old ms':>8s} {'sdpa fp16':>10s} {'speedup':>8s} {'view spd':>8s} {'GB/s':>7s} "
@@ -529,7 +519,7 @@ def bench_prefill(args):
         qs = [q0] + [mx.random.normal(q0.shape).astype(mx.float16) for _ in range(1)]
         mx.eval(qs)
         fk = lambda q: kernels.attention_launch(
-            kernels._launcher(), q, kp, vp, n, k_bits=4, v_bits=4, group_size=64, mode="affine",
+            kernels.launcher(), q, kp, vp, n, k_bits=4, v_bits=4, group_size=64, mode="affine",
             scale=D**-0.5, q_start=n - L, k_start=0, causal=True)
         def fd(q):
             k = mx.dequantize(*kp, group_size=64, bits=4)
@@ -588,8 +578,7 @@ def main():
         from emulator.emu import EmuLauncher
 
         emu = EmuLauncher(tempfile.mkdtemp())
-        kernels._launcher = lambda: emu
-        kernels.enabled = lambda: True
+        kernels.use_launcher(emu)
     if args.sanitize:
         sanitize()
         return 0
@@ -612,12 +601,12 @@ def main():
         decode_parts(args)
         return 0
     if args.decode:
-        print("backend:", kernels._backend(), "mlx", mx.__version__, "cores", kernels._num_cores())
+        print("backend:", kernels.backend_name(), "mlx", mx.__version__, "cores", kernels.num_cores())
         bench_decode(args, [int(s) for s in args.sizes.split(",")], [(4, 4, 64), (8, 8, 64), (2, 2, 32)])
         return 0
     if not (args.check or args.time or args.sweep):
         args.check = args.time = True
-    print("backend:", kernels._backend(), "mlx", mx.__version__, "cores", kernels._num_cores())
+    print("backend:", kernels.backend_name(), "mlx", mx.__version__, "cores", kernels.num_cores())
     ok = True
     if args.check:
         ok = check(args)

@@ -35,8 +35,8 @@ import time
 
 import mlx.core as mx
 
-from mlx_kvq.batch import batch_generate
-from mlx_kvq.cache_prompt import prepare_model
+from mlx_kvq.generation import batch_generate
+from mlx_kvq.models import prepare_model
 from mlx_kvq.models import load
 
 DATA = os.path.join(os.path.dirname(mlx_kvq.__file__), "data", "persuasion.txt")
@@ -117,7 +117,7 @@ def alone(model, tokenizer, prompt, max_tokens, **kv):
 
 
 def run(model, tokenizer, prompts, bits, max_tokens, verify=0):
-    from mlx_kvq.generate import encode_prompt
+    from mlx_kvq.generation import encode_prompt
 
     kv = parse_config(bits)
     lengths = [len(encode_prompt(tokenizer, p)) for p in prompts]

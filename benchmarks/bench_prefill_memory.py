@@ -68,7 +68,7 @@ def main(argv=None):
     N = kv.offset
     dense_k = mx.random.normal((1, Hkv, N, D)).astype(mx.float16)
     packed = tuple(a[:, :, : kv.n_packed] for a in kv.keys)
-    mask = mlx_kvq.attention.causal_mask(L, N - L)
+    mask = mlx_kvq.cache.causal_mask(L, N - L)
     mx.eval(q, dense_k, packed, view.packed[0], view.window[0])
     runs = {
         "fp16 mx.fast sdpa": lambda: mx.fast.scaled_dot_product_attention(q, dense_k, dense_k, scale=D**-0.5, mask="causal"),

@@ -37,10 +37,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import mlx_kvq  # noqa: F401  (preloads OpenBLAS before mlx.core)
 
 import mlx.core as mx
-from mlx_lm.models.cache import KVCache
 
+from mlx_kvq import bridge
 from mlx_kvq import eval as ev
-from mlx_kvq import quant
+from mlx_kvq import format as quant
+from mlx_kvq.bridge import KVCache
+from mlx_kvq.cli.eval import load_model
 from mlx_kvq.rotation import rotation
 
 
@@ -103,19 +105,8 @@ def decode_attention(queries, view, scale):
 
 def patch_attention(model):
     """Route attention over ``SimView`` to ``decode_attention`` in the model's modules."""
-    for m in model.modules():
-        module = sys.modules.get(type(m).__module__)
-        f = getattr(module, "scaled_dot_product_attention", None)
-        if f is None or getattr(f, "sim_original", None):
-            continue
-
-        def sdpa(queries, keys, values, cache=None, scale=1.0, mask=None, sinks=None, _f=f):
-            if isinstance(keys, SimView):
-                return decode_attention(queries, keys, scale)
-            return _f(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
-
-        sdpa.sim_original = f
-        module.scaled_dot_product_attention = sdpa
+    bridge.add_route(SimView, lambda queries, view, scale, mask, sinks: decode_attention(queries, view, scale))
+    bridge.patch(model)
 
 
 class SimCache(KVCache):
@@ -358,7 +349,7 @@ def main():
             print(g, " ".join(name(c) for c in GROUPS[g]))
         return
     if args.random:
-        from mlx_lm.models import llama
+        from mlx_kvq.bridge import llama
 
         mx.random.seed(0)
         model = llama.Model(llama.ModelArgs(
@@ -368,7 +359,7 @@ def main():
         model.set_dtype(mx.float32)
         tokens = mx.random.randint(0, 1000, (args.tokens,))
     else:
-        model, tok = ev.load_model(args.model, "float32")
+        model, tok = load_model(args.model, "float32")
         tokens = ev.text_tokens(tok, args.text, args.tokens)
     patch_attention(model)
     print(f"text {os.path.basename(args.text)}, {tokens.shape[0]} tokens, chunk {args.chunk}, "

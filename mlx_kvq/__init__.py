@@ -2,10 +2,9 @@
 
 from . import _blas  # noqa: F401  (must run before mlx.core is imported)
 from .attention import quantized_sdpa
-from .batch import batch_generate
-from .cache import QuantizedKVCache
-from .integration import load_prompt_cache, make_prompt_cache, patch, save_prompt_cache
+from .bridge import load_prompt_cache, make_prompt_cache, patch, save_prompt_cache
+from .cache import QuantizedKVCache, QuantizedRotatingKVCache
+from .generation import batch_generate, cache_document, summarize
 from .models import load
-from .rotating import QuantizedRotatingKVCache
 
 __version__ = "0.1.0"

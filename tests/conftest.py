@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from mlx_kvq.gguf import load_gguf
+from mlx_kvq.models.gguf import load_gguf
 from mlx_kvq.models import default_model_path
 
 
@@ -24,7 +24,7 @@ def smollm(smollm_path):
 @pytest.fixture(scope="session")
 def fast_smollm(smollm_path):
     """A separate copy of the embedded model with float32 weights (fast prefill on CPU)."""
-    from mlx_kvq.eval import to_fp32
+    from mlx_kvq.models import to_fp32
 
     model, tokenizer = load_gguf(smollm_path)
     return to_fp32(model), tokenizer
@@ -40,3 +40,19 @@ def emu(tmp_path_factory):
     # pad_strides: attention inputs arrive as strided views into larger garbage-
     # filled buffers, as slices of a preallocated cache would
     return EmuLauncher(tmp_path_factory.mktemp("kvq_emu"), pad_strides=True)
+
+
+@pytest.fixture
+def run_kernels_on():
+    """``run_kernels_on(launch)``: the kernels run on ``launch`` (and ``kernels.enabled()``)
+    for the rest of the test, whatever the backend."""
+    from mlx_kvq import kernels
+
+    previous = []
+
+    def use(launch):
+        previous.append(kernels.use_launcher(launch))
+
+    yield use
+    if previous:
+        kernels.use_launcher(previous[0])

@@ -2,7 +2,7 @@
 
 import mlx.core as mx
 
-from mlx_kvq import quant
+from mlx_kvq import format as quant
 from mlx_kvq.rotation import rotation
 
 
@@ -50,3 +50,8 @@ def reference_over_cache(cache, q, scale, mask=None):
     if cache.rotate == "kv":
         out = out @ rotation(out.shape[-1]).T
     return out[..., : cache.v_dim]
+
+
+def NO_LAUNCHES(name, *args):
+    """A launcher for tests in which no kernel may run."""
+    raise AssertionError(f"kernel {name} launched")

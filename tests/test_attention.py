@@ -2,8 +2,9 @@ import mlx.core as mx
 import pytest
 
 from mlx_kvq import QuantizedKVCache, quantized_sdpa
-from mlx_kvq import attention
-from helpers import plain_attention, reference_over_cache, rel_err
+from mlx_kvq.attention import reference
+from mlx_kvq.cache import causal_mask
+from helpers import NO_LAUNCHES, plain_attention, reference_over_cache, rel_err
 
 
 def filled(config, B, Hkv, D, past, Dv=None):
@@ -31,7 +32,7 @@ CASES = [
 
 def case_mask(kind, L, N):
     """(mask for quantized_sdpa, the same as an array for the reference)."""
-    full = attention.causal_mask(L, N - L)
+    full = causal_mask(L, N - L)
     if kind == "causal":
         return "causal", full
     if kind == "bool":  # e.g. left padding: batch row 0 cannot see its first 10 keys
@@ -63,7 +64,7 @@ PREFILL_CASES = [c for c in CASES if c[6] > 8]
 
 
 @pytest.mark.parametrize("case", PREFILL_CASES, ids=[str(i) for i in range(len(PREFILL_CASES))])
-def test_gpu_prefill_path_matches_plain_attention(monkeypatch, case):
+def test_gpu_prefill_path_matches_plain_attention(run_kernels_on, monkeypatch, case):
     """The GPU prefill path (dequantize the layer, MLX's fused sdpa), run here on any backend."""
     from mlx_kvq import kernels
 
@@ -74,7 +75,7 @@ def test_gpu_prefill_path_matches_plain_attention(monkeypatch, case):
     view, _ = cache.update_and_fetch(k, k)
     q = mx.random.normal((B, Hq, L, D)).astype(mx.float16)
     mask, ref_mask = case_mask(mask_kind if mask_kind == "bool" else "causal", L, cache.offset)
-    monkeypatch.setattr(kernels, "enabled", lambda: True)
+    run_kernels_on(NO_LAUNCHES)  # enabled(), and no kernel may run
     calls = []
     sdpa = mx.fast.scaled_dot_product_attention
     monkeypatch.setattr(mx.fast, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
@@ -86,13 +87,12 @@ def test_gpu_prefill_path_matches_plain_attention(monkeypatch, case):
 
 
 @pytest.mark.parametrize("rotate", [False, "k", "kv"])
-def test_decode_through_the_kernels_matches_plain_attention(monkeypatch, emu, rotate):
+def test_decode_through_the_kernels_matches_plain_attention(run_kernels_on, monkeypatch, emu, rotate):
     """Decode steps on the kernel path (run by the CPU emulator): the decode kernel rotates
     the queries, its merge rotates the output back and writes the model's dtype."""
     from mlx_kvq import kernels
 
-    monkeypatch.setattr(kernels, "enabled", lambda: True)
-    monkeypatch.setattr(kernels, "_launcher", lambda: emu)
+    run_kernels_on(emu)
     B, Hq, Hkv, D = 1, 8, 2, 64
     cache = filled(dict(bits=4, group_size=32, sinks=2, window=8, rotate=rotate), B, Hkv, D, [90])
     for step in range(3):
@@ -113,7 +113,7 @@ def test_blocks_bound_memory_and_agree_with_one_block(monkeypatch):
     q = mx.random.normal((1, 4, 1, 64))
     view, _ = cache.update_and_fetch(mx.zeros((1, 2, 1, 64), mx.float16), mx.zeros((1, 2, 1, 64), mx.float16))
     one = quantized_sdpa(q, view, scale=0.125)
-    monkeypatch.setattr(attention, "BLOCK_ELEMENTS", 64 * 300)  # forces blocks of 64 keys
+    monkeypatch.setattr(reference, "BLOCK_ELEMENTS", 64 * 300)  # forces blocks of 64 keys
     many = quantized_sdpa(q, view, scale=0.125)
     assert rel_err(many, one) < 1e-5
 
@@ -177,4 +177,4 @@ def test_kernel_dispatch_agrees_with_reference(monkeypatch, config, L):
 def test_plain_reference_itself_matches_mlx_fast_sdpa():
     q, k, v = (mx.random.normal((1, 4, 9, 64)) for _ in range(3))
     ref = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask="causal")
-    assert rel_err(plain_attention(q, k, v, 0.125, attention.causal_mask(9, 0)), ref) < 1e-5
+    assert rel_err(plain_attention(q, k, v, 0.125, causal_mask(9, 0)), ref) < 1e-5

@@ -7,9 +7,10 @@ from mlx_lm import stream_generate
 import mlx_kvq
 from helpers import rel_err
 from mlx_kvq.attention import quantized_sdpa
-from mlx_kvq.batch import BatchQuantizedKVCache, batch_generate, merge
+from mlx_kvq.cache import BatchQuantizedKVCache, merge
+from mlx_kvq.generation import batch_generate
 from mlx_kvq.cache import QuantizedKVCache
-from mlx_kvq.generate import encode_prompt
+from mlx_kvq.generation import encode_prompt
 
 PROMPTS = [
     "What is the capital of France?",
@@ -103,7 +104,7 @@ def _filled(n, seed, config, H=2, D=64):
     c = QuantizedKVCache(**config)
     k, v = mx.random.normal((1, H, n, D)), mx.random.normal((1, H, n, D))
     c.update_and_fetch(k, v)
-    c._flush()
+    c.flush()
     return c
 
 

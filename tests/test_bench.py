@@ -13,7 +13,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_kvq import bench
+from mlx_kvq.cli import bench
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,14 +74,14 @@ def test_run_passes_args_and_restores_argv_and_path():
 
 
 def test_python_m_bench_generate_help():
-    r = _python("-m", "mlx_kvq.bench", "generate", "--help")
+    r = _python("-m", "mlx_kvq.cli.bench", "generate", "--help")
     assert r.returncode == 0, r.stderr
     for opt in ("--context", "--configs", "--json PATH", "--plot PATH"):
         assert opt in r.stdout
 
 
 def test_python_m_bench_unknown_exits_2():
-    r = _python("-m", "mlx_kvq.bench", "speed")
+    r = _python("-m", "mlx_kvq.cli.bench", "speed")
     assert r.returncode == 2
     assert "unknown benchmark 'speed'" in r.stderr and "Traceback" not in r.stderr
 
@@ -98,7 +98,7 @@ def test_pyproject_ships_benchmarks_and_the_command():
     st = cfg["tool"]["setuptools"]
     assert "mlx_kvq.benchmarks" in st["packages"]
     assert st["package-dir"]["mlx_kvq.benchmarks"] == "benchmarks"
-    assert cfg["project"]["scripts"]["mlx_kvq.bench"] == "mlx_kvq.bench:main"
+    assert cfg["project"]["scripts"]["mlx_kvq.bench"] == "mlx_kvq.cli.bench:main"
     assert (ROOT / "benchmarks" / "__init__.py").is_file()
 
 

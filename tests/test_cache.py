@@ -234,7 +234,7 @@ def test_sinks_do_not_keep_the_first_chunk_alive():
     dict(bits=8, group_size=64, sinks=0, window=3, rotate=False),
     dict(bits=4, group_size=64, sinks=1, window=4, rotate="k"),
 ])
-def test_window_append_kernel_stores_what_the_host_path_stores(monkeypatch, emu, config):
+def test_window_append_kernel_stores_what_the_host_path_stores(run_kernels_on, monkeypatch, emu, config):
     """Decode steps on GPUs write the window with one kernel (rotation in fp32 by a fast
     Walsh-Hadamard transform, run here by the CPU emulator); the host path rotates with a
     matmul. Both caches must hold the same tokens."""
@@ -249,8 +249,7 @@ def test_window_append_kernel_stores_what_the_host_path_stores(monkeypatch, emu,
         host.update_and_fetch(k, v)
     k_all = mx.concatenate([k for k, _ in data], axis=2)
     v_all = mx.concatenate([v for _, v in data], axis=2)
-    monkeypatch.setattr(kernels, "enabled", lambda: True)
-    monkeypatch.setattr(kernels, "_launcher", lambda: emu)
+    run_kernels_on(emu)
     emu.launches.clear()
     for k, v in data:
         fused.update_and_fetch(k, v)

@@ -9,7 +9,8 @@ import pytest
 from mlx_lm import stream_generate
 
 import mlx_kvq
-from mlx_kvq import cache_prompt as cp
+from mlx_kvq.generation import documents as cp
+from mlx_kvq.models import model_fingerprint
 from mlx_kvq.cache import QuantizedKVCache
 
 DATA = os.path.join(os.path.dirname(mlx_kvq.__file__), "data", "persuasion.txt")
@@ -104,7 +105,7 @@ def test_other_model_is_a_clear_error(files):
 
 
 def test_fingerprint_ignores_dequantizing(smollm, fast_smollm):
-    assert cp.model_fingerprint(smollm[0]) == cp.model_fingerprint(fast_smollm[0])
+    assert model_fingerprint(smollm[0]) == model_fingerprint(fast_smollm[0])
 
 
 def test_read_document(tmp_path):
@@ -149,7 +150,7 @@ def _tiny_pdf(text):
 
 
 def run(*args):
-    return subprocess.run([sys.executable, "-m", "mlx_kvq.cache_prompt", *args],
+    return subprocess.run([sys.executable, "-m", "mlx_kvq.cli.cache_prompt", *args],
                           capture_output=True, text=True, timeout=300)
 
 

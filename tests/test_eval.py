@@ -5,6 +5,8 @@ import json
 import pytest
 
 from mlx_kvq import eval as ev
+from mlx_kvq.cli import eval as ev_cli
+from mlx_kvq.models import context_length, to_fp32
 
 # ---------------------------------------------------------------- config strings
 
@@ -57,7 +59,7 @@ def test_parse_config_errors(spec, words):
 
 def test_cli_rejects_bad_config(capsys):
     with pytest.raises(SystemExit) as e:
-        ev.main(["--configs", "4:g48"])
+        ev_cli.main(["--configs", "4:g48"])
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "group size 48" in err and "32, 64, 128" in err
@@ -65,7 +67,7 @@ def test_cli_rejects_bad_config(capsys):
 
 def test_cli_missing_text(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        ev.main(["--text", str(tmp_path / "nope.txt")])
+        ev_cli.main(["--text", str(tmp_path / "nope.txt")])
     assert e.value.code == 2
     assert "text file not found" in capsys.readouterr().err
 
@@ -74,14 +76,14 @@ def test_cli_empty_text(tmp_path, capsys):
     path = tmp_path / "empty.txt"
     path.write_text("  \n\n")
     with pytest.raises(SystemExit) as e:
-        ev.main(["--text", str(path)])
+        ev_cli.main(["--text", str(path)])
     assert e.value.code == 2
     assert "text file is empty" in capsys.readouterr().err
 
 
 def test_cli_help_documents_syntax(capsys):
     with pytest.raises(SystemExit):
-        ev.main(["--help"])
+        ev_cli.main(["--help"])
     out = capsys.readouterr().out
     for w in ("8/4", "gN", "sN", "wN", "rkv", "mxfp4", "plain", "mlxlm"):
         assert w in out
@@ -100,10 +102,10 @@ def test_shipped_texts_are_long_prose():
 @pytest.fixture(scope="module")
 def fp32_model(smollm_path):
     """A private fp32 copy of the embedded model (the shared fixture stays untouched)."""
-    from mlx_kvq.gguf import load_gguf
+    from mlx_kvq.models.gguf import load_gguf
 
     model, tokenizer = load_gguf(smollm_path)
-    return ev.to_fp32(model), tokenizer
+    return to_fp32(model), tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +170,7 @@ def test_recalled_rule():
 
 def test_needle_prompt_fits_the_context(fp32_model):
     model, tokenizer = fp32_model
-    assert ev.model_context(model) == 8192
+    assert context_length(model) == 8192
     ctx = ev.text_tokens(tokenizer, ev.DEFAULT_TEXT, 1200).tolist()
     fitted = ev.fit_haystack(tokenizer, ctx, 1000, reserve=32)
     lengths = [len(ev.needle_prompt(tokenizer, fitted, d)) for d in ev.NEEDLE_DEPTHS]
@@ -197,7 +199,7 @@ def test_cli_end_to_end(smollm_path, tmp_path, capsys):
     text = tmp_path / "short.txt"
     text.write_text(ev.read_text(ev.DEFAULT_TEXT)[:3000])
     out = tmp_path / "r.json"
-    assert ev.main(["--model", str(smollm_path), "--text", str(text), "--tokens", "128",
+    assert ev_cli.main(["--model", str(smollm_path), "--text", str(text), "--tokens", "128",
                     "--chunk", "64", "--configs", "fp16", "8", "--json", str(out), "--quiet",
                     # two answer tokens cannot hold the passphrase: fp16 misses, and says so
                     "--needle", "--needle-tokens", "64", "--needle-depths", "50",

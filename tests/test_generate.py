@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from mlx_kvq import generate
+from mlx_kvq.cli import generate
 
 
 def run(*args, stdin=None):

@@ -8,7 +8,7 @@ from mlx_lm import generate
 from mlx_lm.models import llama
 from mlx_lm.models.cache import make_prompt_cache
 
-from mlx_kvq.gguf import load_gguf, read_gguf
+from mlx_kvq.models.gguf import load_gguf, read_gguf
 
 TEXTS = [
     "Hello world! The quick brown fox jumps over the lazy dog.",
@@ -199,7 +199,7 @@ def tiny_model():
 
 
 def to_gguf_names(weights):
-    from mlx_kvq.gguf import LAYER_NAMES, TOP_NAMES
+    from mlx_kvq.models.gguf import LAYER_NAMES, TOP_NAMES
 
     names = {v: k for k, v in TOP_NAMES.items()}
     names.update(

@@ -9,7 +9,7 @@ from mlx_lm.models import llama
 
 import mlx_kvq
 from mlx_kvq import QuantizedKVCache
-from mlx_kvq.integration import patch
+from mlx_kvq.bridge import patch
 from helpers import rel_err
 
 
@@ -134,7 +134,7 @@ def test_trim_through_mlx_lm(model):
 
 def test_fp16_batch_helpers(model):
     """The mlx-lm cache helpers mlx_kvq.batch uses: left-padded prefill, rows out, merged back."""
-    from mlx_kvq.integration import (
+    from mlx_kvq.bridge import (
         empty_fp16_cache, extract_row, fp16_batch_cache, is_fp16_cache, merge_mlx_lm_caches,
     )
 
@@ -170,7 +170,7 @@ PROMPTS = [
 
 def greedy(model, tokenizer, prompt, cache, n=32, margins=False):
     """Greedy tokens (and, if asked, the top-1 minus top-2 logprob at each step)."""
-    from mlx_kvq.generate import encode_prompt
+    from mlx_kvq.generation import encode_prompt
 
     tokens = mx.array(encode_prompt(tokenizer, prompt))
     steps = generate_step(tokens, model, prompt_cache=cache, prefill_step_size=16)

@@ -21,9 +21,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from emulator.reference import reference_attention, rel_err  # noqa: E402
 
 from mlx_kvq import kernels
+from helpers import NO_LAUNCHES
+from mlx_kvq.format import FP_FORMATS as FP_FORMAT
 from mlx_kvq.rotation import rotate
 
-ON_GPU = kernels._backend() is not None
+ON_GPU = kernels.backend_name() is not None
 TOL = 2e-5  # fp32 accumulation, fp32 dequantization: errors ~1e-7..1e-6
 
 
@@ -423,15 +425,14 @@ def test_quantize_gpu_flavor_emulated(emu):
     np.testing.assert_array_equal(codes, q.reshape(-1))
 
 
-def test_quantize_append_writes_rows(emu, monkeypatch):
+def test_quantize_append_writes_rows(run_kernels_on, emu, monkeypatch):
     """quantize_append = kernel + slice_update at `start`, other rows untouched."""
     B, H, C, D, L, start = 1, 2, 16, 64, 3, 5
     mx.random.seed(12)
     old = mx.random.normal((B, H, C, D)).astype(mx.float16)
     bufs = tuple(mx.quantize(old, group_size=32, bits=4))
     x = mx.random.normal((B, H, L, D)).astype(mx.float16)
-    monkeypatch.setattr(kernels, "enabled", lambda: True)
-    monkeypatch.setattr(kernels, "_launcher", lambda: _Flavor0(emu))
+    run_kernels_on(_Flavor0(emu))
     new = kernels.quantize_append(x, bufs, start, bits=4, group_size=32, mode="affine")
     want = tuple(mx.quantize(x, group_size=32, bits=4))
     for nb, ob, w in zip(new, bufs, want):
@@ -504,7 +505,7 @@ def test_gpu_attention(L, n, nsplit, kb, vb):
         dtype=mx.float16,
         seed=n + kb,
     )
-    launch = kernels._launcher()
+    launch = kernels.launcher()
     mask = None
     if L == 1:
         mask = (mx.arange(n)[None, :] >= mx.array([0, 100])[:, None]).reshape(2, 1, 1, n)
@@ -531,12 +532,12 @@ def test_gpu_attention(L, n, nsplit, kb, vb):
 @gpu
 @pytest.mark.parametrize("mode", ["mxfp4", "nvfp4", "mxfp8"])
 def test_gpu_attention_fp_modes(mode):
-    bits, gs = kernels._FP_FORMAT[mode]
+    bits, gs = FP_FORMAT[mode]
     q, kp, vp = make_case(
         1, 2, 4, 1, 128, 600, k_bits=bits, v_bits=bits, group_size=gs, mode=mode, dtype=mx.bfloat16, seed=3
     )
     run_and_compare(
-        kernels._launcher(),
+        kernels.launcher(),
         q,
         kp,
         vp,
@@ -580,7 +581,7 @@ def test_gpu_attention_strided_inputs():
     kw = dict(
         k_bits=4, v_bits=8, group_size=64, mode="affine", scale=D**-0.5, q_start=n - L, k_start=0, causal=True
     )
-    out, _ = kernels.attention_launch(kernels._launcher(), qt, ks, vs, n, **kw)
+    out, _ = kernels.attention_launch(kernels.launcher(), qt, ks, vs, n, **kw)
     with mx.stream(mx.cpu):
         ro, _ = reference_attention(
             q, tuple(mx.array(a) for a in ks), tuple(mx.array(a) for a in vs), n, **kw
@@ -815,8 +816,8 @@ def test_gpu_decode_view(case):
     n = n * 37  # longer runs than under the emulator
     q, kp, vp, sinks, window = make_view(
         B, Hkv, rep, L, D, n, ns, nw, k_bits=kb, v_bits=vb, group_size=gs, dtype=dtype, seed=D + n)
-    run_view(kernels._launcher(), q, kp, vp, n, sinks, window, k_bits=kb, v_bits=vb, group_size=gs, nsplit=None)
-    run_view(kernels._launcher(), q, kp, vp, n, sinks, window, k_bits=kb, v_bits=vb, group_size=gs, nsplit=nsplit)
+    run_view(kernels.launcher(), q, kp, vp, n, sinks, window, k_bits=kb, v_bits=vb, group_size=gs, nsplit=None)
+    run_view(kernels.launcher(), q, kp, vp, n, sinks, window, k_bits=kb, v_bits=vb, group_size=gs, nsplit=nsplit)
 
 
 @gpu
@@ -827,7 +828,7 @@ def test_gpu_decode_view_rotations(case, rot):
     n = n * 37
     q, kp, vp, sinks, window = make_view(
         B, Hkv, rep, L, D, n, ns, nw, k_bits=kb, v_bits=vb, group_size=gs, dtype=dtype, seed=D + n + 1)
-    run_view(kernels._launcher(), q, kp, vp, n, sinks, window, k_bits=kb, v_bits=vb, group_size=gs,
+    run_view(kernels.launcher(), q, kp, vp, n, sinks, window, k_bits=kb, v_bits=vb, group_size=gs,
              rotate_q=True, rotate_out=rot == "kv", out_dtype=dtype)
 
 
@@ -838,7 +839,7 @@ def test_gpu_decode_view_masks(kind):
     q, kp, vp, sinks, window = make_view(
         B, Hkv, rep, L, D, n, ns, nw, k_bits=4, v_bits=4, group_size=64, dtype=mx.float16, seed=7)
     mask = view_mask(kind, B, Hkv * rep, L, ns + n + nw, hidden=700)
-    run_view(kernels._launcher(), q, kp, vp, n, sinks, window, mask=mask, k_bits=4, v_bits=4, group_size=64)
+    run_view(kernels.launcher(), q, kp, vp, n, sinks, window, mask=mask, k_bits=4, v_bits=4, group_size=64)
 
 
 # ------------------------------------------------------------------ window append
@@ -897,14 +898,14 @@ def test_window_append_emulated(emu, case):
 @pytest.mark.skipif(not ON_GPU, reason="needs the Metal or CUDA backend")
 @pytest.mark.parametrize("case", WINDOW_CASES)
 def test_gpu_window_append(case):
-    check_window(kernels._launcher(), case, seed=12)
+    check_window(kernels.launcher(), case, seed=12)
 
 
-def test_window_append_supports(monkeypatch):
+def test_window_append_supports(run_kernels_on, monkeypatch):
     wk = wv = mx.zeros((1, 2, 8, 64), mx.float16)
     k = v = mx.zeros((1, 2, 1, 64), mx.float16)
     assert kernels.window_append_supports(wk, wv, k, v, 7, True, True) == kernels.enabled()
-    monkeypatch.setattr(kernels, "enabled", lambda: True)  # the shape rules, on any machine
+    run_kernels_on(NO_LAUNCHES)  # the shape rules, on any machine
     on = True
     assert kernels.window_append_supports(wk, wv, k, v, 7, True, True) == on
     assert not kernels.window_append_supports(wk, wv, k, v, 8, False, False)  # no room
@@ -924,7 +925,7 @@ def test_cuda_launcher_includes_the_source_files():
     import re
 
     for name, (fname, inputs, _, _) in kernels.KERNELS.items():
-        header, source, kname = kernels._cuda_includes(name, "prelude_cuda.h", kernels.read_source(fname))
+        header, source, kname = kernels.source.cuda_includes(name, "prelude_cuda.h", kernels.read_source(fname))
         files = re.findall(r'#include "([^"]+)"', header + source)
         assert [Path(f).name for f in files] == ["prelude_cuda.h", "kvq_common.h", fname]
         assert all(Path(f).is_file() for f in files)
@@ -946,23 +947,22 @@ def test_launch_parameters_are_not_small_arrays():
     assert p.nbytes >= 32 and p.dtype == mx.float32 and p[0].item() == 0.25
     assert kernels.param_array(range(9)).tolist() == list(range(9))
     for rotate in (False, True):
-        signs, fp = kernels._rotation_args(128, rotate, 0.5)
+        signs, fp = kernels.args.rotation_args(128, rotate, 0.5)
         assert fp.nbytes >= 32
         assert fp[0].item() == pytest.approx(0.5 / math.sqrt(128) if rotate else 0.5)
         assert fp[1].item() == pytest.approx(1 / math.sqrt(128))
 
 
-def test_decode_plan_follows_warps_per_core(emu, monkeypatch):
+def test_decode_plan_follows_warps_per_core(emu):
     """The memoized launch setup must not keep a split plan made for another
-    WARPS_PER_CORE (benchmarks sweep it): more warps per core, more partials."""
+    warps_per_core (benchmarks sweep it): more warps per core, more partials."""
     n = 8192
     q, kp, vp, _, _ = make_view(1, 1, 4, 1, 64, n, 0, 0, k_bits=4, v_bits=4, group_size=64, dtype=mx.float16,
                                 seed=3)
     parts = []
     for wpc in (1, 2, 1):
-        monkeypatch.setattr(kernels, "WARPS_PER_CORE", wpc)
         out, _ = kernels.decode_launch(emu, q, kp, vp, n, None, None, k_bits=4, v_bits=4, group_size=64,
-                                       scale=0.125, q_start=n - 1, causal=True, merge=False)
+                                       scale=0.125, q_start=n - 1, causal=True, merge=False, warps_per_core=wpc)
         parts.append(out.shape[0])
     assert parts[1] > parts[0] == parts[2], parts
 
@@ -995,7 +995,7 @@ def test_gpu_decode_fused_merge_independent_launches():
     """Launches with no data dependency may run at once (MLX's CUDA graphs): each fused
     launch must count its own threadgroups. Many independent calls evaluated together
     must each match the reference and one another."""
-    if kernels._backend() != "cuda":
+    if kernels.backend_name() != "cuda":
         pytest.skip("the fused merge runs on CUDA only")
     launch = kernels.MLXLauncher("cuda")
     launch.fused_merge = True  # the CUDA default, whatever MLX_KVQ_FUSED_MERGE says

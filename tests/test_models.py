@@ -9,7 +9,7 @@ import mlx.nn as nn
 import pytest
 from mlx_lm.models import llama
 
-from mlx_kvq import models
+from mlx_kvq.models import embedded as models
 from mlx_kvq.models import EMBEDDED_MODEL, default_model_path, load
 
 

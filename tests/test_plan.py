@@ -8,7 +8,7 @@ import sys
 import mlx.core as mx
 import pytest
 
-from mlx_kvq import plan
+from mlx_kvq.models import memory as plan
 from mlx_kvq.cache import QuantizedKVCache
 
 LLAMA_8B = {  # Llama-3.1-8B's config.json (the fields that matter)
@@ -32,7 +32,7 @@ def test_quantized_bytes_match_the_cache(smollm):
         c = QuantizedKVCache(bits)
         k = mx.random.normal((1, 3, n, 64)).astype(mx.float16)
         c.update_and_fetch(k, k)
-        c._flush()
+        c.flush()
         per_layer = c.used_nbytes()
         assert plan.kv_bytes(spec.config, n, bits) == per_layer * spec.config["num_hidden_layers"]
     assert spec.config["num_hidden_layers"] == len(model.layers)
@@ -83,7 +83,7 @@ def test_parse_size():
 
 
 def run(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "mlx_kvq.plan", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "mlx_kvq.cli.plan", *args], capture_output=True,
                           text=True, timeout=120, env=env)
 
 

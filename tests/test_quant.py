@@ -1,7 +1,7 @@
 import mlx.core as mx
 import pytest
 
-from mlx_kvq import quant
+from mlx_kvq import format as quant
 from helpers import rel_err
 
 

@@ -7,7 +7,7 @@ from mlx_lm.models import gemma3_text, llama
 
 import mlx_kvq
 from helpers import rel_err
-from mlx_kvq.rotating import QuantizedRotatingKVCache
+from mlx_kvq.cache import QuantizedRotatingKVCache
 
 WINDOW = 16
 CHUNKS = [20, 8, 8] + [1] * 24  # a long prefill, chunks past the window, then decoding

@@ -8,8 +8,9 @@ import sys
 import pytest
 
 import mlx_kvq
-from mlx_kvq import cache_prompt as cp
-from mlx_kvq import summarize as sm
+from mlx_kvq.generation import documents as cp
+from mlx_kvq.generation import summarize as sm
+from mlx_kvq.models import context_length
 
 DATA = os.path.join(os.path.dirname(mlx_kvq.__file__), "data", "persuasion.txt")
 
@@ -54,7 +55,7 @@ def test_long_document_is_split_not_truncated(fast_smollm, text):
 
 
 def test_context_from_model_config(fast_smollm):
-    assert cp.context_length(fast_smollm[0]) == 8192
+    assert context_length(fast_smollm[0]) == 8192
 
 
 def test_too_small_context_is_a_clear_error(fast_smollm, text):
@@ -64,7 +65,7 @@ def test_too_small_context_is_a_clear_error(fast_smollm, text):
 
 
 def run(*args):
-    return subprocess.run([sys.executable, "-m", "mlx_kvq.summarize", *args],
+    return subprocess.run([sys.executable, "-m", "mlx_kvq.cli.summarize", *args],
                           capture_output=True, text=True, timeout=300)
 
 

@@ -75,7 +75,7 @@ def _fail(msg):
 
 def _script_in_checkout(module):
     """``<repo>/benchmarks/<module>.py`` next to this package, or None."""
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{module}.py"
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / f"{module}.py"
     return path if path.is_file() else None
 
 

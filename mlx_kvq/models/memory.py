@@ -1,36 +1,23 @@
-"""``mlx_kvq.plan``: how long a context fits in memory, for fp16 and quantized KV caches.
-
-    mlx_kvq.plan                                   # the embedded model, this machine's RAM
-    mlx_kvq.plan --model mlx-community/Llama-3.2-3B-Instruct-4bit --memory 16GB
-    mlx_kvq.plan --model model.gguf --context 32768
+"""How long a context fits in memory, for fp16 and quantized KV caches (``mlx_kvq.plan``).
 
 Weights count too: their bytes come from the model's .safetensors/.gguf file sizes when
 the files are at hand, else from a parameter count estimated from the config. KV bytes
-per token come from ``mlx_kvq.quant.bytes_per_token`` with the cache defaults (group
+per token come from ``mlx_kvq.format.bytes_per_token`` with the cache defaults (group
 size 64, the sinks and recent window kept in fp16; see ``mlx_kvq.cache.default_options``).
 """
 
-import argparse
 import json
 import os
 import re
-import struct
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import quant
-from .cache import default_options
+from .. import format
+from ..cache import default_options
+from .embedded import EMBEDDED_MODEL, default_model_path
+from .gguf import gguf_config, read_metadata
 
 BITS = [None, 8, 4, 3, 2]  # None: fp16
-
-EXAMPLES = """examples:
-  mlx_kvq.plan                                       # embedded SmolLM2, this machine's RAM
-  mlx_kvq.plan --model mlx-community/Llama-3.2-3B-Instruct-4bit --memory 16GB
-  mlx_kvq.plan --model ~/models/gemma-3-4b-it --context 65536
-  mlx_kvq.plan --model model.gguf --memory 8GB --plot memory.png
-"""
-
 
 @dataclass
 class ModelSpec:
@@ -40,63 +27,6 @@ class ModelSpec:
     config: dict
     weight_bytes: int
     weights_from: str  # "files" or "parameter count"
-
-
-# -- reading configs ------------------------------------------------------------
-GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-
-
-def read_gguf_metadata(path):
-    """The key/value metadata of a GGUF file (tensors are not read)."""
-    with open(path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise ValueError(f"{path} is not a GGUF file.")
-        version, _, n_kv = struct.unpack("<IQQ", f.read(20))
-        if version < 2:
-            raise ValueError(f"{path}: GGUF version {version} is too old.")
-
-        def string():
-            (n,) = struct.unpack("<Q", f.read(8))
-            return f.read(n).decode("utf-8", errors="replace")
-
-        def value(t):
-            if t in GGUF_SCALARS:
-                fmt = "<" + GGUF_SCALARS[t]
-                return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
-            if t == 8:
-                return string()
-            if t == 9:
-                sub, n = struct.unpack("<IQ", f.read(12))
-                return [value(sub) for _ in range(n)]
-            raise ValueError(f"{path}: unknown GGUF value type {t}.")
-
-        meta = {}
-        for _ in range(n_kv):
-            key = string()
-            (t,) = struct.unpack("<I", f.read(4))
-            meta[key] = value(t)
-    return meta
-
-
-def gguf_config(meta):
-    """An HF-style config dict from GGUF metadata."""
-    arch = meta.get("general.architecture", "llama")
-    get = lambda k, d=None: meta.get(f"{arch}.{k}", d)
-    heads = get("attention.head_count")
-    hidden = get("embedding_length")
-    if heads is None or hidden is None:
-        raise ValueError("The GGUF metadata lacks the attention head count or embedding length.")
-    return {
-        "model_type": arch,
-        "hidden_size": hidden,
-        "num_hidden_layers": get("block_count"),
-        "num_attention_heads": heads,
-        "num_key_value_heads": get("attention.head_count_kv", heads),
-        "head_dim": get("attention.key_length", hidden // heads),
-        "v_head_dim": get("attention.value_length", None),
-        "max_position_embeddings": get("context_length"),
-        "sliding_window": get("attention.sliding_window"),
-    }
 
 
 def _fetch_config(repo):
@@ -115,8 +45,6 @@ def _fetch_config(repo):
 def load_spec(model=None):
     """A ``ModelSpec`` from a .gguf file, a directory, a config.json, or a Hub repo id."""
     if model is None:
-        from .models import EMBEDDED_MODEL, default_model_path
-
         path, name = default_model_path(), EMBEDDED_MODEL
     else:
         path, name = Path(model).expanduser(), str(model)
@@ -133,7 +61,7 @@ def load_spec(model=None):
         if path.suffix == ".json":
             files = list(path.parent.glob("*.safetensors"))
             return _spec(name, _read_json(path), sum(f.stat().st_size for f in files))
-        return _spec(name, gguf_config(read_gguf_metadata(path)), path.stat().st_size)
+        return _spec(name, gguf_config(read_metadata(path)), path.stat().st_size)
     if str(model).startswith((".", "/", "~")) or str(model).endswith((".gguf", ".json")):
         raise FileNotFoundError(f"Model path not found: {model}")
     return _spec(name, _read_json(_fetch_config(str(model))), 0)
@@ -211,7 +139,7 @@ def kv_bytes(config, tokens, bits=None, group_size=None):
         g = group_size or opts["group_size"]
         dense = min(n, opts["sinks"] + opts["window"])
         pad = lambda d: -(-d // g) * g
-        packed = quant.bytes_per_token(pad(dk), bits, g) + quant.bytes_per_token(pad(dv), bits, g)
+        packed = format.bytes_per_token(pad(dk), bits, g) + format.bytes_per_token(pad(dv), bits, g)
         total += fp16(dense) + (n - dense) * kv * packed
     return total
 
@@ -240,7 +168,7 @@ def parse_size(text):
     """'16GB', '512MiB', '8e9' -> bytes."""
     m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMGT]?)(i?B)?\s*", str(text), re.I)
     if not m:
-        raise argparse.ArgumentTypeError(f"not a memory size: {text!r} (e.g. 16GB, 512MiB)")
+        raise ValueError(f"not a memory size: {text!r} (e.g. 16GB, 512MiB)")
     scale = 1024 if m.group(3) and m.group(3).lower() == "ib" else 1000
     power = "KMGT".index(m.group(2).upper()) + 1 if m.group(2) else 0
     return int(float(m.group(1)) * scale**power)
@@ -267,92 +195,3 @@ def plan(spec, memory=None, context=None, reserve=0):
             row["fits"] = row["total_bytes"] + reserve <= memory
         rows.append(row)
     return rows
-
-
-def format_table(spec, rows, memory, context=None, reserve=0):
-    gb = lambda b: f"{b / 1e9:.2f} GB"
-    limit = spec.config.get("max_position_embeddings")
-    lines = [
-        f"model: {spec.name}",
-        f"weights: {gb(spec.weight_bytes)} (from {spec.weights_from}); memory budget: {gb(memory)}"
-        + (f", {gb(reserve)} reserved" if reserve else "")
-        + (f"; model context: {limit} tokens" if limit else ""),
-    ]
-    if context:
-        lines.append(f"{'cache':<6} {'KV/token':>10} {'KV at ' + str(context):>16} {'with weights':>14}  fits")
-        for r in rows:
-            lines.append(
-                f"{r['cache']:<6} {r['bytes_per_token'] / 1024:>8.1f}KB {gb(r['kv_bytes']):>16} "
-                f"{gb(r['total_bytes']):>14}  {'yes' if r['fits'] else 'no'}"
-            )
-    else:
-        lines.append(f"{'cache':<6} {'KV/token':>10} {'longest context':>16} {'usable (model max)':>19}")
-        for r in rows:
-            lines.append(
-                f"{r['cache']:<6} {r['bytes_per_token'] / 1024:>8.1f}KB {r['max_context']:>16,} "
-                f"{r['usable_context']:>19,}"
-            )
-    return "\n".join(lines)
-
-
-def write_plot(path, spec, memory, reserve=0):
-    """Memory (weights + KV) against context for each cache config, with the budget."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ImportError("--plot needs matplotlib: pip install matplotlib") from None
-    limit = spec.config.get("max_position_embeddings") or 131072
-    top = max(limit, max_context(spec.config, max(1, memory - spec.weight_bytes - reserve), 2))
-    xs = [int(top * i / 200) for i in range(1, 201)]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for bits in BITS:
-        ax.plot(xs, [(spec.weight_bytes + kv_bytes(spec.config, x, bits)) / 1e9 for x in xs], label=label(bits))
-    ax.axhline((memory - reserve) / 1e9, color="k", ls="--", label="budget")
-    if spec.config.get("max_position_embeddings"):
-        ax.axvline(limit, color="gray", ls=":", label="model context")
-    ax.set_xlabel("context (tokens)")
-    ax.set_ylabel("weights + KV cache (GB)")
-    ax.set_title(spec.name)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def setup_arg_parser():
-    p = argparse.ArgumentParser(
-        prog="mlx_kvq.plan",
-        description="The longest context that fits in memory for fp16, 8, 4, 3 and 2-bit KV caches "
-        "(weights included), or the memory a given context takes.",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--model", help="model directory, config.json, .gguf file or Hugging Face repo (default: embedded SmolLM2)")
-    p.add_argument("--memory", type=parse_size, help="memory budget, e.g. 16GB (default: this machine's RAM)")
-    p.add_argument("--reserve", type=parse_size, default=0, help="memory kept for everything else, e.g. 2GB (default: 0)")
-    p.add_argument("--context", type=int, help="report the memory this many tokens take instead")
-    p.add_argument("--plot", metavar="PNG", help="also plot memory against context to this PNG file")
-    return p
-
-
-def main(argv=None):
-    args = setup_arg_parser().parse_args(argv)
-    try:
-        if args.context is not None and args.context < 1:
-            raise ValueError("--context must be at least 1.")
-        spec = load_spec(args.model)
-        memory = args.memory or machine_memory()
-        rows = plan(spec, memory, args.context, args.reserve)
-        print(format_table(spec, rows, memory, args.context, args.reserve))
-        if args.plot:
-            write_plot(args.plot, spec, memory, args.reserve)
-            print(f"plot written to {args.plot}")
-    except (ValueError, FileNotFoundError, RuntimeError, ImportError, OSError) as e:
-        sys.exit(f"mlx_kvq.plan: error: {e}")
-
-
-if __name__ == "__main__":
-    main()

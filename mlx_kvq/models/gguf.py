@@ -1,4 +1,6 @@
-"""Load a GGUF file (llama architecture, byte-level BPE vocabulary) as an mlx-lm model.
+"""GGUF files: the header's metadata (``read_metadata``, no tensors read, and
+``gguf_config``, an HF-style config of it), and a whole file (llama architecture,
+byte-level BPE vocabulary) loaded as an mlx-lm model (``load_gguf``).
 
 ``mx.load`` reads GGUF natively: Q4_0, Q4_1 and Q8_0 tensors come back in MLX's
 affine quantized layout (``weight`` uint32, ``scales``, ``biases``, groups of 32),
@@ -7,12 +9,13 @@ tokenizer an mlx-lm ``TokenizerWrapper``, so ``mlx_lm.generate`` works as usual.
 """
 
 import re
+import struct
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models import llama
-from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, TokenizerWrapper
+
+from ..bridge import BPEStreamingDetokenizer, TokenizerWrapper, llama
 
 # GGUF tensor name (within a block, or at the top) -> mlx-lm llama parameter name.
 LAYER_NAMES = {
@@ -54,14 +57,75 @@ PRE_TOKENIZERS = {
 }
 
 
+GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+
+def is_gguf(path):
+    """Whether the file at ``path`` starts with the GGUF magic bytes."""
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def read_metadata(path):
+    """The key/value metadata of a GGUF file (tensors are not read)."""
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ValueError(f"{path} is not a GGUF file.")
+        version, _, n_kv = struct.unpack("<IQQ", f.read(20))
+        if version < 2:
+            raise ValueError(f"{path}: GGUF version {version} is too old.")
+
+        def string():
+            (n,) = struct.unpack("<Q", f.read(8))
+            return f.read(n).decode("utf-8", errors="replace")
+
+        def value(t):
+            if t in GGUF_SCALARS:
+                fmt = "<" + GGUF_SCALARS[t]
+                return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
+            if t == 8:
+                return string()
+            if t == 9:
+                sub, n = struct.unpack("<IQ", f.read(12))
+                return [value(sub) for _ in range(n)]
+            raise ValueError(f"{path}: unknown GGUF value type {t}.")
+
+        meta = {}
+        for _ in range(n_kv):
+            key = string()
+            (t,) = struct.unpack("<I", f.read(4))
+            meta[key] = value(t)
+    return meta
+
+
+def gguf_config(meta):
+    """An HF-style config dict from GGUF metadata."""
+    arch = meta.get("general.architecture", "llama")
+    get = lambda k, d=None: meta.get(f"{arch}.{k}", d)
+    heads = get("attention.head_count")
+    hidden = get("embedding_length")
+    if heads is None or hidden is None:
+        raise ValueError("The GGUF metadata lacks the attention head count or embedding length.")
+    return {
+        "model_type": arch,
+        "hidden_size": hidden,
+        "num_hidden_layers": get("block_count"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": get("attention.head_count_kv", heads),
+        "head_dim": get("attention.key_length", hidden // heads),
+        "v_head_dim": get("attention.value_length", None),
+        "max_position_embeddings": get("context_length"),
+        "sliding_window": get("attention.sliding_window"),
+    }
+
+
 def read_gguf(path):
     """Return ``(weights, metadata)`` of a GGUF file, with clear errors for bad files."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {path}")
-    with open(path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise ValueError(f"{path} is not a GGUF file (no GGUF magic bytes)")
+    if not is_gguf(path):
+        raise ValueError(f"{path} is not a GGUF file (no GGUF magic bytes)")
     try:
         return mx.load(str(path), return_metadata=True)
     except Exception as e:

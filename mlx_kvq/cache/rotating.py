@@ -8,24 +8,16 @@ packed (then recent-window) tokens that no new query can see: a query at positio
 ``t`` sees the ``keep`` tokens and the keys ``j`` with ``t - j < max_size - keep``.
 
 Tokens are held in order, without a ring buffer, so attention goes through
-``quantized_sdpa`` unchanged: the view it gets counts positions over the tokens held
-(``RotatingView``), and ``make_mask`` builds the window mask over the same tokens.
+``quantized_sdpa`` unchanged: the view it gets counts positions over the tokens held,
+and ``make_mask`` builds the window mask over the same tokens.
 """
 
 import json
 
 import mlx.core as mx
 
-from .cache import KVView, QuantizedKVCache
-
-
-class RotatingView(KVView):
-    """A ``KVView`` whose positions count the tokens held, not the tokens seen."""
-
-    def __init__(self, cache, query_len):
-        super().__init__(cache, query_len)
-        self.offset = cache.held()
-        self.q_start = self.offset - query_len
+from .quantized import QuantizedKVCache
+from .view import KVView
 
 
 class QuantizedRotatingKVCache(QuantizedKVCache):
@@ -84,7 +76,7 @@ class QuantizedRotatingKVCache(QuantizedKVCache):
         if not self.empty():
             self._drop()
         super().update_and_fetch(keys, values)
-        view = RotatingView(self, keys.shape[2])
+        view = KVView(self, keys.shape[2], self.held())  # positions count the tokens held
         return view, view
 
     def make_mask(self, N, return_array=False, window_size=None):
@@ -129,5 +121,5 @@ class QuantizedRotatingKVCache(QuantizedKVCache):
         raise NotImplementedError("Build a QuantizedRotatingKVCache empty and fill it with the model.")
 
 
-# Saved by class name and looked up in mlx_lm.models.cache (registered by mlx_kvq.integration).
+# Saved by class name and looked up in mlx_lm.models.cache (registered by mlx_kvq.bridge).
 QuantizedRotatingKVCache.__name__ = QuantizedRotatingKVCache.__qualname__ = "MlxKvqQuantizedRotatingKVCache"

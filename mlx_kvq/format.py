@@ -7,6 +7,8 @@ microscaling modes (``mxfp8``, ``mxfp4``, ``nvfp4``).
 
 import mlx.core as mx
 
+FLOATS = (mx.float16, mx.bfloat16, mx.float32)
+
 # mode -> (allowed bits, allowed group sizes)
 MODES = {
     "affine": ((2, 3, 4, 5, 6, 8), (32, 64, 128)),
@@ -14,6 +16,12 @@ MODES = {
     "mxfp4": ((4,), (32,)),
     "nvfp4": ((4,), (16,)),
 }
+
+
+AFFINE_BITS = MODES["affine"][0]
+GROUP_SIZES = MODES["affine"][1]
+FP_FORMATS = {m: (bits[0], groups[0]) for m, (bits, groups) in MODES.items() if m != "affine"}
+MODE_ID = {"affine": 0, "mxfp4": 1, "nvfp4": 2, "mxfp8": 3}  # the kernels' MODE template value
 
 
 def default_group_size(mode):
@@ -73,3 +81,30 @@ def bytes_per_token(head_dim, bits, group_size, mode="affine", scale_bytes=2):
     n = head_dim * bits // 8
     groups = head_dim // group_size
     return n + (2 * groups * scale_bytes if mode == "affine" else groups)
+
+
+def unpacked_dim(words, bits):
+    """The head dim that ``words`` uint32 words of ``bits``-bit codes hold."""
+    return words * 32 // bits
+
+
+def supported(bits, group_size, mode, head_dim):
+    """Whether ``(bits, group_size, mode)`` is a format and ``group_size`` divides ``head_dim``."""
+    allowed = MODES.get(mode)
+    return bool(allowed) and bits in allowed[0] and group_size in allowed[1] and head_dim % group_size == 0
+
+
+def is_packed(p, B, H, head_dim, bits, group_size, mode):
+    """Whether ``p`` is a packed tuple (B, H, C, ...) of this format for ``head_dim``."""
+    if not isinstance(p, (tuple, list)) or len(p) != (3 if mode == "affine" else 2):
+        return False
+    w, s = p[0], p[1]
+    if w.ndim != 4 or w.dtype != mx.uint32 or tuple(w.shape[:2]) != (B, H):
+        return False
+    if w.shape[3] * 32 != head_dim * bits:
+        return False
+    if tuple(s.shape) != (B, H, w.shape[2], head_dim // group_size):
+        return False
+    if mode == "affine":
+        return s.dtype in FLOATS and p[2].dtype == s.dtype and tuple(p[2].shape) == tuple(s.shape)
+    return s.dtype == mx.uint8

@@ -1,4 +1,5 @@
-"""The one place that touches mlx-lm internals.
+"""The one module that imports mlx-lm: everything else reaches mlx-lm through it
+(``tests/test_layers.py`` scans the imports).
 
 * ``make_prompt_cache`` builds mlx-lm's cache for a model and swaps its attention
   layers' ``KVCache`` for ``QuantizedKVCache``.
@@ -10,26 +11,50 @@
 * Our class is registered in ``mlx_lm.models.cache`` so that mlx-lm's
   ``load_prompt_cache`` (which looks classes up there by name) finds it.
 * ``fp16_batch_cache``, ``extract_row``, ``empty_fp16_cache``, ``is_fp16_cache`` and
-  ``merge_mlx_lm_caches``: the mlx-lm cache classes ``mlx_kvq.batch`` uses.
+  ``merge_mlx_lm_caches``: the mlx-lm cache classes batched generation uses.
+* mlx-lm's generation, sampling, loading, llama model and tokenizer classes, as the
+  other modules use them (``stream_generate``, ``make_sampler``, ``load_mlx_lm``,
+  ``llama``, ``TokenizerWrapper``, ``BPEStreamingDetokenizer``).
 """
 
 import os
 import sys
 
+import mlx_lm
 import mlx_lm.models.cache as lm_cache
+from mlx_lm.models import llama  # noqa: F401  (the GGUF loader builds this architecture)
+from mlx_lm.sample_utils import make_sampler  # noqa: F401
+from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, TokenizerWrapper  # noqa: F401
 
 from .attention import quantized_sdpa
-from .cache import KVView, QuantizedKVCache
-from .rotating import QuantizedRotatingKVCache
+from .cache import KVView, QuantizedKVCache, QuantizedRotatingKVCache, cache_options
+
+stream_generate = mlx_lm.stream_generate
+load_mlx_lm = mlx_lm.load
+KVCache = lm_cache.KVCache
 
 setattr(lm_cache, QuantizedKVCache.__name__, QuantizedKVCache)
 setattr(lm_cache, QuantizedRotatingKVCache.__name__, QuantizedRotatingKVCache)
 
 
+# view class -> attention over it: ``fn(queries, view, scale=, mask=, sinks=)``
+ROUTES = {KVView: quantized_sdpa}
+
+
+def add_route(view_type, fn):
+    """Route attention whose ``keys`` are a ``view_type`` to ``fn`` in patched models
+    (``fn(queries, view, scale=..., mask=..., sinks=...)``), as ``KVView`` goes to
+    ``quantized_sdpa``."""
+    ROUTES[view_type] = fn
+
+
 def _route(original):
     def scaled_dot_product_attention(queries, keys, values, cache=None, scale=1.0, mask=None, sinks=None):
-        if isinstance(keys, KVView):
-            return quantized_sdpa(queries, keys, scale=scale, mask=mask, sinks=sinks)
+        fn = ROUTES.get(type(keys))
+        if fn is None:
+            fn = next((f for t, f in ROUTES.items() if isinstance(keys, t)), None)
+        if fn is not None:
+            return fn(queries, keys, scale=scale, mask=mask, sinks=sinks)
         return original(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
 
     scaled_dot_product_attention.mlx_kvq_original = original
@@ -37,7 +62,7 @@ def _route(original):
 
 
 def patch(model):
-    """Route attention over ``QuantizedKVCache`` to mlx_kvq in every module ``model`` uses."""
+    """Route attention over our views (``ROUTES``) in every module ``model`` uses."""
     for m in model.modules():
         module = sys.modules.get(type(m).__module__)
         f = getattr(module, "scaled_dot_product_attention", None)
@@ -68,19 +93,12 @@ def make_prompt_cache(
     """
     patch(model)
     caches = lm_cache.make_prompt_cache(model, max_kv_size=max_kv_size)
-    if kv_bits is None and k_bits is None and v_bits is None:
-        return caches
-    config = dict(
-        bits=kv_bits if kv_bits is not None else (k_bits or v_bits),
-        group_size=kv_group_size,
-        k_bits=k_bits,
-        v_bits=v_bits,
-        mode=mode,
-        rotate=rotate,
-        sinks=sinks,
-        window=window,
-        start=quantized_kv_start,
+    config = cache_options(
+        kv_bits, k_bits=k_bits, v_bits=v_bits, kv_group_size=kv_group_size, mode=mode,
+        quantized_kv_start=quantized_kv_start, rotate=rotate, sinks=sinks, window=window,
     )
+    if config is None:
+        return caches
     QuantizedKVCache(**config)  # validate once, even for a model with no KVCache layers
     return [_quantized(c, config) for c in caches]
 
@@ -127,20 +145,31 @@ def load_prompt_cache(path, model=None, expect=False, return_metadata=False):
         caches, metadata = lm_cache.load_prompt_cache(str(path), return_metadata=True)
     except Exception as e:
         raise ValueError(f"{path} is not a readable prompt cache file ({type(e).__name__}: {e}).") from None
+    check_prompt_cache(path, caches, model, expect)
+    return (caches, metadata) if return_metadata else caches
+
+
+def check_prompt_cache(path, caches, model=None, expect=False):
+    """Raise ``ValueError`` unless the caches loaded from ``path`` fit ``model`` (layer
+    count; the model is then patched) and have the KV config ``expect`` (see
+    :func:`load_prompt_cache`)."""
     if model is not None:
-        n = len(lm_cache.make_prompt_cache(model))
+        n = num_layer_caches(model)
         if len(caches) != n:
             raise ValueError(f"{path} holds a cache for {len(caches)} layers; this model has {n}.")
         patch(model)
     if expect is not False:
         found = cache_config(caches)
-        wanted = expect
-        if found != wanted:
+        if found != expect:
             raise ValueError(
                 f"{path} was saved with KV cache config {_describe(found)}, "
-                f"but {_describe(wanted)} was asked for. Use the same KV flags as when the file was made."
+                f"but {_describe(expect)} was asked for. Use the same KV flags as when the file was made."
             )
-    return (caches, metadata) if return_metadata else caches
+
+
+def num_layer_caches(model):
+    """How many layer caches mlx-lm makes for ``model``."""
+    return len(lm_cache.make_prompt_cache(model))
 
 
 def _describe(config):

@@ -26,73 +26,12 @@ import json
 
 import mlx.core as mx
 
-from . import kernels, quant
-from .attention import causal_mask, eval_now
-from .rotation import rotate, rotation
-
-ROTATE = (None, "k", "kv")
-
-
-def default_options(k_bits, v_bits, mode="affine"):
-    """The group size, rotation, sinks and window a format gets unless told otherwise.
-
-    Chosen on SmolLM2-135M-Instruct, 4096 tokens, token-by-token decode semantics
-    (benchmarks/FIDELITY.md): a 32-token unquantized window does most of the work,
-    Hadamard rotation roughly halves what is left, group 32 is needed below 4 bits
-    (at 4 bits group 64 meets the targets and keeps the cache at ~0.28x of fp16).
-    """
-    low = min(k_bits, v_bits)
-    if mode != "affine":
-        rotate = "kv" if low <= 4 else None
-        return {"group_size": None, "rotate": rotate, "sinks": 4 if rotate else 0, "window": 32}
-    if low >= 8:
-        return {"group_size": 64, "rotate": None, "sinks": 0, "window": 32}
-    window = {2: 256, 3: 64}.get(low, 32)
-    return {"group_size": 32 if low <= 3 else 64, "rotate": "kv", "sinks": 4, "window": window}
-
-
-class KVView:
-    """What ``update_and_fetch`` returns: the cache's runs for this step's attention."""
-
-    def __init__(self, cache, query_len):
-        self.cache = cache
-        self.offset = cache.offset
-        self.q_start = cache.offset - query_len
-        self.sinks = (cache.sink_keys, cache.sink_values)
-        self.packed = (cache.keys, cache.values, cache.n_packed)
-        # the window's buffers and the rows in use (the decode kernel reads them as they
-        # are: slicing would cost an op per step)
-        self.window_buffers = (cache._wk, cache._wv, cache._wn, cache._wvn)
-        self._window = None
-
-    @property
-    def window(self):
-        """``(keys, values)`` of the recent unquantized window (or ``(None, None)``)."""
-        if self._window is None:
-            wk, wv, n, nv = self.window_buffers
-            self._window = (_first(wk, n), _first(wv, nv))
-        return self._window
-
-    def segments(self):
-        """``(kind, keys, values, k_start, n, positions)`` for each non-empty part.
-
-        The packed run holds the contiguous positions ``k_start .. k_start + n``
-        (``positions`` None); the unquantized tokens, sinks and recent window
-        together, are one ``"dense"`` part whose ``positions`` array says where each sits.
-        """
-        sk, sv = self.sinks
-        k, v, n = self.packed
-        wk, wv = self.window
-        s = 0 if sk is None else sk.shape[2]
-        w = 0 if wk is None else wk.shape[2]
-        out = [("packed", k, v, s, n, None)] if n else []
-        if s and w:
-            pos = mx.concatenate([mx.arange(s), mx.arange(s + n, s + n + w)])
-            out.append(("dense", mx.concatenate([sk, wk], axis=2), mx.concatenate([sv, wv], axis=2), 0, s + w, pos))
-        elif s or w:
-            k_start = 0 if s else s + n
-            out.append(("dense", sk if s else wk, sv if s else wv, k_start, s + w, None))
-        return out
+from .. import format as fmt
+from .. import kernels
+from ..kernels.backend import eval_now
+from ..rotation import rotate, rotation
+from .defaults import ROTATE, default_options, init_kwargs
+from .view import KVFormat, KVView, first_tokens
 
 
 class QuantizedKVCache:
@@ -130,11 +69,11 @@ class QuantizedKVCache:
         self.k_bits = bits if k_bits is None else k_bits
         self.v_bits = bits if v_bits is None else v_bits
         self.mode = mode
-        quant.check(self.k_bits, quant.default_group_size(mode), mode, what="key")
-        quant.check(self.v_bits, quant.default_group_size(mode), mode, what="value")
+        fmt.check(self.k_bits, fmt.default_group_size(mode), mode, what="key")
+        fmt.check(self.v_bits, fmt.default_group_size(mode), mode, what="value")
         defaults = default_options(self.k_bits, self.v_bits, mode)
-        self.group_size = group_size or defaults["group_size"] or quant.default_group_size(mode)
-        quant.check(self.k_bits, self.group_size, mode, what="key")
+        self.group_size = group_size or defaults["group_size"] or fmt.default_group_size(mode)
+        fmt.check(self.k_bits, self.group_size, mode, what="key")
         self.rotate = defaults["rotate"] if rotate is None else (rotate or None)
         self.sinks = defaults["sinks"] if sinks is None else int(sinks)
         self.window = defaults["window"] if window is None else int(window)
@@ -144,6 +83,7 @@ class QuantizedKVCache:
         for name in ("sinks", "window", "start"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
+        self.format = KVFormat(self.k_bits, self.v_bits, self.group_size, self.mode, self.rotate)
         self.offset = 0
         self.n_packed = 0
         self.k_dim = self.v_dim = self.kv_heads = self.dtype = None
@@ -185,7 +125,7 @@ class QuantizedKVCache:
 
     def padded_dim(self, d):
         """Head dims that the group size does not divide are zero-padded up to a multiple."""
-        return -(-d // self.group_size) * self.group_size
+        return self.format.padded_dim(d)
 
     @property
     def store_dtype(self):
@@ -229,18 +169,22 @@ class QuantizedKVCache:
         # in decode the window is packed down to ``window`` tokens every flush_block steps.
         if L > 1:
             self._steps = 0
-            self._flush(max(self.window, L))
+            self.flush(max(self.window, L))
         else:
             self._steps += 1
             if (self._steps - 1) % self.flush_block == 0:
-                self._flush()
-        view = KVView(self, L)
+                self.flush()
+        view = KVView(self, L, self.offset)
         return view, view
 
     # the recent window: the first ``_wn`` tokens of the buffers ``_wk``/``_wv``
+    def window_buffers(self):
+        """``(keys, values, n_keys, n_values)``: the window's buffers and the rows in use."""
+        return self._wk, self._wv, self._wn, self._wvn
+
     @property
     def window_keys(self):
-        return _first(self._wk, self._wn)
+        return first_tokens(self._wk, self._wn)
 
     @window_keys.setter
     def window_keys(self, x):
@@ -249,7 +193,7 @@ class QuantizedKVCache:
 
     @property
     def window_values(self):
-        return _first(self._wv, self._wvn)
+        return first_tokens(self._wv, self._wvn)
 
     @window_values.setter
     def window_values(self, x):
@@ -271,7 +215,7 @@ class QuantizedKVCache:
     def _window_append_kernel(self, keys, values):
         """Decode on GPUs: rotate and cast the new rows and write them into the window
         buffers in one launch (``kernels.window_append``); False where it does not apply."""
-        if keys.shape[2] > kernels.DECODE_MAX_L or self._wn != self._wvn:
+        if not kernels.is_decode(keys.shape[2]) or self._wn != self._wvn:
             return False
         if self.padded_dim(keys.shape[-1]) != keys.shape[-1]:
             return False
@@ -282,7 +226,7 @@ class QuantizedKVCache:
         self._wn = self._wvn = self._wn + keys.shape[2]
         return True
 
-    def _flush(self, keep=None):
+    def flush(self, keep=None):
         """Pack all but the ``keep`` (default: ``window``) most recent unquantized tokens
         (nothing while the cache holds fewer than ``start`` tokens)."""
         if self.offset >= self.start:
@@ -303,8 +247,8 @@ class QuantizedKVCache:
     def _append_packed(self, keys, values):
         n, m = self.n_packed, keys.shape[2]
         if self.keys is None or n + m > self.keys[0].shape[2]:
-            pk = quant.quantize(keys, self.k_bits, self.group_size, self.mode)
-            pv = quant.quantize(values, self.v_bits, self.group_size, self.mode)
+            pk = fmt.quantize(keys, self.k_bits, self.group_size, self.mode)
+            pv = fmt.quantize(values, self.v_bits, self.group_size, self.mode)
             grow = (n + m + self.step - 1) // self.step * self.step - n
             self.keys = _grow(self.keys, pk, n, grow)
             self.values = _grow(self.values, pv, n, grow)
@@ -315,9 +259,9 @@ class QuantizedKVCache:
             # 32k tokens, 4-bit: +1.1 GiB at the step that grows them)
             eval_now(self.keys, self.values)
         else:  # the quantize-append kernel on GPUs (bit-identical to mx.quantize)
-            fmt = dict(group_size=self.group_size, mode=self.mode)
-            self.keys = kernels.quantize_append(keys, self.keys, n, bits=self.k_bits, **fmt)
-            self.values = kernels.quantize_append(values, self.values, n, bits=self.v_bits, **fmt)
+            f = dict(group_size=self.group_size, mode=self.mode)
+            self.keys = kernels.quantize_append(keys, self.keys, n, bits=self.k_bits, **f)
+            self.values = kernels.quantize_append(values, self.values, n, bits=self.v_bits, **f)
         self.n_packed = n + m
 
     def size(self):
@@ -404,18 +348,7 @@ class QuantizedKVCache:
         if len(v) != 9 or not isinstance(v[0], str):
             raise ValueError("Not a mlx_kvq QuantizedKVCache state (was it saved by another cache class?).")
         head = json.loads(v[0])
-        config = head["config"]
-        self.__init__(
-            config["k_bits"],
-            config["group_size"],
-            k_bits=config["k_bits"],
-            v_bits=config["v_bits"],
-            mode=config["mode"],
-            rotate=config["rotate"] or False,
-            sinks=config["sinks"],
-            window=config["window"],
-            start=config["start"],
-        )
+        QuantizedKVCache.__init__(self, **init_kwargs(head["config"]))
         self.kv_heads, self.k_dim, self.v_dim, dtype = head["dims"]
         self._steps = head.get("steps", 0)  # where the decode flush schedule stands
         self.dtype = dtype and getattr(mx, dtype)
@@ -449,7 +382,7 @@ class QuantizedKVCache:
         if cache.offset:
             n = cache.offset
             obj.update_and_fetch(cache.keys[:, :, :n], cache.values[:, :, :n])
-            obj._flush()
+            obj.flush()
         return obj
 
 
@@ -460,13 +393,6 @@ QuantizedKVCache.__name__ = QuantizedKVCache.__qualname__ = "MlxKvqQuantizedKVCa
 
 def _cat(a, b):
     return b if a is None or a.shape[2] == 0 else mx.concatenate([a, b], axis=2)
-
-
-def _first(buf, n):
-    """The first ``n`` tokens of a buffer (the buffer itself when it is exactly full)."""
-    if buf is None:
-        return None
-    return buf if buf.shape[2] == n else buf[:, :, :n]
 
 
 def _cat_spare(a, b, spare):
@@ -485,3 +411,27 @@ def _grow(buffers, like, n, grow):
     if buffers is None:
         return new
     return tuple(mx.concatenate([b[:, :, :n], z], axis=2) for b, z in zip(buffers, new))
+
+
+def causal_mask(N, offset, window_size=None):
+    """Boolean (N, offset + N) mask: query i sees key j iff j <= offset + i (and within the window)."""
+    q = mx.arange(offset, offset + N)[:, None]
+    k = mx.arange(offset + N)[None]
+    mask = q >= k
+    if window_size is not None:
+        mask = mask & (q < k + window_size)
+    return mask
+
+
+def compact(caches):
+    """Copy our caches' sink and recent-window slices out of the prefill buffers.
+
+    A slice shares its parent's buffer: without this, the few sink tokens would keep a
+    whole unquantized prefill chunk alive.
+    """
+    for c in caches:
+        for name in ("sink_keys", "sink_values", "window_keys", "window_values"):
+            a = getattr(c, name, None)
+            if a is not None:
+                setattr(c, name, mx.contiguous(a) if a.shape[2] else None)
+    return caches

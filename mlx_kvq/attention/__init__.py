@@ -1,0 +1,5 @@
+"""Attention over the quantized caches' views: ``quantized_sdpa`` dispatches to the fused
+kernels, the GPU prefill path or the reference (``dispatch``)."""
+
+from .dispatch import PATHS, packed_attention, quantized_sdpa
+from .reference import blocked_attention, dense_attention, merge, packed_reference

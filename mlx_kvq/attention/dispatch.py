@@ -1,0 +1,163 @@
+"""Attention over a cache view: the paths, in order, and the one rule that picks them.
+
+Each run of the cache (sinks, packed, recent window) gives a partial result
+``(out, lse)``: the softmax-weighted values over that run's keys and the
+log-sum-exp of its scores. Partials merge exactly by log-sum-exp, so the packed
+run can go to a fused kernel while the short unquantized runs take the reference.
+
+``PATHS`` are tried in order; the first that applies computes the output:
+
+1. ``decode_whole``: a decode step (``kernels.is_decode``) on a GPU, with no attention
+   sinks and a rotation the kernel applies itself: one launch does it all (rotations,
+   the model's dtype) -- on GPUs every extra op costs host time, which decode steps
+   are short of.
+2. ``prefill_dequantized``: a prefill chunk on a GPU whose layer fits
+   ``PREFILL_COPY_BYTES`` unquantized: dequantize once, MLX's fused attention.
+3. ``partials``: the decode kernel's ``(out, lse)`` where it applies, else the packed
+   run's kernel or reference and the unquantized runs' reference, merged.
+"""
+
+import mlx.core as mx
+
+from .. import kernels
+from ..rotation import rotate
+from .prefill import prefill_dequantized
+from .reference import dense_attention, merge, packed_reference
+
+
+def quantized_sdpa(queries, view, scale, mask=None, sinks=None):
+    """``mx.fast.scaled_dot_product_attention`` over a cache view (see ``QuantizedKVCache``).
+
+    ``queries``: (B, Hq, L, D). ``mask``: None, ``"causal"``, or a bool/additive array
+    broadcastable to (B, Hq, L, offset). ``sinks``: optional per-head logits (Hq,)
+    added to every softmax denominator, as in ``mx.fast.scaled_dot_product_attention``.
+    """
+    q = queries
+    d = view.format.padded_dim(q.shape[-1])
+    if d != q.shape[-1]:
+        q = mx.pad(q, [(0, 0)] * 3 + [(0, d - q.shape[-1])])
+    if isinstance(mask, str) and mask != "causal":
+        raise ValueError(f"Unsupported mask {mask!r}.")
+    for path in PATHS:
+        out = path(q, view, scale, mask, sinks, queries.dtype)
+        if out is not None:
+            return _finish(out, view.v_dim, queries.dtype)
+    raise AssertionError("the partials path always applies")
+
+
+def _whole_in_kernel(q, view, sinks):
+    """Whether the decode kernel can do a whole step: no sinks, a rotation it applies."""
+    return sinks is None and (not view.format.rotate or kernels.rotates_in_kernel(q.shape[-1]))
+
+
+def decode_whole(q, view, scale, mask, sinks, dtype):
+    if not _whole_in_kernel(q, view, sinks):
+        return None
+    rot = view.format.rotate
+    fused = _fused_decode(q, view, scale, mask, rotate=rot, out_dtype=dtype)
+    return None if fused is None else fused[0]
+
+
+def prefill_path(q, view, scale, mask, sinks, dtype):
+    if kernels.is_decode(q.shape[2]) or not kernels.enabled():
+        return None
+    rot = view.format.rotate
+    out = prefill_dequantized(rotate(q) if rot else q, view, scale, mask, sinks)  # in the cache's dtype
+    if out is None:
+        return None
+    return rotate(out, inverse=True) if rot == "kv" else out
+
+
+def partials(q, view, scale, mask, sinks, dtype):
+    rot = view.format.rotate
+    if rot:
+        q = rotate(q)
+    fused = None if _whole_in_kernel(q, view, sinks) else _fused_decode(q, view, scale, mask)
+    if fused is None:
+        fused = merge(_segment_parts(q, view, scale, mask))
+    out, lse = fused  # float32: sinks applied here, then the model's dtype
+    if sinks is not None:
+        s = sinks.astype(mx.float32).reshape(1, -1, 1)
+        total = mx.logaddexp(lse, s)
+        out = out * mx.exp(lse - total)[..., None]
+    if rot == "kv":
+        out = rotate(out.astype(dtype), inverse=True)  # rotate back in the model's precision
+    return out
+
+
+PATHS = (decode_whole, prefill_path, partials)
+
+
+def _finish(out, v_dim, dtype):
+    """Drop the zero-padded value dims and cast (no ops where there is nothing to do)."""
+    if out.shape[-1] != v_dim:
+        out = out[..., :v_dim]
+    return out if out.dtype == dtype else out.astype(dtype)
+
+
+def _split_mask(mask):
+    """``(causal, array_mask)`` from None, ``"causal"`` or an array."""
+    causal = isinstance(mask, str)
+    return causal, None if causal or mask is None else mask
+
+
+def _fused_decode(q, view, scale, mask, rotate=None, out_dtype=mx.float32):
+    """(out, lse) from the one-launch decode kernel over the whole view, or None
+    where it does not apply (prefill, formats it lacks, no GPU, MLX_KVQ_REFERENCE=1).
+    ``rotate``: the kernels rotate ``q`` (and, for ``"kv"``, rotate the output back)."""
+    if not kernels.is_decode(q.shape[2]) or not kernels.enabled():
+        return None
+    causal, mask = _split_mask(mask)
+    f = view.format
+    k, v, n = view.packed
+    if not (n > 0 and k is not None):
+        k = v = None
+    present = lambda run: run if run[0] is not None and run[0].shape[2] else None
+    sinks = present(view.sinks)
+    wk, wv, nw, nwv = view.window_buffers
+    if wk is not None and nw and nw == nwv:
+        window = (wk, wv)  # the whole buffers: the kernel reads their first nw rows
+    else:
+        window = present(view.window)
+        nw = 0 if window is None else window[0].shape[2]
+    dense = sinks or window
+    if k is None and dense is None:
+        return None
+    fmt = dict(k_bits=f.k_bits, v_bits=f.v_bits, group_size=f.group_size)
+    dense_dtype = dense[0].dtype if dense else None
+    if not kernels.decode_supports(q, k, v, dense_dtype, mode=f.mode, mask=mask, **fmt):
+        return None
+    return kernels.decode_attention(
+        q, k, v, n, sinks, window, nw=nw, scale=scale, q_start=view.q_start, causal=causal, mask=mask,
+        rotate_q=bool(rotate), rotate_out=rotate == "kv", out_dtype=out_dtype, **fmt
+    )
+
+
+def _segment_parts(q, view, scale, mask):
+    """Partial (out, lse) per run of the view: packed kernel or reference, dense reference."""
+    causal, array_mask = _split_mask(mask)
+    parts = []
+    for kind, k, v, k_start, n, pos in view.segments():
+        m = array_mask
+        if m is not None:
+            m = m[..., k_start : k_start + n] if pos is None else mx.take(m, pos, axis=-1)
+        args = dict(scale=scale, q_start=view.q_start, k_start=k_start, causal=causal, mask=m)
+        if kind == "packed":
+            parts.append(packed_attention(q, k, v, n, view.format, **args))
+        else:
+            parts.append(dense_attention(q, k, v, k_pos=pos, **args))
+    return parts
+
+
+def packed_attention(q, k, v, n, fmt, **args):
+    """Partial attention over the packed run: the packed kernel in decode steps where it
+    applies, else the reference (``fmt``: the cache's ``KVFormat``).
+
+    Prefill chunks take the reference: the tiled prefill kernel is correct but slower
+    than it on CUDA (``bench_attention``).
+    """
+    f = dict(k_bits=fmt.k_bits, v_bits=fmt.v_bits, group_size=fmt.group_size, mode=fmt.mode)
+    if kernels.is_decode(q.shape[2]) and kernels.enabled():  # MLX_KVQ_REFERENCE=1: never
+        if kernels.supports(q, k, v, mask=args["mask"], **f):
+            return kernels.packed_attention(q, k, v, n, **f, **args)
+    return packed_reference(q, k, v, n, fmt, **args)

@@ -1,0 +1,86 @@
+"""``mlx_kvq.summarize``: summarize (or question) a long document with a quantized KV cache.
+
+    mlx_kvq.summarize report.md
+    mlx_kvq.summarize contract.pdf --instruction "List the obligations of each party."
+
+Progress goes to stderr, the answer streams on stdout (``mlx_kvq.generation.summarize``
+says how long documents are split). ``--prompt-cache-file`` reuses a document cached by
+``mlx_kvq.cache_prompt``.
+"""
+
+import argparse
+import sys
+
+import mlx.core as mx
+
+from ..generation.documents import read_document
+from ..generation.summarize import INSTRUCTION, summarize, summarize_cached
+from ..models import load, prepare_model
+from .args import add_dtype_argument, add_kv_arguments, cache_kwargs, check_kv, expected_config
+from .report import cache_report, fp16_nbytes
+
+EXAMPLES = """examples:
+  mlx_kvq.summarize report.md
+  mlx_kvq.summarize contract.pdf --instruction "List the obligations of each party."
+  mlx_kvq.summarize book.txt --kv-bits 2 --max-tokens 400
+  mlx_kvq.cache_prompt report.md --prompt-cache-file r.safetensors && \\
+  mlx_kvq.summarize --prompt-cache-file r.safetensors --instruction "What are the risks?"
+"""
+
+
+# -- CLI ---------------------------------------------------------------------------
+def setup_arg_parser():
+    p = argparse.ArgumentParser(
+        prog="mlx_kvq.summarize",
+        description="Summarize or question a long document with a quantized KV cache.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("document", nargs="?", help=".txt/.md file, .pdf (needs pypdf), or - for stdin")
+    p.add_argument("--model", help="local path, Hugging Face repo or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--instruction", default=INSTRUCTION, help=f"what to do with the document (default: {INSTRUCTION!r})")
+    p.add_argument("--max-tokens", "-m", type=int, default=512, help="maximum tokens of the answer (default: 512)")
+    p.add_argument("--prefill-step", type=int, default=512, help="tokens per prefill step (default: 512)")
+    p.add_argument("--prompt-cache-file", help="a document cache from mlx_kvq.cache_prompt (instead of a document)")
+    p.add_argument("--context", type=int, help="token budget per pass (default: the model's context length)")
+    add_dtype_argument(p)
+    add_kv_arguments(p)
+    return p
+
+
+def main(argv=None):
+    parser = setup_arg_parser()
+    args = parser.parse_args(argv)
+    if (args.document is None) == (args.prompt_cache_file is None):
+        parser.error("give a document or --prompt-cache-file (one of them)")
+    try:
+        for name in ("max_tokens", "prefill_step"):
+            if getattr(args, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1.")
+        kv = check_kv(cache_kwargs(args))
+        document = read_document(args.document) if args.document else None
+        model, tokenizer = load(args.model)
+        prepare_model(model, args.dtype)
+        if document is None:
+            expect = expected_config(model, kv)
+            result = summarize_cached(model, tokenizer, args.prompt_cache_file, args.instruction,
+                                      max_tokens=args.max_tokens, kv=expect, out=sys.stdout)
+        else:
+            expected_config(model, kv)  # check the KV flags before the long prefill
+            result = summarize(model, tokenizer, document, args.instruction,
+                               max_tokens=args.max_tokens, kv=kv, prefill_step=args.prefill_step,
+                               context=args.context, progress=sys.stderr, out=sys.stdout)
+    except (ValueError, FileNotFoundError, RuntimeError, ImportError, OSError) as e:
+        sys.exit(f"mlx_kvq.summarize: error: {e}")
+    print("=" * 10, file=sys.stderr)
+    passes = f" in {result.chunks} parts + a combining pass" if result.chunks > 1 else ""
+    print(f"Document: {result.prompt_tokens} tokens{passes}", file=sys.stderr)
+    print(f"Peak memory: {mx.get_peak_memory() / 1e9:.3f} GB", file=sys.stderr)
+    print(cache_report(result.cache), file=sys.stderr)
+    fp16 = fp16_nbytes(result.cache)
+    if fp16:
+        print(f"(an fp16 cache would take {fp16 / 2**20:.2f} MiB for the same tokens)", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,5 @@
+import sys
+
+from ..cli.eval import main
+
+sys.exit(main())

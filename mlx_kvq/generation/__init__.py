@@ -1,0 +1,8 @@
+"""Generation workflows over the caches: the prefill loop, prompts, documents cached
+once and questioned later, summaries of long documents, and batched generation."""
+
+from .batch import BatchResponse, batch_generate
+from .documents import cache_document, continuation_tokens, load_document_cache, read_document
+from .prefill import Progress, build_cache, prefill
+from .prompts import encode_prompt
+from .summarize import Summary, summarize, summarize_cached

@@ -1,0 +1,43 @@
+"""Fused kernels over the packed KV cache.
+
+One kernel body per algorithm lives in ``metal/*.metal`` (Metal dialect). It runs on
+Apple GPUs through ``mx.fast.metal_kernel`` (``metal/prelude_metal.h``), on NVIDIA GPUs
+through ``mx.fast.cuda_kernel`` (``metal/prelude_cuda.h`` maps the Metal constructs onto
+CUDA) and, in the tests, on the CPU under the C++ emulation of Metal in
+``tests/emulator``. Each family's ``*_launch`` function takes a *launcher* (see
+:mod:`.backend`), so one launch logic serves all three; the plain function runs it on
+this backend's :func:`launcher`.
+
+The families, one module each:
+
+* :mod:`.decode` -- ``decode_attention``: up to ``MAX_QUERIES`` queries per sequence over a
+  whole cache view (sinks, packed run, window) in one launch; ``decode_supports``.
+* :mod:`.packed` -- ``packed_attention``: ``(out, lse)`` over one packed run; ``supports``.
+* :mod:`.merge` -- ``merge_launch``: split partials merged by log-sum-exp.
+* :mod:`.quantize` -- ``quantize_append``: pack new tokens into the preallocated buffers.
+* :mod:`.window` -- ``window_append``: write decoded tokens into the unquantized window.
+
+Backend and switches (:mod:`.backend`): ``enabled()`` (a GPU backend and not
+``MLX_KVQ_REFERENCE=1``), ``launcher()``, ``use_launcher(launch)`` (run the kernels on
+another launcher, e.g. the tests' emulator), ``backend_name()``, ``num_cores()``. Kernel sources:
+:mod:`.source`. Tunables are parameters of the ``*_launch`` functions (``nsplit``, ``nsg``,
+``pf``, ``warps_per_core``, ...), with the module constants as defaults.
+"""
+
+from .args import param_array, rotates_in_kernel
+from .backend import MLXLauncher, backend_name, enabled, launcher, num_cores, use_launcher
+from .decode import (
+    DECODE_BITS,
+    MAX_QUERIES,
+    WARPS_PER_CORE,
+    decode_attention,
+    decode_launch,
+    decode_plan,
+    decode_supports,
+    is_decode,
+)
+from .merge import merge_launch
+from .packed import attention_launch, packed_attention, plan, supports
+from .quantize import quantize_append, quantize_launch, quantize_supported
+from .source import KERNELS, compact, kernel_source, read_source, source_dir
+from .window import window_append, window_append_launch, window_append_supports

@@ -1,0 +1,50 @@
+"""window_append: decoded keys/values rotated, cast and written into the cache's
+unquantized window buffers in one launch (``metal/window_append.metal``)."""
+
+import mlx.core as mx
+
+from .. import format as fmt
+from .args import const, rotates_in_kernel, rotation_args
+from .backend import enabled, launcher
+
+def window_append_supports(buf_k, buf_v, keys, values, nw, rotate_k, rotate_v):
+    """Whether :func:`window_append` takes these: a GPU, room in the buffers, head
+    dims a multiple of 32 (a power of two >= 32 where a rotation is applied)."""
+    if not enabled() or buf_k is None or buf_v is None:
+        return False
+    B, H, C, D = buf_k.shape
+    if buf_v.shape != buf_k.shape or buf_v.dtype != buf_k.dtype or buf_k.dtype not in fmt.FLOATS:
+        return False
+    if keys.shape != values.shape or keys.shape[:2] != (B, H) or keys.shape[3] != D or keys.dtype not in fmt.FLOATS:
+        return False
+    if D % 32 or nw + keys.shape[2] > C or ((rotate_k or rotate_v) and not rotates_in_kernel(D)):
+        return False
+    return True
+
+
+def window_append_launch(launch, buf_k, buf_v, keys, values, nw, rotate_k=False, rotate_v=False):
+    """The window buffers ``buf_k``/``buf_v`` (B, H, C, D) with rows ``[nw, nw + L)``
+    replaced by ``keys``/``values`` (B, H, L, D), rotated by the cache's rotation
+    where asked, in the buffers' dtype: new arrays (one launch)."""
+    key = (buf_k.shape, buf_k.dtype, keys.dtype, bool(rotate_k), bool(rotate_v))
+    st = _WINDOW_SETUPS.get(key)
+    if st is None:
+        B, H, C, D = buf_k.shape
+        rows = B * H * C
+        st = _WINDOW_SETUPS[key] = (
+            list(rotation_args(D, rotate_k or rotate_v, 1.0)),
+            const("u8x1", lambda: mx.zeros((1,), dtype=mx.uint8)),
+            ([("IT", keys.dtype), ("OT", buf_k.dtype), ("D", D), ("ROTK", bool(rotate_k)), ("ROTV", bool(rotate_v))],
+             (-(-rows // 4) * 128, 2, 1), (128, 1, 1), [buf_k.shape, buf_k.shape], [buf_k.dtype, buf_k.dtype]),
+        )
+    consts, z, args = st
+    carrier = mx.broadcast_to(z, (int(nw) + 1,))
+    return launch("window_append", [buf_k, buf_v, keys, values, *consts, carrier], *args)
+
+
+_WINDOW_SETUPS = {}
+
+
+def window_append(buf_k, buf_v, keys, values, nw, rotate_k=False, rotate_v=False):
+    """:func:`window_append_launch` on this backend's launcher."""
+    return window_append_launch(launcher(), buf_k, buf_v, keys, values, nw, rotate_k, rotate_v)

@@ -1,0 +1,7 @@
+"""Models: loading (GGUF files, mlx-lm models, the embedded default), what the commands
+ask of a loaded model, and how much memory a model and its cache take."""
+
+from .embedded import EMBEDDED_MODEL, default_model_path
+from .gguf import load_gguf, read_gguf
+from .info import context_length, model_fingerprint, prepare_model, to_fp32
+from .loading import load

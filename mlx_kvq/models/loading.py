@@ -1,0 +1,66 @@
+"""``load``: GGUF files, mlx-lm models (local or on the Hugging Face Hub), the embedded default."""
+
+import os
+from pathlib import Path
+
+from ..bridge import load_mlx_lm
+from .embedded import default_model_path
+from .gguf import is_gguf, load_gguf
+
+
+def load(path_or_repo=None, **kwargs):
+    """Load ``(model, tokenizer)`` for mlx-lm.
+
+    - ``None``: the embedded default model (see ``EMBEDDED_MODEL``).
+    - a ``.gguf`` file, or a directory holding exactly one and no ``config.json``: ``load_gguf``.
+    - an mlx-lm model directory or a Hugging Face repo id: ``mlx_lm.load(path_or_repo, **kwargs)``.
+    """
+    if path_or_repo is None:
+        path_or_repo = default_model_path()
+    path = Path(path_or_repo).expanduser()
+    if path.is_dir() and not (path / "config.json").exists():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) != 1:
+            found = f"{len(ggufs)} .gguf files" if ggufs else "no .gguf file"
+            raise ValueError(
+                f"{path} holds {found} and no config.json: "
+                "pass a .gguf file or an mlx-lm model directory"
+            )
+        path = ggufs[0]
+    if path.is_file():
+        if not is_gguf(path):
+            raise ValueError(
+                f"{path} is not a GGUF file; "
+                "pass a .gguf file, an mlx-lm model directory or a repo id"
+            )
+        if kwargs:
+            raise TypeError(
+                f"options {sorted(kwargs)} apply to mlx-lm models only, not to GGUF file {path}"
+            )
+        return load_gguf(path)
+
+    name = str(path_or_repo)
+    if not path.exists() and _looks_like_path(name):
+        raise FileNotFoundError(f"model path not found: {name}")
+    try:
+        return load_mlx_lm(name, **kwargs)
+    except Exception as e:
+        where = (
+            f"directory {name}"
+            if path.exists()
+            else f"Hugging Face repo {name!r} (no local path of that name)"
+        )
+        raise RuntimeError(
+            f"could not load the mlx-lm model from {where}: {type(e).__name__}: {e}"
+        ) from e
+
+
+def _looks_like_path(name):
+    """True unless ``name`` has the shape of a Hub repo id (``org/name`` or ``name``)."""
+    return (
+        name.endswith(".gguf")
+        or name.startswith((".", "/", "~"))
+        or os.sep != "/"
+        and os.sep in name
+        or name.count("/") > 1
+    )
