@@ -15,7 +15,7 @@ Writes copies of the source tree whose ``metal/sdpa_decode.metal`` is cut down, 
   loads_interleaved, loads_noscales (scale/bias loads replaced by 1.0),
   loads_interleaved_noscales
 
-    python3 benchmarks/decode_bounds.py --out /tmp/bounds --run [--variants 4:1:8]
+    python3 benchmarks/lab/decode_bounds.py --out /tmp/bounds --run [--variants 4:1:8]
 
 The compute and fixed cuts remove the loads of PF=1 (one block loaded ahead, the default
 at long contexts) only: time them with pf 1 in ``--variants``.
@@ -32,7 +32,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # name -> (cut: 0 none, 1 loads only, 2 compute only, 3 neither, 4 no loop; interleaved; no scale loads)
 VARIANTS = {

@@ -6,7 +6,7 @@ The kernel is wrapped the way ``mx.fast.cuda_kernel`` wraps it (a templated
 value), so register counts match what MLX's NVRTC build gives within a few.
 Used to iterate on ``sdpa_decode`` without spending device time:
 
-    python3 benchmarks/ptxas_report.py --bits 4 --pf 0 [--sass]
+    python3 benchmarks/lab/ptxas_report.py --bits 4 --pf 0 [--sass]
 """
 
 import argparse
@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from mlx_kvq import kernels  # noqa: E402

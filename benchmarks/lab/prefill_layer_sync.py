@@ -3,14 +3,14 @@
 ``mlx_kvq.attention.eval_now`` patched out (MLX then keeps several layers' dequantized copies
 alive: more memory), twice each, one JSON row per run:
 
-    python3 benchmarks/prefill_layer_sync.py
+    python3 benchmarks/lab/prefill_layer_sync.py
 """
 
 import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: bench_generate
 import bench_generate as bg  # noqa: E402
 
 import mlx.core as mx  # noqa: E402

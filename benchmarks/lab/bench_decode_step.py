@@ -4,7 +4,7 @@ token (Llama-3-8B shape, random 4-bit weights, as ``bench_generate.py``). Also p
 host time of building one step's graph (Python) and of dispatching it (``mx.async_eval``),
 which bounds the step time when the GPU is faster than the host:
 
-    python3 benchmarks/bench_decode_step.py --context 32768 --new 64 --configs fp16,kvq-4,kvq-8
+    python3 benchmarks/lab/bench_decode_step.py --context 32768 --new 64 --configs fp16,kvq-4,kvq-8
 """
 
 import argparse
@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: bench_generate
 from bench_generate import LLAMA3_8B, make_cache, random_model  # noqa: E402
 
 import mlx.core as mx  # noqa: E402

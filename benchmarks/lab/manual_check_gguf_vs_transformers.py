@@ -1,7 +1,7 @@
 """Manual check (not collected by pytest): our GGUF model against transformers' GGUF loader.
 
     pip install torch==2.13.0 gguf
-    python tests/manual_check_gguf_vs_transformers.py [model.gguf]
+    python3 benchmarks/lab/manual_check_gguf_vs_transformers.py [model.gguf]
 
 transformers dequantizes every tensor to fp32 and runs its own Llama in PyTorch; we run
 mlx-lm's llama on the packed Q4_1/Q8_0 weights. Both are compared, per prompt, on the

@@ -2,12 +2,13 @@
 32k prompt through a 4-layer Llama-3-8B-shaped model chunk by chunk and print, per cache
 config, the peak above the weights of each chunk (and of the last step's logits).
 
-    python3 benchmarks/diag_peak.py [LAYERS [CONFIG-NAME-PREFIX]]
+    python3 benchmarks/lab/diag_peak.py [LAYERS [CONFIG-NAME-PREFIX]]
 """
 import sys
 import time
+from pathlib import Path
 
-sys.path.insert(0, "benchmarks")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: bench_generate
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 

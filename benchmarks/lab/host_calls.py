@@ -1,7 +1,7 @@
 """Host cost of one custom-kernel call, split: mlx-kvq's Python preparation, MLX's
 binding (it rebuilds the kernel's source text on every call), and the launch.
 
-    python3 benchmarks/host_calls.py
+    python3 benchmarks/lab/host_calls.py
 """
 
 import sys

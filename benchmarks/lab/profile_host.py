@@ -5,7 +5,7 @@ context a decode step costs about max(host, GPU) per layer; this prints the host
 side, piece by piece, median microseconds per call: building ``--calls`` graphs, then
 dispatching them (``mx.async_eval``: kernel launches), the GPU's own time excluded:
 
-    python3 benchmarks/profile_host.py --context 32768
+    python3 benchmarks/lab/profile_host.py --context 32768
 """
 
 import argparse
@@ -22,7 +22,7 @@ from mlx_kvq import kernels
 from mlx_kvq.attention import quantized_sdpa
 from mlx_kvq.rotation import rotate
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: bench_generate
 from bench_generate import random_model
 
 

@@ -9,7 +9,7 @@ For each config it times, median over ``--steps`` decode steps after warm-up:
 A decode step of the whole model costs about layers x max(host, GPU time) since
 mlx-lm overlaps graph building with the GPU (``generate_step`` uses ``async_eval``).
 
-    python3 benchmarks/profile_decode_step.py --context 32768
+    python3 benchmarks/lab/profile_decode_step.py --context 32768
 """
 
 import argparse
@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: bench_generate
 
 import mlx.core as mx  # noqa: E402
 from mlx_lm.models import cache as lm_cache  # noqa: E402
