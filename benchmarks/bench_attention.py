@@ -24,6 +24,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests" / "kernels"))
 
 import mlx.core as mx  # noqa: E402
 
@@ -169,7 +170,7 @@ def sanitize():
             L_, q, kp, vp, n, k_bits=kb, v_bits=vb, group_size=gs, mode=mode, scale=0.1,
             q_start=n - L, k_start=0, causal=True, mask=mask, nsplit=nsplit)
         mx.eval(out, lse)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "kernels"))
     from test_kernels import make_view
 
     for (B, Hkv, rep, L, D, n, ns, nw, kb, vb, gs, mk, pf, rot) in [
@@ -460,7 +461,7 @@ def bench_decode(args, sizes, configs):
     sdpa and the fp32 packed kernel, over the packed run alone and over a full
     view (4 sinks + packed + 48-token window); correctness vs an fp32 CPU
     reference at the sizes <= 16384."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "kernels"))
     from test_kernels import make_view, view_reference
 
     B, Hkv, rep, L, D = 1, 8, 4, 1, 128

@@ -5,8 +5,8 @@
 
 import mlx_kvq  # noqa: F401  (before mlx.core)
 
-from mlx_kvq.batch import batch_generate
-from mlx_kvq.cache_prompt import prepare_model
+from mlx_kvq.generation import batch_generate
+from mlx_kvq.models import prepare_model
 from mlx_kvq.models import load
 
 prompts = [

@@ -15,10 +15,8 @@ import time
 
 from mlx_lm import stream_generate
 
-from mlx_kvq.cache_prompt import (
-    cache_document, continuation_tokens, load_document_cache, prepare_model, read_document,
-)
-from mlx_kvq.models import load
+from mlx_kvq.generation import cache_document, continuation_tokens, load_document_cache, read_document
+from mlx_kvq.models import load, prepare_model
 
 DEFAULT = os.path.join(os.path.dirname(mlx_kvq.__file__), "data", "persuasion.txt")
 QUESTIONS = ["Who is Sir Walter Elliot?", "Where is Kellynch Hall?", "What is Sir Walter's favourite book?"]

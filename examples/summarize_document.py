@@ -11,10 +11,9 @@ import argparse
 import os
 import sys
 
-from mlx_kvq.cache_prompt import prepare_model, read_document
-from mlx_kvq.generate import cache_report
-from mlx_kvq.models import load
-from mlx_kvq.summarize import summarize
+from mlx_kvq.cli.report import cache_report
+from mlx_kvq.generation import read_document, summarize
+from mlx_kvq.models import load, prepare_model
 
 DEFAULT = os.path.join(os.path.dirname(mlx_kvq.__file__), "data", "persuasion.txt")
 

@@ -48,7 +48,7 @@
 // CAUSAL, NSG (warps per threadgroup), PF (blocks of keys loaded ahead: 0, 1 or 2),
 // ROTQ (rotate the queries by the cache's rotation first, D a power of two).
 // Needs D % 16 == 0, (D * KB) % 128 == 0, (D * VB) % 256 == 0,
-// GS a multiple of D/8 and D/4 a multiple or divisor of GS (kernels.py checks).
+// GS a multiple of D/8 and D/4 a multiple or divisor of GS (mlx_kvq/kernels/decode.py checks).
 // Inputs: q (B,Hq,L,D); kw/ks/kb, vw/vs/vb packed (B,Hkv,C,...); sk/sv sinks,
 // wk/wv window (B,Hkv,*,D); mask 4-D over absolute key positions; carrier;
 // fparams [scale, 1 / sqrt(D)] (ROTQ: scale / sqrt(D), the transform below is unnormalized);

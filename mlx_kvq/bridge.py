@@ -33,8 +33,12 @@ stream_generate = mlx_lm.stream_generate
 load_mlx_lm = mlx_lm.load
 KVCache = lm_cache.KVCache
 
-setattr(lm_cache, QuantizedKVCache.__name__, QuantizedKVCache)
-setattr(lm_cache, QuantizedRotatingKVCache.__name__, QuantizedRotatingKVCache)
+# mlx-lm saves a cache's class by name and looks it up in mlx_lm.models.cache, where
+# "QuantizedKVCache" is mlx-lm's own class: ours are saved under names of their own.
+for _cls in (QuantizedKVCache, QuantizedRotatingKVCache):
+    if not _cls.__name__.startswith("MlxKvq"):
+        _cls.__name__ = _cls.__qualname__ = "MlxKvq" + _cls.__name__
+    setattr(lm_cache, _cls.__name__, _cls)
 
 
 # view class -> attention over it: ``fn(queries, view, scale=, mask=, sinks=)``

@@ -386,10 +386,6 @@ class QuantizedKVCache:
         return obj
 
 
-# mlx-lm saves a cache's class by name and looks it up in mlx_lm.models.cache, where
-# "QuantizedKVCache" is mlx-lm's own class: ours is saved under a name of its own.
-QuantizedKVCache.__name__ = QuantizedKVCache.__qualname__ = "MlxKvqQuantizedKVCache"
-
 
 def _cat(a, b):
     return b if a is None or a.shape[2] == 0 else mx.concatenate([a, b], axis=2)

@@ -120,6 +120,3 @@ class QuantizedRotatingKVCache(QuantizedKVCache):
     def from_cache(cls, cache, **config):
         raise NotImplementedError("Build a QuantizedRotatingKVCache empty and fill it with the model.")
 
-
-# Saved by class name and looked up in mlx_lm.models.cache (registered by mlx_kvq.bridge).
-QuantizedRotatingKVCache.__name__ = QuantizedRotatingKVCache.__qualname__ = "MlxKvqQuantizedRotatingKVCache"

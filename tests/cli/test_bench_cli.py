@@ -15,12 +15,12 @@ import pytest
 
 from mlx_kvq.cli import bench
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
-def _load(name):
-    """A script of benchmarks/ as a module (benchmarks/ is not a package on the path)."""
-    spec = importlib.util.spec_from_file_location(f"kvq_bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+def _load(name, folder="benchmarks"):
+    """A script of ``folder`` as a module (benchmarks/ is not a package on the path)."""
+    spec = importlib.util.spec_from_file_location(f"kvq_bench_{name}", ROOT / folder / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -171,11 +171,11 @@ def test_plot_without_matplotlib_says_how_to_install(tmp_path, monkeypatch):
     assert not (tmp_path / "p.png").exists()
 
 
-# --- benchmarks/decode_bounds.py (the decode kernel cut down for timing) -------------------------
+# --- benchmarks/lab/decode_bounds.py (the decode kernel cut down for timing) -------------------------
 
 
 def test_decode_bounds_cuts_apply_to_the_kernel():
-    bounds = _load("decode_bounds")
+    bounds = _load("decode_bounds", "benchmarks/lab")
     src = (ROOT / "metal" / "sdpa_decode.metal").read_text()
     texts = {name: bounds.cut(src, *v) for name, v in bounds.VARIANTS.items()}
     assert texts["full"].startswith("#define KVQ_CUT 0\n")
@@ -190,9 +190,9 @@ def test_decode_bounds_cuts_apply_to_the_kernel():
 
 
 def test_decode_bounds_writes_one_tree_per_variant(tmp_path):
-    bounds = _load("decode_bounds")
+    bounds = _load("decode_bounds", "benchmarks/lab")
     trees = bounds.write_trees(tmp_path, list(bounds.VARIANTS))
     assert set(trees) == set(bounds.VARIANTS)
     for name, d in trees.items():
-        assert (d / "mlx_kvq" / "kernels.py").is_file() and not (d / "benchmarks" / "results").exists()
+        assert (d / "mlx_kvq" / "kernels" / "decode.py").is_file() and not (d / "benchmarks" / "results").exists()
         assert (d / "metal" / "sdpa_decode.metal").read_text().startswith(f"#define KVQ_CUT {bounds.VARIANTS[name][0]}\n")

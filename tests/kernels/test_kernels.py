@@ -16,7 +16,7 @@ import pytest
 
 import mlx.core as mx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from emulator.reference import reference_attention, rel_err  # noqa: E402
 

@@ -10,7 +10,7 @@ from mlx_kvq.cli import generate
 
 def run(*args, stdin=None):
     return subprocess.run(
-        [sys.executable, "-m", "mlx_kvq.generate", *args],
+        [sys.executable, "-m", "mlx_kvq.cli.generate", *args],
         input=stdin,
         capture_output=True,
         text=True,
