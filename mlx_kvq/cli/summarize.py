@@ -3,7 +3,7 @@
     mlx_kvq.summarize report.md
     mlx_kvq.summarize contract.pdf --instruction "List the obligations of each party."
 
-Progress goes to stderr, the answer streams on stdout (``mlx_kvq.generation.summarize``
+Progress goes to stderr, the answer streams on stdout (``mlx_kvq.generation.summaries``
 says how long documents are split). ``--prompt-cache-file`` reuses a document cached by
 ``mlx_kvq.cache_prompt``.
 """
@@ -14,7 +14,7 @@ import sys
 import mlx.core as mx
 
 from ..generation.documents import read_document
-from ..generation.summarize import INSTRUCTION, summarize, summarize_cached
+from ..generation.summaries import INSTRUCTION, summarize, summarize_cached
 from ..models import load, prepare_model
 from .args import add_dtype_argument, add_kv_arguments, cache_kwargs, check_kv, expected_config
 from .report import cache_report, fp16_nbytes

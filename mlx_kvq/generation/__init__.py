@@ -5,4 +5,4 @@ from .batch import BatchResponse, batch_generate
 from .documents import cache_document, continuation_tokens, load_document_cache, read_document
 from .prefill import Progress, build_cache, prefill
 from .prompts import encode_prompt
-from .summarize import Summary, summarize, summarize_cached
+from .summaries import Summary, summarize, summarize_cached

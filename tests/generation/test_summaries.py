@@ -9,7 +9,7 @@ import pytest
 
 import mlx_kvq
 from mlx_kvq.generation import documents as cp
-from mlx_kvq.generation import summarize as sm
+from mlx_kvq.generation import summaries as sm
 from mlx_kvq.models import context_length
 
 DATA = os.path.join(os.path.dirname(mlx_kvq.__file__), "data", "persuasion.txt")
