@@ -1,4 +1,5 @@
-"""End-to-end generate with a Llama-3-8B-shaped random-weight model (4-bit weights).
+"""End-to-end generate with a Llama-3-8B-shaped random-weight model (4-bit weights), or a
+real model (``--model embedded`` or a path/repo: ``mlx_kvq.load``, float32 weights on the CPU).
 
 For each KV config: prefill a long prompt in chunks through mlx-lm's ``generate_step``, then
 decode greedily. Reports prefill tokens/s, decode tokens/s (median step after warm-up), peak
@@ -58,7 +59,7 @@ def make_cache(model, name):
     if name == "fp16":
         return lm_cache.make_prompt_cache(model), {}
     if name.startswith("mlx-lm-"):
-        return lm_cache.make_prompt_cache(model), dict(kv_bits=int(name[7:]), kv_group_size=64)
+        return lm_cache.make_prompt_cache(model), dict(kv_bits=int(name[7:]), kv_group_size=64, quantized_kv_start=0)
     if name.startswith("kvq-"):
         return mlx_kvq.make_prompt_cache(model, kv_bits=int(name[4:]), kv_group_size=64), {}
     raise ValueError(f"unknown config {name!r}")
@@ -66,7 +67,7 @@ def make_cache(model, name):
 
 def run(model, name, context, new, chunk):
     cache, extra = make_cache(model, name)
-    prompt = mx.random.randint(0, LLAMA3_8B["vocab_size"], (context,))
+    prompt = mx.random.randint(0, model.args.vocab_size, (context,))
     weights = sum(v.nbytes for _, v in nn.utils.tree_flatten(model.parameters()))
     mx.synchronize()
     mx.clear_cache()
@@ -96,6 +97,7 @@ def main(argv=None):
     p.add_argument("--new", type=int, default=64)
     p.add_argument("--chunk", type=int, default=2048)
     p.add_argument("--layers", type=int, help="fewer layers for a quick run")
+    p.add_argument("--model", help="'embedded' (SmolLM2-135M) or a model path/repo instead of the random 8B shape")
     p.add_argument("--configs", default="fp16,mlx-lm-8,mlx-lm-4,kvq-8,kvq-4")
     p.add_argument("--json", metavar="PATH", help="write the rows and the run's meta data here")
     p.add_argument("--plot", metavar="PATH", help="write a PNG of the --plot-y columns per config here")
@@ -105,7 +107,11 @@ def main(argv=None):
     if args.plot:
         require_matplotlib()
     mx.random.seed(0)
-    model = random_model(args.layers)
+    if args.model:
+        model, _ = mlx_kvq.load(None if args.model == "embedded" else args.model)
+        mlx_kvq.models.prepare_model(model)  # float32 weights on the CPU
+    else:
+        model = random_model(args.layers)
     print(f"device: {mx.default_device()}  mlx {mx.__version__}", flush=True)
     rows = []
     for name in args.configs.split(","):
@@ -128,8 +134,8 @@ def main(argv=None):
         units = {"GiB" if y.endswith("_gib") else "tokens/s" if y.endswith("_tok_s") else y for y in ys}
         unit = units.pop() if len(units) == 1 else None
         layers = args.layers or LLAMA3_8B["num_hidden_layers"]
-        plot(rows, "config", ys, args.plot, f"generate, {args.context}-token prompt, {layers}-layer Llama-3-8B shape",
-             ylabel=unit)
+        shape = args.model or f"{layers}-layer Llama-3-8B shape"
+        plot(rows, "config", ys, args.plot, f"generate, {args.context}-token prompt, {shape}", ylabel=unit)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,9 @@ run can go to a fused kernel while the short unquantized runs take the reference
    are short of.
 2. ``prefill_dequantized``: a prefill chunk on a GPU whose layer fits
    ``PREFILL_COPY_BYTES`` unquantized: dequantize once, MLX's fused attention.
-3. ``partials``: the decode kernel's ``(out, lse)`` where it applies, else the packed
+3. ``decode_one_pass``: a decode step without the kernels (the CPU): one softmax over
+   the whole view, the packed run's products by ``mx.quantized_matmul``.
+4. ``partials``: the decode kernel's ``(out, lse)`` where it applies, else the packed
    run's kernel or reference and the unquantized runs' reference, merged.
 """
 
@@ -21,8 +23,9 @@ import mlx.core as mx
 
 from .. import kernels
 from ..rotation import rotate
+from .one_pass import decode_one_pass
 from .prefill import prefill_dequantized
-from .reference import dense_attention, merge, packed_reference
+from .reference import dense_attention, merge, packed_quantized_matmul, packed_reference
 
 
 def quantized_sdpa(queries, view, scale, mask=None, sinks=None):
@@ -85,7 +88,7 @@ def partials(q, view, scale, mask, sinks, dtype):
     return out
 
 
-PATHS = (decode_whole, prefill_path, partials)
+PATHS = (decode_whole, prefill_path, decode_one_pass, partials)
 
 
 def _finish(out, v_dim, dtype):
@@ -150,14 +153,15 @@ def _segment_parts(q, view, scale, mask):
 
 
 def packed_attention(q, k, v, n, fmt, **args):
-    """Partial attention over the packed run: the packed kernel in decode steps where it
-    applies, else the reference (``fmt``: the cache's ``KVFormat``).
-
-    Prefill chunks take the reference: the tiled prefill kernel is correct but slower
-    than it on CUDA (``bench_attention``).
+    """Partial attention over the packed run (``fmt``: the cache's ``KVFormat``): in decode
+    steps the packed kernel where it applies, else products on the packed words
+    (``mx.quantized_matmul``, the CPU's decode path); prefill chunks dequantize block by
+    block (the tiled prefill kernel is correct but slower than that on CUDA,
+    ``bench_attention``; on the CPU a dequantized block goes through BLAS).
     """
+    if not kernels.is_decode(q.shape[2]):
+        return packed_reference(q, k, v, n, fmt, **args)
     f = dict(k_bits=fmt.k_bits, v_bits=fmt.v_bits, group_size=fmt.group_size, mode=fmt.mode)
-    if kernels.is_decode(q.shape[2]) and kernels.enabled():  # MLX_KVQ_REFERENCE=1: never
-        if kernels.supports(q, k, v, mask=args["mask"], **f):
-            return kernels.packed_attention(q, k, v, n, **f, **args)
-    return packed_reference(q, k, v, n, fmt, **args)
+    if kernels.enabled() and kernels.supports(q, k, v, mask=args["mask"], **f):  # MLX_KVQ_REFERENCE=1: never
+        return kernels.packed_attention(q, k, v, n, **f, **args)
+    return packed_quantized_matmul(q, k, v, n, fmt, **args)

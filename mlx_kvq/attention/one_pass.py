@@ -1,0 +1,69 @@
+"""Decode over a whole view in one softmax, with pure-MLX ops: the scores of the sinks, the
+packed run (``mx.quantized_matmul`` on the packed words) and the window side by side, one
+softmax, then each run's values. It is the decode path where the kernels do not run (the
+CPU): a handful of ops per layer instead of a partial result per run and their merge
+(``bench_generate.py --model embedded``)."""
+
+import mlx.core as mx
+
+from .. import kernels
+from ..rotation import rotate
+from .reference import BLOCK_ELEMENTS
+
+
+def decode_one_pass(q, view, scale, mask, sinks, dtype):
+    """The attention output of decode queries ``q`` (B, Hq, L, D) over ``view``, or None
+    where it does not apply (prefill, kernels enabled, scores over ``BLOCK_ELEMENTS``)."""
+    B, Hq, L, D = q.shape
+    if not kernels.is_decode(L) or kernels.enabled():
+        return None
+    f = view.format
+    k, v, n = view.packed
+    (sk, sv), (wk, wv) = view.sinks, view.window
+    s = 0 if sk is None else sk.shape[2]
+    w = 0 if wk is None else wk.shape[2]
+    total = s + n + w
+    if total == 0 or B * Hq * L * (total + 1) > BLOCK_ELEMENTS:
+        return None
+    Hkv = (k[0] if n else sk if s else wk).shape[1]
+    rot = f.rotate
+    if rot:
+        q = rotate(q)
+    rows = Hq // Hkv * L
+    qf = (q.astype(mx.float32) * scale).reshape(B, Hkv, rows, D)
+    qmm = lambda x, p, bits, t: mx.quantized_matmul(
+        x, *(a[:, :, :n] for a in p), transpose=t, group_size=f.group_size, bits=bits, mode=f.mode)
+    # positions run sinks, packed, window: key j sits at position j
+    parts = []
+    if s:
+        parts.append(qf @ sk.astype(mx.float32).swapaxes(-1, -2))
+    if n:
+        parts.append(qmm(qf, k, f.k_bits, True))
+    if w:
+        parts.append(qf @ wk.astype(mx.float32).swapaxes(-1, -2))
+    scores = (mx.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]).reshape(B, Hq, L, total)
+    if isinstance(mask, str):
+        visible = mx.arange(total)[None] <= mx.arange(view.q_start, view.q_start + L)[:, None]
+        scores = mx.where(visible, scores, -mx.inf)
+    elif mask is not None:
+        scores = mx.where(mask, scores, -mx.inf) if mask.dtype == mx.bool_ else scores + mask.astype(mx.float32)
+    m = scores.max(axis=-1, keepdims=True)
+    if sinks is not None:  # per-head logits in every denominator
+        m = mx.maximum(m, sinks.astype(mx.float32).reshape(1, -1, 1, 1))
+    m = mx.where(m > -mx.inf, m, 0.0)
+    p = mx.exp(scores - m)
+    l = p.sum(axis=-1, keepdims=True)
+    if sinks is not None:
+        l = l + mx.exp(sinks.astype(mx.float32).reshape(1, -1, 1, 1) - m)
+    p = (p / mx.where(l > 0, l, 1.0)).reshape(B, Hkv, rows, total)
+    out = 0
+    if s:
+        out = out + p[..., :s] @ sv.astype(mx.float32)
+    if n:
+        out = out + qmm(p[..., s : s + n], v, f.v_bits, False)
+    if w:
+        out = out + p[..., s + n :] @ wv.astype(mx.float32)
+    out = out.reshape(B, Hq, L, -1)
+    if rot == "kv":
+        out = rotate(out.astype(dtype), inverse=True)  # rotate back in the model's precision
+    return out

@@ -1,0 +1,62 @@
+"""attention/one_pass.py: decode over the whole view in one softmax (the CPU's decode path)."""
+
+import mlx.core as mx
+import pytest
+
+from mlx_kvq import QuantizedKVCache, quantized_sdpa
+from mlx_kvq.attention import dispatch, one_pass
+from helpers import reference_over_cache, rel_err
+
+CONFIGS = [
+    dict(bits=4),
+    dict(bits=2, group_size=32, sinks=4, window=16),
+    dict(bits=8, k_bits=8, v_bits=4, rotate="kv", sinks=2, window=8),
+    dict(bits=4, mode="mxfp4", rotate="k"),
+    dict(bits=3, group_size=32, sinks=0, window=0),
+]
+
+
+def _decode_view(config, B=1, Hq=8, Hkv=2, D=64, past=300, L=1, seed=0):
+    mx.random.seed(seed)
+    cache = QuantizedKVCache(**config)
+    cache.update_and_fetch(*(mx.random.normal((B, Hkv, past, D)).astype(mx.float16) for _ in range(2)))
+    k = mx.random.normal((B, Hkv, L, D)).astype(mx.float16)
+    view, _ = cache.update_and_fetch(k, k)
+    return cache, view, mx.random.normal((B, Hq, L, D)).astype(mx.float16)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+@pytest.mark.parametrize("L", [1, 4])
+def test_matches_fp32_attention_and_the_partials(config, L):
+    cache, view, q = _decode_view(config, L=L, seed=L)
+    mask = "causal" if L > 1 else None
+    ref_mask = None if mask is None else mx.arange(cache.offset)[None] <= mx.arange(cache.offset - L, cache.offset)[:, None]
+    got = one_pass.decode_one_pass(q, view, 0.125, mask, None, q.dtype)
+    assert got is not None
+    parts = dispatch.partials(q, view, 0.125, mask, None, q.dtype)
+    ref = reference_over_cache(cache, q, 0.125, ref_mask)
+    # the packed products skip mx.dequantize's fp16 rounding of each element: 1e-3 of a score
+    assert rel_err(got, ref) < 4e-3 and rel_err(got, parts) < 4e-3
+
+
+def test_attention_sinks_and_a_masked_out_row():
+    cache, view, q = _decode_view(dict(bits=4, sinks=2, window=4), Hq=4, Hkv=2, L=2, seed=3)
+    sinks = mx.array([0.5, -1.0, 2.0, 0.0])
+    mask = mx.ones((1, 1, 2, cache.offset), mx.bool_)
+    mask[..., 1, :] = False  # the second query sees nothing: zeros, as the partials give
+    got = one_pass.decode_one_pass(q, view, 0.125, mask, sinks, q.dtype)
+    parts = dispatch.partials(q, view, 0.125, mask, sinks, q.dtype)
+    assert mx.all(mx.isfinite(got)).item()
+    assert rel_err(got, parts) < 4e-3
+
+
+def test_the_cpu_decode_takes_it_and_long_views_do_not(monkeypatch):
+    calls = []
+    real = one_pass.decode_one_pass
+    monkeypatch.setattr(dispatch, "PATHS", tuple(
+        (lambda *a, f=f: calls.append(1) or f(*a)) if f is real else f for f in dispatch.PATHS))
+    _, view, q = _decode_view(dict(bits=4))
+    quantized_sdpa(q, view, scale=0.125)
+    assert calls
+    monkeypatch.setattr(one_pass, "BLOCK_ELEMENTS", 100)  # scores over the budget: the partials
+    assert one_pass.decode_one_pass(q, view, 0.125, None, None, q.dtype) is None
