@@ -6,7 +6,10 @@ import mlx.core as mx
 from .. import format, kernels
 from ..kernels.backend import eval_now
 
-PREFILL_COPY_BYTES = 1 << 30  # largest transient unquantized copy of one layer's K/V (GPU prefill)
+# largest transient unquantized copy of one layer's K/V (GPU prefill), per backend: a Mac's
+# unified memory holds the model, the cache and this copy, so Metal takes less; a layer
+# over it takes the blocked reference, whose memory is bounded by a block of keys
+PREFILL_COPY_BYTES = {"cuda": 1 << 30, "metal": 1 << 28}
 
 
 def prefill_dequantized(q, view, scale, mask, sinks):
@@ -16,7 +19,7 @@ def prefill_dequantized(q, view, scale, mask, sinks):
     The tiled prefill kernel is correct but slower than this on CUDA, and the
     reference materializes fp32 scores block by block; a chunk of thousands of
     queries is compute-bound, so one transient unquantized copy of one layer's keys
-    and values (at most ``PREFILL_COPY_BYTES``, freed after the layer) is the fast
+    and values (at most ``PREFILL_COPY_BYTES`` of the backend, freed after the layer) is the fast
     path. Decode never takes it. Returns the output or None where it does not apply.
     """
     f = view.format
@@ -27,7 +30,7 @@ def prefill_dequantized(q, view, scale, mask, sinks):
     if n:
         B, Hkv = k[0].shape[:2]
         d = format.unpacked_dim(k[0].shape[-1], f.k_bits) + format.unpacked_dim(v[0].shape[-1], f.v_bits)
-        if B * Hkv * view.offset * d * dt.size > PREFILL_COPY_BYTES:
+        if B * Hkv * view.offset * d * dt.size > PREFILL_COPY_BYTES.get(kernels.backend_name(), 1 << 30):
             return None
     # Evaluate everything up to this layer's queries first: left lazy, MLX kept every
     # layer's transients alive at once (32k tokens, 32 layers: 8-10 GiB instead of one

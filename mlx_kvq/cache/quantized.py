@@ -255,7 +255,7 @@ class QuantizedKVCache:
             for buf, new in zip(self.keys + self.values, pk + pv):
                 buf[:, :, n : n + m] = new
             # the copy now, so that the old buffers go now: left in the step's lazy
-            # graph, every layer's old and new buffers were alive at once (32 layers,
+            # graph, every layer's old and new buffers are alive at once (32 layers,
             # 32k tokens, 4-bit: +1.1 GiB at the step that grows them)
             eval_now(self.keys, self.values)
         else:  # the quantize-append kernel on GPUs (bit-identical to mx.quantize)

@@ -137,7 +137,7 @@ def decode_launch(
     inputs = [q, *kp, *vp, sk, sv, wk, wv, marr, carrier, st.fparams, st.signs]
     if merge and st.merge is not None and getattr(launch, "fused_merge", False):
         # the tile counters: fresh zeros per launch (one op). A workspace kept across
-        # launches raced: MLX's CUDA graphs run launches with no data dependency at once.
+        # launches would race: MLX's CUDA graphs run launches with no data dependency at once.
         ws = mx.zeros((st.counters,), dtype=mx.uint32)
         return tuple(launch("sdpa_decode_fused", inputs + [ws], *st.fused)[2:4])
     out, lse = launch("sdpa_decode", inputs, *st.decode)

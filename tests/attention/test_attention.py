@@ -178,3 +178,24 @@ def test_plain_reference_itself_matches_mlx_fast_sdpa():
     q, k, v = (mx.random.normal((1, 4, 9, 64)) for _ in range(3))
     ref = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask="causal")
     assert rel_err(plain_attention(q, k, v, 0.125, causal_mask(9, 0)), ref) < 1e-5
+
+
+def test_gpu_prefill_over_the_copy_budget_takes_the_blocked_reference(run_kernels_on, monkeypatch):
+    """A layer whose unquantized copy exceeds the backend's budget never makes that copy:
+    the blocked reference (memory bounded by a block of keys) computes the chunk."""
+    from mlx_kvq.attention import prefill
+
+    run_kernels_on(NO_LAUNCHES)
+    cache = filled(dict(bits=4, group_size=64), 1, 2, 64, [300])
+    k = mx.random.normal((1, 2, 16, 64)).astype(mx.float16)
+    view, _ = cache.update_and_fetch(k, k)
+    q = mx.random.normal((1, 4, 16, 64)).astype(mx.float16)
+    monkeypatch.setattr(prefill.kernels, "backend_name", lambda: "metal")
+    monkeypatch.setattr(prefill, "PREFILL_COPY_BYTES", {"metal": 1000})
+    calls = []
+    sdpa = mx.fast.scaled_dot_product_attention
+    monkeypatch.setattr(mx.fast, "scaled_dot_product_attention", lambda *a, **kw: calls.append(1) or sdpa(*a, **kw))
+    out = quantized_sdpa(q, view, scale=0.125, mask="causal")
+    assert not calls
+    ref = reference_over_cache(cache, q, 0.125, causal_mask(16, cache.offset - 16))
+    assert rel_err(out, ref) < 4e-3
