@@ -44,7 +44,6 @@ typedef unsigned long ulong;
 struct uint2 { uint x, y; };
 struct alignas(16) uint4 { uint x, y, z, w; };
 struct uint3 { uint x, y, z; };
-struct alignas(8) uint2a { uint x, y; };
 
 static inline float emu_bits_to_float(uint32_t b) { float f; std::memcpy(&f, &b, 4); return f; }
 static inline uint32_t emu_float_to_bits(float f) { uint32_t b; std::memcpy(&b, &f, 4); return b; }
@@ -298,16 +297,23 @@ inline std::string run_threadgroup(int nthreads, std::mt19937& rng, std::functio
 }  // namespace emu
 
 // ---------------------------------------------------------------- Metal API
+// half / bfloat and the names MLX's metal::utils() (kernels/utils.h, bf16.h) declares
+// ahead of every custom kernel's source
+typedef emu_half half;
+typedef emu_bf16 bfloat;
+typedef half float16_t;
+typedef bfloat bfloat16_t;
+struct ulong2 {
+  ulong x, y;
+  ulong2(ulong v = 0) : x(v), y(v) {}
+  ulong2(ulong a, ulong b) : x(a), y(b) {}
+};
+
 #define threadgroup static
 #define device
 #define constant
 #define thread
-#define KVQ_FUNC inline
-#define KVQ_TGP(T) T*
 struct alignas(16) float4 { float x, y, z, w; };
-#define KVQ_UNROLL
-#define KVQ_LOG2E 1.4426950408889634f
-#define KVQ_LN2 0.6931471805599453f
 
 inline void threadgroup_barrier(mem_flags) { emu::tg_barrier(); }
 inline void simdgroup_barrier(mem_flags) { emu::simd_barrier(); }
@@ -353,34 +359,67 @@ inline T simd_shuffle_down(T x, uint delta) {
   return simd_shuffle(x, src);
 }
 
-inline float kvq_as_float(uint b) { return emu_bits_to_float(b); }
-template <typename T>
-inline T kvq_opaque(T x) { return x; }
-// threadgroups run one after another here: plain memory operations are the hand-off
-inline void kvq_device_fence() {}
-inline uint kvq_atomic_add(uint* p, uint v) {
-  const uint old = *p;
-  *p = old + v;
-  return old;
-}
-inline float kvq_load_cg(const float* p) { return *p; }
-inline float kvq_div(float a, float b) {
-  volatile float r = a / b;  // no contraction / reassociation
-  return r;
-}
 
-// ---- fp16 pairs used by sdpa_decode (a "h2" is a uint holding two halves)
-inline uint kvq_h2(float lo, float hi) {
-  return (uint)emu_half::from_float(lo) | ((uint)emu_half::from_float(hi) << 16);
+// ---------------------------------------------------------------- launch
+namespace emu {
+// The values of the thread attributes MLX can declare (mlx_source.METAL_ATTRIBUTES), for
+// one thread of a dispatchThreads(grid, threadgroup) launch as MLX makes it: the
+// threadgroup size is min(threadgroup, grid) per axis; edge threadgroups are partial
+// (non-uniform), their threads linearised over the partial size.
+struct Attrs {
+  uint dispatch_quadgroups_per_threadgroup, dispatch_simdgroups_per_threadgroup;
+  uint3 dispatch_threads_per_threadgroup, grid_origin, grid_size;
+  uint quadgroup_index_in_threadgroup, quadgroups_per_threadgroup, simdgroup_index_in_threadgroup,
+      simdgroups_per_threadgroup, thread_execution_width, thread_index_in_quadgroup,
+      thread_index_in_simdgroup, thread_index_in_threadgroup;
+  uint3 thread_position_in_grid, thread_position_in_threadgroup, threadgroup_position_in_grid,
+      threadgroups_per_grid, threads_per_grid;
+  uint threads_per_simdgroup;
+  uint3 threads_per_threadgroup;
+};
+
+template <typename F>
+inline int launch(int gx, int gy, int gz, int tx, int ty, int tz, unsigned seed, char* err, int errlen, F kernel) {
+  std::mt19937 rng(seed);
+  tx = std::min(tx, gx), ty = std::min(ty, gy), tz = std::min(tz, gz);
+  if (tx <= 0 || ty <= 0 || tz <= 0) return 0;
+  const uint nx = (gx + tx - 1) / tx, ny = (gy + ty - 1) / ty, nz = (gz + tz - 1) / tz;
+  const uint full = tx * ty * tz;
+  for (uint z = 0; z < nz; z++)
+    for (uint y = 0; y < ny; y++)
+      for (uint x = 0; x < nx; x++) {
+        const uint ax = std::min<uint>(tx, gx - x * tx), ay = std::min<uint>(ty, gy - y * ty),
+                   az = std::min<uint>(tz, gz - z * tz);
+        const uint nt = ax * ay * az;
+        std::string e = run_threadgroup(nt, rng, [&](uint tid) {
+          Attrs A;
+          A.dispatch_quadgroups_per_threadgroup = (nt + 3) / 4;
+          A.dispatch_simdgroups_per_threadgroup = (nt + 31) / 32;
+          A.dispatch_threads_per_threadgroup = uint3{ax, ay, az};
+          A.grid_origin = uint3{0, 0, 0};
+          A.grid_size = A.threads_per_grid = uint3{(uint)gx, (uint)gy, (uint)gz};
+          A.quadgroup_index_in_threadgroup = tid / 4;
+          A.quadgroups_per_threadgroup = (full + 3) / 4;
+          A.simdgroup_index_in_threadgroup = tid / 32;
+          A.simdgroups_per_threadgroup = (full + 31) / 32;
+          A.thread_execution_width = A.threads_per_simdgroup = 32;
+          A.thread_index_in_quadgroup = tid % 4;
+          A.thread_index_in_simdgroup = tid % 32;
+          A.thread_index_in_threadgroup = tid;
+          A.thread_position_in_threadgroup = uint3{tid % ax, (tid / ax) % ay, tid / (ax * ay)};
+          A.threadgroup_position_in_grid = uint3{x, y, z};
+          A.thread_position_in_grid = uint3{x * tx + A.thread_position_in_threadgroup.x,
+                                            y * ty + A.thread_position_in_threadgroup.y,
+                                            z * tz + A.thread_position_in_threadgroup.z};
+          A.threadgroups_per_grid = uint3{nx, ny, nz};
+          A.threads_per_threadgroup = uint3{(uint)tx, (uint)ty, (uint)tz};
+          kernel(A);
+        });
+        if (!e.empty()) {
+          std::snprintf(err, errlen, "threadgroup (%u,%u,%u): %s", x, y, z, e.c_str());
+          return 1;
+        }
+      }
+  return 0;
 }
-inline float kvq_h2lo(uint x) { return emu_half::to_float((uint16_t)(x & 0xFFFFu)); }
-inline float kvq_h2hi(uint x) { return emu_half::to_float((uint16_t)(x >> 16)); }
-// (x - 1024) * sc + bi per half, one rounding (as a fused half2 FMA)
-inline uint kvq_h2_deq(uint x, uint sc, uint bi) {
-  double lo = ((double)kvq_h2lo(x) - 1024.0) * kvq_h2lo(sc) + kvq_h2lo(bi);
-  double hi = ((double)kvq_h2hi(x) - 1024.0) * kvq_h2hi(sc) + kvq_h2hi(bi);
-  return kvq_h2((float)lo, (float)hi);
-}
-inline uint kvq_bytes2(uint a, uint b, int k) {
-  return ((a >> (8 * k)) & 0xFFu) | (((b >> (8 * k)) & 0xFFu) << 16);
-}
+}  // namespace emu
