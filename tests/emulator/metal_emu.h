@@ -360,6 +360,137 @@ inline T simd_shuffle_down(T x, uint delta) {
 }
 
 
+// ---------------------------------------------------------------- simdgroup_matrix
+// simdgroup_matrix<T, 8, 8>: each of the 32 lanes holds two elements, thread_elements()
+// = {M[r][c], M[r][c + 1]} with r = (q & 4) + (lane / 2) % 4, c = (q & 2) * 2 + (lane % 2) * 2,
+// q = lane / 4 (the layout MLX's steel MMAFrag reads through get_coord).  Every function is
+// a simdgroup-wide operation: all 32 lanes of the simdgroup must call it (else the
+// emulator reports an error).
+namespace metal {
+template <typename T, int N>
+struct vec {
+  T v[N];
+  T& operator[](int i) { return v[i]; }
+  const T& operator[](int i) const { return v[i]; }
+};
+}  // namespace metal
+
+template <typename T, int Cols, int Rows>
+struct simdgroup_matrix {
+  static_assert(Cols == 8 && Rows == 8, "the emulator has 8x8 simdgroup matrices only");
+  metal::vec<T, 2> e;
+  metal::vec<T, 2>& thread_elements() { return e; }
+  const metal::vec<T, 2>& thread_elements() const { return e; }
+};
+typedef simdgroup_matrix<float, 8, 8> simdgroup_float8x8;
+typedef simdgroup_matrix<half, 8, 8> simdgroup_half8x8;
+typedef simdgroup_matrix<bfloat, 8, 8> simdgroup_bfloat8x8;
+
+namespace emu {
+inline void sgm_coord(uint lane, int& r, int& c) {
+  const int q = lane / 4;
+  r = (q & 4) + (lane / 2) % 4;
+  c = (q & 2) * 2 + (lane % 2) * 2;
+}
+// all 32 lanes of the caller's simdgroup take part in the same operation `what`
+inline void sgm_uniform(const char* what) {
+  uint sg = cur_tid() / 32;
+  uint64_t g = simd_exchange((uint64_t)(uintptr_t)what);
+  for (int l = 0; l < 32; l++)
+    if (!simd_has(sg, g, l) || simd_val<uint64_t>(sg, g, l) != (uint64_t)(uintptr_t)what)
+      fail(std::string(what) + ": not called by all 32 lanes of the simdgroup together");
+}
+// the full 8x8 matrix (row major, in float) from every lane's two elements
+template <typename T>
+inline void sgm_gather(const simdgroup_matrix<T, 8, 8>& m, float* out, const char* what) {
+  static_assert(sizeof(T) <= 4, "simdgroup_matrix element");
+  uint32_t a, b;
+  std::memcpy(&a, &m.e.v[0], sizeof(T) < 4 ? sizeof(T) : 4);
+  std::memcpy(&b, &m.e.v[1], sizeof(T) < 4 ? sizeof(T) : 4);
+  if (sizeof(T) < 4) { a &= (1u << (8 * sizeof(T))) - 1; b &= (1u << (8 * sizeof(T))) - 1; }
+  uint64_t g = simd_exchange((uint64_t)a | ((uint64_t)b << 32));
+  uint sg = cur_tid() / 32;
+  for (uint l = 0; l < 32; l++) {
+    if (!simd_has(sg, g, l)) fail(std::string(what) + ": a lane of the simdgroup left");
+    uint64_t v = simd_val<uint64_t>(sg, g, l);
+    uint32_t lo = (uint32_t)v, hi = (uint32_t)(v >> 32);
+    T x, y;
+    std::memcpy(&x, &lo, sizeof(T));
+    std::memcpy(&y, &hi, sizeof(T));
+    int r, c;
+    sgm_coord(l, r, c);
+    out[r * 8 + c] = float(x);
+    out[r * 8 + c + 1] = float(y);
+  }
+}
+}  // namespace emu
+
+template <typename T>
+inline simdgroup_matrix<T, 8, 8> make_filled_simdgroup_matrix(const T value) {
+  simdgroup_matrix<T, 8, 8> m;
+  m.e.v[0] = value;
+  m.e.v[1] = value;
+  return m;
+}
+template <typename T, int Cols, int Rows>
+inline simdgroup_matrix<T, Cols, Rows> make_filled_simdgroup_matrix(const T value) {
+  return make_filled_simdgroup_matrix<T>(value);
+}
+
+// element (r, c) of the matrix is src[(origin.y + r) * elements_per_row + origin.x + c],
+// or src[(origin.y + c) * elements_per_row + origin.x + r] when transposed
+template <typename T, int C, int R>
+inline void simdgroup_load(simdgroup_matrix<T, C, R>& d, const T* src, ulong elements_per_row = C,
+                           ulong2 matrix_origin = 0, bool transpose_matrix = false) {
+  emu::sgm_uniform("simdgroup_load");
+  int r, c;
+  emu::sgm_coord(emu::cur_tid() % 32, r, c);
+  const T* p = src + matrix_origin.y * elements_per_row + matrix_origin.x;
+  for (int k = 0; k < 2; k++)
+    d.e.v[k] = transpose_matrix ? p[(c + k) * elements_per_row + r] : p[r * elements_per_row + c + k];
+}
+template <typename T, int C, int R>
+inline void simdgroup_store(const simdgroup_matrix<T, C, R>& a, T* dst, ulong elements_per_row = C,
+                            ulong2 matrix_origin = 0, bool transpose_matrix = false) {
+  emu::sgm_uniform("simdgroup_store");
+  int r, c;
+  emu::sgm_coord(emu::cur_tid() % 32, r, c);
+  T* p = dst + matrix_origin.y * elements_per_row + matrix_origin.x;
+  for (int k = 0; k < 2; k++)
+    (transpose_matrix ? p[(c + k) * elements_per_row + r] : p[r * elements_per_row + c + k]) = a.e.v[k];
+}
+// d = a * b + c: each element a float sum over k in order, from c, rounded to T once
+template <typename T, typename U, typename V, typename W>
+inline void simdgroup_multiply_accumulate(simdgroup_matrix<T, 8, 8>& d, const simdgroup_matrix<U, 8, 8>& a,
+                                          const simdgroup_matrix<V, 8, 8>& b,
+                                          const simdgroup_matrix<W, 8, 8>& c) {
+  float A[64], B[64], Cm[64];
+  emu::sgm_uniform("simdgroup_multiply_accumulate");
+  emu::sgm_gather(a, A, "simdgroup_multiply_accumulate");
+  emu::sgm_gather(b, B, "simdgroup_multiply_accumulate");
+  emu::sgm_gather(c, Cm, "simdgroup_multiply_accumulate");
+  int r, col;
+  emu::sgm_coord(emu::cur_tid() % 32, r, col);
+  for (int k = 0; k < 2; k++) {
+    float acc = Cm[r * 8 + col + k];
+    for (int i = 0; i < 8; i++) acc = std::fma(A[r * 8 + i], B[i * 8 + col + k], acc);
+    d.e.v[k] = T(acc);
+  }
+}
+template <typename T, typename U, typename V>
+inline void simdgroup_multiply(simdgroup_matrix<T, 8, 8>& d, const simdgroup_matrix<U, 8, 8>& a,
+                               const simdgroup_matrix<V, 8, 8>& b) {
+  simdgroup_multiply_accumulate(d, a, b, make_filled_simdgroup_matrix<T>(T(0)));
+}
+namespace metal {
+using ::make_filled_simdgroup_matrix;
+using ::simdgroup_load;
+using ::simdgroup_matrix;
+using ::simdgroup_multiply;
+using ::simdgroup_multiply_accumulate;
+using ::simdgroup_store;
+}  // namespace metal
+
 // ---------------------------------------------------------------- launch
 namespace emu {
 // The values of the thread attributes MLX can declare (mlx_source.METAL_ATTRIBUTES), for

@@ -1,5 +1,6 @@
 """The emulator runs the source MLX would hand the Metal compiler (tests/emulator/mlx_source.py):
-its text against MLX's, names MLX would not declare failing to build."""
+its text against MLX's, names MLX would not declare failing to build, and the
+simdgroup_matrix emulation against numpy."""
 
 import os
 import sys
@@ -163,6 +164,64 @@ o[4 * i + 3] = threadgroups_per_grid.x * 100 + threadgroups_per_grid.y;"""
     assert np.array_equal(o[..., 1], y * ax + x % 4)
     assert np.array_equal(o[..., 2], ax * 100 + 4)
     assert np.array_equal(o[..., 3], np.full((3, 10), 301))
+
+
+# ---------------------------------------------------------------- simdgroup_matrix
+
+MMA_BODY = """
+threadgroup T ta[8 * SA];
+threadgroup T tb[8 * SB];
+const uint lane = thread_index_in_simdgroup;
+for (uint i = lane; i < 8 * SA; i += 32) ta[i] = a[i];
+for (uint i = lane; i < 8 * SB; i += 32) tb[i] = b[i];
+threadgroup_barrier(mem_flags::mem_threadgroup);
+simdgroup_matrix<T, 8, 8> A, B;
+simdgroup_matrix<float, 8, 8> C = make_filled_simdgroup_matrix<float, 8, 8>(1.5f);
+simdgroup_load(A, ta, SA, ulong2(0, 0), TA);
+simdgroup_load(B, tb + 1, SB, ulong2(0, 0), TB);
+simdgroup_multiply_accumulate(C, A, B, C);
+simdgroup_store(C, out, 9);
+// thread_elements(): the lane layout steel's MMAFrag::get_coord reads
+const short qid = lane / 4;
+const short fm = (qid & 4) + ((lane / 2) % 4);
+const short fn = (qid & 2) * 2 + (lane % 2) * 2;
+elems[fm * 8 + fn] = C.thread_elements()[0];
+elems[fm * 8 + fn + 1] = C.thread_elements()[1];
+"""
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16])
+@pytest.mark.parametrize("ta, tb", [(False, False), (True, False), (False, True)])
+def test_simdgroup_matrix_against_numpy(emu, dtype, ta, tb):
+    """Through the full MLX-generated source: strided loads from threadgroup memory (one
+    transposed), a multiply-accumulate in float, a strided store to device memory."""
+    sa, sb = 11, 10
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((8, sa)).astype(np.float32)
+    b = rng.standard_normal((8, sb)).astype(np.float32)
+    k = emu.metal_kernel(name="mma", input_names=["a", "b"], output_names=["out", "elems"], source=MMA_BODY)
+    out, elems = k(inputs=[mx.array(a).astype(dtype), mx.array(b).astype(dtype)],
+                   template=[("T", dtype), ("SA", sa), ("SB", sb), ("TA", ta), ("TB", tb)],
+                   grid=(32, 1, 1), threadgroup=(32, 1, 1), output_shapes=[(8, 9), (64,)],
+                   output_dtypes=[mx.float32, mx.float32])
+    an = np.array(mx.array(a).astype(dtype).astype(mx.float32))
+    bn = np.array(mx.array(b).astype(dtype).astype(mx.float32))
+    A = an[:, :8].T if ta else an[:, :8]
+    B = bn[:, 1:9].T if tb else bn[:, 1:9]
+    want = A.astype(np.float64) @ B.astype(np.float64) + 1.5
+    got = np.array(out)
+    assert np.allclose(got[:, :8], want, rtol=1e-5, atol=1e-5)
+    assert np.isnan(got[:, 8]).all()  # the store's stride skips column 8 (poisoned output)
+    assert np.array_equal(np.array(elems).reshape(8, 8), got[:, :8])
+
+
+def test_simdgroup_matrix_needs_the_whole_simdgroup(emu):
+    src = """simdgroup_matrix<float, 8, 8> A = make_filled_simdgroup_matrix<float, 8, 8>(1.0f);
+if (thread_index_in_simdgroup < 16) { simdgroup_multiply(A, A, A); }
+simdgroup_store(A, o, 8);"""
+    k = emu.metal_kernel(name="mma_div", input_names=[], output_names=["o"], source=src)
+    with pytest.raises(RuntimeError, match="all 32 lanes"):
+        k(inputs=[], grid=(32, 1, 1), threadgroup=(32, 1, 1), output_shapes=[(64,)], output_dtypes=[mx.float32])
 
 
 def test_kvq_kernel_name_is_mlx_name():
