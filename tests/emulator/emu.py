@@ -14,6 +14,7 @@ order and the declared thread attributes.
 
 import ctypes
 import hashlib
+import math
 import os
 import re
 import subprocess
@@ -28,6 +29,8 @@ from mlx_kvq import kernels
 from .mlx_source import encoder_buffers, kernel_name, metal_source
 
 HERE = Path(__file__).resolve().parent
+# Apple GPUs' limit; a pipeline's maxTotalThreadsPerThreadgroup can be lower
+MAX_THREADS_PER_THREADGROUP = 1024
 
 # numpy carrier dtype for each mx dtype (bf16 travels as its uint16 bits)
 _NP = {
@@ -127,6 +130,9 @@ class EmuKernel:
 
     def __call__(self, *, inputs, template=None, grid, threadgroup, output_shapes, output_dtypes, label=None):
         inputs = [a if isinstance(a, mx.array) else mx.array(a) for a in inputs]
+        if math.prod(threadgroup) > MAX_THREADS_PER_THREADGROUP:  # MLX checks the pipeline's maximum
+            raise ValueError(f"Thread group size ({math.prod(threadgroup)}) is greater than  the maximum "
+                             f"allowed threads per threadgroup ({MAX_THREADS_PER_THREADGROUP}).")
         template = list(template or [])
         text = self.source_text(inputs, template, output_dtypes)
         kname = kernel_name(self.name, template, inputs, output_dtypes)

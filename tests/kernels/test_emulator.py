@@ -166,6 +166,12 @@ o[4 * i + 3] = threadgroups_per_grid.x * 100 + threadgroups_per_grid.y;"""
     assert np.array_equal(o[..., 3], np.full((3, 10), 301))
 
 
+def test_threadgroup_over_1024_threads_is_refused(emu):
+    k = emu.metal_kernel(name="big", input_names=[], output_names=["o"], source="o[0] = 1;")
+    with pytest.raises(ValueError, match="maximum allowed threads per threadgroup"):
+        k(inputs=[], grid=(2048, 1, 1), threadgroup=(1056, 1, 1), output_shapes=[(1,)], output_dtypes=[mx.float32])
+
+
 # ---------------------------------------------------------------- simdgroup_matrix
 
 MMA_BODY = """
