@@ -1,7 +1,7 @@
 // kvq_common.h -- helpers shared by the mlx-kvq kernel bodies.
 //
 // Written in the Metal dialect that MLX's own kernels use.  A backend prelude
-// (prelude_metal.h, prelude_cuda.h, or tests/emulator/metal_emu.h) comes first
+// (prelude_metal.h, prelude_cuda.h, or tests/emulator/prelude_emu.h) comes first
 // and supplies: uint/ushort/uchar/ulong, uint4, KVQ_FUNC (function qualifier),
 // KVQ_UNROLL (a full-unroll pragma), kvq_as_float(uint), kvq_div(float, float)
 // (IEEE division), and the simd_* / threadgroup_barrier API.

@@ -39,5 +39,5 @@ from .decode import (
 from .merge import merge_launch
 from .packed import attention_launch, packed_attention, plan, supports
 from .quantize import quantize_append, quantize_launch, quantize_supported
-from .source import KERNELS, compact, kernel_source, read_source, source_dir
+from .source import KERNELS, compact, kernel_source, metal_kernel_args, read_source, source_dir
 from .window import window_append, window_append_launch, window_append_supports

@@ -12,7 +12,7 @@ from functools import lru_cache
 
 import mlx.core as mx
 
-from .source import KERNELS, compact, cuda_includes, kernel_source, read_source
+from .source import cuda_includes, kernel_source, metal_kernel_args, read_source
 
 # On CUDA decode merges its split partials in the same launch by default
 # (MLX_KVQ_FUSED_MERGE=0: decode + sdpa_merge, two launches).
@@ -71,22 +71,16 @@ class MLXLauncher:
     def _kernel(self, name):
         k = self._kernels.get(name)
         if k is None:
-            common, body, inputs, outputs = kernel_source(name)
             make, prelude = {
                 "metal": (mx.fast.metal_kernel, "prelude_metal.h"),
                 "cuda": (mx.fast.cuda_kernel, "prelude_cuda.h"),
             }[self.backend]
-            header, source, kname = compact(read_source(prelude) + "\n" + common), compact(body), "kvq_" + name
+            args = metal_kernel_args(name, read_source(prelude))
             if self.backend == "cuda" and CUDA_INCLUDE:
-                header, source, kname = cuda_includes(name, prelude, body) or (header, source, kname)
-            k = make(
-                name=kname,
-                input_names=inputs,
-                output_names=outputs,
-                source=source,
-                header=header,
-                ensure_row_contiguous=KERNELS[name][3],
-            )
+                inc = cuda_includes(name, prelude, kernel_source(name)[1])
+                if inc is not None:
+                    args.update(zip(("header", "source", "name"), inc))
+            k = make(**args)
             self._kernels[name] = k
         return k
 

@@ -77,6 +77,18 @@ def kernel_source(name):
     return DEFINES.get(name, "") + read_source("kvq_common.h"), read_source(fname), list(inputs), list(outputs)
 
 
+def metal_kernel_args(name, prelude, compacted=True):
+    """Keyword arguments of ``mx.fast.metal_kernel`` / ``cuda_kernel`` for kernel ``name``:
+    the header is the ``prelude`` text followed by the common header; both it and the
+    body are compacted (:func:`compact`) unless ``compacted`` is false."""
+    common, body, inputs, outputs = kernel_source(name)
+    header = prelude + "\n" + common
+    if compacted:
+        header, body = compact(header), compact(body)
+    return dict(name="kvq_" + name, input_names=inputs, output_names=outputs, source=body, header=header,
+                ensure_row_contiguous=KERNELS[name][3])
+
+
 def cuda_includes(name, prelude, body):
     """(header, source, kernel name) that #include the files by absolute path, or None
     where a path cannot be written in an #include line.  MLX passes ``x_shape`` /

@@ -1,17 +1,22 @@
 """Run mlx-kvq kernel bodies on the CPU under the C++ Metal emulator.
 
-``EmuLauncher`` has the call signature of an ``mx.fast.metal_kernel`` object
-(see ``mlx_kvq.kernels.MLXLauncher``), so ``kernels.attention_launch`` and
-``kernels.quantize_launch`` run unchanged on it.  For every kernel
-instantiation it generates a C++ translation unit (prelude ``metal_emu.h`` +
-``kvq_common.h`` + the kernel body wrapped in a function whose parameters are
-exactly what metal_kernel would generate), builds it with g++ into a shared
-library (cached by source hash) and calls it through ctypes.
+``EmuLauncher`` has the call signature of a kvq launcher (see
+``mlx_kvq.kernels.MLXLauncher``), so every ``*_launch`` function runs unchanged on
+it; ``EmuLauncher.metal_kernel`` is ``mx.fast.metal_kernel`` on the emulator.  A
+launch generates the exact source MLX would hand the Metal compiler
+(``mlx_source.metal_source``: header, ``[[kernel]]`` signature, body, template
+instantiation), compiles that text unchanged after the emulator's prelude
+``metal_emu.h`` (standing in for MLX's ``metal::utils()``) with g++ into a shared
+library (cached by source hash), and calls the instantiation through a small entry
+point that binds the ``[[buffer(i)]]`` parameters in ``CustomKernel::eval_gpu``'s
+order and the declared thread attributes.
 """
 
 import ctypes
 import hashlib
+import math
 import os
+import re
 import subprocess
 import threading
 from pathlib import Path
@@ -21,18 +26,12 @@ import numpy as np
 
 from mlx_kvq import kernels
 
-HERE = Path(__file__).resolve().parent
+from .mlx_source import encoder_buffers, kernel_name, metal_source
 
-_CTYPE = {
-    mx.float32: "float",
-    mx.float16: "emu_half",
-    mx.bfloat16: "emu_bf16",
-    mx.uint32: "uint32_t",
-    mx.uint8: "uint8_t",
-    mx.int32: "int32_t",
-    mx.bool_: "bool",
-    mx.uint16: "uint16_t",
-}
+HERE = Path(__file__).resolve().parent
+# Apple GPUs' limit; a pipeline's maxTotalThreadsPerThreadgroup can be lower
+MAX_THREADS_PER_THREADGROUP = 1024
+
 # numpy carrier dtype for each mx dtype (bf16 travels as its uint16 bits)
 _NP = {
     mx.float32: np.float32,
@@ -52,17 +51,6 @@ _POISON = {
     mx.int32: np.int32(-12345),
 }
 
-ATTRS = {
-    "threadgroup_position_in_grid": "uint3",
-    "thread_position_in_grid": "uint3",
-    "thread_position_in_threadgroup": "uint3",
-    "thread_index_in_simdgroup": "uint",
-    "simdgroup_index_in_threadgroup": "uint",
-    "thread_index_in_threadgroup": "uint",
-    "threads_per_threadgroup": "uint3",
-    "threadgroups_per_grid": "uint3",
-}
-
 
 def to_numpy(a):
     if a.dtype == mx.bfloat16:
@@ -76,88 +64,115 @@ def from_numpy(x, dtype):
     return mx.array(x)
 
 
-def _tval(v):
-    if isinstance(v, bool):
-        return "bool", "true" if v else "false"
-    if isinstance(v, int):
-        return "int", str(v)
-    return "type", _CTYPE[v]
+def _param_binding(param):
+    """C++ argument for one parameter line of the MLX signature: a buffer cast to the
+    declared type, or the value of the declared attribute."""
+    m = re.fullmatch(r"\s*(?P<decl>.*?)\s*\[\[(?P<attr>\w+)(?:\((?P<idx>\d+)\))?\]\]", param)
+    if m is None:
+        raise RuntimeError(f"unexpected parameter in the MLX signature: {param!r}")
+    decl, attr = m["decl"], m["attr"]
+    if attr == "buffer":
+        name = re.search(r"(\w+)$", decl)[1]
+        ty = decl[: -len(name)].strip()
+        if ty.endswith("&"):
+            return f"*({ty[:-1].strip()}*)bufs[{m['idx']}]"
+        return f"({ty})bufs[{m['idx']}]"
+    return f"A.{attr}"
 
 
-def generate(name, in_dtypes, out_dtypes, template):
-    common, body, in_names, out_names = kernels.kernel_source(name)
-    params = []
-    extra = []  # (input index, "shape"/"strides") in parameter order
-    for i, (nm, dt) in enumerate(zip(in_names, in_dtypes)):
-        params.append(f"const {_CTYPE[dt]}* {nm}")
-        # like mx.fast.metal_kernel: shape/strides arguments when the body names them
-        if f"{nm}_shape" in body:
-            params.append(f"const int* {nm}_shape")
-            extra.append((i, "shape"))
-        if f"{nm}_strides" in body:
-            params.append(f"const int64_t* {nm}_strides")
-            extra.append((i, "strides"))
-    for nm, dt in zip(out_names, out_dtypes):
-        params.append(f"{_CTYPE[dt]}* {nm}")
-    for a, t in ATTRS.items():
-        params.append(f"{t} {a}")
-    consts = []
-    for k, v in template:
-        kind, val = _tval(v)
-        if kind == "type":
-            consts.append(f"  using {k} = {val};")
-        else:
-            consts.append(f"  constexpr {kind} {k} = {val};")
-    casts = []
-    for i, (nm, dt) in enumerate(zip(in_names, in_dtypes)):
-        casts.append(f"(const {_CTYPE[dt]}*)bufs[{i}]")
-        for j, kind in extra:
-            if j == i:
-                cty = "int" if kind == "shape" else "int64_t"
-                casts.append(f"(const {cty}*)meta[{2 * i + (kind == 'strides')}]")
-    for i, (nm, dt) in enumerate(zip(out_names, out_dtypes)):
-        casts.append(f"({_CTYPE[dt]}*)bufs[{len(in_names) + i}]")
-    src = f"""#include "metal_emu.h"
-#line 1 "kvq_common.h"
-{common}
-static void kvq_body({", ".join(params)}) {{
-{chr(10).join(consts)}
-#line 1 "{KERNEL_FILES[name]}"
-{body}
-}}
-
-extern "C" int kvq_launch(void** bufs, void** meta, int gx, int gy, int gz, int tx, int ty,
-                          int tz, unsigned seed, char* err, int errlen) {{
-  std::mt19937 rng(seed);
-  const int nx = (gx + tx - 1) / tx, ny = (gy + ty - 1) / ty, nz = (gz + tz - 1) / tz;
-  const int nt = tx * ty * tz;
-  for (int z = 0; z < nz; z++)
-    for (int y = 0; y < ny; y++)
-      for (int x = 0; x < nx; x++) {{
-        uint3 tgp{{(uint)x, (uint)y, (uint)z}};
-        std::string e = emu::run_threadgroup(nt, rng, [&](uint tid) {{
-          uint3 tpos{{tid % tx, (tid / tx) % ty, tid / (tx * ty)}};
-          uint3 tpg{{tgp.x * tx + tpos.x, tgp.y * ty + tpos.y, tgp.z * tz + tpos.z}};
-          kvq_body({", ".join(casts)},
-                   tgp, tpg, tpos, tid % 32, tid / 32, tid,
-                   uint3{{(uint)tx, (uint)ty, (uint)tz}}, uint3{{(uint)nx, (uint)ny, (uint)nz}});
-        }});
-        if (!e.empty()) {{
-          std::snprintf(err, errlen, "threadgroup (%d,%d,%d): %s", x, y, z, e.c_str());
-          return 1;
-        }}
-      }}
-  return 0;
+def emulator_source(text, kname):
+    """The C++ translation unit of an MLX-generated kernel source ``text``: the emulator's
+    prelude (standing in for MLX's ``metal::utils()``), ``text`` unchanged, and a launch
+    entry point that calls the instantiation with the buffers and attributes the
+    signature declares."""
+    sig = f"[[kernel]] void {kname}(\n"
+    i = text.index(sig) + len(sig)
+    j = text.index(") {\n", i)
+    args = [_param_binding(p) for p in text[i:j].split(",\n")]
+    inst = re.search(r'template \[\[host_name\("' + re.escape(kname) + r'"\)\]\] \[\[kernel\]\] decltype\((.*)\) \1;\n',
+                     text)
+    callee = inst[1] if inst else kname
+    return f"""#include "metal_emu.h"
+#line 1 "{kname}.metal"
+{text}
+#line 1 "emu_launch"
+extern "C" int kvq_launch(void** bufs, int gx, int gy, int gz, int tx, int ty, int tz, unsigned seed,
+                          char* err, int errlen) {{
+  return emu::launch(gx, gy, gz, tx, ty, tz, seed, err, errlen, [&](const emu::Attrs& A) {{
+    {callee}({", ".join(args)});
+  }});
 }}
 """
-    return src
 
 
-KERNEL_FILES = {k: v[0] for k, v in kernels.KERNELS.items()}
+def kvq_kernel_args(name, compacted=True):
+    """``mx.fast.metal_kernel`` arguments of a kvq kernel as :class:`kernels.MLXLauncher`
+    makes them, with the emulator's prelude (prelude_emu.h) in place of prelude_metal.h."""
+    return kernels.metal_kernel_args(name, (HERE / "prelude_emu.h").read_text(), compacted=compacted)
+
+
+class EmuKernel:
+    """What ``mx.fast.metal_kernel(...)`` returns, run on the CPU: called with the
+    keyword arguments of an MLX kernel call, it runs the source MLX would generate."""
+
+    def __init__(self, launcher, name, input_names, output_names, source, header="",
+                 ensure_row_contiguous=True, atomic_outputs=False):
+        if atomic_outputs:
+            raise NotImplementedError("the emulator has no atomic outputs")
+        self.launcher = launcher
+        self.name, self.input_names, self.output_names = name, list(input_names), list(output_names)
+        self.source, self.header, self.ensure_row_contiguous = source, header, ensure_row_contiguous
+        self.strided_view = None  # (input index, ndim) -> bool: hand that input as a padded view
+
+    def source_text(self, inputs, template, output_dtypes):
+        return metal_source(self.name, self.input_names, self.output_names, self.source, self.header,
+                            template, inputs, output_dtypes, self.ensure_row_contiguous)
+
+    def __call__(self, *, inputs, template=None, grid, threadgroup, output_shapes, output_dtypes, label=None):
+        inputs = [a if isinstance(a, mx.array) else mx.array(a) for a in inputs]
+        if math.prod(threadgroup) > MAX_THREADS_PER_THREADGROUP:  # MLX checks the pipeline's maximum
+            raise ValueError(f"Thread group size ({math.prod(threadgroup)}) is greater than  the maximum "
+                             f"allowed threads per threadgroup ({MAX_THREADS_PER_THREADGROUP}).")
+        template = list(template or [])
+        text = self.source_text(inputs, template, output_dtypes)
+        kname = kernel_name(self.name, template, inputs, output_dtypes)
+        lib = self.launcher.build(label or self.name, emulator_source(text, kname))
+        arrs, shapes, strides = [], [], []
+        for i, a in enumerate(inputs):
+            if a.size > 2**26 or a.size == 0:  # a broadcast "carrier": no data is read
+                x = np.zeros(16, dtype=np.uint8)
+                shape = tuple(a.shape)
+                st = (0,) * len(shape)
+            else:
+                x = to_numpy(a)
+                if self.strided_view is not None and self.strided_view(i, x.ndim):
+                    x = self.launcher.padded_view(x)
+                shape = x.shape
+                st = tuple(s // x.itemsize for s in x.strides)
+            arrs.append(x)
+            shapes.append(np.array(shape, dtype=np.int32))
+            strides.append(np.array(st, dtype=np.int64))
+        outs = []
+        for shp, dt in zip(output_shapes, output_dtypes):
+            o = np.empty(tuple(shp), dtype=_NP[dt])
+            o.fill(_POISON[dt])
+            outs.append(o)
+        # the buffers in the order CustomKernel::eval_gpu binds them
+        per_kind = {"in": arrs, "shape": shapes, "strides": strides,
+                    "ndim": [np.array(len(a.shape), dtype=np.int32) for a in inputs]}
+        held = [per_kind[kind][i] for kind, i in encoder_buffers(self.input_names, inputs, self.source)] + outs
+        ptrs = (ctypes.c_void_p * len(held))(*[h.ctypes.data_as(ctypes.c_void_p) for h in held])
+        err = ctypes.create_string_buffer(512)
+        gx, gy, gz = grid
+        tx, ty, tz = threadgroup
+        rc = lib.kvq_launch(ptrs, gx, gy, gz, tx, ty, tz, ctypes.c_uint(self.launcher.seed), err, 512)
+        if rc != 0:
+            raise RuntimeError(f"emulated kernel {label or self.name} failed: {err.value.decode()}")
+        return [from_numpy(o, dt) for o, dt in zip(outs, output_dtypes)]
 
 
 class EmuLauncher:
-    def __init__(self, build_dir, seed=1234, opt="-O1", cxx=None, pad_strides=False):
+    def __init__(self, build_dir, seed=1234, opt="-O1", cxx=None, pad_strides=False, compacted=True):
         self.build_dir = Path(build_dir)
         self.build_dir.mkdir(parents=True, exist_ok=True)
         self.seed = seed
@@ -172,10 +187,25 @@ class EmuLauncher:
         # stride handling shows up
         self.pad_strides = pad_strides
         self._rng = np.random.default_rng(seed)
+        # compacted: the kernel text without comments and blank lines, as MLXLauncher hands it
+        self.compacted = compacted
+        self._kernels = {}
 
-    def build(self, name, in_dtypes, out_dtypes, template):
-        src = generate(name, in_dtypes, out_dtypes, template)
-        # the included emulator header is part of what gets built: an edit to it must rebuild
+    def metal_kernel(self, name, input_names, output_names, source, header="", ensure_row_contiguous=True,
+                     atomic_outputs=False):
+        """``mx.fast.metal_kernel`` on the emulator."""
+        return EmuKernel(self, name, input_names, output_names, source, header, ensure_row_contiguous,
+                         atomic_outputs)
+
+    def padded_view(self, x):
+        """``x`` as a view into a larger buffer of garbage (a slice of a preallocated cache)."""
+        big = np.empty((x.shape[0], x.shape[1] + 1, x.shape[2] + 3, x.shape[3]), dtype=x.dtype)
+        big.view(np.uint8).reshape(-1)[:] = self._rng.integers(0, 256, big.nbytes, dtype=np.uint8)
+        big[:, : x.shape[1], 1 : 1 + x.shape[2]] = x
+        return big[:, : x.shape[1], 1 : 1 + x.shape[2]]
+
+    def build(self, name, src):
+        """Build the translation unit ``src`` (cached by its hash and the included headers')."""
         emu_h = (HERE / "metal_emu.h").read_text()
         h = hashlib.sha1((src + emu_h + self.opt).encode()).hexdigest()[:16]
         with self._lock:
@@ -188,9 +218,9 @@ class EmuLauncher:
             tmp = so.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
             cmd = [
                 self.cxx, "-std=c++20", self.opt, "-fno-strict-aliasing", "-shared", "-fPIC", "-w",
-                f"-I{HERE}", f"-I{kernels.source_dir()}", str(cpp), "-o", str(tmp),
+                f"-I{HERE}", str(cpp), "-o", str(tmp),
             ]
-            r = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            r = subprocess.run(cmd, capture_output=True, text=True, check=False, env={**os.environ, "LC_ALL": "C"})
             if r.returncode != 0:
                 raise RuntimeError(f"emulator build failed for {name}:\n{r.stderr[-6000:]}")
             os.replace(tmp, so)
@@ -200,45 +230,17 @@ class EmuLauncher:
             self._libs[h] = lib
         return lib
 
+    def kernel(self, name):
+        """The emulated ``mx.fast.metal_kernel`` object of kvq kernel ``name``."""
+        k = self._kernels.get(name)
+        if k is None:
+            k = self.metal_kernel(**kvq_kernel_args(name, self.compacted))
+            if self.pad_strides and not kernels.KERNELS[name][3]:
+                k.strided_view = lambda i, ndim: ndim == 4
+            self._kernels[name] = k
+        return k
+
     def __call__(self, name, inputs, template, grid, threadgroup, output_shapes, output_dtypes):
-        in_dtypes = [a.dtype for a in inputs]
-        lib = self.build(name, in_dtypes, list(output_dtypes), template)
-        strided = not kernels.KERNELS[name][3]
-        arrs, metas = [], []
-        for a in inputs:
-            if a.size > 2**26 or a.size == 0:  # a broadcast "carrier": no data is read
-                x = np.zeros(16, dtype=np.uint8)
-                shape = tuple(a.shape)
-                st = (0,) * len(shape)
-            else:
-                x = to_numpy(a)
-                if strided and self.pad_strides and x.ndim == 4:
-                    big = np.empty(
-                        (x.shape[0], x.shape[1] + 1, x.shape[2] + 3, x.shape[3]), dtype=x.dtype
-                    )
-                    big.view(np.uint8).reshape(-1)[:] = self._rng.integers(
-                        0, 256, big.nbytes, dtype=np.uint8)
-                    big[:, : x.shape[1], 1 : 1 + x.shape[2]] = x
-                    x = big[:, : x.shape[1], 1 : 1 + x.shape[2]]
-                shape = x.shape
-                st = tuple(s // x.itemsize for s in x.strides)
-            arrs.append(x)
-            metas.append(np.array(shape if shape else (1,), dtype=np.int32))
-            metas.append(np.array(st if st else (0,), dtype=np.int64))
-        outs = []
-        for shp, dt in zip(output_shapes, output_dtypes):
-            o = np.empty(tuple(shp), dtype=_NP[dt])
-            o.fill(_POISON[dt])
-            outs.append(o)
-        ptrs = (ctypes.c_void_p * (len(arrs) + len(outs)))(
-            *[a.ctypes.data_as(ctypes.c_void_p) for a in arrs + outs]
-        )
-        err = ctypes.create_string_buffer(512)
-        gx, gy, gz = grid
-        tx, ty, tz = threadgroup
         self.launches.append((name, dict(template), tuple(grid), tuple(threadgroup)))
-        mptrs = (ctypes.c_void_p * len(metas))(*[m.ctypes.data_as(ctypes.c_void_p) for m in metas])
-        rc = lib.kvq_launch(ptrs, mptrs, gx, gy, gz, tx, ty, tz, ctypes.c_uint(self.seed), err, 512)
-        if rc != 0:
-            raise RuntimeError(f"emulated kernel {name} failed: {err.value.decode()}")
-        return [from_numpy(o, dt) for o, dt in zip(outs, output_dtypes)]
+        return self.kernel(name)(inputs=inputs, template=template, grid=grid, threadgroup=threadgroup,
+                                 output_shapes=output_shapes, output_dtypes=output_dtypes, label=name)

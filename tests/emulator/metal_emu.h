@@ -44,7 +44,6 @@ typedef unsigned long ulong;
 struct uint2 { uint x, y; };
 struct alignas(16) uint4 { uint x, y, z, w; };
 struct uint3 { uint x, y, z; };
-struct alignas(8) uint2a { uint x, y; };
 
 static inline float emu_bits_to_float(uint32_t b) { float f; std::memcpy(&f, &b, 4); return f; }
 static inline uint32_t emu_float_to_bits(float f) { uint32_t b; std::memcpy(&b, &f, 4); return b; }
@@ -298,16 +297,23 @@ inline std::string run_threadgroup(int nthreads, std::mt19937& rng, std::functio
 }  // namespace emu
 
 // ---------------------------------------------------------------- Metal API
+// half / bfloat and the names MLX's metal::utils() (kernels/utils.h, bf16.h) declares
+// ahead of every custom kernel's source
+typedef emu_half half;
+typedef emu_bf16 bfloat;
+typedef half float16_t;
+typedef bfloat bfloat16_t;
+struct ulong2 {
+  ulong x, y;
+  ulong2(ulong v = 0) : x(v), y(v) {}
+  ulong2(ulong a, ulong b) : x(a), y(b) {}
+};
+
 #define threadgroup static
 #define device
 #define constant
 #define thread
-#define KVQ_FUNC inline
-#define KVQ_TGP(T) T*
 struct alignas(16) float4 { float x, y, z, w; };
-#define KVQ_UNROLL
-#define KVQ_LOG2E 1.4426950408889634f
-#define KVQ_LN2 0.6931471805599453f
 
 inline void threadgroup_barrier(mem_flags) { emu::tg_barrier(); }
 inline void simdgroup_barrier(mem_flags) { emu::simd_barrier(); }
@@ -353,34 +359,198 @@ inline T simd_shuffle_down(T x, uint delta) {
   return simd_shuffle(x, src);
 }
 
-inline float kvq_as_float(uint b) { return emu_bits_to_float(b); }
-template <typename T>
-inline T kvq_opaque(T x) { return x; }
-// threadgroups run one after another here: plain memory operations are the hand-off
-inline void kvq_device_fence() {}
-inline uint kvq_atomic_add(uint* p, uint v) {
-  const uint old = *p;
-  *p = old + v;
-  return old;
+
+// ---------------------------------------------------------------- simdgroup_matrix
+// simdgroup_matrix<T, 8, 8>: each of the 32 lanes holds two elements, thread_elements()
+// = {M[r][c], M[r][c + 1]} with r = (q & 4) + (lane / 2) % 4, c = (q & 2) * 2 + (lane % 2) * 2,
+// q = lane / 4 (the layout MLX's steel MMAFrag reads through get_coord).  Every function is
+// a simdgroup-wide operation: all 32 lanes of the simdgroup must call it (else the
+// emulator reports an error).
+namespace metal {
+template <typename T, int N>
+struct vec {
+  T v[N];
+  T& operator[](int i) { return v[i]; }
+  const T& operator[](int i) const { return v[i]; }
+};
+}  // namespace metal
+
+template <typename T, int Cols, int Rows>
+struct simdgroup_matrix {
+  static_assert(Cols == 8 && Rows == 8, "the emulator has 8x8 simdgroup matrices only");
+  metal::vec<T, 2> e;
+  metal::vec<T, 2>& thread_elements() { return e; }
+  const metal::vec<T, 2>& thread_elements() const { return e; }
+};
+typedef simdgroup_matrix<float, 8, 8> simdgroup_float8x8;
+typedef simdgroup_matrix<half, 8, 8> simdgroup_half8x8;
+typedef simdgroup_matrix<bfloat, 8, 8> simdgroup_bfloat8x8;
+
+namespace emu {
+inline void sgm_coord(uint lane, int& r, int& c) {
+  const int q = lane / 4;
+  r = (q & 4) + (lane / 2) % 4;
+  c = (q & 2) * 2 + (lane % 2) * 2;
 }
-inline float kvq_load_cg(const float* p) { return *p; }
-inline float kvq_div(float a, float b) {
-  volatile float r = a / b;  // no contraction / reassociation
-  return r;
+// all 32 lanes of the caller's simdgroup take part in the same operation `what`
+inline void sgm_uniform(const char* what) {
+  uint sg = cur_tid() / 32;
+  uint64_t g = simd_exchange((uint64_t)(uintptr_t)what);
+  for (int l = 0; l < 32; l++)
+    if (!simd_has(sg, g, l) || simd_val<uint64_t>(sg, g, l) != (uint64_t)(uintptr_t)what)
+      fail(std::string(what) + ": not called by all 32 lanes of the simdgroup together");
+}
+// the full 8x8 matrix (row major, in float) from every lane's two elements
+template <typename T>
+inline void sgm_gather(const simdgroup_matrix<T, 8, 8>& m, float* out, const char* what) {
+  static_assert(sizeof(T) <= 4, "simdgroup_matrix element");
+  uint32_t a, b;
+  std::memcpy(&a, &m.e.v[0], sizeof(T) < 4 ? sizeof(T) : 4);
+  std::memcpy(&b, &m.e.v[1], sizeof(T) < 4 ? sizeof(T) : 4);
+  if (sizeof(T) < 4) { a &= (1u << (8 * sizeof(T))) - 1; b &= (1u << (8 * sizeof(T))) - 1; }
+  uint64_t g = simd_exchange((uint64_t)a | ((uint64_t)b << 32));
+  uint sg = cur_tid() / 32;
+  for (uint l = 0; l < 32; l++) {
+    if (!simd_has(sg, g, l)) fail(std::string(what) + ": a lane of the simdgroup left");
+    uint64_t v = simd_val<uint64_t>(sg, g, l);
+    uint32_t lo = (uint32_t)v, hi = (uint32_t)(v >> 32);
+    T x, y;
+    std::memcpy(&x, &lo, sizeof(T));
+    std::memcpy(&y, &hi, sizeof(T));
+    int r, c;
+    sgm_coord(l, r, c);
+    out[r * 8 + c] = float(x);
+    out[r * 8 + c + 1] = float(y);
+  }
+}
+}  // namespace emu
+
+template <typename T>
+inline simdgroup_matrix<T, 8, 8> make_filled_simdgroup_matrix(const T value) {
+  simdgroup_matrix<T, 8, 8> m;
+  m.e.v[0] = value;
+  m.e.v[1] = value;
+  return m;
+}
+template <typename T, int Cols, int Rows>
+inline simdgroup_matrix<T, Cols, Rows> make_filled_simdgroup_matrix(const T value) {
+  return make_filled_simdgroup_matrix<T>(value);
 }
 
-// ---- fp16 pairs used by sdpa_decode (a "h2" is a uint holding two halves)
-inline uint kvq_h2(float lo, float hi) {
-  return (uint)emu_half::from_float(lo) | ((uint)emu_half::from_float(hi) << 16);
+// element (r, c) of the matrix is src[(origin.y + r) * elements_per_row + origin.x + c],
+// or src[(origin.y + c) * elements_per_row + origin.x + r] when transposed
+template <typename T, int C, int R>
+inline void simdgroup_load(simdgroup_matrix<T, C, R>& d, const T* src, ulong elements_per_row = C,
+                           ulong2 matrix_origin = 0, bool transpose_matrix = false) {
+  emu::sgm_uniform("simdgroup_load");
+  int r, c;
+  emu::sgm_coord(emu::cur_tid() % 32, r, c);
+  const T* p = src + matrix_origin.y * elements_per_row + matrix_origin.x;
+  for (int k = 0; k < 2; k++)
+    d.e.v[k] = transpose_matrix ? p[(c + k) * elements_per_row + r] : p[r * elements_per_row + c + k];
 }
-inline float kvq_h2lo(uint x) { return emu_half::to_float((uint16_t)(x & 0xFFFFu)); }
-inline float kvq_h2hi(uint x) { return emu_half::to_float((uint16_t)(x >> 16)); }
-// (x - 1024) * sc + bi per half, one rounding (as a fused half2 FMA)
-inline uint kvq_h2_deq(uint x, uint sc, uint bi) {
-  double lo = ((double)kvq_h2lo(x) - 1024.0) * kvq_h2lo(sc) + kvq_h2lo(bi);
-  double hi = ((double)kvq_h2hi(x) - 1024.0) * kvq_h2hi(sc) + kvq_h2hi(bi);
-  return kvq_h2((float)lo, (float)hi);
+template <typename T, int C, int R>
+inline void simdgroup_store(const simdgroup_matrix<T, C, R>& a, T* dst, ulong elements_per_row = C,
+                            ulong2 matrix_origin = 0, bool transpose_matrix = false) {
+  emu::sgm_uniform("simdgroup_store");
+  int r, c;
+  emu::sgm_coord(emu::cur_tid() % 32, r, c);
+  T* p = dst + matrix_origin.y * elements_per_row + matrix_origin.x;
+  for (int k = 0; k < 2; k++)
+    (transpose_matrix ? p[(c + k) * elements_per_row + r] : p[r * elements_per_row + c + k]) = a.e.v[k];
 }
-inline uint kvq_bytes2(uint a, uint b, int k) {
-  return ((a >> (8 * k)) & 0xFFu) | (((b >> (8 * k)) & 0xFFu) << 16);
+// d = a * b + c: each element a float sum over k in order, from c, rounded to T once
+template <typename T, typename U, typename V, typename W>
+inline void simdgroup_multiply_accumulate(simdgroup_matrix<T, 8, 8>& d, const simdgroup_matrix<U, 8, 8>& a,
+                                          const simdgroup_matrix<V, 8, 8>& b,
+                                          const simdgroup_matrix<W, 8, 8>& c) {
+  float A[64], B[64], Cm[64];
+  emu::sgm_uniform("simdgroup_multiply_accumulate");
+  emu::sgm_gather(a, A, "simdgroup_multiply_accumulate");
+  emu::sgm_gather(b, B, "simdgroup_multiply_accumulate");
+  emu::sgm_gather(c, Cm, "simdgroup_multiply_accumulate");
+  int r, col;
+  emu::sgm_coord(emu::cur_tid() % 32, r, col);
+  for (int k = 0; k < 2; k++) {
+    float acc = Cm[r * 8 + col + k];
+    for (int i = 0; i < 8; i++) acc = std::fma(A[r * 8 + i], B[i * 8 + col + k], acc);
+    d.e.v[k] = T(acc);
+  }
 }
+template <typename T, typename U, typename V>
+inline void simdgroup_multiply(simdgroup_matrix<T, 8, 8>& d, const simdgroup_matrix<U, 8, 8>& a,
+                               const simdgroup_matrix<V, 8, 8>& b) {
+  simdgroup_multiply_accumulate(d, a, b, make_filled_simdgroup_matrix<T>(T(0)));
+}
+namespace metal {
+using ::make_filled_simdgroup_matrix;
+using ::simdgroup_load;
+using ::simdgroup_matrix;
+using ::simdgroup_multiply;
+using ::simdgroup_multiply_accumulate;
+using ::simdgroup_store;
+}  // namespace metal
+
+// ---------------------------------------------------------------- launch
+namespace emu {
+// The values of the thread attributes MLX can declare (mlx_source.METAL_ATTRIBUTES), for
+// one thread of a dispatchThreads(grid, threadgroup) launch as MLX makes it: the
+// threadgroup size is min(threadgroup, grid) per axis; edge threadgroups are partial
+// (non-uniform), their threads linearised over the partial size.
+struct Attrs {
+  uint dispatch_quadgroups_per_threadgroup, dispatch_simdgroups_per_threadgroup;
+  uint3 dispatch_threads_per_threadgroup, grid_origin, grid_size;
+  uint quadgroup_index_in_threadgroup, quadgroups_per_threadgroup, simdgroup_index_in_threadgroup,
+      simdgroups_per_threadgroup, thread_execution_width, thread_index_in_quadgroup,
+      thread_index_in_simdgroup, thread_index_in_threadgroup;
+  uint3 thread_position_in_grid, thread_position_in_threadgroup, threadgroup_position_in_grid,
+      threadgroups_per_grid, threads_per_grid;
+  uint threads_per_simdgroup;
+  uint3 threads_per_threadgroup;
+};
+
+template <typename F>
+inline int launch(int gx, int gy, int gz, int tx, int ty, int tz, unsigned seed, char* err, int errlen, F kernel) {
+  std::mt19937 rng(seed);
+  tx = std::min(tx, gx), ty = std::min(ty, gy), tz = std::min(tz, gz);
+  if (tx <= 0 || ty <= 0 || tz <= 0) return 0;
+  const uint nx = (gx + tx - 1) / tx, ny = (gy + ty - 1) / ty, nz = (gz + tz - 1) / tz;
+  const uint full = tx * ty * tz;
+  for (uint z = 0; z < nz; z++)
+    for (uint y = 0; y < ny; y++)
+      for (uint x = 0; x < nx; x++) {
+        const uint ax = std::min<uint>(tx, gx - x * tx), ay = std::min<uint>(ty, gy - y * ty),
+                   az = std::min<uint>(tz, gz - z * tz);
+        const uint nt = ax * ay * az;
+        std::string e = run_threadgroup(nt, rng, [&](uint tid) {
+          Attrs A;
+          A.dispatch_quadgroups_per_threadgroup = (nt + 3) / 4;
+          A.dispatch_simdgroups_per_threadgroup = (nt + 31) / 32;
+          A.dispatch_threads_per_threadgroup = uint3{ax, ay, az};
+          A.grid_origin = uint3{0, 0, 0};
+          A.grid_size = A.threads_per_grid = uint3{(uint)gx, (uint)gy, (uint)gz};
+          A.quadgroup_index_in_threadgroup = tid / 4;
+          A.quadgroups_per_threadgroup = (full + 3) / 4;
+          A.simdgroup_index_in_threadgroup = tid / 32;
+          A.simdgroups_per_threadgroup = (full + 31) / 32;
+          A.thread_execution_width = A.threads_per_simdgroup = 32;
+          A.thread_index_in_quadgroup = tid % 4;
+          A.thread_index_in_simdgroup = tid % 32;
+          A.thread_index_in_threadgroup = tid;
+          A.thread_position_in_threadgroup = uint3{tid % ax, (tid / ax) % ay, tid / (ax * ay)};
+          A.threadgroup_position_in_grid = uint3{x, y, z};
+          A.thread_position_in_grid = uint3{x * tx + A.thread_position_in_threadgroup.x,
+                                            y * ty + A.thread_position_in_threadgroup.y,
+                                            z * tz + A.thread_position_in_threadgroup.z};
+          A.threadgroups_per_grid = uint3{nx, ny, nz};
+          A.threads_per_threadgroup = uint3{(uint)tx, (uint)ty, (uint)tz};
+          kernel(A);
+        });
+        if (!e.empty()) {
+          std::snprintf(err, errlen, "threadgroup (%u,%u,%u): %s", x, y, z, e.c_str());
+          return 1;
+        }
+      }
+  return 0;
+}
+}  // namespace emu
