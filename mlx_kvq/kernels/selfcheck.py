@@ -109,9 +109,10 @@ def record(launch, family, config, check):
     return r
 
 
-def results():
-    """Every verdict of this process: dicts ``family``, ``config``, ``ok``, ``why``, ``ms``."""
-    return [dict(r) for r in _RESULTS.values()]
+def results(launch=None):
+    """Every verdict of this process (on ``launch`` only, if given): dicts ``family``,
+    ``config``, ``ok``, ``why``, ``ms``."""
+    return [dict(r) for k, r in _RESULTS.items() if launch is None or k[0] is launch]
 
 
 def reset():
