@@ -181,8 +181,10 @@ def _mask(rnd, kind, dtype, B, Hq, L, N):
 
 
 def _packed_pair(rnd, B, Hkv, C, D, k_bits, v_bits, gs, mode, sdt):
-    k = (rnd.normal((B, Hkv, C, D)) * 1.5 + 0.3).astype(sdt)
-    v = rnd.normal((B, Hkv, C, D)).astype(sdt)
+    """Packed K/V whose scales have dtype ``sdt`` (affine), or uint8 scales (mx modes)."""
+    dt = sdt if sdt in fmt.FLOATS else mx.float16
+    k = (rnd.normal((B, Hkv, C, D)) * 1.5 + 0.3).astype(dt)
+    v = rnd.normal((B, Hkv, C, D)).astype(dt)
     kp, vp = fmt.quantize(k, k_bits, gs, mode), fmt.quantize(v, v_bits, gs, mode)
     deq = lambda p, bits: fmt.dequantize(p, bits, gs, mode, mx.float32)
     return kp, vp, deq(kp, k_bits), deq(vp, v_bits)
