@@ -10,7 +10,7 @@ from .. import format as fmt
 from .args import MIN_KERNEL_WORDS, const, mask_arg, mask_ok, pair_ok, rotates_in_kernel, rotation_args
 from .backend import launcher, num_cores
 from .merge import merge_args
-from .selfcheck import decode_ok
+from .selfcheck import applies, decode_ok
 
 MAX_QUERIES = 8  # query rows per sequence that make a decode step
 
@@ -135,7 +135,9 @@ def decode_launch(
         ok = st.checked.get(launch)
         if ok is None:  # once per setup and launcher; selfcheck remembers per instantiation
             rep = q.shape[1] // (k_packed[0] if k_packed is not None else (sinks or window)[0]).shape[1]
-            ok = st.checked[launch] = decode_ok(launch, decode_launch, st.decode[0], rep, q.shape[2], rotate_out, out_dtype)
+            ok = decode_ok(launch, decode_launch, st.decode[0], rep, q.shape[2], rotate_out, out_dtype)
+            if applies(launch):  # a verdict (not "unchecked") is kept
+                st.checked[launch] = ok
         if not ok:
             return None
     sk, sv = sinks if sinks is not None else st.empty

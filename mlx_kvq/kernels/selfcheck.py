@@ -118,6 +118,7 @@ def results(launch=None):
 def reset():
     """Forget every verdict (tests)."""
     _RESULTS.clear()
+    _FAST.clear()
 
 
 # ------------------------------------------------------------------ comparisons
@@ -328,13 +329,30 @@ def decode_ok(launch, run, template, rep, L, rotate_out, out_dtype):
 def packed_ok(launch, run, q, k_packed, k_bits, v_bits, group_size, mode, mask, causal):
     B, Hq, L, D = q.shape
     rep = Hq // k_packed[0].shape[1]
-    return verdict(launch, *packed_case(
+    fast = ("packed", launch, q.dtype, k_packed[1].dtype, D, k_bits, v_bits, group_size, mode, rep * L,
+            None if mask is None else mask.dtype, bool(causal))
+    return _fast(fast, launch, lambda: packed_case(
         launch, run, q.dtype, k_packed[1].dtype, D, k_bits, v_bits, group_size, mode, rep, L, mask, causal))
 
 
 def quantize_ok(launch, run, dtype, D, bits, group_size, flavor):
-    return verdict(launch, *quantize_case(launch, run, dtype, D, bits, group_size, flavor))
+    return _fast(("quantize", launch, dtype, D, bits, group_size, flavor), launch,
+                 lambda: quantize_case(launch, run, dtype, D, bits, group_size, flavor))
 
 
 def window_ok(launch, run, in_dtype, buf_dtype, D, rotate_k, rotate_v):
-    return verdict(launch, *window_case(launch, run, in_dtype, buf_dtype, D, rotate_k, rotate_v))
+    return _fast(("window", launch, in_dtype, buf_dtype, D, bool(rotate_k), bool(rotate_v)), launch,
+                 lambda: window_case(launch, run, in_dtype, buf_dtype, D, rotate_k, rotate_v))
+
+
+_FAST = {}  # flat keys of the per-step hooks -> their verdict (decided ones only)
+
+
+def _fast(key, launch, case):
+    ok = _FAST.get(key)
+    if ok is None:
+        family, config, check = case()
+        ok = verdict(launch, family, config, check)
+        if (launch, family, config) in _RESULTS:
+            _FAST[key] = ok
+    return ok
