@@ -116,7 +116,8 @@ def results(launch=None):
 
 
 def reset():
-    """Forget every verdict (tests)."""
+    """Forget every verdict (tests; the decode setups cached by launch shapes keep theirs:
+    use a new launcher object to check again)."""
     _RESULTS.clear()
     _FAST.clear()
 
