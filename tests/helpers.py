@@ -55,3 +55,25 @@ def reference_over_cache(cache, q, scale, mask=None):
 def NO_LAUNCHES(name, *args):
     """A launcher for tests in which no kernel may run."""
     raise AssertionError(f"kernel {name} launched")
+
+
+class Faulty:
+    """A launcher wrapping another: ``broken(name, template)`` raises as a Metal compile
+    error would, ``wrong(name, template)`` returns perturbed outputs."""
+
+    def __init__(self, launch, broken=None, wrong=None):
+        self.launch, self.broken, self.wrong = launch, broken, wrong
+        self.calls = []
+
+    def __call__(self, name, inputs, template, *rest):
+        t = dict(template)
+        self.calls.append((name, t))
+        if self.broken and self.broken(name, t):
+            raise RuntimeError(f"[metal::Device] Unable to build metal library from source\nkvq_{name}: error")
+        outs = self.launch(name, inputs, template, *rest)
+        if self.wrong and self.wrong(name, t):
+            outs = [o * 1.5 + 0.25 if o.dtype in (mx.float16, mx.bfloat16, mx.float32) else o ^ 1 for o in outs]
+        return outs
+
+    def count(self, name):
+        return sum(c[0] == name for c in self.calls)

@@ -130,7 +130,7 @@ def _fused_decode(q, view, scale, mask, rotate=None, out_dtype=mx.float32):
     dense_dtype = dense[0].dtype if dense else None
     if not kernels.decode_supports(q, k, v, dense_dtype, mode=f.mode, mask=mask, **fmt):
         return None
-    return kernels.decode_attention(
+    return kernels.decode_attention(  # None where it failed its self-check: the reference
         q, k, v, n, sinks, window, nw=nw, scale=scale, q_start=view.q_start, causal=causal, mask=mask,
         rotate_q=bool(rotate), rotate_out=rotate == "kv", out_dtype=out_dtype, **fmt
     )
@@ -163,5 +163,7 @@ def packed_attention(q, k, v, n, fmt, **args):
         return packed_reference(q, k, v, n, fmt, **args)
     f = dict(k_bits=fmt.k_bits, v_bits=fmt.v_bits, group_size=fmt.group_size, mode=fmt.mode)
     if kernels.enabled() and kernels.supports(q, k, v, mask=args["mask"], **f):  # MLX_KVQ_REFERENCE=1: never
-        return kernels.packed_attention(q, k, v, n, **f, **args)
+        out = kernels.packed_attention(q, k, v, n, **f, **args)  # None: failed its self-check
+        if out is not None:
+            return out
     return packed_quantized_matmul(q, k, v, n, fmt, **args)

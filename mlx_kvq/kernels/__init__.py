@@ -17,15 +17,18 @@ The families, one module each:
 * :mod:`.quantize` -- ``quantize_append``: pack new tokens into the preallocated buffers.
 * :mod:`.window` -- ``window_append``: write decoded tokens into the unquantized window.
 
-Backend and switches (:mod:`.backend`): ``enabled()`` (a GPU backend and not
-``MLX_KVQ_REFERENCE=1``), ``launcher()``, ``use_launcher(launch)`` (run the kernels on
+The safety net (:mod:`.selfcheck`): each configuration is checked against the reference
+once per process at its first use on a GPU; one that fails runs on the reference.
+
+Backend and switches (:mod:`.backend`): ``enabled()`` (a GPU backend, MLX computing on
+its GPU device (``on_gpu()``), and not ``MLX_KVQ_REFERENCE=1``), ``launcher()``, ``use_launcher(launch)`` (run the kernels on
 another launcher, e.g. the tests' emulator), ``backend_name()``, ``num_cores()``. Kernel sources:
 :mod:`.source`. Tunables are parameters of the ``*_launch`` functions (``nsplit``, ``nsg``,
 ``pf``, ``warps_per_core``, ...), with the module constants as defaults.
 """
 
 from .args import param_array, rotates_in_kernel
-from .backend import MLXLauncher, backend_name, enabled, launcher, num_cores, use_launcher
+from .backend import MLXLauncher, backend_name, enabled, launcher, num_cores, on_gpu, use_launcher
 from .decode import (
     DECODE_BITS,
     MAX_QUERIES,
@@ -38,6 +41,7 @@ from .decode import (
 )
 from .merge import merge_launch
 from .packed import attention_launch, packed_attention, plan, supports
-from .quantize import quantize_append, quantize_launch, quantize_supported
+from .quantize import quantize_append, quantize_flavor, quantize_launch, quantize_supported
 from .source import KERNELS, compact, kernel_source, metal_kernel_args, read_source, source_dir
 from .window import window_append, window_append_launch, window_append_supports
+from . import selfcheck

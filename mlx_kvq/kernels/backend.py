@@ -39,11 +39,22 @@ def backend_name():
 
 
 def enabled():
-    """True on the Metal or CUDA backend, or with a launcher set by :func:`use_launcher`,
-    unless ``MLX_KVQ_REFERENCE=1``."""
+    """True on the Metal or CUDA backend while MLX computes on the GPU (the default
+    device: ``mx.set_default_device(mx.cpu)`` or ``with mx.stream(mx.cpu)`` take the
+    reference, custom kernels run only on GPUs), or with a launcher set by
+    :func:`use_launcher` (it stands in for the GPU whatever the device), unless
+    ``MLX_KVQ_REFERENCE=1``."""
     if os.environ.get("MLX_KVQ_REFERENCE", "0") not in ("", "0"):
         return False
-    return _ACTIVE[0] is not None or backend_name() is not None
+    return _ACTIVE[0] is not None or (backend_name() is not None and on_gpu())
+
+
+def on_gpu():
+    """Whether MLX computes on the GPU now (the default device)."""
+    try:
+        return mx.default_device() == mx.gpu
+    except Exception:
+        return False
 
 
 _ACTIVE = [None]  # the launcher set by use_launcher

@@ -10,6 +10,7 @@ from .. import format as fmt
 from .args import MIN_KERNEL_WORDS, const, mask_arg, mask_ok, pair_ok, rotates_in_kernel, rotation_args
 from .backend import launcher, num_cores
 from .merge import merge_args
+from .selfcheck import applies, decode_ok
 
 MAX_QUERIES = 8  # query rows per sequence that make a decode step
 
@@ -98,10 +99,12 @@ def decode_launch(
     launch, q, k_packed, v_packed, n, sinks, window, *, k_bits, v_bits, group_size,
     scale, q_start, causal, mask=None, nsplit=None, nsg=4, merge=True, pf=None,
     rotate_q=False, rotate_out=False, out_dtype=mx.float32, nw=None, warps_per_core=WARPS_PER_CORE,
+    check=False,
 ):
     """The kernel sequence of :func:`decode_attention` on ``launch`` (``merge=False``:
     the per-threadgroup partials (out (T, rows, D), lse (T, rows)), for benchmarks).
-    ``nw``: the window rows in use (default: all of ``window``'s)."""
+    ``nw``: the window rows in use (default: all of ``window``'s). ``check``: None where
+    this instantiation fails its self-check (:mod:`.selfcheck`)."""
     n = int(n) if k_packed is not None else 0
     ns = 0 if sinks is None else sinks[0].shape[2]
     if window is None:
@@ -128,6 +131,15 @@ def decode_launch(
     if st.P is None:  # nothing to attend to
         B, Hq, L, D = q.shape
         return mx.zeros((B, Hq, L, D), dtype=out_dtype), mx.full((B, Hq, L), -math.inf, dtype=mx.float32)
+    if check:
+        ok = st.checked.get(launch)
+        if ok is None:  # once per setup and launcher; selfcheck remembers per instantiation
+            rep = q.shape[1] // (k_packed[0] if k_packed is not None else (sinks or window)[0]).shape[1]
+            ok = decode_ok(launch, decode_launch, st.decode[0], rep, q.shape[2], rotate_out, out_dtype)
+            if applies(launch):  # a verdict (not "unchecked") is kept
+                st.checked[launch] = ok
+        if not ok:
+            return None
     sk, sv = sinks if sinks is not None else st.empty
     wk, wv = window if window is not None else st.empty
     kp = k_packed if k_packed is not None else st.kp0
@@ -161,6 +173,7 @@ class _DecodeSetup:
 def _decode_setup(q, k_packed, v_packed, n, sinks, window, ns, nw, k_bits, v_bits, group_size, scale, causal,
                   mask, nsplit, nsg, pf, rotate_q, rotate_out, out_dtype, warps_per_core):
     st = _DecodeSetup()
+    st.checked = {}  # launcher -> its self-check verdict
     B, Hq, L, D = q.shape
     dense = [x for x in (sinks, window) if x is not None]
     Hkv = (k_packed[0] if k_packed is not None else dense[0][0]).shape[1]
@@ -223,6 +236,7 @@ def decode_attention(q, k_packed, v_packed, n, sinks, window, **kw):
     :func:`packed_attention`.  Scores and values go through fp16 (tensor cores).
     ``rotate_q``/``rotate_out``: the kernels apply the cache's rotation to the
     queries / its inverse to the output (see :func:`rotates_in_kernel`);
-    ``out_dtype``: the dtype of ``out``.
+    ``out_dtype``: the dtype of ``out``. None where this configuration failed its
+    self-check (:mod:`.selfcheck`): the caller takes the reference.
     """
-    return decode_launch(launcher(), q, k_packed, v_packed, n, sinks, window, **kw)
+    return decode_launch(launcher(), q, k_packed, v_packed, n, sinks, window, check=True, **kw)

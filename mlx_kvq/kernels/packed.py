@@ -12,6 +12,7 @@ from .args import carrier_view, const, mask_arg, mask_ok, pair_ok, param_array
 from .backend import launcher, num_cores
 from .decode import is_decode
 from .merge import merge_launch
+from .selfcheck import packed_ok
 
 HEAD_DIMS = (64, 80, 96, 128, 256)
 DEFAULT_VU = 0  # value-loop unroll (0 = full), see metal/sdpa_packed.metal
@@ -163,9 +164,13 @@ def packed_attention(
     with ``causal`` key j is visible to query i iff ``k_start + j <= q_start + i``.
     ``mask``: bool (True = keep) or additive, broadcastable to (B, Hq, L, n).
     Pass the full preallocated buffers (B, Hkv, C, ...), not a slice.
+    None where this configuration failed its self-check (:mod:`.selfcheck`).
     """
+    launch = launcher()
+    if not packed_ok(launch, attention_launch, q, k_packed, k_bits, v_bits, group_size, mode, mask, causal):
+        return None
     return attention_launch(
-        launcher(), q, k_packed, v_packed, n, k_bits=k_bits, v_bits=v_bits,
+        launch, q, k_packed, v_packed, n, k_bits=k_bits, v_bits=v_bits,
         group_size=group_size, mode=mode, scale=scale, q_start=q_start,
         k_start=k_start, causal=causal, mask=mask,
     )

@@ -4,7 +4,8 @@
 import mlx.core as mx
 
 from .. import format as fmt
-from .backend import enabled, launcher
+from .backend import enabled, launcher, on_gpu
+from .selfcheck import quantize_ok
 
 def quantize_supported(x, bits, group_size, mode):
     return (
@@ -15,6 +16,12 @@ def quantize_supported(x, bits, group_size, mode):
         and x.dtype in fmt.FLOATS
         and x.shape[-1] % group_size == 0
     )
+
+
+def quantize_flavor():
+    """The rounding of ``mx.quantize`` where MLX computes now: 1 on GPUs (MLX's Metal and
+    CUDA quantize kernels share one algorithm), 0 on the CPU (an emulator standing in)."""
+    return 1 if on_gpu() else 0
 
 
 def quantize_launch(launch, x, *, bits, group_size, flavor):
@@ -62,11 +69,13 @@ def quantize_append(x, buffers, start, *, bits, group_size, mode):
     donatable (no other reference alive) -- drop your reference, e.g.
     ``self.keys = quantize_append(x, self.keys, ...)``.
     The packing is bit-identical to ``mx.quantize`` on this backend.  Modes
-    other than affine (or no GPU) use ``mx.quantize`` itself.
+    other than affine (or no GPU, or a configuration that failed its self-check) use
+    ``mx.quantize`` itself.
     """
-    if enabled() and quantize_supported(x, bits, group_size, mode):
-        flavor = 1  # MLX's Metal and CUDA quantize kernels share one algorithm
-        new = quantize_launch(launcher(), x, bits=bits, group_size=group_size, flavor=flavor)
+    if enabled() and quantize_supported(x, bits, group_size, mode) and (
+        quantize_ok(launcher(), quantize_launch, x.dtype, x.shape[-1], bits, group_size, quantize_flavor())
+    ):
+        new = quantize_launch(launcher(), x, bits=bits, group_size=group_size, flavor=quantize_flavor())
     else:
         new = tuple(mx.quantize(x, group_size=group_size, bits=bits, mode=mode))
     return tuple(_write_rows(buf, v, start) for buf, v in zip(buffers, new))

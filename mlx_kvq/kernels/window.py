@@ -6,10 +6,12 @@ import mlx.core as mx
 from .. import format as fmt
 from .args import const, rotates_in_kernel, rotation_args
 from .backend import enabled, launcher
+from .selfcheck import window_ok
 
 def window_append_supports(buf_k, buf_v, keys, values, nw, rotate_k, rotate_v):
     """Whether :func:`window_append` takes these: a GPU, room in the buffers, head
-    dims a multiple of 32 (a power of two >= 32 where a rotation is applied)."""
+    dims a multiple of 32 (a power of two >= 32 where a rotation is applied), and a
+    configuration that passed its self-check (:mod:`.selfcheck`)."""
     if not enabled() or buf_k is None or buf_v is None:
         return False
     B, H, C, D = buf_k.shape
@@ -19,7 +21,7 @@ def window_append_supports(buf_k, buf_v, keys, values, nw, rotate_k, rotate_v):
         return False
     if D % 32 or nw + keys.shape[2] > C or ((rotate_k or rotate_v) and not rotates_in_kernel(D)):
         return False
-    return True
+    return window_ok(launcher(), window_append_launch, keys.dtype, buf_k.dtype, D, rotate_k, rotate_v)  # its self-check
 
 
 def window_append_launch(launch, buf_k, buf_v, keys, values, nw, rotate_k=False, rotate_v=False):
