@@ -9,7 +9,7 @@
 // out, lse) per threadgroup, merged by sdpa_merge.  A threadgroup owns a tile of
 // RT query rows of one KV head (rows = rep query heads x L positions), RT = R
 // when R = rep * L <= 8, so that the K/V words of a KV head are read once for
-// all its query rows.
+// all its query rows (R > 8: ceil(R / 8) tiles, each reading them).
 //
 // Lanes: a key's D dims are spread over KL = D / DPL consecutive lanes (DPL
 // dims each, one quantization group: GS >= 32 >= DPL); the simdgroup takes
@@ -22,8 +22,11 @@
 //      the KL parts are summed by log2(KL) simd_shuffle_xor steps.
 //   softmax: fp32, base 2, online, per slot (each slot its own running max and
 //      sum, as MLX's sdpa_vector keeps one per simdgroup); the running max moves
-//      only by more than a slack (one simd_any vote per key step).
+//      only by more than a slack (one simd_any vote per loop step).
 //   V: DPL codes dequantized once in fp32 (scale * c + bias), RT * DPL FMAs.
+// A loop step takes KU keys per slot: their dot products first, then their reductions
+// interleaved (KU * RT independent shuffle chains), one softmax update, then the values;
+// with PF the next step's words and scales are loaded before this step's work.
 // At the end the KPS slots are combined by shuffles, then the NSG simdgroups in
 // threadgroup memory.
 //
@@ -204,54 +207,63 @@ for (int ph = 0; ph < 2; ph++) {
         }
       }
     }
+    // scores (base 2) of the RT rows for the KU keys of this slot: the dot products of
+    // all KU keys first, then their reductions interleaved (KU * RT independent chains)
+    float s[KU][RT];
     KVQ_UNROLL
     for (int u = 0; u < KU; u++) {
-      const int key = blk + KPS * u + slot;
-      const int kc = metal::min(key, kend - 1);  // (clamped: every lane takes part)
+      const int kc = metal::min(blk + KPS * u + slot, kend - 1);  // (clamped: every lane takes part)
       float kx[DPL];  // key dims (dense) or codes (packed)
-      float vx[DPL];  // value dims
-      float ksc = 1.0f, kbi = 0.0f;
       if (!dns) {
-        ksc = float(kss_[u]);
-        kbi = float(kbs_[u]);
-        const float vsc = float(vss_[u]);
-        const float vbi = float(vbs_[u]);
         KVQ_UNROLL
         for (int j = 0; j < DPL; j++) {
           kx[j] = float((cw[u][(j * KB) / 32] >> ((j * KB) % 32)) & KMASK);
-          vx[j] = vsc * float((vwd[u][(j * VB) / 32] >> ((j * VB) % 32)) & VMASK) + vbi;
         }
       } else {
         const device DT* kr = kc < ns
             ? sk + size_t(b) * size_t(sk_strides[0]) + size_t(kvh) * size_t(sk_strides[1]) + size_t(kc) * size_t(sk_strides[2])
             : wk + size_t(b) * size_t(wk_strides[0]) + size_t(kvh) * size_t(wk_strides[1]) +
                 size_t(kc - ns) * size_t(wk_strides[2]);
-        const device DT* vr = kc < ns
-            ? sv + size_t(b) * size_t(sv_strides[0]) + size_t(kvh) * size_t(sv_strides[1]) + size_t(kc) * size_t(sv_strides[2])
-            : wv + size_t(b) * size_t(wv_strides[0]) + size_t(kvh) * size_t(wv_strides[1]) +
-                size_t(kc - ns) * size_t(wv_strides[2]);
         KVQ_UNROLL
         for (int j = 0; j < DPL; j++) {
           kx[j] = float(kr[d0 + j]);
-          vx[j] = float(vr[d0 + j]);
         }
       }
-      // scores of the RT rows for this slot's key (base 2)
-      const int pos = dns ? (kc < ns ? kc : kc + n) : ns + kc;
-      float s[RT];
-      bool need = false;
       KVQ_UNROLL
       for (int r = 0; r < RT; r++) {
-        float dot = 0.0f;
+        float d2[2] = {0.0f, 0.0f};  // two chains
         KVQ_UNROLL
         for (int j = 0; j < DPL; j++) {
-          dot += qv[r][j] * kx[j];
+          d2[j & 1] += qv[r][j] * kx[j];
         }
-        float x = dns ? dot : ksc * dot + kbi * qsum[r];
+        const float dot = d2[0] + d2[1];
+        s[u][r] = dns ? dot : float(kss_[u]) * dot + float(kbs_[u]) * qsum[r];
+      }
+    }
+    KVQ_UNROLL
+    for (int h = 1; h < KL; h <<= 1) {
+      KVQ_UNROLL
+      for (int u = 0; u < KU; u++) {
         KVQ_UNROLL
-        for (int h = 1; h < KL; h <<= 1) {
-          x += simd_shuffle_xor(x, uint(h));
+        for (int r = 0; r < RT; r++) {
+          s[u][r] += simd_shuffle_xor(s[u][r], uint(h));
         }
+      }
+    }
+    bool need = false;
+    float bmax[RT];  // the KU keys' max per row
+    KVQ_UNROLL
+    for (int r = 0; r < RT; r++) {
+      bmax[r] = NEG_INF;
+    }
+    KVQ_UNROLL
+    for (int u = 0; u < KU; u++) {
+      const int key = blk + KPS * u + slot;
+      const int kc = metal::min(key, kend - 1);
+      const int pos = dns ? (kc < ns ? kc : kc + n) : ns + kc;
+      KVQ_UNROLL
+      for (int r = 0; r < RT; r++) {
+        float x = s[u][r];
         bool vis = key < kend && rok[r];
         if (CAUSAL) {
           vis = vis && pos <= rpos[r];
@@ -266,30 +278,57 @@ for (int ph = 0; ph < 2; ph++) {
             x += mv * KVQ_LOG2E;
           }
         }
-        s[r] = vis ? x : NEG_INF;
-        need = need || s[r] > m[r] + RESCALE_SLACK_SIMD;
+        s[u][r] = vis ? x : NEG_INF;
+        bmax[r] = metal::max(bmax[r], s[u][r]);
       }
-      // The running max moves only when a score passes it by more than the slack
-      // (log2 units): probabilities stay <= 2^8 until then, and the rescaling of
-      // the RT * DPL accumulators is skipped by the whole simdgroup.  Exact: out
-      // and lse are normalized by the same m at the end.
-      if (simd_any(need)) {
-        KVQ_UNROLL
-        for (int r = 0; r < RT; r++) {
-          if (s[r] > m[r] + RESCALE_SLACK_SIMD) {  // (m = -inf: any visible key passes)
-            const float f = metal::exp2(m[r] - s[r]);  // 0 when m was -inf
-            m[r] = s[r];
-            lsum[r] *= f;
-            KVQ_UNROLL
-            for (int j = 0; j < DPL; j++) {
-              o[r][j] *= f;
-            }
+    }
+    KVQ_UNROLL
+    for (int r = 0; r < RT; r++) {
+      need = need || bmax[r] > m[r] + RESCALE_SLACK_SIMD;
+    }
+    // The running max moves only when a score passes it by more than the slack
+    // (log2 units): probabilities stay <= 2^8 until then, and the rescaling of
+    // the RT * DPL accumulators is skipped by the whole simdgroup.  Exact: out
+    // and lse are normalized by the same m at the end.
+    if (simd_any(need)) {
+      KVQ_UNROLL
+      for (int r = 0; r < RT; r++) {
+        if (bmax[r] > m[r] + RESCALE_SLACK_SIMD) {  // (m = -inf: any visible key passes)
+          const float f = metal::exp2(m[r] - bmax[r]);  // 0 when m was -inf
+          m[r] = bmax[r];
+          lsum[r] *= f;
+          KVQ_UNROLL
+          for (int j = 0; j < DPL; j++) {
+            o[r][j] *= f;
           }
+        }
+      }
+    }
+    // values (dequantized here, after the scores, so that they take no registers before)
+    KVQ_UNROLL
+    for (int u = 0; u < KU; u++) {
+      const int kc = metal::min(blk + KPS * u + slot, kend - 1);
+      float vx[DPL];
+      if (!dns) {
+        const float vsc = float(vss_[u]);
+        const float vbi = float(vbs_[u]);
+        KVQ_UNROLL
+        for (int j = 0; j < DPL; j++) {
+          vx[j] = vsc * float((vwd[u][(j * VB) / 32] >> ((j * VB) % 32)) & VMASK) + vbi;
+        }
+      } else {
+        const device DT* vr = kc < ns
+            ? sv + size_t(b) * size_t(sv_strides[0]) + size_t(kvh) * size_t(sv_strides[1]) + size_t(kc) * size_t(sv_strides[2])
+            : wv + size_t(b) * size_t(wv_strides[0]) + size_t(kvh) * size_t(wv_strides[1]) +
+                size_t(kc - ns) * size_t(wv_strides[2]);
+        KVQ_UNROLL
+        for (int j = 0; j < DPL; j++) {
+          vx[j] = float(vr[d0 + j]);
         }
       }
       KVQ_UNROLL
       for (int r = 0; r < RT; r++) {
-        const float p = s[r] == NEG_INF ? 0.0f : metal::exp2(s[r] - m[r]);
+        const float p = s[u][r] == NEG_INF ? 0.0f : metal::exp2(s[u][r] - m[r]);
         lsum[r] += p;
         KVQ_UNROLL
         for (int j = 0; j < DPL; j++) {

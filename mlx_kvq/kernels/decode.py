@@ -35,7 +35,11 @@ DECODE_PF_MIN_KEYS = 192
 # simd shuffles, laid out for Apple GPUs). Default: "simd" on Metal, "mma" elsewhere;
 # MLX_KVQ_DECODE_BODY or decode_launch(body=...) picks one explicitly.
 DECODE_BODIES = ("mma", "simd")
-SIMD_KU = (2, 1)  # simd body: (KU, PF) keys per slot and loop step, loaded one step ahead
+# simd body: (KU, PF) keys per lane group and loop step, loaded one step ahead. Its dims per
+# lane (simd_tile) trade arithmetic (benchmarks/lab/decode_roofline.py: 2432 lane ops per key
+# at 4 rows and DPL 16, 3072 at DPL 8) for registers (ptxas, sm_90: 245-255 at 4 rows and
+# DPL 16, 150-168 at DPL 8); bench_attention --bodies times both (BENCHMARKS.md).
+SIMD_KU = (2, 1)
 SIMD_MAX_ROWS = 8  # query rows per threadgroup of the simd body (the registers of RT * DPL * 2 floats)
 
 
@@ -48,13 +52,15 @@ def decode_body(launch, body=None):
     return body
 
 
-def simd_tile(R, D):
-    """(tiles, RT, DPL) of the simd body: row tiles of at most SIMD_MAX_ROWS rows, and
-    the dims per lane (16, or 8 above 4 rows so that the rows' registers stay 2 x 64 floats;
-    D / DPL lanes per key, at most 32)."""
+def simd_tile(R, D, dpl=None):
+    """(tiles, RT, DPL) of the simd body: row tiles of at most SIMD_MAX_ROWS rows, and the
+    dims per lane (``dpl``; default 16 up to 4 rows, else 8, so that the rows' queries and
+    outputs stay 2 * RT * DPL <= 128 registers; 16 where D / 8 > 32 lanes per key)."""
     tiles = -(-R // SIMD_MAX_ROWS)
     RT = -(-R // tiles)
-    DPL = 16 if RT <= 4 or D // 8 > 32 else 8
+    DPL = dpl or (16 if RT <= 4 or D // 8 > 32 else 8)
+    if DPL not in (8, 16) or D % DPL or D // DPL > 32:
+        raise ValueError(f"dims per lane {DPL} do not fit head dim {D}")
     return tiles, RT, min(DPL, D)
 
 
@@ -127,13 +133,14 @@ def decode_launch(
     launch, q, k_packed, v_packed, n, sinks, window, *, k_bits, v_bits, group_size,
     scale, q_start, causal, mask=None, nsplit=None, nsg=4, merge=True, pf=None,
     rotate_q=False, rotate_out=False, out_dtype=mx.float32, nw=None, warps_per_core=WARPS_PER_CORE, body=None,
-    ku=None,
+    ku=None, dpl=None,
 ):
     """The kernel sequence of :func:`decode_attention` on ``launch`` (``merge=False``:
     the per-threadgroup partials (out (T, rows, D), lse (T, rows)), for benchmarks).
     ``nw``: the window rows in use (default: all of ``window``'s).  ``body``: "mma" or
     "simd" (:func:`decode_body`); ``ku``, ``pf``: the simd body's keys per lane group and
-    loop step, and whether the next step's are loaded ahead (default ``SIMD_KU``)."""
+    loop step, and whether the next step's are loaded ahead (default ``SIMD_KU``); ``dpl``: its
+    dims per lane (8 or 16, default by :func:`simd_tile`)."""
     body = decode_body(launch, body)
     n = int(n) if k_packed is not None else 0
     ns = 0 if sinks is None else sinks[0].shape[2]
@@ -149,7 +156,7 @@ def decode_launch(
         q.shape, q.dtype, None if k_packed is None else (k_packed[0].shape, k_packed[1].dtype, v_packed[0].shape),
         n, ns, None if sinks is None else sinks[0].dtype, None if window is None else (window[0].shape, window[0].dtype),
         nw > 0, None if mask is None else (mask.shape, mask.dtype), k_bits, v_bits, group_size, float(scale),
-        bool(causal), nsplit, warps_per_core, nsg, pf, bool(rotate_q), bool(rotate_out), out_dtype, body, ku,
+        bool(causal), nsplit, warps_per_core, nsg, pf, bool(rotate_q), bool(rotate_out), out_dtype, body, ku, dpl,
     )
     st = _DECODE_SETUPS.get(key)
     if st is None:
@@ -157,7 +164,7 @@ def decode_launch(
             _DECODE_SETUPS.clear()
         st = _DECODE_SETUPS[key] = _decode_setup(
             q, k_packed, v_packed, n, sinks, window, ns, nw, k_bits, v_bits, group_size, scale, causal, mask,
-            nsplit, nsg, pf, rotate_q, rotate_out, out_dtype, warps_per_core, body, ku)
+            nsplit, nsg, pf, rotate_q, rotate_out, out_dtype, warps_per_core, body, ku, dpl)
     if st.P is None:  # nothing to attend to
         B, Hq, L, D = q.shape
         return mx.zeros((B, Hq, L, D), dtype=out_dtype), mx.full((B, Hq, L), -math.inf, dtype=mx.float32)
@@ -192,14 +199,14 @@ class _DecodeSetup:
 
 
 def _decode_setup(q, k_packed, v_packed, n, sinks, window, ns, nw, k_bits, v_bits, group_size, scale, causal,
-                  mask, nsplit, nsg, pf, rotate_q, rotate_out, out_dtype, warps_per_core, body, ku):
+                  mask, nsplit, nsg, pf, rotate_q, rotate_out, out_dtype, warps_per_core, body, ku, dpl):
     st = _DecodeSetup()
     B, Hq, L, D = q.shape
     dense = [x for x in (sinks, window) if x is not None]
     Hkv = (k_packed[0] if k_packed is not None else dense[0][0]).shape[1]
     rep = Hq // Hkv
     if body == "simd":
-        tiles, RT, DPL = simd_tile(rep * L, D)
+        tiles, RT, DPL = simd_tile(rep * L, D, dpl)
     else:
         tiles = -(-(rep * L) // 8)
     if k_packed is not None and n > k_packed[0].shape[2]:
