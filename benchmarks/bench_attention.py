@@ -431,7 +431,8 @@ def decode_bodies_chain(args, sizes):
         npk = n - ns - nw
         for bits in (8, 4, 2):
             _, kp, vp = make(B, Hkv, rep, 1, D, npk, bits, bits, 64, "affine", mx.float16, seed=1)
-            runs = [("simd", dict(ku=ku, pf=pf), f"simd ku{ku}pf{pf}") for ku, pf in args.simd_variants]
+            runs = [("simd", dict(ku=ku, pf=pf, dpl=dpl or None), f"simd ku{ku}pf{pf}d{dpl or 'def'}")
+                    for ku, pf, dpl in args.simd_variants]
             for body, extra, label in runs + [("mma", {}, "mma")]:
                 kw = dict(k_bits=bits, v_bits=bits, group_size=64, scale=D**-0.5, q_start=n - 1, causal=True,
                           out_dtype=mx.float16, body=body, **extra)
@@ -604,7 +605,8 @@ def main():
     ap.add_argument("--variants", default="", help="decode variants nsg:pf:wpc,... (GPU-bound timing)")
     ap.add_argument("--chain", action="store_true", help="chained (dependent) decode calls, GPU-bound")
     ap.add_argument("--bodies", action="store_true", help="chained decode calls of the simd and mma bodies")
-    ap.add_argument("--simd-variants", default="2:1", help="--bodies: simd body keys per step:load ahead, ...")
+    ap.add_argument("--simd-variants", default="2:1:0",
+                    help="--bodies: simd body variants keys per step:load ahead:dims per lane (0: default), ...")
     ap.add_argument("--chain-parts", action="store_true", help="--chain: the 4-bit launch taken apart")
     ap.add_argument("--pf", type=int, default=None, help="--chain: blocks loaded ahead (default: by length)")
     ap.add_argument("--rotq", action="store_true", help="--variants: rotate queries and output in the kernels")
