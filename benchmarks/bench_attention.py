@@ -403,6 +403,45 @@ def decode_chain(args, sizes):
             print("  ".join(line), flush=True)
 
 
+def decode_bodies_chain(args, sizes):
+    """Chained decode calls (GPU-bound, as ``--chain``) of the two decode bodies, "simd"
+    (metal/sdpa_decode_simd.metal) and "mma" (metal/sdpa_decode.metal), against fp16 sdpa
+    over the same number of keys: Hq 32 / Hkv 8 / D 128, B 1, L 1, a view of 4 sinks, a
+    packed run and a 32-key window (n keys in all), affine 8/4/2 bits, group 64."""
+    B, Hkv, rep, D, ns, nw = 1, 8, 4, 128, 4, 32
+    L_ = kernels.launcher()
+    try:
+        info = mx.device_info()
+        dev = info.get("device_name", info.get("name", "?"))
+    except Exception:
+        dev = "?"
+    print(f"\n== decode bodies, chained calls, GPU-bound ms per call (median of {args.reps} x {args.inner}) ==")
+    print(f"backend {kernels.backend_name()} device {dev} mlx {mx.__version__} cores {kernels.num_cores()}")
+    for n in sizes:
+        mx.random.seed(n)
+        q0 = mx.random.normal((B, Hkv * rep, 1, D)).astype(mx.float16)
+        kf = mx.random.normal((B, Hkv, n, D)).astype(mx.float16)
+        vf = mx.random.normal((B, Hkv, n, D)).astype(mx.float16)
+        sinks = tuple(mx.random.normal((B, Hkv, ns, D)).astype(mx.float16) for _ in range(2))
+        window = tuple(mx.random.normal((B, Hkv, nw, D)).astype(mx.float16) for _ in range(2))
+        mx.eval(q0, kf, vf, sinks, window)
+        t16 = timeit_chain(lambda q: mx.fast.scaled_dot_product_attention(q, kf, vf, scale=D**-0.5), q0,
+                           args.reps, args.inner)
+        line = [f"{n:7d} keys: fp16 sdpa {t16:.4f}"]
+        npk = n - ns - nw
+        for bits in (8, 4, 2):
+            _, kp, vp = make(B, Hkv, rep, 1, D, npk, bits, bits, 64, "affine", mx.float16, seed=1)
+            runs = [("simd", dict(ku=ku, pf=pf, dpl=dpl or None), f"simd ku{ku}pf{pf}d{dpl or 'def'}")
+                    for ku, pf, dpl in args.simd_variants]
+            for body, extra, label in runs + [("mma", {}, "mma")]:
+                kw = dict(k_bits=bits, v_bits=bits, group_size=64, scale=D**-0.5, q_start=n - 1, causal=True,
+                          out_dtype=mx.float16, body=body, **extra)
+                t = timeit_chain(lambda q: kernels.decode_launch(L_, q, kp, vp, npk, sinks, window, **kw), q0,
+                                 args.reps, args.inner)
+                line.append(f"{bits}b {label} {t:.4f} ({t16 / t:.2f}x)")
+        print("  ".join(line), flush=True)
+
+
 def packed_bytes(kp, vp, n):
     tot = 0
     for p in (kp, vp):
@@ -565,6 +604,9 @@ def main():
     ap.add_argument("--ncu-decode", type=int, default=0, help="128k sdpa_decode calls of this many bits, for ncu")
     ap.add_argument("--variants", default="", help="decode variants nsg:pf:wpc,... (GPU-bound timing)")
     ap.add_argument("--chain", action="store_true", help="chained (dependent) decode calls, GPU-bound")
+    ap.add_argument("--bodies", action="store_true", help="chained decode calls of the simd and mma bodies")
+    ap.add_argument("--simd-variants", default="2:1:0",
+                    help="--bodies: simd body variants keys per step:load ahead:dims per lane (0: default), ...")
     ap.add_argument("--chain-parts", action="store_true", help="--chain: the 4-bit launch taken apart")
     ap.add_argument("--pf", type=int, default=None, help="--chain: blocks loaded ahead (default: by length)")
     ap.add_argument("--rotq", action="store_true", help="--variants: rotate queries and output in the kernels")
@@ -572,6 +614,7 @@ def main():
                     "default: the library's WARPS_PER_CORE)")
     args = ap.parse_args()
     args.deq = False
+    args.simd_variants = [tuple(int(x) for x in v.split(":")) for v in args.simd_variants.split(",")]
     args.wpc = [int(x) for x in args.wpc.split(",")] if args.wpc else [kernels.WARPS_PER_CORE]
     if args.emu:
         import tempfile
@@ -591,6 +634,9 @@ def main():
         return 0
     if args.ncu_decode:
         ncu_decode_target(args.ncu_decode)
+        return 0
+    if args.bodies:
+        decode_bodies_chain(args, [int(s) for s in args.sizes.split(",")])
         return 0
     if args.chain:
         decode_chain(args, [int(s) for s in args.sizes.split(",")])

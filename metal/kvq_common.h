@@ -166,6 +166,17 @@ KVQ_FUNC void kvq_load_octet_raw(const device uint* row, int u, thread uint& lo,
   }
 }
 
+// NB bits (16, 32, 64 or 128) of a packed row from bit `bit0` (a multiple of NB) into
+// registers: one ushort, uint, uint2 or uint4 load (the row 16-byte aligned).
+template <int NB>
+KVQ_FUNC void kvq_load_bits(const device uint* row, int bit0, thread uint* r) {
+  if (NB == 16) {
+    r[0] = uint(((const device ushort*)row)[bit0 / 16]);
+  } else {
+    kvq_load_words<NB / 32>(row + bit0 / 32, r);
+  }
+}
+
 // ---- the unnormalized Walsh-Hadamard transform of one row of D = 32 * E
 // values spread over a simdgroup, lane holding dims [lane * E, lane * E + E):
 // acc <- acc H (H the D x D Sylvester Hadamard matrix).  Butterflies of stride

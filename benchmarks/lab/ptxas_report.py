@@ -47,7 +47,7 @@ def wrap(name, template, input_types, output_types, body=None):
 #define __device__ __attribute__((__device__))
 struct Shape {{ int32_t v[8]; __device__ int32_t operator[](int i) const {{ return v[i]; }} }};
 struct Strides {{ int64_t v[8]; __device__ int64_t operator[](int i) const {{ return v[i]; }} }};
-{kernels.DEFINES.get(name, "")}#include "{d / 'prelude_cuda.h'}"
+{kernels.source.DEFINES.get(name, "")}#include "{d / 'prelude_cuda.h'}"
 #include "{d / 'kvq_common.h'}"
 template <{tparams}>
 __global__ void kernel({", ".join(params)}) {{
@@ -84,6 +84,9 @@ def main():
     ap.add_argument("--pf", type=int, default=0)
     ap.add_argument("--nsg", type=int, default=4)
     ap.add_argument("--rotq", type=int, default=0)
+    ap.add_argument("--rt", type=int, default=4, help="sdpa_decode_simd*: rows per tile")
+    ap.add_argument("--dpl", type=int, default=16, help="sdpa_decode_simd*: dims per lane")
+    ap.add_argument("--ku", type=int, default=2, help="sdpa_decode_simd*: keys per slot and step")
     ap.add_argument("--sass", action="store_true", help="print the SASS instruction mix (and keep the .sass file)")
     ap.add_argument("--packed-only", action="store_true",
                     help="sdpa_decode without its dense (sinks/window) warp: the block loop's mix is the packed path's")
@@ -91,10 +94,12 @@ def main():
     template = [("T", "float16"), ("S", "float16"), ("DT", "float16"), ("MT", "bool"), ("D", a.D),
                 ("KB", a.bits), ("VB", a.bits), ("GS", a.gs), ("MASK", 0), ("CAUSAL", 1), ("NSG", a.nsg),
                 ("PF", a.pf), ("ROTQ", a.rotq)]
+    if a.name.startswith("sdpa_decode_simd"):
+        template = template[:-2] + [("ROTQ", a.rotq), ("RT", a.rt), ("DPL", a.dpl), ("KU", a.ku), ("PF", a.pf)]
     ins = ["__half", "uint32_t", "__half", "__half", "uint32_t", "__half", "__half", "__half", "__half",
            "__half", "__half", "bool", "uint8_t", "float", "float"]
     outs = ["float", "float"]
-    if a.name == "sdpa_decode_fused":
+    if a.name.endswith("_fused"):
         template += [("OT", "float16"), ("ROTO", 0)]
         ins += ["uint32_t"]
         outs += ["__half", "float"]

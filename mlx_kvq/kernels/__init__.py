@@ -11,7 +11,9 @@ this backend's :func:`launcher`.
 The families, one module each:
 
 * :mod:`.decode` -- ``decode_attention``: up to ``MAX_QUERIES`` queries per sequence over a
-  whole cache view (sinks, packed run, window) in one launch; ``decode_supports``.
+  whole cache view (sinks, packed run, window) in one launch; ``decode_supports``. Two bodies:
+  ``"simd"`` (``sdpa_decode_simd.metal``, Metal's default) and ``"mma"`` (``sdpa_decode.metal``,
+  tensor cores; elsewhere), chosen by ``decode_launch(body=...)`` or ``MLX_KVQ_DECODE_BODY``.
 * :mod:`.packed` -- ``packed_attention``: ``(out, lse)`` over one packed run; ``supports``.
 * :mod:`.merge` -- ``merge_launch``: split partials merged by log-sum-exp.
 * :mod:`.quantize` -- ``quantize_append``: pack new tokens into the preallocated buffers.

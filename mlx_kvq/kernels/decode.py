@@ -3,6 +3,7 @@ view (fp16 sinks, packed run, fp16 window) in one launch (``metal/sdpa_decode.me
 the split partials are merged in the same launch on CUDA, by :mod:`.merge` elsewhere."""
 
 import math
+import os
 
 import mlx.core as mx
 
@@ -28,6 +29,40 @@ WARPS_PER_CORE = 8  # packed splits: about this many warps per GPU core in all (
 # chained decode calls on the H100 (bench_attention --chain) PF=1 is 1.17x faster at
 # 128k keys and PF=0 at 4k-16k.
 DECODE_PF_MIN_KEYS = 192
+
+
+# The two decode bodies: "mma" (metal/sdpa_decode.metal, the m16n8k16 matrix op: tensor
+# cores on NVIDIA) and "simd" (metal/sdpa_decode_simd.metal, fp32 dot products reduced by
+# simd shuffles, laid out for Apple GPUs). Default: "simd" on Metal, "mma" elsewhere;
+# MLX_KVQ_DECODE_BODY or decode_launch(body=...) picks one explicitly.
+DECODE_BODIES = ("mma", "simd")
+# simd body: (KU, PF) keys per lane group and loop step, loaded one step ahead. Its dims per
+# lane (simd_tile) trade arithmetic (benchmarks/lab/decode_roofline.py: 2432 lane ops per key
+# at 4 rows and DPL 16, 3072 at DPL 8) for registers (ptxas, sm_90: 245-255 at 4 rows and
+# DPL 16, 150-168 at DPL 8); bench_attention --bodies times both (BENCHMARKS.md).
+SIMD_KU = (2, 1)
+SIMD_MAX_ROWS = 8  # query rows per threadgroup of the simd body (the registers of RT * DPL * 2 floats)
+
+
+def decode_body(launch, body=None):
+    """The decode body ``launch`` runs: ``body``, else $MLX_KVQ_DECODE_BODY, else the backend's."""
+    body = body or os.environ.get("MLX_KVQ_DECODE_BODY") or (
+        "simd" if getattr(launch, "backend", None) == "metal" else "mma")
+    if body not in DECODE_BODIES:
+        raise ValueError(f"decode body {body!r} is not one of {DECODE_BODIES}")
+    return body
+
+
+def simd_tile(R, D, dpl=None):
+    """(tiles, RT, DPL) of the simd body: row tiles of at most SIMD_MAX_ROWS rows, and the
+    dims per lane (``dpl``; default 16 up to 4 rows, else 8, so that the rows' queries and
+    outputs stay 2 * RT * DPL <= 128 registers; 16 where D / 8 > 32 lanes per key)."""
+    tiles = -(-R // SIMD_MAX_ROWS)
+    RT = -(-R // tiles)
+    DPL = dpl or (16 if RT <= 4 or D // 8 > 32 else 8)
+    if DPL not in (8, 16) or D % DPL or D // DPL > 32:
+        raise ValueError(f"dims per lane {DPL} do not fit head dim {D}")
+    return tiles, RT, min(DPL, D)
 
 
 _SUPPORTED = {}
@@ -98,13 +133,17 @@ def carrier_view7(n, delta, ns, nw, P):
 def decode_launch(
     launch, q, k_packed, v_packed, n, sinks, window, *, k_bits, v_bits, group_size,
     scale, q_start, causal, mask=None, nsplit=None, nsg=4, merge=True, pf=None,
-    rotate_q=False, rotate_out=False, out_dtype=mx.float32, nw=None, warps_per_core=WARPS_PER_CORE,
-    check=False,
+    rotate_q=False, rotate_out=False, out_dtype=mx.float32, nw=None, warps_per_core=WARPS_PER_CORE, body=None,
+    ku=None, dpl=None, check=False,
 ):
     """The kernel sequence of :func:`decode_attention` on ``launch`` (``merge=False``:
     the per-threadgroup partials (out (T, rows, D), lse (T, rows)), for benchmarks).
-    ``nw``: the window rows in use (default: all of ``window``'s). ``check``: None where
-    this instantiation fails its self-check (:mod:`.selfcheck`)."""
+    ``nw``: the window rows in use (default: all of ``window``'s).  ``body``: "mma" or
+    "simd" (:func:`decode_body`); ``ku``, ``pf``: the simd body's keys per lane group and
+    loop step, and whether the next step's are loaded ahead (default ``SIMD_KU``); ``dpl``: its
+    dims per lane (8 or 16, default by :func:`simd_tile`). ``check``: None where this
+    instantiation fails its self-check (:mod:`.selfcheck`)."""
+    body = decode_body(launch, body)
     n = int(n) if k_packed is not None else 0
     ns = 0 if sinks is None else sinks[0].shape[2]
     if window is None:
@@ -119,7 +158,7 @@ def decode_launch(
         q.shape, q.dtype, None if k_packed is None else (k_packed[0].shape, k_packed[1].dtype, v_packed[0].shape),
         n, ns, None if sinks is None else sinks[0].dtype, None if window is None else (window[0].shape, window[0].dtype),
         nw > 0, None if mask is None else (mask.shape, mask.dtype), k_bits, v_bits, group_size, float(scale),
-        bool(causal), nsplit, warps_per_core, nsg, pf, bool(rotate_q), bool(rotate_out), out_dtype,
+        bool(causal), nsplit, warps_per_core, nsg, pf, bool(rotate_q), bool(rotate_out), out_dtype, body, ku, dpl,
     )
     st = _DECODE_SETUPS.get(key)
     if st is None:
@@ -127,7 +166,7 @@ def decode_launch(
             _DECODE_SETUPS.clear()
         st = _DECODE_SETUPS[key] = _decode_setup(
             q, k_packed, v_packed, n, sinks, window, ns, nw, k_bits, v_bits, group_size, scale, causal, mask,
-            nsplit, nsg, pf, rotate_q, rotate_out, out_dtype, warps_per_core)
+            nsplit, nsg, pf, rotate_q, rotate_out, out_dtype, warps_per_core, body, ku, dpl)
     if st.P is None:  # nothing to attend to
         B, Hq, L, D = q.shape
         return mx.zeros((B, Hq, L, D), dtype=out_dtype), mx.full((B, Hq, L), -math.inf, dtype=mx.float32)
@@ -151,8 +190,8 @@ def decode_launch(
         # the tile counters: fresh zeros per launch (one op). A workspace kept across
         # launches would race: MLX's CUDA graphs run launches with no data dependency at once.
         ws = mx.zeros((st.counters,), dtype=mx.uint32)
-        return tuple(launch("sdpa_decode_fused", inputs + [ws], *st.fused)[2:4])
-    out, lse = launch("sdpa_decode", inputs, *st.decode)
+        return tuple(launch(st.name + "_fused", inputs + [ws], *st.fused)[2:4])
+    out, lse = launch(st.name, inputs, *st.decode)
     if not merge:
         return out, lse
     if st.merge is not None:
@@ -171,14 +210,17 @@ class _DecodeSetup:
 
 
 def _decode_setup(q, k_packed, v_packed, n, sinks, window, ns, nw, k_bits, v_bits, group_size, scale, causal,
-                  mask, nsplit, nsg, pf, rotate_q, rotate_out, out_dtype, warps_per_core):
+                  mask, nsplit, nsg, pf, rotate_q, rotate_out, out_dtype, warps_per_core, body, ku, dpl):
     st = _DecodeSetup()
     st.checked = {}  # launcher -> its self-check verdict
     B, Hq, L, D = q.shape
     dense = [x for x in (sinks, window) if x is not None]
     Hkv = (k_packed[0] if k_packed is not None else dense[0][0]).shape[1]
     rep = Hq // Hkv
-    tiles = -(-(rep * L) // 8)
+    if body == "simd":
+        tiles, RT, DPL = simd_tile(rep * L, D, dpl)
+    else:
+        tiles = -(-(rep * L) // 8)
     if k_packed is not None and n > k_packed[0].shape[2]:
         raise ValueError(f"n={n} exceeds the cache capacity {k_packed[0].shape[2]}")
     if (rotate_q or rotate_out) and not rotates_in_kernel(D):
@@ -205,9 +247,16 @@ def _decode_setup(q, k_packed, v_packed, n, sinks, window, ns, nw, k_bits, v_bit
     template = [
         ("T", q.dtype), ("S", sdt), ("DT", dt), ("MT", st.marr.dtype), ("D", D),
         ("KB", k_bits), ("VB", v_bits), ("GS", group_size), ("MASK", mkind), ("CAUSAL", bool(causal)),
-        ("NSG", nsg), ("PF", int((P > 0 and -(-n // P) >= DECODE_PF_MIN_KEYS) if pf is None else pf)),
-        ("ROTQ", bool(rotate_q)),
+        ("NSG", nsg),
     ]
+    if body == "simd":
+        st.name = "sdpa_decode_simd"
+        template += [("ROTQ", bool(rotate_q)), ("RT", RT), ("DPL", DPL), ("KU", int(ku or SIMD_KU[0])),
+                     ("PF", int(SIMD_KU[1] if pf is None else pf))]
+    else:
+        st.name = "sdpa_decode"
+        template += [("PF", int((P > 0 and -(-n // P) >= DECODE_PF_MIN_KEYS) if pf is None else pf)),
+                     ("ROTQ", bool(rotate_q))]
     rows = B * Hq * L
     st.decode = (
         template, (parts * nsg * 32, Hkv * tiles, B), (nsg * 32, 1, 1),

@@ -211,6 +211,7 @@ def check_decode(launch, run, t, rep, L, rotate_out, out_dtype):
         launch, q, kp, vp, n, (sk, sv), (wk, wv), k_bits=t["KB"], v_bits=t["VB"], group_size=t["GS"],
         scale=scale, q_start=N - L, causal=t["CAUSAL"], mask=mask, nsplit=nsg, nsg=nsg, pf=t["PF"],
         rotate_q=t["ROTQ"], rotate_out=rotate_out, out_dtype=out_dtype, nw=nw,
+        body="simd" if "KU" in t else "mma", ku=t.get("KU"), dpl=t.get("DPL"),
     )
     cat = lambda a, b, c: mx.concatenate([a.astype(mx.float32), b[:, :, :n], c[:, :, :nw].astype(mx.float32)], 2)
     qf = q.astype(mx.float32)

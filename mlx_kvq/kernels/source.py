@@ -21,6 +21,10 @@ KERNELS = {
     "sdpa_decode": ("sdpa_decode.metal", _DECODE_INPUTS, ["out", "lse"], False),
     # the same body with the merge in the launch (DEFINES): + tile counters; + final out, lse
     "sdpa_decode_fused": ("sdpa_decode.metal", _DECODE_INPUTS + ["counter"], ["out", "lse", "fout", "flse"], False),
+    # the decode body laid out for Apple GPUs (fp32 simd_sum-style dot products, no matrix op)
+    "sdpa_decode_simd": ("sdpa_decode_simd.metal", _DECODE_INPUTS, ["out", "lse"], False),
+    "sdpa_decode_simd_fused": ("sdpa_decode_simd.metal", _DECODE_INPUTS + ["counter"], ["out", "lse", "fout", "flse"],
+                               False),
     "sdpa_merge": ("sdpa_merge.metal", ["o_part", "lse_part", "signs", "fparams"], ["out", "lse"], True),
     "quantize_append": ("quantize_append.metal", ["x"], ["w", "scales", "biases"], True),
     "window_append": (
@@ -68,7 +72,7 @@ def compact(text):
 
 
 # kernels built from another's body with a preprocessor switch
-DEFINES = {"sdpa_decode_fused": "#define KVQ_FUSED_MERGE 1\n"}
+DEFINES = {"sdpa_decode_fused": "#define KVQ_FUSED_MERGE 1\n", "sdpa_decode_simd_fused": "#define KVQ_FUSED_MERGE 1\n"}
 
 
 def kernel_source(name):

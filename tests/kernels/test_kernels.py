@@ -591,6 +591,8 @@ def test_gpu_attention_strided_inputs():
 
 # ------------------------------------------------------------------ decode over a whole view
 VIEW_TOL = 2e-3  # fp16 tensor-core inputs (queries, dequantized K/V, probabilities)
+SIMD_TOL = 1e-4  # the simd body: fp32 throughout (errors ~1e-6)
+BODIES = ["mma", "simd"]
 
 
 def make_view(B, Hkv, rep, L, D, n, ns, nw, *, k_bits, v_bits, group_size, dtype, seed, C=None):
@@ -649,7 +651,10 @@ def run_view(launch, q, kp, vp, n, sinks, window, *, mask=None, causal=True, q_s
         ro, rl = view_reference(qr, kp, vp, n, sinks, window, **fmt, **args)
         if kw.get("rotate_out"):
             ro = rotate(ro, inverse=True)
-    return check_partial(out.astype(mx.float32), lse, ro, rl, VIEW_TOL, lse_tol=2e-2)
+    simd = kernels.decode.decode_body(launch, kw.get("body")) == "simd"
+    fp32_out = kw.get("out_dtype", mx.float32) == mx.float32
+    return check_partial(out.astype(mx.float32), lse, ro, rl, SIMD_TOL if simd and fp32_out else VIEW_TOL,
+                         lse_tol=1e-3 if simd else 2e-2)
 
 
 VIEW_CASES = [
@@ -664,32 +669,38 @@ VIEW_CASES = [
 ]
 
 
+@pytest.mark.parametrize("body", BODIES)
 @pytest.mark.parametrize("case", VIEW_CASES, ids=lambda c: f"D{c[0]}-k{c[1]}v{c[2]}-g{c[3]}-n{c[9]}-s{c[10]}-w{c[11]}")
-def test_decode_view_emulated(emu, case):
+def test_decode_view_emulated(emu, case, body):
     D, kb, vb, gs, dtype, B, Hkv, rep, L, n, ns, nw, nsplit = case
     q, kp, vp, sinks, window = make_view(
         B, Hkv, rep, L, D, n, ns, nw, k_bits=kb, v_bits=vb, group_size=gs, dtype=dtype, seed=D + n)
     dense_dt = None if sinks is None and window is None else (sinks or window)[0].dtype
     assert kernels.decode_supports(q, kp, vp, dense_dt, kb, vb, gs, "affine", None)
-    run_view(emu, q, kp, vp, n, sinks, window, k_bits=kb, v_bits=vb, group_size=gs, nsplit=nsplit)
-    assert emu.launches[-1][0] == "sdpa_merge" or emu.launches[-1][0] == "sdpa_decode"
-    if n > 100:  # every prefetch depth, and one warp per threadgroup
-        for pf in (0, 1, 2):
-            run_view(emu, q, kp, vp, n, sinks, window, k_bits=kb, v_bits=vb, group_size=gs, nsplit=nsplit, pf=pf, nsg=1)
+    run_view(emu, q, kp, vp, n, sinks, window, k_bits=kb, v_bits=vb, group_size=gs, nsplit=nsplit, body=body)
+    name = "sdpa_decode" if body == "mma" else "sdpa_decode_simd"
+    assert emu.launches[-1][0] == "sdpa_merge" or emu.launches[-1][0] == name
+    assert name in [x[0] for x in emu.launches[-2:]]
+    if n > 100:  # one warp per threadgroup; every prefetch depth (simd: and keys per step)
+        for ku, pf, dpl in ([(None, 0, None), (None, 1, None), (None, 2, None)] if body == "mma"
+                            else [(4, 0, 8), (3, 1, 16)]):
+            run_view(emu, q, kp, vp, n, sinks, window, k_bits=kb, v_bits=vb, group_size=gs, nsplit=nsplit, pf=pf,
+                     nsg=1, body=body, ku=ku, dpl=dpl)
 
 
+@pytest.mark.parametrize("body", BODIES)
 @pytest.mark.parametrize("D, nsplit", [(128, 40), (256, 20)])
-def test_decode_merge_many_partials(emu, D, nsplit):
+def test_decode_merge_many_partials(emu, D, nsplit, body):
     """More partials than the merge takes per step (16 at D=128, 8 at D=256), and a last
     step with missing splits (which must weigh 0); 16 keys per split, so that no partial
     is empty (an empty one weighs 0 whatever the merge does)."""
     n = 16 * nsplit
     q, kp, vp, sinks, window = make_view(
         1, 1, 4, 1, D, n, 0, 5, k_bits=4, v_bits=4, group_size=64, dtype=mx.float16, seed=n)
-    run_view(emu, q, kp, vp, n, sinks, window, k_bits=4, v_bits=4, group_size=64, nsplit=nsplit, nsg=1)
+    run_view(emu, q, kp, vp, n, sinks, window, k_bits=4, v_bits=4, group_size=64, nsplit=nsplit, nsg=1, body=body)
     name, _, grid, tg = emu.launches[-2]
     parts = grid[0] // tg[0]
-    assert name == "sdpa_decode" and emu.launches[-1][0] == "sdpa_merge"
+    assert name == ("sdpa_decode" if body == "mma" else "sdpa_decode_simd") and emu.launches[-1][0] == "sdpa_merge"
     assert parts == nsplit + 1 and parts % (16 if D == 128 else 8) != 0
 
 
@@ -701,20 +712,22 @@ ROTATION_CASES = [
 ]
 
 
+@pytest.mark.parametrize("body", BODIES)
 @pytest.mark.parametrize("rot", ["k", "kv"])
 @pytest.mark.parametrize("case", ROTATION_CASES, ids=lambda c: f"D{c[0]}-k{c[1]}v{c[2]}-n{c[9]}-L{c[8]}")
-def test_decode_view_rotations_emulated(emu, case, rot):
+def test_decode_view_rotations_emulated(emu, case, rot, body):
     """The kernels rotate the queries (and the output back) themselves, and write the
     model's dtype: against rotating outside around the plain fp32 reference."""
     D, kb, vb, gs, dtype, B, Hkv, rep, L, n, ns, nw, nsplit = case
     q, kp, vp, sinks, window = make_view(
         B, Hkv, rep, L, D, n, ns, nw, k_bits=kb, v_bits=vb, group_size=gs, dtype=dtype, seed=D + n + 1)
     run_view(emu, q, kp, vp, n, sinks, window, k_bits=kb, v_bits=vb, group_size=gs, nsplit=nsplit,
-             rotate_q=True, rotate_out=rot == "kv", out_dtype=dtype)
+             rotate_q=True, rotate_out=rot == "kv", out_dtype=dtype, body=body)
     assert emu.launches[-1][0] == "sdpa_merge"
 
 
-def test_decode_running_max_jumps(emu):
+@pytest.mark.parametrize("body", BODIES)
+def test_decode_running_max_jumps(emu, body):
     """Scores that jump by far more than the kernel's rescale slack (2^8) several
     times along a warp's keys, and rows whose first keys are all far below the max."""
     B, Hkv, rep, L, D, n, nsplit = 1, 1, 4, 1, 64, 200, 1
@@ -729,11 +742,11 @@ def test_decode_running_max_jumps(emu):
     v = mx.random.normal((B, Hkv, n, D)).astype(mx.float16)
     kp = tuple(mx.quantize(k, group_size=32, bits=4))
     vp = tuple(mx.quantize(v, group_size=32, bits=4))
-    run_view(emu, q, kp, vp, n, None, window, k_bits=4, v_bits=4, group_size=32, nsplit=nsplit)
+    run_view(emu, q, kp, vp, n, None, window, k_bits=4, v_bits=4, group_size=32, nsplit=nsplit, body=body)
 
 
-@pytest.mark.parametrize("kb", [4, 8])
-def test_decode_large_queries_and_key_offsets(emu, kb):
+@pytest.mark.parametrize("kb,body", [(4, "mma"), (8, "mma"), (4, "simd")])
+def test_decode_large_queries_and_key_offsets(emu, kb, body):
     """Keys enter the mma as raw codes (1024 + c in fp16) with the scales applied in
     fp32 afterwards, less 1024 x the sum of the queries: large queries (an outlier
     channel) and keys far from zero (a large bias per group) must not cost accuracy."""
@@ -747,7 +760,7 @@ def test_decode_large_queries_and_key_offsets(emu, kb):
     v = mx.random.normal((B, Hkv, n, D)).astype(mx.float16)
     kp = tuple(mx.quantize(k, group_size=64, bits=kb))
     vp = tuple(mx.quantize(v, group_size=64, bits=4))
-    run_view(emu, q, kp, vp, n, None, window, k_bits=kb, v_bits=4, group_size=64, nsplit=2)
+    run_view(emu, q, kp, vp, n, None, window, k_bits=kb, v_bits=4, group_size=64, nsplit=2, body=body)
 
 
 def test_compacted_sources_run_the_same(emu):
@@ -789,13 +802,71 @@ def view_mask(kind, B, Hq, L, total, hidden):
     return mx.random.normal((B, Hq, L, total)).astype(mx.float16)
 
 
+@pytest.mark.parametrize("body", BODIES)
 @pytest.mark.parametrize("kind", ["bool", "additive"])
-def test_decode_view_masks(emu, kind):
+def test_decode_view_masks(emu, kind, body):
     B, Hkv, rep, L, D, n, ns, nw = 2, 1, 2, 2, 64, 50, 4, 6
     q, kp, vp, sinks, window = make_view(
         B, Hkv, rep, L, D, n, ns, nw, k_bits=4, v_bits=4, group_size=32, dtype=mx.float16, seed=5)
     mask = view_mask(kind, B, Hkv * rep, L, ns + n + nw, hidden=20)
-    run_view(emu, q, kp, vp, n, sinks, window, mask=mask, k_bits=4, v_bits=4, group_size=32, nsplit=3)
+    run_view(emu, q, kp, vp, n, sinks, window, mask=mask, k_bits=4, v_bits=4, group_size=32, nsplit=3, body=body)
+
+
+def _random_view_case(rng):
+    """A random configuration that decode_supports accepts: (view arrays, run_view kwargs)."""
+    while True:
+        D = int(rng.choice([64, 128, 256]))
+        kb, vb = (int(x) for x in rng.choice([2, 4, 8], 2))
+        gs = int(rng.choice([32, 64, 128]))
+        B, Hkv = int(rng.integers(1, 3)), int(rng.integers(1, 3))
+        rep, L = int(rng.choice([1, 2, 3, 4, 8])), int(rng.integers(1, 9))
+        n, ns, nw = int(rng.integers(0, 120)), int(rng.choice([0, 4])), int(rng.integers(0, 20))
+        dtype = [mx.float16, mx.bfloat16, mx.float32][int(rng.integers(0, 3))]
+        if ns + n + nw < L:
+            continue
+        q = mx.zeros((B, Hkv * rep, L, D), dtype)
+        if kernels.decode_supports(q, None, None, mx.float16, kb, vb, gs, "affine", None):
+            break
+    q, kp, vp, sinks, window = make_view(B, Hkv, rep, L, D, n, ns, nw, k_bits=kb, v_bits=vb, group_size=gs,
+                                         dtype=dtype, seed=int(rng.integers(1 << 20)))
+    view = (q, kp, vp, n, sinks, window)
+    total = ns + n + nw
+    kind = ["none", "bool", "additive"][int(rng.integers(0, 3))]
+    mask = None
+    if kind != "none":
+        mask = view_mask(kind, B, Hkv * rep, L, total, hidden=int(rng.integers(0, total + 1)))
+        if kind == "bool":
+            mask[..., -1] = True  # (a row with every key hidden: the reference's softmax has NaNs)
+    kw = dict(k_bits=kb, v_bits=vb, group_size=gs, mask=mask, causal=bool(rng.integers(0, 2)),
+              q_start=int(rng.integers(0, total - L + 1)), nsplit=[None, 1, 3][int(rng.integers(0, 3))])
+    if rng.integers(0, 3) == 0:
+        kw.update(rotate_q=True, rotate_out=bool(rng.integers(0, 2)), out_dtype=dtype)
+    return view, kw
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_decode_simd_random_shapes(emu, seed):
+    """The simd body on random shapes (L 1..8, GQA, bits, groups, head dims, sinks, window,
+    masks, causal or not, query offsets, rotations) against the reference."""
+    view, kw = _random_view_case(np.random.default_rng(seed))
+    run_view(emu, *view, body="simd", **kw)
+
+
+def test_decode_body_selection(monkeypatch):
+    class Metal:
+        backend = "metal"
+
+    class Cuda:
+        backend = "cuda"
+
+    monkeypatch.delenv("MLX_KVQ_DECODE_BODY", raising=False)
+    assert kernels.decode.decode_body(Metal()) == "simd" and kernels.decode.decode_body(Cuda()) == "mma"
+    assert kernels.decode.decode_body(Cuda(), "simd") == "simd"
+    monkeypatch.setenv("MLX_KVQ_DECODE_BODY", "simd")
+    assert kernels.decode.decode_body(Cuda()) == "simd" and kernels.decode.decode_body(Metal(), "mma") == "mma"
+    monkeypatch.setenv("MLX_KVQ_DECODE_BODY", "wmma")
+    with pytest.raises(ValueError):
+        kernels.decode.decode_body(Cuda())
 
 
 def test_decode_view_unsupported_formats():
@@ -810,36 +881,42 @@ def test_decode_view_unsupported_formats():
 
 
 @gpu
+@pytest.mark.parametrize("body", BODIES)
 @pytest.mark.parametrize("case", VIEW_CASES, ids=lambda c: f"D{c[0]}-k{c[1]}v{c[2]}-g{c[3]}-n{c[9]}-s{c[10]}-w{c[11]}")
-def test_gpu_decode_view(case):
+def test_gpu_decode_view(case, body):
     D, kb, vb, gs, dtype, B, Hkv, rep, L, n, ns, nw, nsplit = case
     n = n * 37  # longer runs than under the emulator
     q, kp, vp, sinks, window = make_view(
         B, Hkv, rep, L, D, n, ns, nw, k_bits=kb, v_bits=vb, group_size=gs, dtype=dtype, seed=D + n)
-    run_view(kernels.launcher(), q, kp, vp, n, sinks, window, k_bits=kb, v_bits=vb, group_size=gs, nsplit=None)
-    run_view(kernels.launcher(), q, kp, vp, n, sinks, window, k_bits=kb, v_bits=vb, group_size=gs, nsplit=nsplit)
+    run_view(kernels.launcher(), q, kp, vp, n, sinks, window, k_bits=kb, v_bits=vb, group_size=gs, nsplit=None,
+             body=body)
+    run_view(kernels.launcher(), q, kp, vp, n, sinks, window, k_bits=kb, v_bits=vb, group_size=gs, nsplit=nsplit,
+             body=body)
 
 
 @gpu
+@pytest.mark.parametrize("body", BODIES)
 @pytest.mark.parametrize("rot", ["k", "kv"])
 @pytest.mark.parametrize("case", ROTATION_CASES, ids=lambda c: f"D{c[0]}-k{c[1]}v{c[2]}-n{c[9]}-L{c[8]}")
-def test_gpu_decode_view_rotations(case, rot):
+def test_gpu_decode_view_rotations(case, rot, body):
     D, kb, vb, gs, dtype, B, Hkv, rep, L, n, ns, nw, nsplit = case
     n = n * 37
     q, kp, vp, sinks, window = make_view(
         B, Hkv, rep, L, D, n, ns, nw, k_bits=kb, v_bits=vb, group_size=gs, dtype=dtype, seed=D + n + 1)
     run_view(kernels.launcher(), q, kp, vp, n, sinks, window, k_bits=kb, v_bits=vb, group_size=gs,
-             rotate_q=True, rotate_out=rot == "kv", out_dtype=dtype)
+             rotate_q=True, rotate_out=rot == "kv", out_dtype=dtype, body=body)
 
 
 @gpu
+@pytest.mark.parametrize("body", BODIES)
 @pytest.mark.parametrize("kind", ["bool", "additive"])
-def test_gpu_decode_view_masks(kind):
+def test_gpu_decode_view_masks(kind, body):
     B, Hkv, rep, L, D, n, ns, nw = 2, 2, 4, 1, 128, 3000, 4, 40
     q, kp, vp, sinks, window = make_view(
         B, Hkv, rep, L, D, n, ns, nw, k_bits=4, v_bits=4, group_size=64, dtype=mx.float16, seed=7)
     mask = view_mask(kind, B, Hkv * rep, L, ns + n + nw, hidden=700)
-    run_view(kernels.launcher(), q, kp, vp, n, sinks, window, mask=mask, k_bits=4, v_bits=4, group_size=64)
+    run_view(kernels.launcher(), q, kp, vp, n, sinks, window, mask=mask, k_bits=4, v_bits=4, group_size=64,
+             body=body)
 
 
 # ------------------------------------------------------------------ window append
@@ -968,8 +1045,9 @@ def test_decode_plan_follows_warps_per_core(emu):
 
 
 @pytest.mark.parametrize("rot", [None, "kv"])
-@pytest.mark.parametrize("case", FUSED_CASES, ids=lambda c: f"D{c[0]}-k{c[1]}v{c[2]}-n{c[9]}-L{c[8]}-p{c[12]}")
-def test_decode_fused_merge_emulated(emu, case, rot, monkeypatch):
+@pytest.mark.parametrize("case,body", [(c, "mma") for c in FUSED_CASES] + [(c, "simd") for c in FUSED_CASES[:2]],
+                         ids=lambda c: f"D{c[0]}-k{c[1]}v{c[2]}-n{c[9]}-L{c[8]}-p{c[12]}" if isinstance(c, tuple) else c)
+def test_decode_fused_merge_emulated(emu, case, rot, body, monkeypatch):
     """CUDA merges the split partials in the decode launch (the last threadgroup of a row
     tile to finish does it): the same bits as decode + sdpa_merge, and the reference."""
     D, kb, vb, gs, dtype, B, Hkv, rep, L, n, ns, nw, nsplit = case
@@ -978,20 +1056,22 @@ def test_decode_fused_merge_emulated(emu, case, rot, monkeypatch):
     q, kp, vp, sinks, window = make_view(
         B, Hkv, rep, L, D, n, ns, nw, k_bits=kb, v_bits=vb, group_size=gs, dtype=dtype, seed=21)
     kw = dict(k_bits=kb, v_bits=vb, group_size=gs, nsplit=nsplit, rotate_q=bool(rot), rotate_out=rot == "kv",
-              out_dtype=dtype if rot else mx.float32)
+              out_dtype=dtype if rot else mx.float32, body=body)
+    name = "sdpa_decode" if body == "mma" else "sdpa_decode_simd"
     two = run_view(emu, q, kp, vp, n, sinks, window, **kw)
-    assert emu.launches[-1][0] in ("sdpa_merge", "sdpa_decode")
+    assert emu.launches[-1][0] in ("sdpa_merge", name)
     monkeypatch.setattr(emu, "fused_merge", True)
     fused = run_view(emu, q, kp, vp, n, sinks, window, **kw)
     if emu.launches[-2][0] == "sdpa_merge":  # a merge was needed: now one launch
-        assert emu.launches[-1][0] == "sdpa_decode_fused"
+        assert emu.launches[-1][0] == name + "_fused"
         assert emu.launches[-1][1]["ROTO"] == (rot == "kv")
     for a, b in zip(two, fused):
         assert mx.array_equal(a, b).item()
 
 
 @pytest.mark.skipif(not ON_GPU, reason="needs the Metal or CUDA backend")
-def test_gpu_decode_fused_merge_independent_launches():
+@pytest.mark.parametrize("body", BODIES)
+def test_gpu_decode_fused_merge_independent_launches(body):
     """Launches with no data dependency may run at once (MLX's CUDA graphs): each fused
     launch must count its own threadgroups. Many independent calls evaluated together
     must each match the reference and one another."""
@@ -1004,7 +1084,7 @@ def test_gpu_decode_fused_merge_independent_launches():
     q, kp, vp, sinks, window = make_view(
         B, Hkv, rep, L, D, n, ns, nw, k_bits=kb, v_bits=vb, group_size=gs, dtype=dtype, seed=4)
     args = dict(k_bits=kb, v_bits=vb, group_size=gs, scale=D**-0.5, q_start=ns + n + nw - 1, causal=True,
-                rotate_q=True, rotate_out=True, out_dtype=dtype)
+                rotate_q=True, rotate_out=True, out_dtype=dtype, body=body)
     qs = [q * (1 + 0.1 * i) for i in range(12)]
     outs = [kernels.decode_launch(launch, x, kp, vp, n, sinks, window, **args) for x in qs for _ in range(2)]
     mx.eval(outs)
@@ -1016,4 +1096,4 @@ def test_gpu_decode_fused_merge_independent_launches():
         for o, l in outs[2 * i : 2 * i + 2]:
             assert mx.array_equal(o, ro).item() and mx.array_equal(l, rl).item(), i
     run_view(launch, qs[-1], kp, vp, n, sinks, window, k_bits=kb, v_bits=vb, group_size=gs,
-             rotate_q=True, rotate_out=True, out_dtype=dtype)
+             rotate_q=True, rotate_out=True, out_dtype=dtype, body=body)
