@@ -171,9 +171,7 @@ def decode_timings(sizes, chain, repeats, dtype=mx.float16):
             mx.eval(view.packed[0], view.packed[1])
             step = lambda x: quantized_sdpa(x, view, scale=scale)
             row[f"kvq{bits}_ms"] = round(_median_ms(step, q, chain, 2, chain, repeats), 4)
-            del cache, view
         rows.append(row)
-        del k, v
     return rows
 
 
