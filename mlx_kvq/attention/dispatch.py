@@ -23,7 +23,7 @@ import mlx.core as mx
 
 from .. import kernels
 from ..rotation import rotate
-from .one_pass import decode_one_pass
+from .one_pass import decode_one_pass, one_pass_attention
 from .prefill import prefill_dequantized
 from .reference import dense_attention, merge, packed_quantized_matmul, packed_reference
 
@@ -58,6 +58,8 @@ def decode_whole(q, view, scale, mask, sinks, dtype):
         return None
     rot = view.format.rotate
     fused = _fused_decode(q, view, scale, mask, rotate=rot, out_dtype=dtype)
+    if fused is DISABLED:  # the kernel failed its self-check: what MLX_KVQ_REFERENCE=1 computes
+        return one_pass_attention(q, view, scale, mask, sinks, dtype)
     return None if fused is None else fused[0]
 
 
@@ -73,9 +75,13 @@ def prefill_path(q, view, scale, mask, sinks, dtype):
 
 def partials(q, view, scale, mask, sinks, dtype):
     rot = view.format.rotate
-    if rot:
-        q = rotate(q)
+    q0, q = q, rotate(q) if rot else q
     fused = None if _whole_in_kernel(q, view, sinks) else _fused_decode(q, view, scale, mask)
+    if fused is DISABLED:
+        out = one_pass_attention(q0, view, scale, mask, sinks, dtype)
+        if out is not None:
+            return out
+        fused = None
     if fused is None:
         fused = merge(_segment_parts(q, view, scale, mask))
     out, lse = fused  # float32: sinks applied here, then the model's dtype
@@ -104,9 +110,13 @@ def _split_mask(mask):
     return causal, None if causal or mask is None else mask
 
 
+DISABLED = "disabled"  # _fused_decode: the kernel applies, but its configuration failed its self-check
+
+
 def _fused_decode(q, view, scale, mask, rotate=None, out_dtype=mx.float32):
-    """(out, lse) from the one-launch decode kernel over the whole view, or None
-    where it does not apply (prefill, formats it lacks, no GPU, MLX_KVQ_REFERENCE=1).
+    """(out, lse) from the one-launch decode kernel over the whole view, None where it
+    does not apply (prefill, formats it lacks, no GPU, MLX_KVQ_REFERENCE=1), ``DISABLED``
+    where its configuration failed its self-check.
     ``rotate``: the kernels rotate ``q`` (and, for ``"kv"``, rotate the output back)."""
     if not kernels.is_decode(q.shape[2]) or not kernels.enabled():
         return None
@@ -130,10 +140,11 @@ def _fused_decode(q, view, scale, mask, rotate=None, out_dtype=mx.float32):
     dense_dtype = dense[0].dtype if dense else None
     if not kernels.decode_supports(q, k, v, dense_dtype, mode=f.mode, mask=mask, **fmt):
         return None
-    return kernels.decode_attention(  # None where it failed its self-check: the reference
+    out = kernels.decode_attention(  # None where it failed its self-check
         q, k, v, n, sinks, window, nw=nw, scale=scale, q_start=view.q_start, causal=causal, mask=mask,
         rotate_q=bool(rotate), rotate_out=rotate == "kv", out_dtype=out_dtype, **fmt
     )
+    return DISABLED if out is None else out
 
 
 def _segment_parts(q, view, scale, mask):

@@ -12,10 +12,16 @@ from .reference import BLOCK_ELEMENTS
 
 
 def decode_one_pass(q, view, scale, mask, sinks, dtype):
+    """The path: :func:`one_pass_attention` where the kernels are not enabled."""
+    return None if kernels.enabled() else one_pass_attention(q, view, scale, mask, sinks, dtype)
+
+
+def one_pass_attention(q, view, scale, mask, sinks, dtype):
     """The attention output of decode queries ``q`` (B, Hq, L, D) over ``view``, or None
-    where it does not apply (prefill, kernels enabled, scores over ``BLOCK_ELEMENTS``)."""
+    where it does not apply (prefill, scores over ``BLOCK_ELEMENTS``). It is also what a
+    decode step takes when its kernel configuration failed its self-check."""
     B, Hq, L, D = q.shape
-    if not kernels.is_decode(L) or kernels.enabled():
+    if not kernels.is_decode(L):
         return None
     f = view.format
     k, v, n = view.packed

@@ -71,13 +71,15 @@ def test_decode_that_does_not_compile_falls_back_once(checked, monkeypatch, run_
     launch = Faulty(emu, broken=lambda name, t: name in ("sdpa_decode", "sdpa_packed") and t["KB"] == 4)
     run_kernels_on(launch)
     out, warned = caught(lambda: quantized_sdpa(q, view, scale=D**-0.5))
-    assert len(warned) == 2  # one per configuration: the decode kernel's, the packed kernel's
+    # one warning, the decode kernel's: the step then takes what MLX_KVQ_REFERENCE=1 takes
+    # (no packed kernel in between)
+    assert len(warned) == 1
     assert all("MLX_KVQ_REFERENCE=1" in m and "KB=4" in m for m in warned)
-    assert "decode kernel" in warned[0] and "D=64" in warned[0] and "packed kernel" in warned[1]
+    assert "decode kernel" in warned[0] and "D=64" in warned[0]
     ref = reference_path(monkeypatch, lambda: quantized_sdpa(q, view, scale=D**-0.5))
     assert out.dtype == ref.dtype and np.array_equal(np.array(out), np.array(ref))
     tried = launch.count("sdpa_decode"), launch.count("sdpa_packed")
-    assert tried == (1, 1)  # the check's own launch, nothing after it
+    assert tried == (1, 0)  # the check's own launch, nothing after it
     # later steps: no check, no warning, no launch of the disabled kernels
     for _ in range(2):
         view, q = step(cache)  # window_append runs on the (sound) emulator
@@ -94,7 +96,7 @@ def test_decode_that_does_not_compile_falls_back_once(checked, monkeypatch, run_
     assert warned == [] and launch.count("sdpa_decode") >= 1
     assert rel_err(out, reference_over_cache(other, q, D**-0.5)) < 4e-3
     verdicts = [r for r in selfcheck.results() if "KB=4" in r["config"] and not r["ok"]]
-    assert {r["family"] for r in verdicts} >= {"decode", "packed"}
+    assert {r["family"] for r in verdicts} >= {"decode"}
     assert all("RuntimeError" in r["why"] for r in verdicts)
 
 
@@ -118,17 +120,34 @@ def test_decode_with_wrong_numbers_falls_back(checked, monkeypatch, run_kernels_
     assert warned == [] and launch.count("sdpa_decode") == n
 
 
+def test_packed_kernel_that_does_not_compile_falls_back(checked, run_kernels_on, emu):
+    """3-bit: no decode kernel, the packed run goes to sdpa_packed; broken, it warns once
+    and the packed run's products are taken on the packed words instead."""
+    mx.random.seed(3)
+    cache = QuantizedKVCache(bits=3, group_size=32, sinks=2, window=8)
+    k = mx.random.normal((B, HKV, 90, D)).astype(mx.float16)
+    cache.update_and_fetch(k, k * 0.5)
+    view, q = step(cache)
+    launch = Faulty(emu, broken=lambda name, t: name == "sdpa_packed")
+    run_kernels_on(launch)
+    out, warned = caught(lambda: quantized_sdpa(q, view, scale=D**-0.5))
+    assert len(warned) == 1 and "packed kernel" in warned[0] and "MLX_KVQ_REFERENCE=1" in warned[0]
+    assert launch.count("sdpa_packed") == 1 and launch.count("sdpa_decode") == 0
+    assert rel_err(out, reference_over_cache(cache, q, D**-0.5)) < 4e-3
+    out, warned = caught(lambda: quantized_sdpa(q, view, scale=D**-0.5))
+    assert warned == [] and launch.count("sdpa_packed") == 1
+
+
 def test_window_append_body_with_a_syntax_error(checked, monkeypatch, run_kernels_on, emu):
     """A kernel body that does not compile, built by the emulator: the host path writes."""
-    import emulator.emu as emu_module
-
-    source = kernels.kernel_source
+    source = kernels.source.kernel_source
 
     def broken_source(name):
         common, body, inputs, outputs = source(name)
         return (common, body + "\n this is not C++ ;", inputs, outputs) if name == "window_append" else source(name)
 
-    monkeypatch.setattr(emu_module.kernels, "kernel_source", broken_source)
+    monkeypatch.setattr(kernels.source, "kernel_source", broken_source)  # what the emulator builds from
+    monkeypatch.setattr(emu, "_kernels", {})  # kernel objects built by earlier tests: built again
     launch = Faulty(emu)
     cache, host = filled(4), filled(4)
     k = mx.random.normal((B, HKV, 1, D)).astype(mx.float16)
