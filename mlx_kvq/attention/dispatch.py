@@ -23,7 +23,7 @@ import mlx.core as mx
 
 from .. import kernels
 from ..rotation import rotate
-from .one_pass import decode_one_pass, one_pass_attention
+from .one_pass import decode_one_pass, on_cpu, one_pass_attention
 from .prefill import prefill_dequantized
 from .reference import dense_attention, merge, packed_quantized_matmul, packed_reference
 
@@ -58,8 +58,8 @@ def decode_whole(q, view, scale, mask, sinks, dtype):
         return None
     rot = view.format.rotate
     fused = _fused_decode(q, view, scale, mask, rotate=rot, out_dtype=dtype)
-    if fused is DISABLED:  # the kernel failed its self-check: what MLX_KVQ_REFERENCE=1 computes
-        return one_pass_attention(q, view, scale, mask, sinks, dtype)
+    if fused is DISABLED:  # the kernel failed its self-check
+        return reference_path(q, view, scale, mask, sinks, dtype)
     return None if fused is None else fused[0]
 
 
@@ -73,17 +73,16 @@ def prefill_path(q, view, scale, mask, sinks, dtype):
     return rotate(out, inverse=True) if rot == "kv" else out
 
 
-def partials(q, view, scale, mask, sinks, dtype):
+def partials(q, view, scale, mask, sinks, dtype, use_kernels=True):
     rot = view.format.rotate
     q0, q = q, rotate(q) if rot else q
-    fused = None if _whole_in_kernel(q, view, sinks) else _fused_decode(q, view, scale, mask)
-    if fused is DISABLED:
-        out = one_pass_attention(q0, view, scale, mask, sinks, dtype)
-        if out is not None:
-            return out
-        fused = None
+    fused = None
+    if use_kernels and not _whole_in_kernel(q, view, sinks):
+        fused = _fused_decode(q, view, scale, mask)
+        if fused is DISABLED:
+            return reference_path(q0, view, scale, mask, sinks, dtype)
     if fused is None:
-        fused = merge(_segment_parts(q, view, scale, mask))
+        fused = merge(_segment_parts(q, view, scale, mask, use_kernels))
     out, lse = fused  # float32: sinks applied here, then the model's dtype
     if sinks is not None:
         s = sinks.astype(mx.float32).reshape(1, -1, 1)
@@ -95,6 +94,16 @@ def partials(q, view, scale, mask, sinks, dtype):
 
 
 PATHS = (decode_whole, prefill_path, decode_one_pass, partials)
+
+
+def reference_path(q, view, scale, mask, sinks, dtype):
+    """What ``MLX_KVQ_REFERENCE=1`` computes (no kernel): where a kernel configuration
+    failed its self-check."""
+    if on_cpu():
+        out = one_pass_attention(q, view, scale, mask, sinks, dtype)
+        if out is not None:
+            return out
+    return partials(q, view, scale, mask, sinks, dtype, use_kernels=False)
 
 
 def _finish(out, v_dim, dtype):
@@ -147,7 +156,7 @@ def _fused_decode(q, view, scale, mask, rotate=None, out_dtype=mx.float32):
     return DISABLED if out is None else out
 
 
-def _segment_parts(q, view, scale, mask):
+def _segment_parts(q, view, scale, mask, use_kernels=True):
     """Partial (out, lse) per run of the view: packed kernel or reference, dense reference."""
     causal, array_mask = _split_mask(mask)
     parts = []
@@ -157,24 +166,27 @@ def _segment_parts(q, view, scale, mask):
             m = m[..., k_start : k_start + n] if pos is None else mx.take(m, pos, axis=-1)
         args = dict(scale=scale, q_start=view.q_start, k_start=k_start, causal=causal, mask=m)
         if kind == "packed":
-            parts.append(packed_attention(q, k, v, n, view.format, **args))
+            parts.append(packed_attention(q, k, v, n, view.format, use_kernels, **args))
         else:
             parts.append(dense_attention(q, k, v, k_pos=pos, **args))
     return parts
 
 
-def packed_attention(q, k, v, n, fmt, **args):
+def packed_attention(q, k, v, n, fmt, use_kernels=True, **args):
     """Partial attention over the packed run (``fmt``: the cache's ``KVFormat``): in decode
     steps the packed kernel where it applies, else products on the packed words
-    (``mx.quantized_matmul``, the CPU's decode path); prefill chunks dequantize block by
+    (``mx.quantized_matmul``: on the CPU; MLX's CUDA backend lacks it for some shapes),
+    else dequantized block by block; prefill chunks dequantize block by
     block (the tiled prefill kernel is correct but slower than that on CUDA,
     ``bench_attention``; on the CPU a dequantized block goes through BLAS).
     """
     if not kernels.is_decode(q.shape[2]):
         return packed_reference(q, k, v, n, fmt, **args)
     f = dict(k_bits=fmt.k_bits, v_bits=fmt.v_bits, group_size=fmt.group_size, mode=fmt.mode)
-    if kernels.enabled() and kernels.supports(q, k, v, mask=args["mask"], **f):  # MLX_KVQ_REFERENCE=1: never
+    if use_kernels and kernels.enabled() and kernels.supports(q, k, v, mask=args["mask"], **f):
         out = kernels.packed_attention(q, k, v, n, **f, **args)  # None: failed its self-check
         if out is not None:
             return out
-    return packed_quantized_matmul(q, k, v, n, fmt, **args)
+    if on_cpu():
+        return packed_quantized_matmul(q, k, v, n, fmt, **args)
+    return packed_reference(q, k, v, n, fmt, **args)

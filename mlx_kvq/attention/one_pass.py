@@ -1,8 +1,7 @@
 """Decode over a whole view in one softmax, with pure-MLX ops: the scores of the sinks, the
 packed run (``mx.quantized_matmul`` on the packed words) and the window side by side, one
-softmax, then each run's values. It is the decode path where the kernels do not run (the
-CPU): a handful of ops per layer instead of a partial result per run and their merge
-(``bench_generate.py --model embedded``)."""
+softmax, then each run's values. It is the CPU's decode path: a handful of ops per layer
+instead of a partial result per run and their merge (``bench_generate.py --model embedded``)."""
 
 import mlx.core as mx
 
@@ -11,9 +10,18 @@ from ..rotation import rotate
 from .reference import BLOCK_ELEMENTS
 
 
+def on_cpu():
+    """Whether MLX computes on the CPU now. ``mx.quantized_matmul`` serves these products
+    there; MLX's CUDA backend has no implementation for some of their shapes (e.g. float32
+    activations, group 32)."""
+    return mx.default_device() == mx.cpu
+
+
 def decode_one_pass(q, view, scale, mask, sinks, dtype):
-    """The path: :func:`one_pass_attention` where the kernels are not enabled."""
-    return None if kernels.enabled() else one_pass_attention(q, view, scale, mask, sinks, dtype)
+    """The path: :func:`one_pass_attention` on the CPU, where the kernels do not run."""
+    if kernels.enabled() or not on_cpu():
+        return None
+    return one_pass_attention(q, view, scale, mask, sinks, dtype)
 
 
 def one_pass_attention(q, view, scale, mask, sinks, dtype):

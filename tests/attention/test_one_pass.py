@@ -7,6 +7,15 @@ from mlx_kvq import QuantizedKVCache, quantized_sdpa
 from mlx_kvq.attention import dispatch, one_pass
 from helpers import reference_over_cache, rel_err
 
+@pytest.fixture(autouse=True)
+def on_the_cpu():
+    """The CPU's decode path: on the CPU device, also on a machine with a GPU."""
+    previous = mx.default_device()
+    mx.set_default_device(mx.cpu)
+    yield
+    mx.set_default_device(previous)
+
+
 CONFIGS = [
     dict(bits=4),
     dict(bits=2, group_size=32, sinks=4, window=16),
@@ -31,7 +40,7 @@ def test_matches_fp32_attention_and_the_partials(config, L):
     cache, view, q = _decode_view(config, L=L, seed=L)
     mask = "causal" if L > 1 else None
     ref_mask = None if mask is None else mx.arange(cache.offset)[None] <= mx.arange(cache.offset - L, cache.offset)[:, None]
-    got = one_pass.decode_one_pass(q, view, 0.125, mask, None, q.dtype)
+    got = one_pass.one_pass_attention(q, view, 0.125, mask, None, q.dtype)
     assert got is not None
     parts = dispatch.partials(q, view, 0.125, mask, None, q.dtype)
     ref = reference_over_cache(cache, q, 0.125, ref_mask)
@@ -44,7 +53,7 @@ def test_attention_sinks_and_a_masked_out_row():
     sinks = mx.array([0.5, -1.0, 2.0, 0.0])
     mask = mx.ones((1, 1, 2, cache.offset), mx.bool_)
     mask[..., 1, :] = False  # the second query sees nothing: zeros, as the partials give
-    got = one_pass.decode_one_pass(q, view, 0.125, mask, sinks, q.dtype)
+    got = one_pass.one_pass_attention(q, view, 0.125, mask, sinks, q.dtype)
     parts = dispatch.partials(q, view, 0.125, mask, sinks, q.dtype)
     assert mx.all(mx.isfinite(got)).item()
     assert rel_err(got, parts) < 4e-3

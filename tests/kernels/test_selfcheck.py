@@ -193,9 +193,14 @@ def test_cpu_device_on_a_gpu_machine_takes_the_reference(monkeypatch):
     monkeypatch.delenv("MLX_KVQ_REFERENCE", raising=False)
     monkeypatch.setattr(backend, "backend_name", lambda: "metal")
     monkeypatch.setitem(backend._LAUNCHERS, "metal", NO_LAUNCHES)
-    assert mx.default_device() == mx.cpu
-    cache = filled(4)
-    for _ in range(3):
-        view, q = step(cache)
-        out = quantized_sdpa(q, view, scale=D**-0.5)
-        assert rel_err(out, reference_over_cache(cache, q, D**-0.5)) < 4e-3
+    previous = mx.default_device()
+    mx.set_default_device(mx.cpu)  # what it is on a machine without a GPU
+    try:
+        assert mx.default_device() == mx.cpu
+        cache = filled(4)
+        for _ in range(3):
+            view, q = step(cache)
+            out = quantized_sdpa(q, view, scale=D**-0.5)
+            assert rel_err(out, reference_over_cache(cache, q, D**-0.5)) < 4e-3
+    finally:
+        mx.set_default_device(previous)
