@@ -100,12 +100,9 @@ def test_shipped_texts_are_long_prose():
 
 
 @pytest.fixture(scope="module")
-def fp32_model(smollm_path):
-    """A private fp32 copy of the embedded model (the shared fixture stays untouched)."""
-    from mlx_kvq.models.gguf import load_gguf
-
-    model, tokenizer = load_gguf(smollm_path)
-    return to_fp32(model), tokenizer
+def fp32_model(fast_smollm):
+    """The embedded model with float32 weights (conftest's session copy)."""
+    return fast_smollm
 
 
 @pytest.fixture(scope="module")
