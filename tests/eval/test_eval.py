@@ -6,7 +6,7 @@ import pytest
 
 from mlx_kvq import eval as ev
 from mlx_kvq.cli import eval as ev_cli
-from mlx_kvq.models import context_length, to_fp32
+from mlx_kvq.models import context_length
 
 # ---------------------------------------------------------------- config strings
 
