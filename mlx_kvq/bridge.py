@@ -27,7 +27,7 @@ from mlx_lm.sample_utils import make_sampler  # noqa: F401
 from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, TokenizerWrapper  # noqa: F401
 
 from .attention import quantized_sdpa
-from .cache import KVView, QuantizedKVCache, QuantizedRotatingKVCache, cache_options
+from .cache import KVView, QuantizedKVCache, QuantizedRotatingKVCache, cache_options, whole
 
 stream_generate = mlx_lm.stream_generate
 load_mlx_lm = mlx_lm.load
@@ -95,6 +95,8 @@ def make_prompt_cache(
     ``RotatingKVCache`` layers (sliding windows, ``max_kv_size``) become
     ``QuantizedRotatingKVCache``; other layer caches (SSM, arrays) are left untouched.
     """
+    if max_kv_size is not None:
+        max_kv_size = whole("max_kv_size", max_kv_size, 1)
     patch(model)
     caches = lm_cache.make_prompt_cache(model, max_kv_size=max_kv_size)
     config = cache_options(

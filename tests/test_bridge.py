@@ -210,3 +210,9 @@ def test_save_trim_load_real_model(smollm, tmp_path):
     assert all(c.offset == len(tokens) - 3 for c in loaded)
     nxt = tokens[None, -3:]
     assert mx.array_equal(model(nxt, cache=cache), model(nxt, cache=loaded))
+
+
+@pytest.mark.parametrize("size", [0, -8, 4.5, "64"])
+def test_max_kv_size_must_be_a_positive_count(model, size):
+    with pytest.raises(ValueError, match="max_kv_size"):
+        mlx_kvq.make_prompt_cache(model, kv_bits=4, max_kv_size=size)

@@ -35,6 +35,7 @@ def quantized_sdpa(queries, view, scale, mask=None, sinks=None):
     broadcastable to (B, Hq, L, offset). ``sinks``: optional per-head logits (Hq,)
     added to every softmax denominator, as in ``mx.fast.scaled_dot_product_attention``.
     """
+    _check_queries(queries, view)
     q = queries
     d = view.format.padded_dim(q.shape[-1])
     if d != q.shape[-1]:
@@ -46,6 +47,21 @@ def quantized_sdpa(queries, view, scale, mask=None, sinks=None):
         if out is not None:
             return _finish(out, view.v_dim, queries.dtype)
     raise AssertionError("the partials path always applies")
+
+
+def _check_queries(q, view):
+    """A clear error for queries that do not fit the cache: (B, Hq, L, D) with the cache's
+    key dim and a multiple of its KV heads."""
+    if not isinstance(q, mx.array) or q.ndim != 4:
+        raise ValueError(f"queries must be a (B, Hq, L, D) array, got {getattr(q, 'shape', type(q).__name__)}.")
+    if view.kv_heads is None:
+        return
+    B, Hq, _, D = q.shape
+    if D != view.k_dim:
+        raise ValueError(f"queries have head dim {D}; the cache's keys have {view.k_dim}.")
+    if view.kv_heads % B or Hq % (view.kv_heads // B):
+        raise ValueError(f"{B} x {Hq} query heads do not fit the cache's {view.kv_heads} batch x KV heads "
+                         "(query heads must be a multiple of the KV heads).")
 
 
 def _whole_in_kernel(q, view, sinks):

@@ -3,7 +3,7 @@ cache, the view attention reads, and the defaults. They implement mlx-lm's cache
 protocol (``update_and_fetch``, ``make_mask``, ``state``, ``trim``, ...) duck-typed."""
 
 from .batch import BatchQuantizedKVCache, merge
-from .defaults import ROTATE, cache_options, default_options, init_kwargs
+from .defaults import MAX_TOKENS, ROTATE, cache_options, default_options, init_kwargs, whole
 from .quantized import QuantizedKVCache, causal_mask, compact
 from .rotating import QuantizedRotatingKVCache
 from .view import KVFormat, KVView, first_tokens

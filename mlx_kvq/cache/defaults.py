@@ -1,7 +1,21 @@
-"""The cache's defaults, and the one mapping from options and saved configs to the
-constructor's arguments."""
+"""The cache's defaults, the checks of its options, and the one mapping from options and
+saved configs to the constructor's arguments."""
+
+import operator
 
 ROTATE = (None, "k", "kv")
+MAX_TOKENS = (1 << 30) - 1  # token counts and positions: the kernels carry them in 30 bits
+
+
+def whole(name, value, low=0, high=MAX_TOKENS):
+    """``value`` as a plain ``int`` in ``[low, high]`` (numpy integers too), else a
+    ``ValueError`` that names ``name`` and the value (``4.0``, ``"4"``, ``True``, ``[4]``)."""
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise ValueError(f"{name} must be an integer, got {value!r}.")
+    v = operator.index(value)
+    if not low <= v <= high:
+        raise ValueError(f"{name} must be between {low} and {high}, got {v}.")
+    return v
 
 
 def default_options(k_bits, v_bits, mode="affine"):

@@ -30,7 +30,7 @@ from .. import format as fmt
 from .. import kernels
 from ..kernels.backend import eval_now
 from ..rotation import rotate, rotation
-from .defaults import ROTATE, default_options, init_kwargs
+from .defaults import ROTATE, default_options, init_kwargs, whole
 from .view import KVFormat, KVView, first_tokens
 
 
@@ -66,23 +66,24 @@ class QuantizedKVCache:
         window=None,
         start=0,
     ):
-        self.k_bits = bits if k_bits is None else k_bits
-        self.v_bits = bits if v_bits is None else v_bits
+        self.k_bits = whole("k_bits", bits if k_bits is None else k_bits, 1, 16)
+        self.v_bits = whole("v_bits", bits if v_bits is None else v_bits, 1, 16)
+        if not isinstance(mode, str):
+            raise ValueError(f"mode must be a string such as 'affine', got {mode!r}.")
         self.mode = mode
         fmt.check(self.k_bits, fmt.default_group_size(mode), mode, what="key")
         fmt.check(self.v_bits, fmt.default_group_size(mode), mode, what="value")
         defaults = default_options(self.k_bits, self.v_bits, mode)
+        if group_size is not None:
+            group_size = whole("group_size", group_size, 1, 1024)
         self.group_size = group_size or defaults["group_size"] or fmt.default_group_size(mode)
         fmt.check(self.k_bits, self.group_size, mode, what="key")
+        if rotate is not None and rotate is not False and rotate not in ROTATE:
+            raise ValueError(f"rotate must be one of None, False, 'k', 'kv', got {rotate!r}.")
         self.rotate = defaults["rotate"] if rotate is None else (rotate or None)
-        self.sinks = defaults["sinks"] if sinks is None else int(sinks)
-        self.window = defaults["window"] if window is None else int(window)
-        self.start = int(start)
-        if self.rotate not in ROTATE:
-            raise ValueError(f"rotate must be one of {ROTATE}, got {rotate!r}.")
-        for name in ("sinks", "window", "start"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
+        self.sinks = defaults["sinks"] if sinks is None else whole("sinks", sinks)
+        self.window = defaults["window"] if window is None else whole("window", window)
+        self.start = whole("start (quantized_kv_start)", start)
         self.format = KVFormat(self.k_bits, self.v_bits, self.group_size, self.mode, self.rotate)
         self.offset = 0
         self.n_packed = 0
@@ -123,6 +124,23 @@ class QuantizedKVCache:
             if self.rotate == "kv":
                 rotation(self.padded_dim(values.shape[-1]))
 
+    def _check_update(self, keys, values):
+        """A clear error for keys/values that are not (B, H, L, D) arrays of one shape but
+        the head dim, or that do not match what the cache holds."""
+        for what, x in (("keys", keys), ("values", values)):
+            if not isinstance(x, mx.array) or x.ndim != 4 or not mx.issubdtype(x.dtype, mx.floating):
+                shape = getattr(x, "shape", type(x).__name__)
+                raise ValueError(f"{what} must be a floating (B, H, L, D) array, got {shape}.")
+        if keys.shape[:3] != values.shape[:3]:
+            raise ValueError(f"keys {keys.shape} and values {values.shape} differ in batch, heads or length.")
+        if self.kv_heads is not None:
+            held = (self.kv_heads, self.k_dim, self.v_dim)
+            new = (keys.shape[0] * keys.shape[1], keys.shape[-1], values.shape[-1])
+            if new != held and keys.shape[2]:
+                raise ValueError(
+                    f"keys {keys.shape} / values {values.shape} do not match the cache's batch x heads "
+                    f"{held[0]}, key dim {held[1]} and value dim {held[2]}.")
+
     def padded_dim(self, d):
         """Head dims that the group size does not divide are zero-padded up to a multiple."""
         return self.format.padded_dim(d)
@@ -145,13 +163,18 @@ class QuantizedKVCache:
 
     # -- the protocol --------------------------------------------------------
     def update_and_fetch(self, keys, values):
-        """Store ``keys``/``values`` (B, H, L, D); return a view for attention."""
+        """Store ``keys``/``values`` (B, H, L, D); return a view for attention. An update
+        of no tokens stores nothing."""
+        self._check_update(keys, values)
+        L = keys.shape[2]
+        if L == 0:
+            view = KVView(self, 0, self.offset)
+            return view, view
         if self.empty():
             self._check_head_dims(keys, values)
             self.k_dim, self.v_dim = keys.shape[-1], values.shape[-1]
             self.kv_heads = keys.shape[0] * keys.shape[1]
             self.dtype = keys.dtype
-        L = keys.shape[2]
         held = 0 if self.sink_keys is None else self.sink_keys.shape[2]
         take = min(self.sinks - held, L)
         if take > 0 or not self._window_append_kernel(keys, values):
@@ -206,8 +229,9 @@ class QuantizedKVCache:
             self._wk[:, :, n : n + m] = keys
             self._wv[:, :, n : n + m] = values
         else:
-            # room for a decode run up to the next flush (none for a prefill chunk)
-            spare = max(0, self.window + self.flush_block - n - m) if m == 1 else 0
+            # room for a decode run up to the next flush (none for a prefill chunk), at most
+            # ``step`` tokens at a time: a window larger than the tokens held is not allocated
+            spare = min(max(0, self.window + self.flush_block - n - m), self.step) if m == 1 else 0
             self._wk = _cat_spare(self.window_keys, keys, spare)
             self._wv = _cat_spare(self.window_values, values, spare)
         self._wn = self._wvn = n + m
@@ -275,7 +299,7 @@ class QuantizedKVCache:
 
     def trim(self, n):
         """Drop the last ``n`` tokens; returns how many were dropped."""
-        n = min(self.offset, n)
+        n = min(self.offset, whole("trim's token count", n, 0, 1 << 62))
         left = n
         if self.window_keys is not None and left:
             w = min(left, self.window_keys.shape[2])

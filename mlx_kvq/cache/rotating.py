@@ -16,6 +16,7 @@ import json
 
 import mlx.core as mx
 
+from .defaults import whole
 from .quantized import QuantizedKVCache
 from .view import KVView
 
@@ -97,6 +98,7 @@ class QuantizedRotatingKVCache(QuantizedKVCache):
         return self.held() == self.offset  # nothing dropped yet
 
     def trim(self, n):
+        whole("trim's token count", n, 0, 1 << 62)
         if not self.is_trimmable():
             return 0
         return super().trim(n)

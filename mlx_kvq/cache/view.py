@@ -27,7 +27,8 @@ class KVFormat(NamedTuple):
 class KVView:
     """The cache's runs for this step's attention.
 
-    Attributes: ``format`` (:class:`KVFormat`), ``v_dim`` (the model's value head dim),
+    Attributes: ``format`` (:class:`KVFormat`), ``k_dim``/``v_dim`` (the model's key and value
+    head dims), ``kv_heads`` (batch x KV heads),
     ``dtype`` (the dtype of the unquantized runs and the scales), ``offset`` (keys
     visible, the queries included), ``q_start`` (position of the first query), ``sinks``
     ``(keys, values)`` or ``(None, None)``, ``packed`` ``(keys, values, n)`` (the
@@ -37,7 +38,7 @@ class KVView:
 
     def __init__(self, cache, query_len, offset):
         self.format = cache.format
-        self.v_dim = cache.v_dim
+        self.k_dim, self.v_dim, self.kv_heads = cache.k_dim, cache.v_dim, cache.kv_heads
         self.dtype = cache.store_dtype
         self.offset = offset
         self.q_start = offset - query_len

@@ -265,3 +265,87 @@ def test_window_append_kernel_stores_what_the_host_path_stores(run_kernels_on, m
     assert rel_err(fk[:, :, -w:], ek[:, :, -w:]) < 1e-3 and rel_err(fv[:, :, -w:], ev[:, :, -w:]) < 1e-3
     tol = 0.1 if config["bits"] == 4 else 0.01
     assert rel_err(fk, ek) < tol and rel_err(fv, ev) < tol
+
+
+@pytest.mark.parametrize("kwargs, named", [
+    (dict(bits=4.0), "k_bits"),
+    (dict(bits="4"), "k_bits"),
+    (dict(bits=True), "k_bits"),
+    (dict(bits=4, v_bits=2.5), "v_bits"),
+    (dict(bits=4, group_size=0), "group_size"),
+    (dict(bits=4, group_size=64.0), "group_size"),
+    (dict(bits=4, window="x"), "window"),
+    (dict(bits=4, window=float("inf")), "window"),
+    (dict(bits=4, window=-1), "window"),
+    (dict(bits=4, window=10**12), "window"),
+    (dict(bits=4, sinks=[4]), "sinks"),
+    (dict(bits=4, start="x"), "quantized_kv_start"),
+    (dict(bits=4, rotate=True), "rotate"),
+    (dict(bits=4, rotate="q"), "rotate"),
+    (dict(bits=4, mode=4), "mode"),
+])
+def test_bad_options_are_named_at_construction(kwargs, named):
+    with pytest.raises(ValueError, match=named):
+        QuantizedKVCache(**kwargs)
+
+
+def test_numpy_integers_are_plain_ints():
+    import json
+
+    import numpy as np
+
+    c = QuantizedKVCache(np.int64(4), np.int32(64), window=np.int64(8), sinks=np.uint8(2))
+    assert c.config["k_bits"] == 4 and type(c.config["k_bits"]) is int and c.window == 8
+    json.dumps(c.config)  # what save_prompt_cache writes
+
+
+def test_a_huge_window_allocates_only_what_it_holds():
+    """window=10**9 kept every token unquantized, but the first decode step allocated
+    window + 32 tokens of buffer at once."""
+    c = QuantizedKVCache(bits=4, window=10**9)
+    k = mx.random.normal((1, 2, 40, 64)).astype(mx.float16)
+    c.update_and_fetch(k, k)
+    for _ in range(3):
+        c.update_and_fetch(k[:, :, :1], k[:, :, :1])
+    assert c.n_packed == 0 and c.offset == 43
+    assert c._wk.shape[2] <= 43 + QuantizedKVCache.step
+
+
+@pytest.mark.parametrize("n", [-5, 1.5, "2"])
+def test_trim_takes_a_count_of_tokens(n):
+    from mlx_kvq import QuantizedRotatingKVCache
+
+    for c in (QuantizedKVCache(bits=4), QuantizedRotatingKVCache(bits=4, max_size=64)):
+        k = mx.random.normal((1, 2, 10, 64)).astype(mx.float16)
+        c.update_and_fetch(k, k)
+        with pytest.raises(ValueError, match="trim"):
+            c.trim(n)
+        assert c.offset == 10
+
+
+def test_updates_that_do_not_fit_are_named():
+    c = QuantizedKVCache(bits=4)
+    k = mx.random.normal((1, 2, 5, 64)).astype(mx.float16)
+    with pytest.raises(ValueError, match="differ"):
+        c.update_and_fetch(k, k[:, :, :4])  # values dropped before
+    with pytest.raises(ValueError, match="floating"):
+        c.update_and_fetch(k[0], k[0])
+    c.update_and_fetch(k, k)
+    for bad in (mx.zeros((2, 2, 1, 64), mx.float16), mx.zeros((1, 3, 1, 64), mx.float16),
+                mx.zeros((1, 2, 1, 32), mx.float16)):
+        with pytest.raises(ValueError, match="do not match"):
+            c.update_and_fetch(bad, bad)
+    view, _ = c.update_and_fetch(k[:, :, :0], k[:, :, :0])  # no tokens: nothing stored
+    assert c.offset == 5 and view.offset == 5
+
+
+def test_queries_that_do_not_fit_are_named():
+    from mlx_kvq import quantized_sdpa
+
+    c = QuantizedKVCache(bits=4)
+    k = mx.random.normal((1, 2, 5, 64)).astype(mx.float16)
+    view, _ = c.update_and_fetch(k, k)
+    with pytest.raises(ValueError, match="head dim 32"):
+        quantized_sdpa(mx.zeros((1, 4, 5, 32), mx.float16), view, scale=0.1)
+    with pytest.raises(ValueError, match="multiple of the KV heads"):
+        quantized_sdpa(mx.zeros((1, 3, 5, 64), mx.float16), view, scale=0.1)
