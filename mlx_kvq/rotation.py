@@ -21,6 +21,19 @@ def signs(d):
     return mx.array(np.random.default_rng(SEED).choice([-1.0, 1.0], size=d).astype(np.float32))
 
 
+def has_hadamard(d):
+    """Whether ``mx.hadamard_transform`` takes size ``d``: ``m * 2^k`` with ``m`` the first of
+    12, 20, 28 that divides ``d`` (or 1), ``k <= 26``. MLX 0.32 checks only that ``m`` divides
+    ``d`` and corrupts the heap for other sizes (144, 288), so this is asked first."""
+    pow2 = lambda x: x > 0 and x & (x - 1) == 0
+    if pow2(d):
+        return d <= 1 << 26
+    for m in (12, 20, 28):
+        if d % m == 0:
+            return pow2(d // m) and d // m <= 1 << 26
+    return False
+
+
 @lru_cache(maxsize=None)
 def rotation(d, dtype=mx.float32, transpose=False):
     """The ``d x d`` rotation matrix (or its transpose, the inverse) in ``dtype`` (cached).
@@ -28,12 +41,12 @@ def rotation(d, dtype=mx.float32, transpose=False):
     In float16 and bfloat16 every entry ``+-1/sqrt(d)`` rounds the same way, so the
     rounded matrix is the rotation times a scalar within 1.1e-4 of 1.
     """
-    try:
-        h = mx.hadamard_transform(mx.eye(d), scale=d**-0.5)
-    except Exception as e:
+    if not has_hadamard(d):
         raise ValueError(
-            f"head_dim {d} has no Hadamard rotation in MLX ({e}); use rotate=None."
-        ) from None
+            f"head_dim {d} has no Hadamard rotation in MLX (it takes m * 2^k, m in 1, 12, 20, 28); "
+            "use rotate=False."
+        )
+    h = mx.hadamard_transform(mx.eye(d), scale=d**-0.5)
     r = signs(d)[:, None] * h
     r = mx.contiguous(r.T if transpose else r).astype(dtype)
     mx.eval(r)

@@ -34,3 +34,24 @@ def test_rotate_stays_in_its_dtype_and_inverts(dtype):
     assert np.abs(np.array(y.astype(mx.float32)) - ref).max() < tol * np.abs(ref).max()
     back = rotate(y, inverse=True).astype(mx.float32)
     assert np.abs(np.array(back) - np.array(x.astype(mx.float32))).max() < 2 * tol * np.abs(ref).max()
+
+
+def test_sizes_mlx_cannot_rotate_are_refused_before_mlx_sees_them():
+    """mx.hadamard_transform (MLX 0.32) corrupts the heap for 144 and 288: never called."""
+    from mlx_kvq.rotation import has_hadamard
+
+    assert [d for d in (64, 80, 96, 112, 128, 160, 192, 224, 256, 384) if has_hadamard(d)] == \
+        [64, 80, 96, 112, 128, 160, 192, 224, 256, 384]
+    for d in (144, 288, 48 * 3, 100, 72):
+        assert not has_hadamard(d)
+        with pytest.raises(ValueError, match=f"head_dim {d}"):
+            rotation(d)
+
+
+def test_a_cache_with_an_unrotatable_head_dim_says_so():
+    from mlx_kvq import QuantizedKVCache
+
+    c = QuantizedKVCache(bits=4, group_size=32, rotate="kv")
+    k = mx.random.normal((1, 1, 3, 288)).astype(mx.float16)
+    with pytest.raises(ValueError, match="head_dim 288"):
+        c.update_and_fetch(k, k)
