@@ -66,36 +66,69 @@ def is_gguf(path):
         return f.read(4) == b"GGUF"
 
 
-def read_metadata(path):
-    """The key/value metadata of a GGUF file (tensors are not read)."""
+def read_metadata(path, tensors=False):
+    """The key/value metadata of a GGUF file (tensors are not read); with ``tensors``,
+    also the tensor table ``{name: (dims, type, offset)}``. Every count, length and type
+    is checked against the file, so a damaged or hostile file is a ``ValueError`` here,
+    before ``mx.load`` (MLX 0.32 crashes on some: random bytes after the magic, a huge
+    tensor count)."""
+    path = Path(path)
+    size = path.stat().st_size
     with open(path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise ValueError(f"{path} is not a GGUF file.")
-        version, _, n_kv = struct.unpack("<IQQ", f.read(20))
-        if version < 2:
-            raise ValueError(f"{path}: GGUF version {version} is too old.")
+
+        def take(n):
+            b = f.read(n)
+            if len(b) != n:
+                raise ValueError(f"{path} is not a valid GGUF file: it ends inside its header.")
+            return b
+
+        def unpack(fmt):
+            return struct.unpack(fmt, take(struct.calcsize(fmt)))
+
+        def count(n, least, what):
+            if n * least > size - f.tell():
+                raise ValueError(f"{path} is not a valid GGUF file: {n} {what} cannot fit in {size} bytes.")
+            return n
 
         def string():
-            (n,) = struct.unpack("<Q", f.read(8))
-            return f.read(n).decode("utf-8", errors="replace")
+            (n,) = unpack("<Q")
+            return take(count(n, 1, "string bytes")).decode("utf-8", errors="replace")
 
         def value(t):
             if t in GGUF_SCALARS:
-                fmt = "<" + GGUF_SCALARS[t]
-                return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
+                return unpack("<" + GGUF_SCALARS[t])[0]
             if t == 8:
                 return string()
             if t == 9:
-                sub, n = struct.unpack("<IQ", f.read(12))
-                return [value(sub) for _ in range(n)]
-            raise ValueError(f"{path}: unknown GGUF value type {t}.")
+                sub, n = unpack("<IQ")
+                return [value(sub) for _ in range(count(n, 1, "array items"))]
+            raise ValueError(f"{path} is not a valid GGUF file: unknown value type {t}.")
 
+        if take(4) != b"GGUF":
+            raise ValueError(f"{path} is not a GGUF file.")
+        version, n_tensors, n_kv = unpack("<IQQ")
+        if version not in (2, 3):
+            raise ValueError(f"{path}: GGUF version {version} is not supported (2 or 3).")
+        count(n_tensors, 32, "tensors")
         meta = {}
-        for _ in range(n_kv):
+        for _ in range(count(n_kv, 12, "metadata entries")):
             key = string()
-            (t,) = struct.unpack("<I", f.read(4))
+            (t,) = unpack("<I")
             meta[key] = value(t)
-    return meta
+        if not tensors:
+            return meta
+        table = {}
+        for _ in range(n_tensors):
+            name = string()
+            (n_dims,) = unpack("<I")
+            if not 1 <= n_dims <= 4:
+                raise ValueError(f"{path} is not a valid GGUF file: tensor {name!r} has {n_dims} dims.")
+            dims = unpack(f"<{n_dims}Q")
+            t, offset = unpack("<IQ")
+            if offset > size:
+                raise ValueError(f"{path} is not a valid GGUF file: tensor {name!r} starts past its end.")
+            table[name] = (dims, t, offset)
+    return meta, table
 
 
 def gguf_config(meta):
@@ -126,6 +159,10 @@ def read_gguf(path):
         raise FileNotFoundError(f"GGUF file not found: {path}")
     if not is_gguf(path):
         raise ValueError(f"{path} is not a GGUF file (no GGUF magic bytes)")
+    try:
+        read_metadata(path, tensors=True)  # the header checked before mx.load sees it
+    except ValueError as e:
+        raise ValueError(f"cannot read GGUF file {path}: {e}") from None
     try:
         return mx.load(str(path), return_metadata=True)
     except Exception as e:

@@ -1,5 +1,7 @@
 """GGUF loading: the embedded SmolLM2 model and small GGUF files written here."""
 
+import os
+import struct
 import jinja2
 import mlx.core as mx
 import mlx.nn as nn
@@ -278,3 +280,24 @@ def test_unsupported_tensor(tmp_path):
     path = write_tiny(tmp_path / "qkv.gguf", tiny_metadata(), weights)
     with pytest.raises(ValueError, match="unsupported GGUF tensor 'blk.0.attn_qkv.weight'"):
         load_gguf(path)
+
+
+@pytest.mark.parametrize("tail", [
+    os.urandom(64),  # random bytes after the magic
+    struct.pack("<IQQ", 3, 2**40, 0),  # a huge tensor count
+    struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", 2**50),  # a key longer than the file
+    struct.pack("<IQQ", 3, 1, 0) + struct.pack("<Q", 1) + b"w" + struct.pack("<I", 9),  # 9 dims
+    struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", 1) + b"k" + struct.pack("<I", 77),  # no such type
+])
+def test_damaged_headers_are_refused_before_mx_load(tmp_path, tail):
+    path = tmp_path / "bad.gguf"
+    path.write_bytes(b"GGUF" + tail + b"\0" * 40)
+    with pytest.raises(ValueError, match="GGUF"):
+        read_gguf(path)
+
+
+def test_the_header_of_the_embedded_model_reads(smollm_path):
+    from mlx_kvq.models.gguf import read_metadata
+
+    meta, table = read_metadata(smollm_path, tensors=True)
+    assert meta["general.architecture"] == "llama" and "token_embd.weight" in table
