@@ -5,6 +5,7 @@
 """
 
 import argparse
+import os
 import sys
 
 import mlx.core as mx
@@ -12,7 +13,7 @@ import mlx.core as mx
 from ..bridge import make_sampler, stream_generate
 from ..generation import build_cache, continuation_tokens, encode_prompt, load_document_cache
 from ..models import load
-from .args import add_kv_arguments, cache_kwargs, expected_config
+from .args import add_kv_arguments, cache_kwargs, check_kv, expected_config
 from .report import cache_report
 
 EXAMPLES = """examples:
@@ -47,7 +48,9 @@ def setup_arg_parser():
 def main(argv=None):
     args = setup_arg_parser().parse_args(argv)
     try:
-        kwargs = cache_kwargs(args)
+        kwargs = check_kv(cache_kwargs(args))  # the flags and the file before the model loads
+        if args.prompt_cache_file and not os.path.isfile(args.prompt_cache_file):
+            raise FileNotFoundError(f"Prompt cache file not found: {args.prompt_cache_file}")
         prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
         if not prompt.strip():
             raise ValueError("The prompt is empty.")

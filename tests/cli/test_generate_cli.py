@@ -58,3 +58,16 @@ def test_kv_flags_map_to_cache_arguments():
     kw = generate.cache_kwargs(args)
     assert kw["k_bits"] == 8 and kw["v_bits"] == 4 and kw["rotate"] is False and kw["window"] == 64
     assert generate.cache_kwargs(generate.setup_arg_parser().parse_args(["--no-kv-quant"])) is None
+
+
+def test_bad_kv_flags_and_a_missing_cache_file_fail_before_the_model_loads(monkeypatch, capsys):
+    """The model is not loaded at all (load would raise) when the flags are wrong."""
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(generate, "load", no_load)
+    for argv, named in ((["--kv-bits", "7"], "bits 7"), (["--kv-group-size", "48"], "group size 48"),
+                        (["--prompt-cache-file", "/nonexistent/c.safetensors"], "not found")):
+        with pytest.raises(SystemExit) as e:
+            generate.main(["-p", "hi", *argv])
+        assert named in str(e.value)
