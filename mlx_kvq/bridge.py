@@ -99,6 +99,11 @@ def make_prompt_cache(
         max_kv_size = whole("max_kv_size", max_kv_size, 1)
     patch(model)
     caches = lm_cache.make_prompt_cache(model, max_kv_size=max_kv_size)
+    if max_kv_size is not None:
+        # mlx-lm ignores max_kv_size for models with their own make_cache (llama, ...): their
+        # full-attention layers get the sliding window mlx-lm gives the others (keep=4)
+        caches = [lm_cache.RotatingKVCache(max_size=max_kv_size, keep=4) if type(c) is lm_cache.KVCache else c
+                  for c in caches]
     config = cache_options(
         kv_bits, k_bits=k_bits, v_bits=v_bits, kv_group_size=kv_group_size, mode=mode,
         quantized_kv_start=quantized_kv_start, rotate=rotate, sinks=sinks, window=window,

@@ -15,7 +15,7 @@ import mlx.core as mx
 
 from ..generation.documents import cache_document, document_tokens, read_document
 from ..models import context_length, load, prepare_model
-from .args import add_dtype_argument, add_kv_arguments, cache_kwargs, check_kv
+from .args import add_dtype_argument, add_kv_arguments, cache_kwargs, check_kv, command_parser
 from .report import cache_report
 
 EXAMPLES = """examples:
@@ -28,12 +28,7 @@ EXAMPLES = """examples:
 
 # -- CLI --------------------------------------------------------------------------
 def setup_arg_parser():
-    p = argparse.ArgumentParser(
-        prog="mlx_kvq.cache_prompt",
-        description="Prefill a document once and save its quantized KV cache for later questions.",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = command_parser("mlx_kvq.cache_prompt", "Prefill a document once and save its quantized KV cache for later questions.", EXAMPLES)
     p.add_argument("document", help=".txt/.md file, .pdf (needs pypdf), or - for stdin")
     p.add_argument("--prompt-cache-file", required=True, help="the .safetensors file to write")
     p.add_argument("--model", help="local path, Hugging Face repo or .gguf file (default: embedded SmolLM2-135M-Instruct)")

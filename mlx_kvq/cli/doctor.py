@@ -262,6 +262,7 @@ def setup_arg_parser():
         prog="mlx_kvq.doctor",
         description="Device, versions, kernel self-checks, decode/prefill timings and the longest context "
         "that fits: paste the output into a bug report.",
+        allow_abbrev=False,
     )
     p.add_argument("--quick", action="store_true", help="smaller sizes and fewer repeats (under a minute on CPU)")
     p.add_argument("--sizes", type=_sizes, help="decode key counts, e.g. 4096,16384,65536 "

@@ -58,6 +58,7 @@ def build_parser():
         "per token, and (with --needle) needle-in-a-haystack recall.",
         epilog=CONFIG_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
     p.add_argument("--model", default=None,
                    help="model path, Hugging Face repo or .gguf file (default: the embedded "

@@ -13,7 +13,7 @@ import mlx.core as mx
 from ..bridge import make_sampler, stream_generate
 from ..generation import build_cache, continuation_tokens, encode_prompt, load_document_cache
 from ..models import load
-from .args import add_kv_arguments, cache_kwargs, check_kv, expected_config
+from .args import add_kv_arguments, cache_kwargs, check_kv, command_parser, expected_config, ranged
 from .report import cache_report
 
 EXAMPLES = """examples:
@@ -25,17 +25,19 @@ EXAMPLES = """examples:
 
 
 def setup_arg_parser():
-    p = argparse.ArgumentParser(
-        prog="mlx_kvq.generate",
-        description="Generate text with an mlx-lm model and a quantized KV cache.",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = command_parser("mlx_kvq.generate", "Generate text with an mlx-lm model and a quantized KV cache.", EXAMPLES)
     p.add_argument("--model", help="local path, Hugging Face repo or .gguf file (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--prompt", "-p", default="Hello", help="the prompt, or - to read it from stdin")
-    p.add_argument("--max-tokens", "-m", type=int, default=256, help="maximum tokens to generate")
-    p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling top-p")
+    p.add_argument("--max-tokens", "-m", type=ranged(int, 1), default=256, help="maximum tokens to generate")
+    p.add_argument("--temp", type=ranged(float, 0.0), default=0.0, help="sampling temperature (0: greedy)")
+    p.add_argument("--top-p", type=ranged(float, 0.0, 1.0), default=1.0, help="nucleus sampling top-p")
+    p.add_argument("--top-k", type=ranged(int, 0), default=0, help="sample from the k likeliest tokens (0: all)")
+    p.add_argument("--min-p", type=ranged(float, 0.0, 1.0), default=0.0,
+                   help="drop tokens less likely than min-p times the likeliest (0: off)")
+    p.add_argument("--min-tokens-to-keep", type=ranged(int, 1), default=1, help="tokens --min-p always keeps")
+    p.add_argument("--prefill-step-size", type=ranged(int, 1), default=2048, help="prompt tokens per prefill step")
+    p.add_argument("--max-kv-size", type=ranged(int, 1),
+                   help="a sliding-window cache of this many tokens (quantized, as mlx-lm's RotatingKVCache)")
     p.add_argument("--seed", type=int, default=None, help="random seed")
     p.add_argument("--system-prompt", help="system prompt for the chat template")
     p.add_argument("--ignore-chat-template", action="store_true", help="feed the prompt as is")
@@ -73,9 +75,10 @@ def main(argv=None):
         print(f"KV cache config: {expect or 'fp16'}", file=sys.stderr)
         print("=" * 10, file=sys.stderr)
     response = None
+    sampler = make_sampler(args.temp, args.top_p, args.min_p, args.min_tokens_to_keep, top_k=args.top_k)
     for response in stream_generate(
-        model, tokenizer, tokens, max_tokens=args.max_tokens,
-        sampler=make_sampler(args.temp, args.top_p), prompt_cache=cache,
+        model, tokenizer, tokens, max_tokens=args.max_tokens, sampler=sampler, prompt_cache=cache,
+        prefill_step_size=args.prefill_step_size,
     ):
         print(response.text, end="", flush=True)
     print()

@@ -9,6 +9,7 @@ import argparse
 import sys
 
 from ..models.memory import BITS, kv_bytes, label, load_spec, machine_memory, max_context, parse_size, plan
+from .args import command_parser
 
 EXAMPLES = """examples:
   mlx_kvq.plan                                       # embedded SmolLM2, this machine's RAM
@@ -81,13 +82,8 @@ def _size(text):
 
 
 def setup_arg_parser():
-    p = argparse.ArgumentParser(
-        prog="mlx_kvq.plan",
-        description="The longest context that fits in memory for fp16, 8, 4, 3 and 2-bit KV caches "
-        "(weights included), or the memory a given context takes.",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = command_parser("mlx_kvq.plan", "The longest context that fits in memory for fp16, 8, 4, 3 and 2-bit KV caches "
+        "(weights included), or the memory a given context takes.", EXAMPLES)
     p.add_argument("--model", help="model directory, config.json, .gguf file or Hugging Face repo (default: embedded SmolLM2)")
     p.add_argument("--memory", type=_size, help="memory budget, e.g. 16GB (default: this machine's RAM)")
     p.add_argument("--reserve", type=_size, default=0, help="memory kept for everything else, e.g. 2GB (default: 0)")

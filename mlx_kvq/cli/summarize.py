@@ -16,7 +16,7 @@ import mlx.core as mx
 from ..generation.documents import read_document
 from ..generation.summaries import INSTRUCTION, summarize, summarize_cached
 from ..models import load, prepare_model
-from .args import add_dtype_argument, add_kv_arguments, cache_kwargs, check_kv, expected_config
+from .args import add_dtype_argument, add_kv_arguments, cache_kwargs, check_kv, command_parser, expected_config
 from .report import cache_report, fp16_nbytes
 
 EXAMPLES = """examples:
@@ -30,12 +30,7 @@ EXAMPLES = """examples:
 
 # -- CLI ---------------------------------------------------------------------------
 def setup_arg_parser():
-    p = argparse.ArgumentParser(
-        prog="mlx_kvq.summarize",
-        description="Summarize or question a long document with a quantized KV cache.",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = command_parser("mlx_kvq.summarize", "Summarize or question a long document with a quantized KV cache.", EXAMPLES)
     p.add_argument("document", nargs="?", help=".txt/.md file, .pdf (needs pypdf), or - for stdin")
     p.add_argument("--model", help="local path, Hugging Face repo or .gguf file (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--instruction", default=INSTRUCTION, help=f"what to do with the document (default: {INSTRUCTION!r})")

@@ -71,3 +71,37 @@ def test_bad_kv_flags_and_a_missing_cache_file_fail_before_the_model_loads(monke
         with pytest.raises(SystemExit) as e:
             generate.main(["-p", "hi", *argv])
         assert named in str(e.value)
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--temp", "-1"], "--temp"), (["--top-p", "2"], "--top-p"), (["--max-tokens", "-1"], "--max-tokens"),
+    (["--top-k", "-3"], "--top-k"), (["--min-p", "1.5"], "--min-p"), (["--max-kv-size", "0"], "--max-kv-size"),
+    (["--prefill-step-size", "0"], "--prefill-step-size"), (["--temp", "nan"], "--temp"),
+    (["--prompt-cache", "f.safetensors"], "--prompt-cache"),  # no abbreviations: not --prompt-cache-file
+])
+def test_numbers_out_of_range_and_abbreviations_are_refused(argv, named, capsys):
+    with pytest.raises(SystemExit) as e:
+        generate.setup_arg_parser().parse_args(argv)
+    assert e.value.code == 2 and named in capsys.readouterr().err
+
+
+def test_sampling_and_window_flags_reach_the_sampler_and_the_cache():
+    import mlx.core as mx
+    from mlx_lm.models import llama
+
+    from mlx_kvq import QuantizedRotatingKVCache
+    from mlx_kvq.cli.args import build_cache, cache_kwargs, check_kv
+
+    args = generate.setup_arg_parser().parse_args(
+        ["--top-k", "5", "--min-p", "0.1", "--min-tokens-to-keep", "2", "--max-kv-size", "64", "--kv-bits", "8"])
+    assert (args.top_k, args.min_p, args.min_tokens_to_keep, args.prefill_step_size) == (5, 0.1, 2, 2048)
+    kv = check_kv(cache_kwargs(args))
+    model = llama.Model(llama.ModelArgs(model_type="llama", hidden_size=64, num_hidden_layers=2,
+                                        intermediate_size=128, num_attention_heads=2, num_key_value_heads=1,
+                                        rms_norm_eps=1e-5, vocab_size=100))
+    caches = build_cache(model, kv)
+    assert all(isinstance(c, QuantizedRotatingKVCache) and c.max_size == 64 for c in caches)
+    fp = generate.setup_arg_parser().parse_args(["--no-kv-quant", "--max-kv-size", "64"])
+    assert all(c.max_size == 64 and type(c).__name__ == "RotatingKVCache"
+               for c in build_cache(model, check_kv(cache_kwargs(fp))))
+    mx.eval(mx.zeros(1))
