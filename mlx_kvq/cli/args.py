@@ -4,8 +4,10 @@ tokenizer flags, the KV cache flags and ``--dtype``, and what they turn into."""
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
+from .._blas import missing_warning
 from ..bridge import cache_config, load_prompt_cache
 from ..cache import QuantizedKVCache, cache_options
 from ..generation.prefill import build_cache
@@ -70,6 +72,9 @@ def add_model_arguments(parser, eos_flag="--extra-eos-token"):
 def load_model(args, path=None):
     """``(model, tokenizer)`` from the model flags (``path`` instead of ``--model`` when given)."""
     path = args.model if path is None else path
+    warning = missing_warning()
+    if warning:
+        print(warning, file=sys.stderr)
     kwargs = {}
     if getattr(args, "adapter_path", None):
         if path is None or _is_gguf_model(path):

@@ -12,6 +12,7 @@ import sys
 
 import mlx.core as mx
 
+from .._blas import missing_warning
 from ..eval.configs import CONFIG_HELP, ConfigError, parse_config
 from ..eval.fidelity import _progress, evaluate
 from ..eval.needle import NEEDLE, NEEDLE_DEPTHS, NEEDLE_MAX_TOKENS, needle_baseline_misses, needle_test
@@ -94,6 +95,9 @@ def build_parser():
 
 def load_model(path, dtype="float32"):
     """Load a model and tokenizer with ``mlx_kvq.models.load`` and set its dtype."""
+    warning = missing_warning()
+    if warning:
+        print(warning, file=sys.stderr)
     model, tokenizer = load(path)
     if dtype == "float32":
         to_fp32(model)
@@ -153,6 +157,11 @@ def _run(args, model, tokenizer, progress):
         print(f"{result['model']} | {os.path.basename(args.text)} | {result['tokens']} tokens | "
               f"chunk {args.chunk} | {args.dtype} | {result['device']}")
         print(format_table(rows, needle_rows))
+        if result["tokens"] <= args.chunk:
+            print(f"warning: no token attended to a quantized key or value: the {result['tokens']} tokens fit in one "
+                  f"--chunk of {args.chunk}, and a chunk attends to its own tokens unquantized, so the rows above "
+                  "measure the unquantized cache (bytes/token included); use more --tokens than --chunk "
+                  "(e.g. --tokens 4096 --chunk 512)")
     if needle_rows:
         for r in needle_rows:
             marks = " ".join(
