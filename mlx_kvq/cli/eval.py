@@ -73,10 +73,11 @@ def build_parser():
                    "to a chunk's own tokens unquantized, so smaller chunks are closer to decoding")
     p.add_argument("--configs", nargs="+", type=_config_arg, default=DEFAULT_CONFIGS,
                    metavar="CONFIG", help=f"cache configs (default: {' '.join(DEFAULT_CONFIGS)})")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16", "model"],
+    p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16", "model"],
                    default="float32",
-                   help="run the model in this dtype (default float32: dequantized weights, "
-                   "fast on CPU); KV bytes are counted at 2 bytes per float either way")
+                   help="run the model in this dtype (default float32: dequantized weights, fast on CPU; "
+                   "auto: float32 on the CPU, the model's own on a GPU); "
+                   "KV bytes are counted at 2 bytes per float either way")
     p.add_argument("--needle", action="store_true", help="also run the needle-in-a-haystack test")
     p.add_argument("--needle-tokens", type=_positive, default=2048,
                    help="haystack length in tokens (default 2048); cut so that the prompt and "
@@ -99,6 +100,8 @@ def load_model(path, dtype="float32"):
     if warning:
         print(warning, file=sys.stderr)
     model, tokenizer = load(path)
+    if dtype == "auto":  # as the other commands: float32 on the CPU, the model's own on a GPU
+        dtype = "float32" if mx.default_device() == mx.cpu else "model"
     if dtype == "float32":
         to_fp32(model)
     elif dtype in ("float16", "bfloat16"):

@@ -81,11 +81,18 @@ def _size(text):
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _budget(text):
+    size = _size(text)
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"a memory budget must be positive, got {text!r}")
+    return size
+
+
 def setup_arg_parser():
     p = command_parser("mlx_kvq.plan", "The longest context that fits in memory for fp16, 8, 4, 3 and 2-bit KV caches "
         "(weights included), or the memory a given context takes.", EXAMPLES)
     p.add_argument("--model", help="model directory, config.json, .gguf file or Hugging Face repo (default: embedded SmolLM2)")
-    p.add_argument("--memory", type=_size, help="memory budget with its unit: 16GB (10^9 bytes) or 16GiB (2^30) (default: this machine's RAM)")
+    p.add_argument("--memory", type=_budget, help="memory budget with its unit: 16GB (10^9 bytes) or 16GiB (2^30) (default: this machine's RAM)")
     p.add_argument("--reserve", type=_size, default=0, help="memory kept for everything else, e.g. 2GB (default: 0)")
     p.add_argument("--context", type=ranged(int, 1), help="report the memory this many tokens take instead")
     p.add_argument("--plot", metavar="PNG", help="also plot memory against context to this PNG file")

@@ -175,8 +175,8 @@ def parse_size(text):
         value = float(m.group(1))
     except ValueError:
         raise ValueError(f"not a memory size: {text!r} (e.g. 16GB, 512MiB)") from None
-    if not 0 < value < 1e30:
-        raise ValueError(f"a memory size must be positive and finite, got {text!r}")
+    if not 0 <= value < 1e30:
+        raise ValueError(f"a memory size must be finite and not negative, got {text!r}")
     if m.group(3).lower() == "ib" and not m.group(2):
         raise ValueError(f"not a memory size: {text!r} (e.g. 16GB, 512MiB)")
     scale = 1024 if m.group(3).lower() == "ib" else 1000
