@@ -160,7 +160,8 @@ def prompt_cache_config(args, path):
     if config is None:
         given = [v[0] for k, v in KV_FLAGS.items() if getattr(args, k) is not None]
         if given:
-            raise ValueError(f"{given[0]} contradicts {path}: it holds an unquantized cache (leave the KV flags out).")
+            raise ValueError(f"{given[0]} contradicts {path}: it holds no mlx_kvq quantized cache (an unquantized "
+                             "one, or mlx-lm's own); leave the KV flags out.")
         return None
     if args.no_kv_quant:
         raise ValueError(f"--no-kv-quant contradicts {path}: it holds a {config['k_bits']}/{config['v_bits']}-bit "

@@ -129,7 +129,7 @@ def main(argv=None):
                          "emulator (needs g++)")
         if name in ("generate", "prefill-memory"):
             print(f"{PROG}: note: on the CPU the default (Llama-3-8B-shaped, 32k-token) run takes tens of minutes; "
-                  f"e.g. '{PROG} generate --model embedded --context 1024 --new 16' takes about a minute",
+                  f"for a short run: '{PROG} generate --model embedded --context 1024 --new 16'",
                   file=sys.stderr)
     run(name, rest)
     return 0

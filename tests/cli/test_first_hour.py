@@ -141,7 +141,7 @@ def test_cache_prompt_bad_input(no_model, capsys, tmp_path, argv, named):
 @pytest.mark.parametrize("argv, named", [
     (["--memory", "16"], "--memory: not a memory size with a unit: '16'"),
     (["--memory", "0GB"], "--memory: a memory budget must be positive"),
-    (["--reserve", "-1GB"], "--reserve: a memory size must be finite and not negative"),
+    (["--reserve=-1GB"], "argument --reserve: not a memory size"),
     (["--context", "0"], "argument --context"),
 ])
 def test_plan_bad_input(capsys, argv, named):

@@ -83,11 +83,11 @@ def test_cli_reuses_a_document_cache(tmp_path, fast_smollm, text):
     model, tokenizer = fast_smollm
     path = tmp_path / "doc.safetensors"
     cp.cache_document(model, tokenizer, text[:500], path, kv=dict(kv_bits=8), progress=None)
-    r = run("--prompt-cache-file", str(path), "--kv-bits", "8", "--max-tokens", "6")
+    r = run("--prompt-cache-file", str(path), "--max-tokens", "6")  # the file's 8-bit config
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() and "KV cache:" in r.stderr
-    r = run("--prompt-cache-file", str(path), "--max-tokens", "6")  # 4-bit flags: another config
-    assert r.returncode != 0 and "KV cache config" in r.stderr and "Traceback" not in r.stderr
+    r = run("--prompt-cache-file", str(path), "--kv-bits", "4", "--max-tokens", "6")  # contradicts the file
+    assert r.returncode != 0 and "--kv-bits 4 contradicts" in r.stderr and "Traceback" not in r.stderr
 
 
 @pytest.mark.parametrize(
