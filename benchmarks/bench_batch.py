@@ -175,15 +175,15 @@ def json_rows(rows, weights, dtype):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--prompts", type=int, default=200)
-    p.add_argument("--max-tokens", type=int, default=8)
+    p.add_argument("--prompts", type=int, default=200, help="prompts generated at once (default: 200)")
+    p.add_argument("--max-tokens", type=int, default=8, help="tokens generated per prompt (default: 8)")
     p.add_argument("--configs", default="fp16,8,4,2,2w0", help="fp16, bits, or bits + w + recent window (2w0)")
     p.add_argument("--check-prompts", type=int, default=64, help="prompts of the 4-bit vs fp16 check (0: skip)")
     p.add_argument("--prompt-tokens", type=int, default=0, metavar="N",
                    help="prompts of N tokens of the novel plus an instruction (default 0: short sentences)")
     p.add_argument("--verify", type=int, default=0, metavar="K",
                    help="check the first K prompts of each config against running them alone")
-    p.add_argument("--dtype", choices=["auto", "model", "float32"], default="auto")
+    p.add_argument("--dtype", choices=["auto", "model", "float32"], default="auto", help="compute dtype (as the commands' --dtype)")
     p.add_argument("--json", metavar="PATH", help="also write the rows (a list of dicts, bytes and seconds) to PATH")
     args = p.parse_args()
     model, tokenizer = load(None)

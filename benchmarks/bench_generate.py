@@ -93,12 +93,13 @@ def run(model, name, context, new, chunk):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--context", type=int, default=32768)
-    p.add_argument("--new", type=int, default=64)
-    p.add_argument("--chunk", type=int, default=2048)
+    p.add_argument("--context", type=int, default=32768, help="prompt tokens (default: 32768)")
+    p.add_argument("--new", type=int, default=64, help="tokens decoded after the prompt (default: 64)")
+    p.add_argument("--chunk", type=int, default=2048, help="prefill step in tokens (default: 2048)")
     p.add_argument("--layers", type=int, help="fewer layers for a quick run")
     p.add_argument("--model", help="'embedded' (SmolLM2-135M) or a model path/repo instead of the random 8B shape")
-    p.add_argument("--configs", default="fp16,mlx-lm-8,mlx-lm-4,kvq-8,kvq-4")
+    p.add_argument("--configs", default="fp16,mlx-lm-8,mlx-lm-4,kvq-8,kvq-4",
+                   help="comma list: fp16, mlx-lm-<bits> (mlx-lm's cache), kvq-<bits> (default: %(default)s)")
     p.add_argument("--json", metavar="PATH", help="write the rows and the run's meta data here")
     p.add_argument("--plot", metavar="PATH", help="write a PNG of the --plot-y columns per config here")
     p.add_argument("--plot-y", default="peak_above_weights_gib,kv_gib",

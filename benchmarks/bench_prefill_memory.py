@@ -47,9 +47,9 @@ def measure(fn, repeat=5):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cache", type=int, default=32768)
-    p.add_argument("--chunk", type=int, default=2048)
-    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--cache", type=int, default=32768, help="tokens already in the cache (default: 32768)")
+    p.add_argument("--chunk", type=int, default=2048, help="tokens of the prefill chunk (default: 2048)")
+    p.add_argument("--bits", type=int, default=4, help="KV bits (default: 4)")
     p.add_argument("--json", metavar="PATH", help="write the rows and the run's meta data here")
     p.add_argument("--plot", metavar="PATH", help="write a PNG of the --plot-y column per path here")
     p.add_argument("--plot-y", default="extra_peak_gib", help="columns to plot (default: %(default)s; also median_ms)")

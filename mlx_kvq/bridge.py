@@ -23,7 +23,7 @@ import sys
 import mlx_lm
 import mlx_lm.models.cache as lm_cache
 from mlx_lm.models import llama  # noqa: F401  (the GGUF loader builds this architecture)
-from mlx_lm.sample_utils import make_sampler  # noqa: F401
+from mlx_lm.sample_utils import make_logits_processors, make_sampler  # noqa: F401
 from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, TokenizerWrapper  # noqa: F401
 
 from .attention import quantized_sdpa

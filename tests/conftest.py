@@ -33,13 +33,27 @@ def fast_smollm(smollm_path):
 @pytest.fixture(scope="session")
 def emu(tmp_path_factory):
     """The CPU emulator of the kernels' Metal execution model, as a kernel launcher."""
-    if shutil.which(os.environ.get("CXX", "g++")) is None:
-        pytest.skip("no C++ compiler for the emulator")
+    compiler = os.environ.get("CXX", "g++")
+    if shutil.which(compiler) is None:
+        if os.environ.get("MLX_KVQ_SKIP_EMULATOR"):
+            pytest.skip(f"MLX_KVQ_SKIP_EMULATOR is set and there is no C++ compiler ({compiler})")
+        pytest.fail(f"no C++ compiler ({compiler}) to build the kernel emulator, which ~114 kernel tests "
+                    "run on: install g++ (sudo apt-get install g++), set CXX, or set MLX_KVQ_SKIP_EMULATOR=1 "
+                    "to skip them", pytrace=False)
     from emulator.emu import EmuLauncher
 
     # pad_strides: attention inputs arrive as strided views into larger garbage-
     # filled buffers, as slices of a preallocated cache would
     return EmuLauncher(tmp_path_factory.mktemp("kvq_emu"), pad_strides=True)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Say loudly when the kernel tests were skipped for want of the emulator."""
+    skipped = [r for r in terminalreporter.stats.get("skipped", []) if "MLX_KVQ_SKIP_EMULATOR" in str(r.longrepr)]
+    if skipped:
+        terminalreporter.write_line(
+            f"WARNING: {len(skipped)} kernel tests were SKIPPED: no C++ compiler for the emulator "
+            "(MLX_KVQ_SKIP_EMULATOR=1)", red=True, bold=True)
 
 
 @pytest.fixture

@@ -92,8 +92,8 @@ def run(name, args=()):
     saved_argv, saved_path = sys.argv, sys.path[:]
     try:
         if spec is not None:
-            sys.argv = [spec.origin or full, *args]
-            runpy.run_module(full, run_name="__main__", alter_sys=True)
+            sys.argv = [f"{PROG} {name}", *args]  # argparse's usage line names the command, not the file
+            runpy.run_module(full, run_name="__main__")
         else:
             path = _script_in_checkout(module)
             if path is None:
@@ -101,7 +101,7 @@ def run(name, args=()):
                     f"{full} is not installed and no benchmarks/{module}.py was found next to the "
                     f"package; reinstall mlx-kvq (pip install -e . in the repository)")
             # as `python3 benchmarks/<module>.py` would: the script's folder first on sys.path
-            sys.argv = [str(path), *args]
+            sys.argv = [f"{PROG} {name}", *args]
             sys.path.insert(0, str(path.parent))
             runpy.run_path(str(path), run_name="__main__")
     finally:
@@ -121,8 +121,24 @@ def main(argv=None):
         close = difflib.get_close_matches(name, list(BENCHMARKS), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         return _fail(f"unknown benchmark {name!r} (choose from {', '.join(BENCHMARKS)}){hint}")
+    helping = any(a in ("-h", "--help") for a in rest)
+    if not helping and not _on_gpu():
+        if name == "attention" and "--emu" not in rest:
+            return _fail("bench attention times and checks the GPU kernels, and MLX computes on the CPU here; "
+                         "'mlx_kvq.bench attention --check --emu' runs the check on the CPU under the kernel "
+                         "emulator (needs g++)")
+        if name in ("generate", "prefill-memory"):
+            print(f"{PROG}: note: on the CPU the default (Llama-3-8B-shaped, 32k-token) run takes tens of minutes; "
+                  f"for a short run: '{PROG} generate --model embedded --context 1024 --new 16'",
+                  file=sys.stderr)
     run(name, rest)
     return 0
+
+
+def _on_gpu():
+    from .. import kernels
+
+    return kernels.backend_name() is not None and kernels.on_gpu()
 
 
 if __name__ == "__main__":

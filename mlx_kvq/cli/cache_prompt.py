@@ -1,52 +1,77 @@
 """``mlx_kvq.cache_prompt``: prefill a document once, save its quantized cache, ask later.
 
     mlx_kvq.cache_prompt contract.txt --prompt-cache-file contract.safetensors
+    mlx_kvq.cache_prompt --prompt "$(cat contract.txt)" --prompt-cache-file contract.safetensors
     mlx_kvq.generate --prompt-cache-file contract.safetensors -p "Who pays the deposit?"
     mlx_kvq.summarize --prompt-cache-file contract.safetensors
 
 The prompt convention is ``mlx_kvq.generation.documents``'s.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
 import mlx.core as mx
 
 from ..generation.documents import cache_document, document_tokens, read_document
-from ..models import context_length, load, prepare_model
-from .args import add_dtype_argument, add_kv_arguments, cache_kwargs, check_kv, command_parser
-from .report import cache_report
+from ..models import context_length, prepare_model
+from .args import (add_dtype_argument, add_kv_arguments, add_model_arguments, add_prefill_step_argument, cache_kwargs,
+                   check_kv, command_parser, load_model)
+from .report import cache_report, mb
 
 EXAMPLES = """examples:
   mlx_kvq.cache_prompt report.md --prompt-cache-file report.safetensors
   mlx_kvq.cache_prompt contract.pdf --prompt-cache-file c.safetensors --kv-bits 8
-  cat notes.txt | mlx_kvq.cache_prompt - --prompt-cache-file notes.safetensors
+  mlx_kvq.cache_prompt --prompt "$(cat notes.txt)" --prompt-cache-file notes.safetensors
+  cat notes.txt | mlx_kvq.cache_prompt --prompt - --prompt-cache-file notes.safetensors
   mlx_kvq.generate --prompt-cache-file report.safetensors -p "What are the key dates?"
 """
 
 
 # -- CLI --------------------------------------------------------------------------
 def setup_arg_parser():
-    p = command_parser("mlx_kvq.cache_prompt", "Prefill a document once and save its quantized KV cache for later questions.", EXAMPLES)
-    p.add_argument("document", help=".txt/.md file, .pdf (needs pypdf), or - for stdin")
-    p.add_argument("--prompt-cache-file", required=True, help="the .safetensors file to write")
-    p.add_argument("--model", help="local path, Hugging Face repo or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    p = command_parser("mlx_kvq.cache_prompt", "Prefill a document once and save its quantized KV cache for later "
+                       "questions (mlx_lm.cache_prompt's flags, plus the KV cache flags).", EXAMPLES)
+    p.add_argument("document", nargs="?", help=".txt/.md file, .pdf (needs pypdf), or - for stdin "
+                   "(or give the text with --prompt)")
+    p.add_argument("--prompt", "-p", help="the document's text, or - to read it from stdin (as mlx_lm.cache_prompt)")
+    p.add_argument("--prompt-cache-file", required=True,
+                   help="the .safetensors file to write (.safetensors is added when missing)")
+    add_model_arguments(p, eos_flag="--eos-token")
     p.add_argument("--system-prompt", help="system prompt for the chat template")
-    p.add_argument("--prefill-step", type=int, default=512, help="tokens per prefill step (default: 512)")
+    add_prefill_step_argument(p, 512)
     add_dtype_argument(p)
     add_kv_arguments(p)
     return p
 
 
+def output_path(text):
+    """The file mlx-lm writes for ``text`` (it adds .safetensors), checked before the prefill."""
+    path = Path(text).expanduser()
+    if path.is_dir():
+        raise ValueError(f"--prompt-cache-file {text} is a directory; give a file name such as {path / 'doc.safetensors'}.")
+    if path.suffix != ".safetensors":
+        path = path.with_name(path.name + ".safetensors")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"--prompt-cache-file {text}: the directory {path.parent} does not exist.")
+    return path
+
+
 def main(argv=None):
-    args = setup_arg_parser().parse_args(argv)
+    parser = setup_arg_parser()
+    args = parser.parse_args(argv)
+    if (args.document is None) == (args.prompt is None):
+        parser.error("give a document file or --prompt (one of them)")
     try:
-        if args.prefill_step < 1:
-            raise ValueError("--prefill-step must be at least 1.")
         kv = check_kv(cache_kwargs(args))
-        document = read_document(args.document)
-        model, tokenizer = load(args.model)
+        path = output_path(args.prompt_cache_file)
+        if args.prompt is not None:
+            document = (sys.stdin.read() if args.prompt == "-" else args.prompt).strip()
+            if not document:
+                raise ValueError("The prompt is empty.")
+        else:
+            document = read_document(args.document)
+        model, tokenizer = load_model(args)
         prepare_model(model, args.dtype)
         tokens, _ = document_tokens(tokenizer, document, args.system_prompt)
         limit = context_length(model)
@@ -56,14 +81,13 @@ def main(argv=None):
                 "Use mlx_kvq.summarize, which splits long documents, or a shorter document."
             )
         cache = cache_document(
-            model, tokenizer, document, args.prompt_cache_file, model_name=args.model,
+            model, tokenizer, document, path, model_name=args.model,
             system_prompt=args.system_prompt, kv=kv, prefill_step=args.prefill_step,
-            source=args.document,
+            source=args.document or "--prompt",
         )
     except (ValueError, FileNotFoundError, RuntimeError, ImportError, OSError) as e:
         sys.exit(f"mlx_kvq.cache_prompt: error: {e}")
-    size = Path(args.prompt_cache_file).stat().st_size
-    print(f"Saved {len(tokens)} tokens to {args.prompt_cache_file} ({size / 2**20:.2f} MiB)")
+    print(f"Saved {len(tokens)} tokens to {path} ({mb(path.stat().st_size)})")
     print(f"Peak memory: {mx.get_peak_memory() / 1e9:.3f} GB")
     print(cache_report(cache))
 

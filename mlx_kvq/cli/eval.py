@@ -12,6 +12,7 @@ import sys
 
 import mlx.core as mx
 
+from .._blas import missing_warning
 from ..eval.configs import CONFIG_HELP, ConfigError, parse_config
 from ..eval.fidelity import _progress, evaluate
 from ..eval.needle import NEEDLE, NEEDLE_DEPTHS, NEEDLE_MAX_TOKENS, needle_baseline_misses, needle_test
@@ -72,10 +73,11 @@ def build_parser():
                    "to a chunk's own tokens unquantized, so smaller chunks are closer to decoding")
     p.add_argument("--configs", nargs="+", type=_config_arg, default=DEFAULT_CONFIGS,
                    metavar="CONFIG", help=f"cache configs (default: {' '.join(DEFAULT_CONFIGS)})")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16", "model"],
+    p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16", "model"],
                    default="float32",
-                   help="run the model in this dtype (default float32: dequantized weights, "
-                   "fast on CPU); KV bytes are counted at 2 bytes per float either way")
+                   help="run the model in this dtype (default float32: dequantized weights, fast on CPU; "
+                   "auto: float32 on the CPU, the model's own on a GPU); "
+                   "KV bytes are counted at 2 bytes per float either way")
     p.add_argument("--needle", action="store_true", help="also run the needle-in-a-haystack test")
     p.add_argument("--needle-tokens", type=_positive, default=2048,
                    help="haystack length in tokens (default 2048); cut so that the prompt and "
@@ -94,7 +96,12 @@ def build_parser():
 
 def load_model(path, dtype="float32"):
     """Load a model and tokenizer with ``mlx_kvq.models.load`` and set its dtype."""
+    warning = missing_warning()
+    if warning:
+        print(warning, file=sys.stderr)
     model, tokenizer = load(path)
+    if dtype == "auto":  # as the other commands: float32 on the CPU, the model's own on a GPU
+        dtype = "float32" if mx.default_device() == mx.cpu else "model"
     if dtype == "float32":
         to_fp32(model)
     elif dtype in ("float16", "bfloat16"):
@@ -153,6 +160,11 @@ def _run(args, model, tokenizer, progress):
         print(f"{result['model']} | {os.path.basename(args.text)} | {result['tokens']} tokens | "
               f"chunk {args.chunk} | {args.dtype} | {result['device']}")
         print(format_table(rows, needle_rows))
+        if result["tokens"] <= args.chunk:
+            print(f"warning: no token attended to a quantized key or value: the {result['tokens']} tokens fit in one "
+                  f"--chunk of {args.chunk}, and a chunk attends to its own tokens unquantized, so the rows above "
+                  "measure the unquantized cache (bytes/token included); use more --tokens than --chunk "
+                  "(e.g. --tokens 4096 --chunk 512)")
     if needle_rows:
         for r in needle_rows:
             marks = " ".join(

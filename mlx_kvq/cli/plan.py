@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from ..models.memory import BITS, kv_bytes, label, load_spec, machine_memory, max_context, parse_size, plan
-from .args import command_parser
+from .args import command_parser, ranged
 
 EXAMPLES = """examples:
   mlx_kvq.plan                                       # embedded SmolLM2, this machine's RAM
@@ -34,14 +34,14 @@ def format_table(spec, rows, memory, context=None, reserve=0):
         lines.append(f"{'cache':<6} {'KV/token':>10} {'KV at ' + str(context):>16} {'with weights':>14}  fits")
         for r in rows:
             lines.append(
-                f"{r['cache']:<6} {r['bytes_per_token'] / 1024:>8.1f}KB {gb(r['kv_bytes']):>16} "
+                f"{r['cache']:<6} {r['bytes_per_token'] / 1e3:>8.1f}kB {gb(r['kv_bytes']):>16} "
                 f"{gb(r['total_bytes']):>14}  {'yes' if r['fits'] else 'no'}"
             )
     else:
         lines.append(f"{'cache':<6} {'KV/token':>10} {'longest context':>16} {'usable (model max)':>19}")
         for r in rows:
             lines.append(
-                f"{r['cache']:<6} {r['bytes_per_token'] / 1024:>8.1f}KB {r['max_context']:>16,} "
+                f"{r['cache']:<6} {r['bytes_per_token'] / 1e3:>8.1f}kB {r['max_context']:>16,} "
                 f"{r['usable_context']:>19,}"
             )
     return "\n".join(lines)
@@ -81,13 +81,20 @@ def _size(text):
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _budget(text):
+    size = _size(text)
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"a memory budget must be positive, got {text!r}")
+    return size
+
+
 def setup_arg_parser():
     p = command_parser("mlx_kvq.plan", "The longest context that fits in memory for fp16, 8, 4, 3 and 2-bit KV caches "
         "(weights included), or the memory a given context takes.", EXAMPLES)
     p.add_argument("--model", help="model directory, config.json, .gguf file or Hugging Face repo (default: embedded SmolLM2)")
-    p.add_argument("--memory", type=_size, help="memory budget, e.g. 16GB (default: this machine's RAM)")
+    p.add_argument("--memory", type=_budget, help="memory budget with its unit: 16GB (10^9 bytes) or 16GiB (2^30) (default: this machine's RAM)")
     p.add_argument("--reserve", type=_size, default=0, help="memory kept for everything else, e.g. 2GB (default: 0)")
-    p.add_argument("--context", type=int, help="report the memory this many tokens take instead")
+    p.add_argument("--context", type=ranged(int, 1), help="report the memory this many tokens take instead")
     p.add_argument("--plot", metavar="PNG", help="also plot memory against context to this PNG file")
     return p
 
@@ -95,8 +102,6 @@ def setup_arg_parser():
 def main(argv=None):
     args = setup_arg_parser().parse_args(argv)
     try:
-        if args.context is not None and args.context < 1:
-            raise ValueError("--context must be at least 1.")
         spec = load_spec(args.model)
         memory = args.memory or machine_memory()
         rows = plan(spec, memory, args.context, args.reserve)

@@ -28,15 +28,28 @@ def read_document(path):
         text = sys.stdin.read()
     else:
         path = Path(path)
+        if path.is_dir():
+            raise ValueError(f"The document {path} is a directory; give a .txt, .md or .pdf file.")
         if not path.is_file():
             raise FileNotFoundError(f"Document not found: {path}")
         if path.suffix.lower() == ".pdf":
             text = _read_pdf(path)
         else:
-            text = path.read_text(encoding="utf-8", errors="replace")
+            text = _read_text(path)
     if not text.strip():
         raise ValueError(f"The document {path} is empty.")
     return text.strip()
+
+
+def _read_text(path):
+    """A text file's text; a binary file (NUL bytes, or mostly not UTF-8) is a ``ValueError``."""
+    data = path.read_bytes()
+    head = data[:65536]
+    text = data.decode("utf-8", errors="replace")
+    bad = head.decode("utf-8", errors="replace").count("\ufffd")
+    if b"\0" in head or bad * 10 > len(head):
+        raise ValueError(f"The document {path} is a binary file, not text; give a .txt, .md or .pdf file.")
+    return text
 
 
 def _read_pdf(path):

@@ -29,10 +29,10 @@ class Progress:
         frac = done / max(1, self.total)
         bar = "#" * int(frac * self.width)
         tps = done / max(1e-9, time.perf_counter() - self.start)
-        mem = mx.get_active_memory() / 2**30
+        mem = mx.get_active_memory() / 1e9
         self.stream.write(
             f"\r{self.label} [{bar:<{self.width}}] {done}/{self.total} tokens "
-            f"{tps:7.1f} tok/s  memory {mem:.2f} GiB"
+            f"{tps:7.1f} tok/s  memory {mem:.2f} GB"
         )
         if done >= self.total:
             self.stream.write("\n")

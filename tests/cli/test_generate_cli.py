@@ -24,7 +24,7 @@ def test_cli_answers_and_reports_memory(smollm_path):
     assert "Paris" in r.stdout
     for field in ("Prompt:", "tokens-per-sec", "Generation:", "Peak memory:", "KV cache:", "would take"):
         assert field in r.stdout
-    ratio = float(r.stdout.split("MiB = ")[1].split("x")[0])
+    ratio = float(r.stdout.split("MB = ")[1].split("x")[0])
     assert ratio < 0.5
 
 
@@ -65,7 +65,7 @@ def test_bad_kv_flags_and_a_missing_cache_file_fail_before_the_model_loads(monke
     def no_load(*a, **k):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(generate, "load", no_load)
+    monkeypatch.setattr(generate, "load_model", no_load)
     for argv, named in ((["--kv-bits", "7"], "bits 7"), (["--kv-group-size", "48"], "group size 48"),
                         (["--prompt-cache-file", "/nonexistent/c.safetensors"], "not found")):
         with pytest.raises(SystemExit) as e:

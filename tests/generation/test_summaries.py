@@ -29,7 +29,7 @@ def test_short_document_one_pass_matches_cached(fast_smollm, text, tmp_path):
                      progress=progress)
     assert r.chunks == 1 and r.text.strip()
     bar = progress.getvalue()
-    assert bar.count("\r") >= 3 and "tok/s" in bar and "GiB" in bar  # one update per step
+    assert bar.count("\r") >= 3 and "tok/s" in bar and " GB" in bar  # one update per step
     path = tmp_path / "doc.safetensors"
     cp.cache_document(model, tokenizer, doc, path, kv=dict(kv_bits=4), prefill_step=64, progress=None)
     cached = sm.summarize_cached(model, tokenizer, path, max_tokens=10,
@@ -75,7 +75,7 @@ def test_cli_summarizes_with_progress_and_memory_report(tmp_path, text, smollm_p
     r = run(str(doc), "--max-tokens", "8", "--prefill-step", "64", "--instruction", "Who is Sir Walter?")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip()
-    for field in ("prefill [", "tok/s", "GiB", "Peak memory", "KV cache:", "would take", "fp16 cache"):
+    for field in ("prefill [", "tok/s", " GB", "Peak memory", "Generation:", "KV cache:", "would take", "float16 cache"):
         assert field in r.stderr
 
 
@@ -83,11 +83,11 @@ def test_cli_reuses_a_document_cache(tmp_path, fast_smollm, text):
     model, tokenizer = fast_smollm
     path = tmp_path / "doc.safetensors"
     cp.cache_document(model, tokenizer, text[:500], path, kv=dict(kv_bits=8), progress=None)
-    r = run("--prompt-cache-file", str(path), "--kv-bits", "8", "--max-tokens", "6")
+    r = run("--prompt-cache-file", str(path), "--max-tokens", "6")  # the file's 8-bit config
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() and "KV cache:" in r.stderr
-    r = run("--prompt-cache-file", str(path), "--max-tokens", "6")  # 4-bit flags: another config
-    assert r.returncode != 0 and "KV cache config" in r.stderr and "Traceback" not in r.stderr
+    r = run("--prompt-cache-file", str(path), "--kv-bits", "4", "--max-tokens", "6")  # contradicts the file
+    assert r.returncode != 0 and "--kv-bits 4 contradicts" in r.stderr and "Traceback" not in r.stderr
 
 
 @pytest.mark.parametrize(

@@ -79,7 +79,11 @@ def test_gguf_metadata(smollm_path):
 def test_parse_size():
     assert plan.parse_size("16GB") == 16 * 10**9
     assert plan.parse_size("512MiB") == 512 * 2**20
-    assert plan.parse_size("1e9") == 10**9
+    assert plan.parse_size("1e9B") == 10**9
+    assert plan.parse_size("0GB") == 0
+    for bad in ("16", "1e9", "-1GB", "16XB", "1e99999GB", "GB", "16iB"):
+        with pytest.raises(ValueError, match="memory size"):
+            plan.parse_size(bad)
 
 
 def run(*args, env=None):
