@@ -15,6 +15,7 @@ import mlx.core as mx
 
 from ..generation.documents import cache_document, document_tokens, read_document
 from ..models import context_length, load, prepare_model
+from .distributed import add_distributed_arguments, load_model, log, own_cache_file, rank_report
 from .args import add_dtype_argument, add_kv_arguments, cache_kwargs, check_kv, command_parser
 from .report import cache_report
 
@@ -36,6 +37,7 @@ def setup_arg_parser():
     p.add_argument("--prefill-step", type=int, default=512, help="tokens per prefill step (default: 512)")
     add_dtype_argument(p)
     add_kv_arguments(p)
+    add_distributed_arguments(p)
     return p
 
 
@@ -46,7 +48,7 @@ def main(argv=None):
             raise ValueError("--prefill-step must be at least 1.")
         kv = check_kv(cache_kwargs(args))
         document = read_document(args.document)
-        model, tokenizer = load(args.model)
+        model, tokenizer = load_model(args, load)
         prepare_model(model, args.dtype)
         tokens, _ = document_tokens(tokenizer, document, args.system_prompt)
         limit = context_length(model)
@@ -58,14 +60,18 @@ def main(argv=None):
         cache = cache_document(
             model, tokenizer, document, args.prompt_cache_file, model_name=args.model,
             system_prompt=args.system_prompt, kv=kv, prefill_step=args.prefill_step,
-            source=args.document,
+            source=args.document, progress=log(),
         )
     except (ValueError, FileNotFoundError, RuntimeError, ImportError, OSError) as e:
         sys.exit(f"mlx_kvq.cache_prompt: error: {e}")
-    size = Path(args.prompt_cache_file).stat().st_size
-    print(f"Saved {len(tokens)} tokens to {args.prompt_cache_file} ({size / 2**20:.2f} MiB)")
+    path = own_cache_file(args.prompt_cache_file)
+    size = Path(path).stat().st_size
+    print(f"Saved {len(tokens)} tokens to {path} ({size / 2**20:.2f} MiB)")
     print(f"Peak memory: {mx.get_peak_memory() / 1e9:.3f} GB")
     print(cache_report(cache))
+    ranks = rank_report(cache)
+    if ranks:
+        print(ranks)
 
 
 if __name__ == "__main__":

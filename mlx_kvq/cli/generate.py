@@ -13,6 +13,7 @@ import mlx.core as mx
 from ..bridge import make_sampler, stream_generate
 from ..generation import build_cache, continuation_tokens, encode_prompt, load_document_cache
 from ..models import load
+from .distributed import add_distributed_arguments, load_model, rank_report, seed, world
 from .args import add_kv_arguments, cache_kwargs, check_kv, command_parser, expected_config, ranged
 from .report import cache_report
 
@@ -21,6 +22,7 @@ EXAMPLES = """examples:
   mlx_kvq.generate -p "Hi" --k-bits 8 --v-bits 4             # 8-bit keys, 4-bit values
   mlx_kvq.generate --model mlx-community/Llama-3.2-3B-Instruct-4bit -p - < prompt.txt
   mlx_kvq.generate --prompt-cache-file doc.safetensors -p "Who signs the contract?"
+  mlx.launch -n 2 --backend ring -- python -m mlx_kvq.cli.generate --model DIR -p "Hi"   # 2 processes
 """
 
 
@@ -44,6 +46,7 @@ def setup_arg_parser():
     p.add_argument("--prompt-cache-file", help="a cache file from mlx_kvq.cache_prompt: the prompt continues it")
     p.add_argument("--verbose", action="store_true", help="print the prompt and the cache config")
     add_kv_arguments(p)
+    add_distributed_arguments(p)
     return p
 
 
@@ -51,14 +54,14 @@ def main(argv=None):
     args = setup_arg_parser().parse_args(argv)
     try:
         kwargs = check_kv(cache_kwargs(args))  # the flags and the file before the model loads
-        if args.prompt_cache_file and not os.path.isfile(args.prompt_cache_file):
+        one = world()[1] == 1  # under mlx.launch each rank has its file: load_document_cache checks it
+        if args.prompt_cache_file and one and not os.path.isfile(args.prompt_cache_file):
             raise FileNotFoundError(f"Prompt cache file not found: {args.prompt_cache_file}")
         prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
         if not prompt.strip():
             raise ValueError("The prompt is empty.")
-        if args.seed is not None:
-            mx.random.seed(args.seed)
-        model, tokenizer = load(args.model)
+        seed(args.seed)
+        model, tokenizer = load_model(args, load)
         expect = expected_config(model, kwargs)
         meta = None
         if args.prompt_cache_file:
@@ -88,6 +91,9 @@ def main(argv=None):
         print(f"Generation: {response.generation_tokens} tokens, {response.generation_tps:.3f} tokens-per-sec")
         print(f"Peak memory: {response.peak_memory:.3f} GB")
     print(cache_report(cache))
+    ranks = rank_report(cache)
+    if ranks:
+        print(ranks)
 
 
 if __name__ == "__main__":

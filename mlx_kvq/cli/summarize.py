@@ -16,6 +16,7 @@ import mlx.core as mx
 from ..generation.documents import read_document
 from ..generation.summaries import INSTRUCTION, summarize, summarize_cached
 from ..models import load, prepare_model
+from .distributed import add_distributed_arguments, load_model, log, rank_report
 from .args import add_dtype_argument, add_kv_arguments, cache_kwargs, check_kv, command_parser, expected_config
 from .report import cache_report, fp16_nbytes
 
@@ -40,6 +41,7 @@ def setup_arg_parser():
     p.add_argument("--context", type=int, help="token budget per pass (default: the model's context length)")
     add_dtype_argument(p)
     add_kv_arguments(p)
+    add_distributed_arguments(p)
     return p
 
 
@@ -54,7 +56,7 @@ def main(argv=None):
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1.")
         kv = check_kv(cache_kwargs(args))
         document = read_document(args.document) if args.document else None
-        model, tokenizer = load(args.model)
+        model, tokenizer = load_model(args, load)
         prepare_model(model, args.dtype)
         if document is None:
             expect = expected_config(model, kv)
@@ -64,17 +66,23 @@ def main(argv=None):
             expected_config(model, kv)  # check the KV flags before the long prefill
             result = summarize(model, tokenizer, document, args.instruction,
                                max_tokens=args.max_tokens, kv=kv, prefill_step=args.prefill_step,
-                               context=args.context, progress=sys.stderr, out=sys.stdout)
+                               context=args.context, progress=log(), out=sys.stdout)
     except (ValueError, FileNotFoundError, RuntimeError, ImportError, OSError) as e:
         sys.exit(f"mlx_kvq.summarize: error: {e}")
-    print("=" * 10, file=sys.stderr)
+    ranks = rank_report(result.cache)  # every rank takes part
+    out = log()
+    if out is None:
+        return
+    print("=" * 10, file=out)
     passes = f" in {result.chunks} parts + a combining pass" if result.chunks > 1 else ""
-    print(f"Document: {result.prompt_tokens} tokens{passes}", file=sys.stderr)
-    print(f"Peak memory: {mx.get_peak_memory() / 1e9:.3f} GB", file=sys.stderr)
-    print(cache_report(result.cache), file=sys.stderr)
+    print(f"Document: {result.prompt_tokens} tokens{passes}", file=out)
+    print(f"Peak memory: {mx.get_peak_memory() / 1e9:.3f} GB", file=out)
+    print(cache_report(result.cache), file=out)
+    if ranks:
+        print(ranks, file=out)
     fp16 = fp16_nbytes(result.cache)
     if fp16:
-        print(f"(an fp16 cache would take {fp16 / 2**20:.2f} MiB for the same tokens)", file=sys.stderr)
+        print(f"(an fp16 cache would take {fp16 / 2**20:.2f} MiB for the same tokens)", file=out)
 
 
 if __name__ == "__main__":

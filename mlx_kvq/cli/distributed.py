@@ -1,0 +1,69 @@
+"""The commands under ``mlx.launch``: ``--pipeline`` (mlx-lm's flag), loading this rank's
+share of the model, rank 0 alone printing, and the KV bytes of every rank.
+
+    mlx.launch -n 2 --backend ring -- -m mlx_kvq.generate --model DIR -p "Hi"
+"""
+
+import os
+import sys
+
+import mlx.core as mx
+
+from ..generation.distributed import kv_bytes_by_rank, rank_file
+from ..models import load, load_sharded
+
+
+def add_distributed_arguments(parser):
+    parser.add_argument(
+        "--pipeline", action="store_true",
+        help="under mlx.launch: give each rank a slice of the layers (pipeline parallel) "
+        "instead of a share of every layer's heads (tensor parallel, the default)")
+
+
+def world():
+    """``(rank, size)`` of this process (``(0, 1)`` outside mlx.launch)."""
+    group = mx.distributed.init()
+    return group.rank(), group.size()
+
+
+def seed(value=None):
+    """Seed the sampler, with one seed for all ranks (rank 0's when ``value`` is None):
+    every rank samples the next token itself and they must agree."""
+    rank, size = world()
+    if size > 1 and value is None:
+        mine = int(mx.random.randint(0, 1 << 30, ()).item()) if rank == 0 else 0
+        value = int(mx.distributed.all_sum(mx.array(mine), stream=mx.cpu).item())
+    if value is not None:
+        mx.random.seed(value)
+
+
+def load_model(args, load_one=load):
+    """``(model, tokenizer)``: the whole model (``load_one(args.model)``), or this rank's
+    share under mlx.launch. Ranks other than 0 print nothing on stdout."""
+    rank, size = world()
+    if size == 1:
+        return load_one(args.model)
+    if rank:
+        sys.stdout = open(os.devnull, "w")
+    return load_sharded(args.model, "pipeline" if args.pipeline else "tensor")
+
+
+def log():
+    """Where progress and reports go: stderr on rank 0, nowhere on the others."""
+    return sys.stderr if world()[0] == 0 else None
+
+
+def own_cache_file(path):
+    """This rank's prompt-cache file for ``path`` (``path`` outside mlx.launch)."""
+    rank, size = world()
+    return rank_file(path, rank, size)
+
+
+def rank_report(cache):
+    """A line with every rank's KV bytes and their total ('' for one process); a
+    collective: every rank calls it."""
+    per_rank = kv_bytes_by_rank(cache)
+    if len(per_rank) == 1:
+        return ""
+    mib = ", ".join(f"{b / 2**20:.2f}" for b in per_rank)
+    return f"KV cache per rank: {mib} MiB; total {sum(per_rank) / 2**20:.2f} MiB over {len(per_rank)} ranks"
