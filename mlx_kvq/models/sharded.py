@@ -15,7 +15,7 @@ from .embedded import default_model_path
 from .gguf import is_gguf, load_gguf
 
 MODES = ("tensor", "pipeline")
-_ATTR = "mlx_kvq_sharding"  # (mode, rank, size) on a model split by ``load_sharded``
+_ATTR = "mlx_kvq_sharding"  # "mode rank size" on a model split by ``load_sharded``
 
 
 def load_sharded(path_or_repo=None, mode="tensor", group=None):
@@ -33,7 +33,7 @@ def load_sharded(path_or_repo=None, mode="tensor", group=None):
             model, tokenizer = sharded_load(str(path_or_repo), **groups)
         except ValueError as e:
             raise ValueError(f"cannot split {path_or_repo} over {group.size()} ranks ({mode} parallel): {e}") from None
-    setattr(model, _ATTR, (mode, group.rank(), group.size()))
+    mark_sharded(model, mode, group.rank(), group.size())
     return model, tokenizer
 
 
@@ -54,7 +54,14 @@ def _load_gguf_sharded(path, mode, group):
     return model, tokenizer
 
 
+def mark_sharded(model, mode, rank, size):
+    """Record that ``model`` is rank ``rank``'s share of ``size`` (``mode`` parallel)."""
+    # a string: an nn.Module keeps tuples among its children
+    object.__setattr__(model, _ATTR, f"{mode} {rank} {size}")
+    return model
+
+
 def sharding(model):
     """``{"sharding": tensor|pipeline|none, "rank": r, "world_size": n}`` of a loaded model."""
-    mode, rank, size = getattr(model, _ATTR, ("none", 0, 1))
-    return {"sharding": mode, "rank": rank, "world_size": size}
+    mode, rank, size = getattr(model, _ATTR, "none 0 1").split()
+    return {"sharding": mode, "rank": int(rank), "world_size": int(size)}
