@@ -11,7 +11,7 @@ import sys
 import mlx.core as mx
 
 from ..bridge import make_sampler, stream_generate
-from ..generation import build_cache, continuation_tokens, encode_prompt, load_document_cache
+from ..generation import build_cache, continuation_tokens, encode_prompt, load_document_cache, rank_files
 from ..models import load
 from .distributed import add_distributed_arguments, load_model, rank_report, seed, world
 from .args import add_kv_arguments, cache_kwargs, check_kv, command_parser, expected_config, ranged
@@ -56,7 +56,9 @@ def main(argv=None):
         kwargs = check_kv(cache_kwargs(args))  # the flags and the file before the model loads
         one = world()[1] == 1  # under mlx.launch each rank has its file: load_document_cache checks it
         if args.prompt_cache_file and one and not os.path.isfile(args.prompt_cache_file):
-            raise FileNotFoundError(f"Prompt cache file not found: {args.prompt_cache_file}")
+            ranks = rank_files(args.prompt_cache_file)
+            made = f" (found {', '.join(ranks)}: run under mlx.launch as they were made)" if ranks else ""
+            raise FileNotFoundError(f"Prompt cache file not found: {args.prompt_cache_file}{made}")
         prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
         if not prompt.strip():
             raise ValueError("The prompt is empty.")

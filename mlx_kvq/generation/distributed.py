@@ -11,6 +11,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from ..bridge import generation_stream
 from ..models.sharded import sharding
 
 
@@ -48,7 +49,7 @@ def missing_rank_file(path, model):
     """A clear error for a prompt-cache ``path`` this run has no file for: it names the
     files that exist for other splits."""
     p = Path(path)
-    found = sorted(str(f.name) for f in p.parent.glob(f"{p.stem}.rank*-of-*{p.suffix}"))
+    found = rank_files(path)
     if p.is_file():
         found.insert(0, p.name)
     wanted = Path(rank_path(path, model)).name
@@ -57,6 +58,12 @@ def missing_rank_file(path, model):
     return ValueError(
         f"{path}: this run ({_describe(shard_metadata(model))}) reads {wanted}, which does not exist; "
         f"found {', '.join(found)}. Load it with the number of processes and sharding it was made with.")
+
+
+def rank_files(path):
+    """The names of the per-rank files that exist for a prompt-cache ``path``."""
+    p = Path(path)
+    return sorted(f.name for f in p.parent.glob(f"{p.stem}.rank*-of-*{p.suffix}"))
 
 
 def _describe(s):
@@ -69,6 +76,8 @@ def kv_bytes_by_rank(cache, group=None):
     """Bytes every rank's cache uses for its tokens, as a list indexed by rank (all ranks
     must call it: it is a collective)."""
     group = group or mx.distributed.init()
+    # mlx-lm computes a step ahead: it must finish on every rank before this collective
+    mx.synchronize(generation_stream)
     used = sum(c.used_nbytes() if hasattr(c, "used_nbytes") else int(getattr(c, "nbytes", 0)) for c in cache)
     if group.size() == 1:
         return [used]
