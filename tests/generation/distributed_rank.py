@@ -4,8 +4,8 @@ distributed_rank.py OUT [SPLIT ...]``), and the single-process run it is compare
 Tiny float32 llama and qwen2 models with random weights from a fixed seed; for each KV
 config, 32 greedy tokens after an 80-token prompt prefilled in 32-token steps (so the
 pipeline's sends happen while a prefill step evaluates only the caches' state). Each
-rank writes ``OUT/rank<r>.json``: its tokens, KV bytes and layer count per split
-(``tensor/qwen2``, ``pipeline/qwen2``, ...) and config.
+rank writes ``OUT/rank<r>.json``: its tokens, KV bytes, layer count and every rank's KV
+bytes (``kv_bytes_by_rank``) per split (``tensor/qwen2``, ``pipeline/qwen2``, ...) and config.
 """
 
 import json
@@ -17,6 +17,7 @@ import mlx.core as mx
 from mlx.utils import tree_map
 from mlx_lm.generate import generate_step, generation_stream
 from mlx_lm.models import llama, qwen2
+from mlx_kvq.generation import kv_bytes_by_rank
 
 CONFIGS = {"kv8": {"kv_bits": 8}, "kv4": {"kv_bits": 4}, "kv4-window48": {"kv_bits": 4, "max_kv_size": 48}}
 # split -> the KV configs it runs (mlx-lm's llama has no pipeline split)
@@ -62,7 +63,8 @@ def run(model, configs=tuple(CONFIGS)):
         steps = generate_step(prompt, model, max_tokens=TOKENS, prompt_cache=cache, prefill_step_size=STEP)
         tokens = [int(t) for t, _ in steps]
         mx.synchronize(generation_stream)  # the step computed ahead runs on every rank before the next
-        out[name] = {"tokens": tokens, "kv_bytes": sum(c.used_nbytes() for c in cache), "layers": len(cache)}
+        out[name] = {"tokens": tokens, "kv_bytes": sum(c.used_nbytes() for c in cache), "layers": len(cache),
+                     "kv_bytes_by_rank": kv_bytes_by_rank(cache)}
     return out
 
 

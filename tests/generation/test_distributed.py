@@ -86,6 +86,7 @@ def test_every_rank_generates_the_single_process_tokens(launched, split):
             # tensor: every layer, its share of the heads; pipeline: its layers (2 of 4)
             assert got["layers"] == (alone["layers"] if mode == "tensor" else alone["layers"] // N)
             assert abs(got["kv_bytes"] - alone["kv_bytes"] / N) <= 0.05 * alone["kv_bytes"] / N
+            assert got["kv_bytes_by_rank"] == [r[split][config]["kv_bytes"] for r in launched]
     # the configs differ: the tokens follow the cache
     assert single["kv8"]["tokens"] != single["kv4"]["tokens"]
 
