@@ -14,7 +14,8 @@
   ``merge_mlx_lm_caches``: the mlx-lm cache classes batched generation uses.
 * mlx-lm's generation, sampling, loading, llama model and tokenizer classes, as the
   other modules use them (``stream_generate``, ``make_sampler``, ``load_mlx_lm``,
-  ``llama``, ``TokenizerWrapper``, ``BPEStreamingDetokenizer``).
+  ``llama``, ``TokenizerWrapper``, ``BPEStreamingDetokenizer``, ``sharded_load``,
+  ``generation_stream``).
 """
 
 import os
@@ -25,6 +26,8 @@ import mlx_lm.models.cache as lm_cache
 from mlx_lm.models import llama  # noqa: F401  (the GGUF loader builds this architecture)
 from mlx_lm.sample_utils import make_logits_processors, make_sampler  # noqa: F401
 from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, TokenizerWrapper  # noqa: F401
+from mlx_lm.generate import generation_stream  # noqa: F401
+from mlx_lm.utils import sharded_load  # noqa: F401  (models split over mlx.launch's ranks)
 
 from .attention import quantized_sdpa
 from .cache import KVView, QuantizedKVCache, QuantizedRotatingKVCache, cache_options, whole

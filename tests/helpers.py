@@ -31,8 +31,8 @@ def cache_contents(cache):
     if cache.n_packed:
         n = cache.n_packed
         cut = lambda t: tuple(a[:, :, :n] for a in t)
-        parts_k.append(quant.dequantize(cut(cache.keys), cache.k_bits, cache.group_size, cache.mode, mx.float32))
-        parts_v.append(quant.dequantize(cut(cache.values), cache.v_bits, cache.group_size, cache.mode, mx.float32))
+        parts_k.append(quant.dequantize(cut(cache.packed_keys), cache.k_bits, cache.group_size, cache.mode, mx.float32))
+        parts_v.append(quant.dequantize(cut(cache.packed_values), cache.v_bits, cache.group_size, cache.mode, mx.float32))
     if cache.window_keys is not None:
         parts_k.append(cache.window_keys)
         parts_v.append(cache.window_values)

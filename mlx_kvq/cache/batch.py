@@ -74,6 +74,14 @@ class BatchQuantizedKVCache:
     def keys(self):
         return self.cache.keys
 
+    @keys.setter
+    def keys(self, x):
+        self.cache.keys = x  # mlx-lm's pipeline contract (see ``QuantizedKVCache.keys``)
+
+    @property
+    def state(self):
+        return self.cache.state
+
     @classmethod
     def merge(cls, caches):
         return cls(merge(caches))
@@ -136,7 +144,7 @@ def merge(caches):
         out.sink_keys = cat([c.sink_keys for c in caches])
         out.sink_values = cat([c.sink_values for c in caches])
     if P:
-        for name in ("keys", "values"):
+        for name in ("packed_keys", "packed_values"):
             parts = [
                 _rows(getattr(c, name) or _empty_packed(c, name), c.n_packed, P,
                       lambda a, n=c.n_packed: a[:, :, :n])
@@ -164,7 +172,7 @@ def _like(caches, name):
 
 def _empty_packed(c, name):
     """Zero-token packed arrays for a row that packed nothing yet."""
-    d = c.padded_dim(c.k_dim if name == "keys" else c.v_dim)
-    bits = c.k_bits if name == "keys" else c.v_bits
+    d = c.padded_dim(c.k_dim if name == "packed_keys" else c.v_dim)
+    bits = c.k_bits if name == "packed_keys" else c.v_bits
     x = mx.zeros((1, c.kv_heads, 1, d), c.store_dtype)
     return tuple(a[:, :, :0] for a in fmt.quantize(x, bits, c.group_size, c.mode))

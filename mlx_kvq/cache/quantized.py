@@ -3,7 +3,7 @@
 The tokens of a cache sit in three runs, in order of position:
 
     [0, s)          attention sinks, kept in the model dtype      (``sinks``)
-    [s, s + n)      packed keys and values, preallocated in steps  (``keys``/``values``)
+    [s, s + n)      packed keys and values, preallocated in steps  (``packed_keys``/``packed_values``)
     [s + n, offset) the recent window, kept in the model dtype     (``window``)
 
 New tokens enter the recent window and the tokens that fall out of it are packed and
@@ -88,7 +88,7 @@ class QuantizedKVCache:
         self.offset = 0
         self.n_packed = 0
         self.k_dim = self.v_dim = self.kv_heads = self.dtype = None
-        self.keys = self.values = None
+        self.packed_keys = self.packed_values = None
         self.sink_keys = self.sink_values = None
         self._wk = self._wv = None  # window buffers (B, H, capacity, D)
         self._wn = self._wvn = 0  # tokens in the window (keys, values: set one at a time)
@@ -96,6 +96,7 @@ class QuantizedKVCache:
         # Optional (B,) int array: row b's padding is the ``left_padding[b]`` positions
         # right after the sink run (at the very start when the cache keeps no sinks).
         self.left_padding = None
+        self._after = None  # what ``state`` depends on (see ``keys``)
 
     # -- configuration -------------------------------------------------------
     @property
@@ -270,22 +271,22 @@ class QuantizedKVCache:
 
     def _append_packed(self, keys, values):
         n, m = self.n_packed, keys.shape[2]
-        if self.keys is None or n + m > self.keys[0].shape[2]:
+        if self.packed_keys is None or n + m > self.packed_keys[0].shape[2]:
             pk = fmt.quantize(keys, self.k_bits, self.group_size, self.mode)
             pv = fmt.quantize(values, self.v_bits, self.group_size, self.mode)
             grow = (n + m + self.step - 1) // self.step * self.step - n
-            self.keys = _grow(self.keys, pk, n, grow)
-            self.values = _grow(self.values, pv, n, grow)
-            for buf, new in zip(self.keys + self.values, pk + pv):
+            self.packed_keys = _grow(self.packed_keys, pk, n, grow)
+            self.packed_values = _grow(self.packed_values, pv, n, grow)
+            for buf, new in zip(self.packed_keys + self.packed_values, pk + pv):
                 buf[:, :, n : n + m] = new
             # the copy now, so that the old buffers go now: left in the step's lazy
             # graph, every layer's old and new buffers are alive at once (32 layers,
             # 32k tokens, 4-bit: +1.1 GiB at the step that grows them)
-            eval_now(self.keys, self.values)
+            eval_now(self.packed_keys, self.packed_values)
         else:  # the quantize-append kernel on GPUs (bit-identical to mx.quantize)
             f = dict(group_size=self.group_size, mode=self.mode)
-            self.keys = kernels.quantize_append(keys, self.keys, n, bits=self.k_bits, **f)
-            self.values = kernels.quantize_append(values, self.values, n, bits=self.v_bits, **f)
+            self.packed_keys = kernels.quantize_append(keys, self.packed_keys, n, bits=self.k_bits, **f)
+            self.packed_values = kernels.quantize_append(values, self.packed_values, n, bits=self.v_bits, **f)
         self.n_packed = n + m
 
     def size(self):
@@ -335,7 +336,7 @@ class QuantizedKVCache:
     @property
     def nbytes(self):
         arrays = [self.sink_keys, self.sink_values, self._wk, self._wv]
-        arrays += list(self.keys or ()) + list(self.values or ())
+        arrays += list(self.packed_keys or ()) + list(self.packed_values or ())
         return sum(a.nbytes for a in arrays if a is not None)
 
     def dense_nbytes(self):
@@ -348,24 +349,47 @@ class QuantizedKVCache:
         """Bytes actually used by the tokens held (packed part at its fill)."""
         used = lambda t: sum(a[:, :, : self.n_packed].nbytes for a in t or ())
         dense = [self.sink_keys, self.sink_values, self.window_keys, self.window_values]
-        return used(self.keys) + used(self.values) + sum(a.nbytes for a in dense if a is not None)
+        return used(self.packed_keys) + used(self.packed_values) + sum(a.nbytes for a in dense if a is not None)
+
+    # -- mlx-lm's pipeline contract ---------------------------------------------
+    @property
+    def keys(self):
+        """An array of the cache's state (None while empty; the tokens are held in
+        ``sink_keys``, ``packed_keys`` and ``window_keys``).
+
+        mlx-lm's pipeline-parallel models run ``cache[-1].keys = mx.depends(cache[-1].keys,
+        h)`` on the ranks that send ``h`` on: assigning ``keys`` records the array, and
+        ``state`` depends on it, so evaluating the state (as a prefill step does) sends ``h``.
+        """
+        return self._wk if self._wk is not None else self.sink_keys
+
+    @keys.setter
+    def keys(self, x):
+        if not isinstance(x, mx.array):
+            raise ValueError(
+                "A quantized cache's keys take only an array for its state to depend on "
+                f"(mlx-lm's mx.depends(cache.keys, h)), got {type(x).__name__}.")
+        if self.keys is None:
+            raise ValueError("An empty quantized cache's state holds no array to depend on: update it first.")
+        self._after = x
 
     # -- saving and loading (mlx-lm's save_prompt_cache / load_prompt_cache) --
     @property
     def state(self):
         n = self.n_packed
         cut = lambda t: None if t is None else tuple(a[:, :, :n] for a in t)
-        return (
+        state = (
             json.dumps({"config": self.config, "dims": self._dims(), "steps": self._steps}, sort_keys=True),
             self.offset,
             n,
-            cut(self.keys),
-            cut(self.values),
+            cut(self.packed_keys),
+            cut(self.packed_values),
             self.sink_keys,
             self.sink_values,
             self.window_keys,
             self.window_values,
         )
+        return state if self._after is None else _depending(state, self._after)
 
     @state.setter
     def state(self, v):
@@ -377,8 +401,8 @@ class QuantizedKVCache:
         self._steps = head.get("steps", 0)  # where the decode flush schedule stands
         self.dtype = dtype and getattr(mx, dtype)
         (_, self.offset, self.n_packed, keys, values) = v[:5]
-        self.keys = None if keys is None else tuple(keys)
-        self.values = None if values is None else tuple(values)
+        self.packed_keys = None if keys is None else tuple(keys)
+        self.packed_values = None if values is None else tuple(values)
         self.sink_keys, self.sink_values, self.window_keys, self.window_values = v[5:]
 
     @property
@@ -409,6 +433,20 @@ class QuantizedKVCache:
             obj.flush()
         return obj
 
+
+
+def _depending(state, after):
+    """``state`` with its first array (a run of tokens, or a packed run's first array)
+    made to depend on ``after``."""
+    out = list(state)
+    for i, a in enumerate(out):
+        if isinstance(a, mx.array):
+            out[i] = mx.depends(a, after)
+            return tuple(out)
+        if isinstance(a, tuple) and a:
+            out[i] = (mx.depends(a[0], after),) + a[1:]
+            return tuple(out)
+    return state
 
 
 def _cat(a, b):

@@ -65,8 +65,8 @@ class QuantizedRotatingKVCache(QuantizedKVCache):
             return
         p = min(drop, self.n_packed)
         if p:
-            self.keys = tuple(a[:, :, p:] for a in self.keys)
-            self.values = tuple(a[:, :, p:] for a in self.values)
+            self.packed_keys = tuple(a[:, :, p:] for a in self.packed_keys)
+            self.packed_values = tuple(a[:, :, p:] for a in self.packed_values)
             self.n_packed -= p
         w = drop - p
         if w:

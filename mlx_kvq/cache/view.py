@@ -43,7 +43,7 @@ class KVView:
         self.offset = offset
         self.q_start = offset - query_len
         self.sinks = (cache.sink_keys, cache.sink_values)
-        self.packed = (cache.keys, cache.values, cache.n_packed)
+        self.packed = (cache.packed_keys, cache.packed_values, cache.n_packed)
         # the decode kernel reads the window buffers as they are: slicing costs an op per step
         self.window_buffers = cache.window_buffers()
         self._window = None

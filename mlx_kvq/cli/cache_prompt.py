@@ -16,7 +16,8 @@ import mlx.core as mx
 from ..generation.documents import cache_document, document_tokens, read_document
 from ..models import context_length, prepare_model
 from .args import (add_dtype_argument, add_kv_arguments, add_model_arguments, add_prefill_step_argument, cache_kwargs,
-                   check_kv, command_parser, load_model)
+                   check_kv, command_parser)
+from .distributed import add_distributed_arguments, load_model, log, own_cache_file, rank_report
 from .report import cache_report, mb
 
 EXAMPLES = """examples:
@@ -42,6 +43,7 @@ def setup_arg_parser():
     add_prefill_step_argument(p, 512)
     add_dtype_argument(p)
     add_kv_arguments(p)
+    add_distributed_arguments(p)
     return p
 
 
@@ -83,13 +85,17 @@ def main(argv=None):
         cache = cache_document(
             model, tokenizer, document, path, model_name=args.model,
             system_prompt=args.system_prompt, kv=kv, prefill_step=args.prefill_step,
-            source=args.document or "--prompt",
+            source=args.document or "--prompt", progress=log(),
         )
     except (ValueError, FileNotFoundError, RuntimeError, ImportError, OSError) as e:
         sys.exit(f"mlx_kvq.cache_prompt: error: {e}")
-    print(f"Saved {len(tokens)} tokens to {path} ({mb(path.stat().st_size)})")
+    saved = Path(own_cache_file(path))
+    print(f"Saved {len(tokens)} tokens to {saved} ({mb(saved.stat().st_size)})")
     print(f"Peak memory: {mx.get_peak_memory() / 1e9:.3f} GB")
     print(cache_report(cache))
+    ranks = rank_report(cache)
+    if ranks:
+        print(ranks)
 
 
 if __name__ == "__main__":

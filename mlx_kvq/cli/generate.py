@@ -11,8 +11,9 @@ import mlx.core as mx
 from ..bridge import cache_config, make_sampler, stream_generate
 from ..generation import build_cache, continuation_tokens, encode_prompt, load_document_cache
 from ..models import prepare_model
-from .args import (add_dtype_argument, add_kv_arguments, add_model_arguments, cache_kwargs, check_kv, command_parser, existing_cache_file,
-                   json_object, load_model, prompt_cache_config, ranged, str2bool)
+from .args import (add_dtype_argument, add_kv_arguments, add_model_arguments, cache_kwargs, check_kv, command_parser,
+                   json_object, prompt_cache_config, ranged, str2bool)
+from .distributed import add_distributed_arguments, load_model, own_cache_file, prompt_cache_file, rank_report, seed
 from .report import cache_report
 
 EXAMPLES = """examples:
@@ -58,6 +59,7 @@ def setup_arg_parser():
                    "False: print only the text")
     add_dtype_argument(p)
     add_kv_arguments(p)
+    add_distributed_arguments(p)
     return p
 
 
@@ -68,14 +70,13 @@ def main(argv=None):
         if args.prompt_cache_file:
             if args.draft_model:
                 raise ValueError("--draft-model cannot continue a --prompt-cache-file: the file holds no draft-model cache.")
-            args.prompt_cache_file = existing_cache_file(args.prompt_cache_file)
-            kwargs = prompt_cache_config(args, args.prompt_cache_file)
+            args.prompt_cache_file = prompt_cache_file(args.prompt_cache_file)
+            kwargs = prompt_cache_config(args, own_cache_file(args.prompt_cache_file))
         prompt = args.prompt.replace("\\n", "\n").replace("\\t", "\t")  # mlx-lm's escapes
         prompt = sys.stdin.read() if prompt == "-" else prompt
         if not prompt.strip():
             raise ValueError("The prompt is empty.")
-        if args.seed is not None:
-            mx.random.seed(args.seed)
+        seed(args.seed)
         model, tokenizer = load_model(args)
         prepare_model(model, args.dtype)
         draft = None
@@ -131,6 +132,9 @@ def main(argv=None):
         print(f"Peak memory: {response.peak_memory:.3f} GB")
     print(f"KV cache config: {cache_config(report) or 'unquantized'}")
     print(cache_report(report))
+    ranks = rank_report(report)
+    if ranks:
+        print(ranks)
 
 
 if __name__ == "__main__":

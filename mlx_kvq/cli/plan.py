@@ -3,12 +3,14 @@
     mlx_kvq.plan                                   # the embedded model, this machine's RAM
     mlx_kvq.plan --model mlx-community/Llama-3.2-3B-Instruct-4bit --memory 16GB
     mlx_kvq.plan --model model.gguf --context 32768
+    mlx_kvq.plan --model DIR --ranks 2 --shard pipeline   # per Mac, the model split over 2 (mlx.launch)
 """
 
 import argparse
 import sys
 
-from ..models.memory import BITS, kv_bytes, label, load_spec, machine_memory, max_context, parse_size, plan
+from ..models.memory import (BITS, kv_bytes, label, load_spec, machine_memory, max_context, parse_size, plan,
+                             shard_spec)
 from .args import command_parser, ranged
 
 EXAMPLES = """examples:
@@ -16,6 +18,7 @@ EXAMPLES = """examples:
   mlx_kvq.plan --model mlx-community/Llama-3.2-3B-Instruct-4bit --memory 16GB
   mlx_kvq.plan --model ~/models/gemma-3-4b-it --context 65536
   mlx_kvq.plan --model model.gguf --memory 8GB --plot memory.png
+  mlx_kvq.plan --model ~/models/Qwen2.5-72B-Instruct-4bit --ranks 4 --shard tensor --memory 64GB
 """
 
 
@@ -96,6 +99,12 @@ def setup_arg_parser():
     p.add_argument("--reserve", type=_size, default=0, help="memory kept for everything else, e.g. 2GB (default: 0)")
     p.add_argument("--context", type=ranged(int, 1), help="report the memory this many tokens take instead")
     p.add_argument("--plot", metavar="PNG", help="also plot memory against context to this PNG file")
+    p.add_argument("--ranks", type=ranged(int, 1), default=1,
+                   help="processes (Macs) the model is split over with mlx.launch: the plan is per rank, "
+                   "--memory each one's (default: 1)")
+    p.add_argument("--shard", choices=["tensor", "pipeline"], default="tensor",
+                   help="how --ranks split the model: tensor (each rank a share of every layer's heads, the "
+                   "default) or pipeline (each rank a slice of the layers)")
     return p
 
 
@@ -103,6 +112,8 @@ def main(argv=None):
     args = setup_arg_parser().parse_args(argv)
     try:
         spec = load_spec(args.model)
+        if args.ranks > 1:
+            spec = shard_spec(spec, args.ranks, args.shard)
         memory = args.memory or machine_memory()
         rows = plan(spec, memory, args.context, args.reserve)
         print(format_table(spec, rows, memory, args.context, args.reserve))

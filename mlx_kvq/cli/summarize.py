@@ -17,7 +17,8 @@ from ..generation.summaries import INSTRUCTION, summarize, summarize_cached
 from ..bridge import make_logits_processors
 from ..models import prepare_model
 from .args import (add_dtype_argument, add_kv_arguments, add_model_arguments, add_prefill_step_argument, cache_kwargs,
-                   check_kv, command_parser, existing_cache_file, expected_config, load_model, prompt_cache_config, ranged)
+                   check_kv, command_parser, expected_config, prompt_cache_config, ranged)
+from .distributed import add_distributed_arguments, load_model, log, own_cache_file, prompt_cache_file, rank_report
 from .report import cache_report, fp16_nbytes, mb
 
 EXAMPLES = """examples:
@@ -48,6 +49,7 @@ def setup_arg_parser():
     p.add_argument("--context", type=ranged(int, 1), help="token budget per pass (default: the model's context length)")
     add_dtype_argument(p)
     add_kv_arguments(p)
+    add_distributed_arguments(p)
     return p
 
 
@@ -59,8 +61,8 @@ def main(argv=None):
     try:
         kv = check_kv(cache_kwargs(args))
         if args.prompt_cache_file:
-            args.prompt_cache_file = existing_cache_file(args.prompt_cache_file)
-            kv = prompt_cache_config(args, args.prompt_cache_file)
+            args.prompt_cache_file = prompt_cache_file(args.prompt_cache_file)
+            kv = prompt_cache_config(args, own_cache_file(args.prompt_cache_file))
         document = read_document(args.document) if args.document else None
         processors = (make_logits_processors(repetition_penalty=args.repetition_penalty,
                                              repetition_context_size=args.repetition_context_size)
@@ -75,21 +77,27 @@ def main(argv=None):
             expected_config(model, kv)  # check the KV flags before the long prefill
             result = summarize(model, tokenizer, document, args.instruction,
                                max_tokens=args.max_tokens, kv=kv, prefill_step=args.prefill_step,
-                               context=args.context, progress=sys.stderr, out=sys.stdout,
+                               context=args.context, progress=log(), out=sys.stdout,
                                logits_processors=processors)
     except (ValueError, FileNotFoundError, RuntimeError, ImportError, OSError) as e:
         sys.exit(f"mlx_kvq.summarize: error: {e}")
-    print("=" * 10, file=sys.stderr)
+    ranks = rank_report(result.cache)  # every rank takes part
+    out = log()
+    if out is None:
+        return
+    print("=" * 10, file=out)
     passes = f" in {result.chunks} parts + a combining pass" if result.chunks > 1 else ""
-    print(f"Document: {result.prompt_tokens} tokens{passes}", file=sys.stderr)
+    print(f"Document: {result.prompt_tokens} tokens{passes}", file=out)
     stopped = " (stopped at --max-tokens)" if result.generation_tokens >= args.max_tokens else ""
     print(f"Generation: {result.generation_tokens} tokens, {result.generation_tps:.3f} tokens-per-sec{stopped}",
-          file=sys.stderr)
-    print(f"Peak memory: {mx.get_peak_memory() / 1e9:.3f} GB", file=sys.stderr)
-    print(cache_report(result.cache), file=sys.stderr)
+          file=out)
+    print(f"Peak memory: {mx.get_peak_memory() / 1e9:.3f} GB", file=out)
+    print(cache_report(result.cache), file=out)
+    if ranks:
+        print(ranks, file=out)
     fp16 = fp16_nbytes(result.cache)
     if fp16:
-        print(f"(a float16 cache would take {mb(fp16)} for the same tokens)", file=sys.stderr)
+        print(f"(a float16 cache would take {mb(fp16)} for the same tokens)", file=out)
 
 
 if __name__ == "__main__":

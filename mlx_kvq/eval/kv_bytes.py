@@ -31,7 +31,9 @@ def layer_bytes(c, fp_bytes=2):
     packed = getattr(c, "n_packed", None)
     total, seen = 0, set()
     for attr, value in (vars(c).items() if hasattr(c, "__dict__") else ()):
-        used = packed if packed is not None and attr in ("keys", "values") else offset
+        if attr == "_after":  # what mlx_kvq's cache state depends on (pipeline ranks), not tokens
+            continue
+        used = packed if packed is not None and attr in ("packed_keys", "packed_values") else offset
         for a in _arrays(value):
             if id(a) in seen:
                 continue

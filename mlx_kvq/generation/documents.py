@@ -9,11 +9,13 @@ metadata). So a cached document and a fresh one give the same tokens.
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 
 from ..bridge import cache_config, check_prompt_cache, load_prompt_cache, save_prompt_cache
 from ..models.info import model_fingerprint
+from .distributed import check_shard_metadata, missing_rank_file, rank_path, shard_metadata
 from .prefill import Progress, build_cache, prefill
 from .prompts import encode_prompt
 
@@ -97,7 +99,8 @@ def question_tokens(tokenizer, question, tail):
 
 def cache_document(model, tokenizer, document, path, *, model_name=None, system_prompt=None,
                    kv=None, prefill_step=512, progress=sys.stderr, source=None):
-    """Prefill ``document`` and save its cache to ``path`` (.safetensors); returns the cache.
+    """Prefill ``document`` and save its cache to ``path`` (.safetensors; under mlx.launch,
+    each rank to its file, see ``distributed.rank_path``); returns the cache.
 
     ``kv``: ``make_prompt_cache`` keyword arguments (``None``: fp16 caches).
     """
@@ -113,8 +116,9 @@ def cache_document(model, tokenizer, document, path, *, model_name=None, system_
         "tail": tail,
         "document_tokens": str(len(tokens)),
         "source": str(source or ""),
+        **shard_metadata(model),
     }
-    save_prompt_cache(str(path), cache, metadata)
+    save_prompt_cache(rank_path(path, model), cache, metadata)
     return cache
 
 
@@ -122,9 +126,14 @@ def load_document_cache(path, model, expect=False):
     """``(cache, metadata)`` of a cache file, checked against ``model`` and the KV config.
 
     ``expect``: the KV config it must have (``None``: fp16; ``False``: any).
-    Files saved by plain mlx-lm (no document metadata) load with the usual checks.
+    Files saved by plain mlx-lm (no document metadata) load with the usual checks. Under
+    mlx.launch each rank loads its own file, which must come from the same split.
     """
-    cache, meta = load_prompt_cache(path, None, return_metadata=True)
+    own = rank_path(path, model)  # under mlx.launch: this rank's file
+    if not os.path.isfile(own):
+        raise missing_rank_file(path, model)
+    cache, meta = load_prompt_cache(own, None, return_metadata=True)
+    check_shard_metadata(own, meta, model)
     if meta.get("format") == FORMAT and meta.get("fingerprint") != model_fingerprint(model):
         raise ValueError(
             f"{path} was made with another model ({meta.get('model')}); "

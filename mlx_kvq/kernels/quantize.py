@@ -67,7 +67,7 @@ def quantize_append(x, buffers, start, *, bits, group_size, mode):
     kernel packs only the L new tokens and the write into the buffers is a
     ``slice_update``, which MLX performs in place when the old buffer is
     donatable (no other reference alive) -- drop your reference, e.g.
-    ``self.keys = quantize_append(x, self.keys, ...)``.
+    ``self.packed_keys = quantize_append(x, self.packed_keys, ...)``.
     The packing is bit-identical to ``mx.quantize`` on this backend.  Modes
     other than affine (or no GPU, or a configuration that failed its self-check) use
     ``mx.quantize`` itself.

@@ -5,3 +5,4 @@ from .embedded import EMBEDDED_MODEL, default_model_path
 from .gguf import load_gguf, read_gguf
 from .info import context_length, model_fingerprint, prepare_model, to_fp32
 from .loading import load
+from .sharded import MODES, load_sharded, mark_sharded, sharding

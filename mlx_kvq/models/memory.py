@@ -106,8 +106,8 @@ def layer_windows(config):
     return [None] * n
 
 
-def estimate_weight_bytes(config):
-    """Bytes of the weights from a parameter count estimated from the config."""
+def parameter_count(config):
+    """``(all, embeddings and head)``: parameter counts estimated from the config."""
     h, n = config["hidden_size"], config["num_hidden_layers"]
     heads, kv = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
     dk, dv = head_dims(config)
@@ -115,13 +115,65 @@ def estimate_weight_bytes(config):
     vocab = config.get("vocab_size") or 32000
     experts = config.get("num_local_experts") or config.get("num_experts") or 1
     layer = h * (heads * dk + kv * (dk + dv)) + heads * dv * h + 3 * h * ffn * experts
-    params = n * layer + vocab * h * (1 if config.get("tie_word_embeddings", True) else 2)
+    embedding = vocab * h * (1 if config.get("tie_word_embeddings", True) else 2)
+    return n * layer + embedding, embedding
+
+
+def estimate_weight_bytes(config):
+    """Bytes of the weights from a parameter count estimated from the config."""
+    params = parameter_count(config)[0]
     q = config.get("quantization") or {}
     if q.get("bits"):
         per = q["bits"] / 8 + 4 / q.get("group_size", 64)
     else:
         per = {"float32": 4}.get(config.get("torch_dtype"), 2)
     return int(params * per)
+
+
+def shard_spec(spec, ranks, shard="tensor"):
+    """The ``ModelSpec`` of the largest share one of ``ranks`` processes holds under
+    mlx-lm's split (``sharded_load``).
+
+    tensor: every layer with ``1/ranks`` of the attention heads and KV heads (which
+    ``ranks`` must divide) and of the layers' weights; pipeline: the layers of the rank
+    with the most KV bytes (the low ranks get the extra layers). Both keep the embeddings
+    and the head whole on every rank.
+    """
+    if shard not in ("tensor", "pipeline"):
+        raise ValueError(f"shard must be tensor or pipeline, got {shard!r}.")
+    if not isinstance(ranks, int) or ranks < 1:
+        raise ValueError(f"ranks must be a whole number of at least 1, got {ranks!r}.")
+    config = dict(spec.config)
+    layers = config["num_hidden_layers"]
+    heads = config["num_attention_heads"]
+    kv = config.get("num_key_value_heads") or heads
+    dk, dv = head_dims(config)
+    config.update(head_dim=dk, v_head_dim=dv)
+    params, embedding = parameter_count(config)
+    embed = spec.weight_bytes * embedding / params
+    if shard == "tensor":
+        if heads % ranks or kv % ranks:
+            raise ValueError(f"{spec.name} has {heads} attention heads and {kv} KV heads: tensor parallel "
+                             f"over {ranks} ranks needs both divisible by {ranks}.")
+        config.update(num_attention_heads=heads // ranks, num_key_value_heads=kv // ranks)
+        share = 1 / ranks
+    else:
+        if ranks > layers:
+            raise ValueError(f"{spec.name} has {layers} layers: it cannot be split over {ranks} ranks.")
+        windows = layer_windows(config)
+        base, extra = divmod(layers, ranks)
+        sizes = [base + (r < extra) for r in range(ranks)]
+        ends = [sum(sizes[r:]) for r in range(ranks)]  # rank r holds the layers before ends[r]
+        parts = [windows[e - k:e] for e, k in zip(ends, sizes)]
+        full = lambda part: (sum(w is None for w in part), len(part), sum(w or 0 for w in part))
+        mine = max(parts, key=full)
+        config.update(num_hidden_layers=len(mine), layer_types=[
+            "full_attention" if w is None else "sliding_attention" for w in mine])
+        config.pop("sliding_window_pattern", None)
+        share = len(mine) / layers
+    weights = int(embed + (spec.weight_bytes - embed) * share)
+    return ModelSpec(f"{spec.name} (largest share of {ranks} ranks, {shard} parallel)", config, weights,
+                     spec.weights_from)
 
 
 def kv_bytes(config, tokens, bits=None, group_size=None):

@@ -70,15 +70,15 @@ def test_buffers_grow_in_steps_not_per_token():
     assert cache.n_packed == 1 and cache.window_keys.shape[2] == F - 1
     feed(cache, [1])
     assert cache.n_packed == F + 1 and cache.window_keys.shape[2] == 0
-    cap = cache.keys[0].shape[2]
+    cap = cache.packed_keys[0].shape[2]
     assert cap == QuantizedKVCache.step
     feed(cache, [1] * (3 * F))
-    assert cache.keys[0].shape[2] == cap and cache.n_packed == 4 * F + 1
+    assert cache.packed_keys[0].shape[2] == cap and cache.n_packed == 4 * F + 1
     feed(cache, [300])  # a prefill chunk stays unquantized for its own attention
     assert cache.n_packed == 4 * F + 1 and cache.window_keys.shape[2] == 300
     feed(cache, [1])  # ... and is packed at the next update (the first decode step)
     assert cache.n_packed == 4 * F + 302 and cache.window_keys.shape[2] == 0
-    assert cache.keys[0].shape[2] % QuantizedKVCache.step == 0 and cache.keys[0].shape[2] >= 4 * F + 300
+    assert cache.packed_keys[0].shape[2] % QuantizedKVCache.step == 0 and cache.packed_keys[0].shape[2] >= 4 * F + 300
 
 
 def test_decode_packs_on_a_schedule_of_steps_not_of_tokens_held():
@@ -144,7 +144,7 @@ def test_nbytes_counts_packed_and_dense_parts():
     assert cache.nbytes == 0 and cache.empty()
     feed(cache, [100, 1])
     arrays = [cache.sink_keys, cache.sink_values, cache.window_keys, cache.window_values]
-    arrays += list(cache.keys) + list(cache.values)
+    arrays += list(cache.packed_keys) + list(cache.packed_values)
     assert cache.nbytes == sum(a.nbytes for a in arrays)
     # packed 4-bit group 64 at head_dim 64: 32 B words + 2+2 B scale/bias = 36 B/token/head vs 128 fp16
     fp16 = 2 * cache.offset * 2 * 64 * 2

@@ -121,3 +121,52 @@ def test_cli_errors(tmp_path):
     assert r.returncode != 0 and "num_hidden_layers" in r.stderr
     r = run("--memory", "lots")
     assert r.returncode != 0 and "not a memory size" in r.stderr
+
+
+# -- per rank, the model split over several processes (mlx.launch) -------------------
+
+
+def test_tensor_parallel_ranks_hold_their_share_of_the_kv_heads():
+    spec = plan.ModelSpec("llama-8b", LLAMA_8B, 16_000_000_000, "files")
+    rank = plan.shard_spec(spec, 2, "tensor")
+    # 32 layers x 4 of the 8 kv heads x (128 + 128) dims x 2 bytes
+    assert plan.kv_bytes(rank.config, 1000) == 1000 * 32 * 4 * 256 * 2
+    for bits in (8, 4, 2):
+        assert plan.kv_bytes(rank.config, 5000, bits) * 2 == plan.kv_bytes(LLAMA_8B, 5000, bits)
+    # the embedding and the head (2 x 128256 x 4096 of ~8.0e9 parameters) stay whole on every rank
+    embed = 16e9 * 2 * 128256 * 4096 / plan.parameter_count(LLAMA_8B)[0]
+    assert rank.weight_bytes == pytest.approx(embed + (16e9 - embed) / 2, rel=1e-6)
+    rows = {r["cache"]: r["max_context"] for r in plan.plan(rank, 24e9)}
+    alone = {r["cache"]: r["max_context"] for r in plan.plan(spec, 24e9)}
+    assert all(rows[k] > 2 * alone[k] for k in rows)  # half the KV and a third of the weights less
+
+
+def test_pipeline_ranks_hold_their_layers_and_the_largest_share_counts():
+    spec = plan.ModelSpec("llama-8b", LLAMA_8B, 16_000_000_000, "files")
+    rank = plan.shard_spec(spec, 3, "pipeline")  # 11, 11, 10 layers: the plan is for 11
+    assert plan.kv_bytes(rank.config, 1000) == 1000 * 11 * 8 * 256 * 2
+    # 6 layers, every 6th full attention, the others a 512-token window: of 2 ranks, rank 0
+    # (the last 3 layers) holds the full one
+    gemma = dict(LLAMA_8B, num_hidden_layers=6, sliding_window=512, sliding_window_pattern=6)
+    rank = plan.shard_spec(plan.ModelSpec("g", gemma, 10**9, "files"), 2, "pipeline")
+    per_layer = 8 * 256 * 2
+    assert plan.kv_bytes(rank.config, 10_000) == (10_000 + 2 * 512) * per_layer
+
+
+def test_splits_that_cannot_be_made_are_refused():
+    spec = plan.ModelSpec("llama-8b", LLAMA_8B, 16_000_000_000, "files")
+    with pytest.raises(ValueError, match="8 KV heads: tensor parallel over 3 ranks"):
+        plan.shard_spec(spec, 3, "tensor")
+    with pytest.raises(ValueError, match="32 layers: it cannot be split over 33 ranks"):
+        plan.shard_spec(spec, 33, "pipeline")
+    with pytest.raises(ValueError, match="shard must be tensor or pipeline, got 'data'"):
+        plan.shard_spec(spec, 2, "data")
+
+
+def test_cli_ranks(smollm_path):
+    r = subprocess.run([sys.executable, "-m", "mlx_kvq.cli.plan", "--memory", "1GB", "--ranks", "3"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "largest share of 3 ranks, tensor parallel" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "mlx_kvq.cli.plan", "--ranks", "2", "--shard", "tensor"],
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "9 attention heads and 3 KV heads" in r.stderr

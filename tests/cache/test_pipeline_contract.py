@@ -1,0 +1,76 @@
+"""mlx-lm's pipeline contract, without processes: a sending rank runs
+``cache[-1].keys = mx.depends(cache[-1].keys, h)`` after its layers, and evaluating the
+caches' state (all a prefill step evaluates) must then evaluate ``h`` (its send)."""
+
+import io
+
+import mlx.core as mx
+import pytest
+
+from mlx_kvq.cache import BatchQuantizedKVCache, QuantizedKVCache, QuantizedRotatingKVCache, merge
+
+
+def graph(arrays):
+    f = io.StringIO()
+    mx.export_to_dot(f, *arrays)
+    return f.getvalue()
+
+
+def state_arrays(cache):
+    out = []
+    for x in cache.state:
+        if isinstance(x, mx.array):
+            out.append(x)
+        elif isinstance(x, tuple):
+            out += [a for a in x if isinstance(a, mx.array)]
+    return out
+
+
+def fill(cache, n, seed=0, rows=1):
+    k = mx.random.normal((rows, 2, n, 64), key=mx.random.key(seed))
+    v = mx.random.normal((rows, 2, n, 64), key=mx.random.key(seed + 1))
+    cache.update_and_fetch(k, v)
+    mx.eval(state_arrays(cache))
+    return cache
+
+
+CACHES = {
+    "plain": lambda: QuantizedKVCache(4),
+    "rotating": lambda: QuantizedRotatingKVCache(4, max_size=48, keep=4),
+    "batch": lambda: BatchQuantizedKVCache(merge([fill(QuantizedKVCache(8), 40, s) for s in (1, 3)])),
+}
+
+
+@pytest.mark.parametrize("kind", CACHES)
+@pytest.mark.parametrize("tokens", [40, 1, 3])  # a prefill chunk; a first token that the sinks hold
+def test_state_depends_on_what_keys_is_assigned(kind, tokens):
+    cache = CACHES[kind]()
+    if kind != "batch":
+        fill(cache, tokens)
+    for step in range(3):  # the first forward pass on, prefill and decode steps
+        if step:
+            fill(cache, 1, seed=10 + step, rows=2 if kind == "batch" else 1)
+        keys = cache.keys
+        assert isinstance(keys, mx.array)
+        h = mx.erf(mx.arange(4.0))  # stands for the sent hidden state: Erf is nowhere else
+        cache.keys = mx.depends(keys, h)
+        assert "Erf" in graph(state_arrays(cache))
+        mx.eval(state_arrays(cache))
+
+
+def test_the_tokens_and_the_saved_state_are_unchanged():
+    a, b = fill(QuantizedKVCache(4), 50), fill(QuantizedKVCache(4), 50)
+    b.keys = mx.depends(b.keys, mx.erf(mx.arange(4.0)))
+    for x, y in zip(state_arrays(a), state_arrays(b)):
+        assert mx.array_equal(x, y).item()
+    assert a.state[:3] == b.state[:3] and a.nbytes == b.nbytes
+
+
+def test_keys_of_an_empty_cache_and_bad_values():
+    c = QuantizedKVCache(4)
+    assert c.keys is None  # as mlx-lm's KVCache before its first update
+    with pytest.raises(ValueError, match="update it first"):
+        c.keys = mx.zeros((1,))
+    fill(c, 8)
+    with pytest.raises(ValueError, match="got tuple"):
+        c.keys = (mx.zeros((1,)),)
