@@ -91,7 +91,7 @@ def prefill_path(q, view, scale, mask, sinks, dtype):
 
 def partials(q, view, scale, mask, sinks, dtype, use_kernels=True):
     rot = view.format.rotate
-    q0, q = q, rotate(q) if rot else q
+    q0, q = q, rotate(q.astype(mx.float32)) if rot else q  # float32: q R can exceed float16
     fused = None
     if use_kernels and not _whole_in_kernel(q, view, sinks):
         fused = _fused_decode(q, view, scale, mask)
@@ -105,7 +105,7 @@ def partials(q, view, scale, mask, sinks, dtype, use_kernels=True):
         total = mx.logaddexp(lse, s)
         out = out * mx.exp(lse - total)[..., None]
     if rot == "kv":
-        out = rotate(out.astype(dtype), inverse=True)  # rotate back in the model's precision
+        out = rotate(out, inverse=True)  # in float32, as the kernels do: it can exceed float16
     return out
 
 
@@ -123,10 +123,16 @@ def reference_path(q, view, scale, mask, sinks, dtype):
 
 
 def _finish(out, v_dim, dtype):
-    """Drop the zero-padded value dims and cast (no ops where there is nothing to do)."""
+    """Drop the zero-padded value dims and cast, saturating (a float32 output a rounding
+    over the float16 maximum is not inf); no ops where there is nothing to do."""
     if out.shape[-1] != v_dim:
         out = out[..., :v_dim]
-    return out if out.dtype == dtype else out.astype(dtype)
+    if out.dtype == dtype:
+        return out
+    if dtype.size < out.dtype.size:
+        big = mx.finfo(dtype).max
+        out = mx.clip(out, -big, big)
+    return out.astype(dtype)
 
 
 def _split_mask(mask):

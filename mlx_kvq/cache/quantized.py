@@ -147,19 +147,24 @@ class QuantizedKVCache:
 
     @property
     def store_dtype(self):
-        """The dtype of the unquantized runs and of the scales: the model's, but float16
-        for a float32 model (a KV cache gains nothing from float32; it would double
-        the window and the scales)."""
-        return mx.float16 if self.dtype == mx.float32 else self.dtype
+        """The dtype of the unquantized runs and of the scales: the model's. (Float16 for a
+        float32 model would save memory, but a float32 model's keys and values of 1e5
+        overflow it, where mlx-lm's cache of the same model stores them in float32.)"""
+        return self.dtype
 
     def _prepare(self, x, rotated):
-        """Zero-pad to the packed head dim, rotate, cast to ``store_dtype``."""
+        """Zero-pad to the packed head dim, rotate, cast to ``store_dtype``, every value
+        finite (``format.fit``: out-of-range values saturate, inf and NaN become 0).
+
+        The rotation is taken in float32: ``x R`` can exceed the largest float16 by up to
+        ``sqrt(head_dim)`` where ``x`` does not (a token of values near 65504), and the
+        non-finite values are replaced before it, so they stay in their channel."""
         d = self.padded_dim(x.shape[-1])
         if d != x.shape[-1]:
             x = mx.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, d - x.shape[-1])])
-        x = rotate(x) if rotated else x
-        # astype makes a new array (a launch per decode step) even for the same dtype
-        return x if x.dtype == self.store_dtype else x.astype(self.store_dtype)
+        if rotated:
+            x = rotate(fmt.fit(x, x.dtype).astype(mx.float32))
+        return fmt.fit(x, self.store_dtype)
 
     # -- the protocol --------------------------------------------------------
     def update_and_fetch(self, keys, values):
