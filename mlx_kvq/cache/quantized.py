@@ -30,6 +30,7 @@ from .. import format as fmt
 from .. import kernels
 from ..kernels.backend import eval_now
 from ..rotation import rotate, rotation
+from . import state as saved
 from .defaults import ROTATE, default_options, init_kwargs, whole
 from .view import KVFormat, KVView, first_tokens
 
@@ -360,31 +361,34 @@ class QuantizedKVCache:
     def state(self):
         n = self.n_packed
         cut = lambda t: None if t is None else tuple(a[:, :, :n] for a in t)
-        return (
-            json.dumps({"config": self.config, "dims": self._dims(), "steps": self._steps}, sort_keys=True),
-            self.offset,
-            n,
-            cut(self.keys),
-            cut(self.values),
-            self.sink_keys,
-            self.sink_values,
-            self.window_keys,
-            self.window_values,
-        )
+        arrays = (cut(self.keys), cut(self.values), self.sink_keys, self.sink_values,
+                  self.window_keys, self.window_values)
+        head = saved.header(self.config, self._dims(), self._steps, self.offset, n, dict(zip(saved.NAMES, arrays)))
+        return (head, self.offset, n) + arrays
 
     @state.setter
     def state(self, v):
-        if len(v) != 9 or not isinstance(v[0], str):
-            raise ValueError("Not a mlx_kvq QuantizedKVCache state (was it saved by another cache class?).")
-        head = json.loads(v[0])
-        QuantizedKVCache.__init__(self, **init_kwargs(head["config"]))
+        """Take a saved state, checked first (``cache.state``): a clear ``ValueError`` for a
+        damaged or changed file, never a failure at the first use."""
+        head = saved.read(v)
+        try:
+            kwargs = init_kwargs(head["config"])
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"The cache state's config {head['config']!r} lacks {e}: the file is damaged.") from None
+        QuantizedKVCache.__init__(self, **kwargs)
         self.kv_heads, self.k_dim, self.v_dim, dtype = head["dims"]
-        self._steps = head.get("steps", 0)  # where the decode flush schedule stands
+        self._steps = whole("the cache state's steps", head.get("steps", 0))  # the decode flush schedule
         self.dtype = dtype and getattr(mx, dtype)
+        saved.check_arrays(self, v, exact_offset=self._exact_offset(head["config"]))
         (_, self.offset, self.n_packed, keys, values) = v[:5]
         self.keys = None if keys is None else tuple(keys)
         self.values = None if values is None else tuple(values)
         self.sink_keys, self.sink_values, self.window_keys, self.window_values = v[5:]
+
+    @staticmethod
+    def _exact_offset(config):
+        """Whether the tokens held sum to the offset (a rotating cache drops tokens)."""
+        return True
 
     @property
     def meta_state(self):

@@ -116,7 +116,15 @@ class QuantizedRotatingKVCache(QuantizedKVCache):
     def state(self, v):
         QuantizedKVCache.state.fset(self, v)
         config = json.loads(v[0])["config"]
-        self.max_size, self.keep = config["max_size"], config["keep"]
+        keep = whole("the cache state's keep", config.get("keep"))
+        max_size = whole("the cache state's max_size", config.get("max_size"), keep + 1)
+        if keep != self.sinks:
+            raise ValueError(f"The cache state keeps {keep} tokens but has {self.sinks} sinks: the file is damaged.")
+        self.max_size, self.keep = max_size, keep
+
+    @staticmethod
+    def _exact_offset(config):
+        return False  # tokens no query can see are dropped
 
     @classmethod
     def from_cache(cls, cache, **config):
