@@ -94,6 +94,9 @@ class QuantizedKVCache:
         self._wk = self._wv = None  # window buffers (B, H, capacity, D)
         self._wn = self._wvn = 0  # tokens in the window (keys, values: set one at a time)
         self._steps = 0  # decode steps since the last prefill chunk (the flush schedule)
+        # (offset, steps) after each update since the last one that packed tokens: the
+        # states an exact trim can return to (``trim``)
+        self._log = []
         # Optional (B,) int array: row b's padding is the ``left_padding[b]`` positions
         # right after the sink run (at the very start when the cache keeps no sinks).
         self.left_padding = None
@@ -196,6 +199,7 @@ class QuantizedKVCache:
         self.offset += L
         # A prefill chunk attends to itself unquantized and is packed at the next update;
         # in decode the window is packed down to ``window`` tokens every flush_block steps.
+        packed = self.n_packed
         if L > 1:
             self._steps = 0
             self.flush(max(self.window, L))
@@ -203,6 +207,9 @@ class QuantizedKVCache:
             self._steps += 1
             if (self._steps - 1) % self.flush_block == 0:
                 self.flush()
+        if self.n_packed != packed:
+            self._log = []
+        self._log.append((self.offset, self._steps))
         view = KVView(self, L, self.offset)
         return view, view
 
@@ -304,7 +311,15 @@ class QuantizedKVCache:
         return True
 
     def trim(self, n):
-        """Drop the last ``n`` tokens; returns how many were dropped."""
+        """Drop the last ``n`` tokens; returns how many were dropped.
+
+        Exact when the cache goes back to where it stood after one of its updates since
+        the last that packed tokens (or to empty): then it holds what it held then, the
+        pack schedule included, so feeding the same updates again gives bit for bit what
+        they gave the first time. Any other trim keeps the tokens already packed packed
+        (their unquantized values are gone), so fewer than ``window`` recent tokens may
+        stay unquantized; the schedule restarts as after a prefill chunk.
+        """
         n = min(self.offset, whole("trim's token count", n, 0, 1 << 62))
         left = n
         if self.window_keys is not None and left:
@@ -322,7 +337,18 @@ class QuantizedKVCache:
             self.sink_keys = self.sink_keys[:, :, :keep]
             self.sink_values = self.sink_values[:, :, :keep]
         self.offset -= n
+        if n:
+            self._log = [e for e in self._log if e[0] <= self.offset]
+            exact = self._log and self._log[-1][0] == self.offset
+            self._steps = self._log[-1][1] if exact else 0
+            if not exact:
+                self._log = []
         return n
+
+    def exact_trims(self):
+        """The token counts ``trim`` takes back exactly (see ``trim``), smallest first."""
+        return [0] + [self.offset - o for o, _ in reversed(self._log[:-1])] + (
+            [self.offset] if self.offset else [])
 
     def make_mask(self, N, return_array=False, window_size=None):
         if self.left_padding is not None:
@@ -363,7 +389,8 @@ class QuantizedKVCache:
         cut = lambda t: None if t is None else tuple(a[:, :, :n] for a in t)
         arrays = (cut(self.keys), cut(self.values), self.sink_keys, self.sink_values,
                   self.window_keys, self.window_values)
-        head = saved.header(self.config, self._dims(), self._steps, self.offset, n, dict(zip(saved.NAMES, arrays)))
+        head = saved.header(self.config, self._dims(), [self._steps, self._log], self.offset, n,
+                            dict(zip(saved.NAMES, arrays)))
         return (head, self.offset, n) + arrays
 
     @state.setter
@@ -377,7 +404,7 @@ class QuantizedKVCache:
             raise ValueError(f"The cache state's config {head['config']!r} lacks {e}: the file is damaged.") from None
         QuantizedKVCache.__init__(self, **kwargs)
         self.kv_heads, self.k_dim, self.v_dim, dtype = head["dims"]
-        self._steps = whole("the cache state's steps", head.get("steps", 0))  # the decode flush schedule
+        self._steps, self._log = saved.schedule(head, v[1])  # the decode flush schedule
         self.dtype = dtype and getattr(mx, dtype)
         saved.check_arrays(self, v, exact_offset=self._exact_offset(head["config"]))
         (_, self.offset, self.n_packed, keys, values) = v[:5]

@@ -94,6 +94,19 @@ def read(v):
     return head
 
 
+def schedule(head, offset):
+    """``(steps, log)`` of the pack schedule in a header (see ``QuantizedKVCache.trim``)."""
+    steps = head.get("steps")
+    if not (isinstance(steps, list) and len(steps) == 2 and isinstance(steps[1], list)):
+        raise ValueError(f"The cache state's pack schedule {steps!r} is not [steps, log].")
+    log = []
+    for e in steps[1]:
+        if not (isinstance(e, list) and len(e) == 2):
+            raise ValueError(f"The cache state's pack log entry {e!r} is not [offset, steps].")
+        log.append((whole("a pack log offset", e[0], 1, offset), whole("a pack log step", e[1])))
+    return whole("the cache state's steps", steps[0]), log
+
+
 def check_arrays(cache, v, exact_offset=True):
     """Raise ``ValueError`` unless the arrays of state ``v`` are those of ``cache`` (its
     config and dims already set from the header): every run's shape and dtype from the
