@@ -53,6 +53,7 @@ class QuantizedKVCache:
 
     step = 256
     flush_block = 32  # decode: the window is packed every flush_block steps
+    max_log = 2 * flush_block  # updates an exact trim can go back (``trim``)
 
     def __init__(
         self,
@@ -210,6 +211,7 @@ class QuantizedKVCache:
         if self.n_packed != packed:
             self._log = []
         self._log.append((self.offset, self._steps))
+        del self._log[: -self.max_log]
         view = KVView(self, L, self.offset)
         return view, view
 
@@ -314,7 +316,7 @@ class QuantizedKVCache:
         """Drop the last ``n`` tokens; returns how many were dropped.
 
         Exact when the cache goes back to where it stood after one of its updates since
-        the last that packed tokens (or to empty): then it holds what it held then, the
+        the last that packed tokens, at most ``max_log`` back (or to empty): then it holds what it held then, the
         pack schedule included, so feeding the same updates again gives bit for bit what
         they gave the first time. Any other trim keeps the tokens already packed packed
         (their unquantized values are gone), so fewer than ``window`` recent tokens may
