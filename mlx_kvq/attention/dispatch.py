@@ -98,7 +98,12 @@ def partials(q, view, scale, mask, sinks, dtype, use_kernels=True):
         if fused is DISABLED:
             return reference_path(q0, view, scale, mask, sinks, dtype)
     if fused is None:
-        fused = merge(_segment_parts(q, view, scale, mask, use_kernels))
+        parts = _segment_parts(q, view, scale, mask, use_kernels)
+        if not parts:  # no keys at all (an empty cache): an output of zeros, as rows with none visible
+            B, Hq, L, _ = q.shape
+            dv = view.format.padded_dim(view.v_dim or q.shape[-1])
+            parts = [(mx.zeros((B, Hq, L, dv)), mx.full((B, Hq, L), -mx.inf))]
+        fused = merge(parts)
     out, lse = fused  # float32: sinks applied here, then the model's dtype
     if sinks is not None:
         s = sinks.astype(mx.float32).reshape(1, -1, 1)

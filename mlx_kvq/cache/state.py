@@ -27,13 +27,9 @@ def _arrays(v):
 
 
 def _describe(arrays):
-    out = []
-    for a in arrays.values():
-        if isinstance(a, (tuple, list)):
-            out.append([[list(x.shape), str(x.dtype)] for x in a])
-        else:
-            out.append(None if a is None else [list(a.shape), str(a.dtype)])
-    return out
+    one = lambda x: [list(x.shape), str(x.dtype)] if isinstance(x, mx.array) else repr(type(x))
+    return [[one(x) for x in a] if isinstance(a, (tuple, list)) else None if a is None else one(a)
+            for a in arrays.values()]
 
 
 def digest(head, arrays):
@@ -72,7 +68,7 @@ def read(v):
                 not run or len(a) != packed)):
             raise ValueError(f"The cache state's {name} are missing arrays or hold others: the file is damaged.")
         for x in a if run else (a,):
-            if x is not None and not isinstance(x, mx.array):
+            if (run or x is not None) and not isinstance(x, mx.array):
                 raise ValueError(f"The cache state's {name} are missing or not arrays: the file is damaged.")
     if head["digest"] != digest(head, arrays):
         raise ValueError("The cache state does not match its digest: its config, dims, counts, "
