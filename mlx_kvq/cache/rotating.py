@@ -30,8 +30,8 @@ class QuantizedRotatingKVCache(QuantizedKVCache):
     def __init__(self, bits=4, group_size=None, *, max_size=None, keep=None, sinks=None, **kwargs):
         if keep is not None and sinks is not None and sinks != keep:
             raise ValueError(f"A rotating cache keeps its first keep={keep} tokens as sinks, not {sinks}.")
-        keep = int(keep if keep is not None else sinks or 0)
-        if max_size is not None and max_size <= keep:
+        keep = whole("keep", keep if keep is not None else sinks or 0)
+        if max_size is not None and whole("max_size", max_size, 1) <= keep:
             raise ValueError(f"max_size ({max_size}) must be larger than keep ({keep}).")
         super().__init__(bits, group_size, sinks=keep, **kwargs)
         self.max_size, self.keep = max_size, keep
