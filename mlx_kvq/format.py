@@ -88,6 +88,12 @@ def fit(x, dtype):
     return x if x.dtype == dtype else x.astype(dtype)
 
 
+def overflows(x, dtype):
+    """Whether a finite value of ``x`` lies beyond ``dtype``'s range (a sync: asks MLX)."""
+    big = mx.finfo(dtype).max
+    return mx.finfo(x.dtype).max > big and (mx.abs(mx.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)).max() > big).item()
+
+
 def packed_dims(head_dim, bits, group_size, mode="affine"):
     """Last-axis sizes and dtypes of each packed array for one token."""
     words = head_dim * bits // 32

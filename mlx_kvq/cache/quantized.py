@@ -90,6 +90,7 @@ class QuantizedKVCache:
         self.offset = 0
         self.n_packed = 0
         self.k_dim = self.v_dim = self.kv_heads = self.dtype = None
+        self._wide = False  # a float32 model's cache stores float32 (``store_dtype``)
         self.keys = self.values = None
         self.sink_keys = self.sink_values = None
         self._wk = self._wv = None  # window buffers (B, H, capacity, D)
@@ -152,24 +153,39 @@ class QuantizedKVCache:
 
     @property
     def store_dtype(self):
-        """The dtype of the unquantized runs and of the scales: the model's. (Float16 for a
-        float32 model would save memory, but a float32 model's keys and values of 1e5
-        overflow it, where mlx-lm's cache of the same model stores them in float32.)"""
-        return self.dtype
+        """The dtype of the unquantized runs and of the scales: the model's, but float16
+        for a float32 model (a KV cache gains nothing from float32; it would double the
+        window and the scales: 0.33x instead of 0.29x of fp16 in BENCHMARKS.md's summary
+        run) until a value to store would overflow float16 (``_widen``)."""
+        wide = self._wide or self.dtype is None or self.dtype != mx.float32
+        return self.dtype if wide else mx.float16
 
-    def _prepare(self, x, rotated):
-        """Zero-pad to the packed head dim, rotate, cast to ``store_dtype``, every value
-        finite (``format.fit``: out-of-range values saturate, inf and NaN become 0).
-
-        The rotation is taken in float32: ``x R`` can exceed the largest float16 by up to
-        ``sqrt(head_dim)`` where ``x`` does not (a token of values near 65504), and the
-        non-finite values are replaced before it, so they stay in their channel."""
+    def _rotated(self, x, rotated):
+        """Zero-padded to the packed head dim and rotated, in float32 where rotated: ``x R``
+        can exceed the largest float16 by up to ``sqrt(head_dim)`` where ``x`` does not (a
+        token of values near 65504). Non-finite values are zeroed before the rotation, so
+        they stay in their channel (``format.fit``)."""
         d = self.padded_dim(x.shape[-1])
         if d != x.shape[-1]:
             x = mx.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, d - x.shape[-1])])
-        if rotated:
-            x = rotate(fmt.fit(x, x.dtype).astype(mx.float32))
-        return fmt.fit(x, self.store_dtype)
+        return rotate(fmt.fit(x, x.dtype).astype(mx.float32)) if rotated else x
+
+    def _widen(self, keys, values):
+        """A float32 model's cache stores float32 from the first update with a value that
+        would overflow float16 (keys of 1e5) on: what it holds is cast (exactly) to float32.
+        This asks for the update's largest value: one sync per update of a float32 model
+        while it stores float16."""
+        if self.store_dtype != mx.float16 or self.dtype != mx.float32:
+            return
+        if not (fmt.overflows(keys, mx.float16) or fmt.overflows(values, mx.float16)):
+            return
+        self._wide = True
+        wide = lambda a: None if a is None else a.astype(mx.float32)
+        self.sink_keys, self.sink_values = wide(self.sink_keys), wide(self.sink_values)
+        self._wk, self._wv = wide(self._wk), wide(self._wv)
+        if self.keys is not None and self.mode == "affine":  # words stay; scales and biases
+            self.keys = self.keys[:1] + tuple(wide(a) for a in self.keys[1:])
+            self.values = self.values[:1] + tuple(wide(a) for a in self.values[1:])
 
     # -- the protocol --------------------------------------------------------
     def update_and_fetch(self, keys, values):
@@ -188,8 +204,9 @@ class QuantizedKVCache:
         held = 0 if self.sink_keys is None else self.sink_keys.shape[2]
         take = min(self.sinks - held, L)
         if take > 0 or not self._window_append_kernel(keys, values):
-            keys = self._prepare(keys, self.rotate)
-            values = self._prepare(values, self.rotate == "kv")
+            keys, values = self._rotated(keys, self.rotate), self._rotated(values, self.rotate == "kv")
+            self._widen(keys, values)
+            keys, values = fmt.fit(keys, self.store_dtype), fmt.fit(values, self.store_dtype)
             if take > 0:
                 # copies: a slice would keep the whole first chunk alive for a few tokens
                 self.sink_keys = _cat(self.sink_keys, mx.contiguous(keys[:, :, :take]))
@@ -255,6 +272,8 @@ class QuantizedKVCache:
         """Decode on GPUs: rotate and cast the new rows and write them into the window
         buffers in one launch (``kernels.window_append``); False where it does not apply."""
         if not kernels.is_decode(keys.shape[2]) or self._wn != self._wvn:
+            return False
+        if self.store_dtype != self.dtype:  # a float32 model: its values are checked first (``_widen``)
             return False
         if self.padded_dim(keys.shape[-1]) != keys.shape[-1]:
             return False
@@ -392,7 +411,7 @@ class QuantizedKVCache:
         arrays = (cut(self.keys), cut(self.values), self.sink_keys, self.sink_values,
                   self.window_keys, self.window_values)
         head = saved.header(self.config, self._dims(), [self._steps, self._log], self.offset, n,
-                            dict(zip(saved.NAMES, arrays)))
+                            dict(zip(saved.NAMES, arrays)), wide=self._wide)
         return (head, self.offset, n) + arrays
 
     @state.setter
@@ -408,6 +427,7 @@ class QuantizedKVCache:
         self.kv_heads, self.k_dim, self.v_dim, dtype = head["dims"]
         self._steps, self._log = saved.schedule(head, v[1])  # the decode flush schedule
         self.dtype = dtype and getattr(mx, dtype)
+        self._wide = head.get("wide") is True
         saved.check_arrays(self, v, exact_offset=self._exact_offset(head["config"]))
         (_, self.offset, self.n_packed, keys, values) = v[:5]
         self.keys = None if keys is None else tuple(keys)

@@ -39,9 +39,10 @@ def digest(head, arrays):
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def header(config, dims, steps, offset, n_packed, arrays):
-    """The state's JSON header, with its digest."""
-    head = {"config": config, "dims": dims, "steps": steps, "offset": offset, "n_packed": n_packed}
+def header(config, dims, steps, offset, n_packed, arrays, wide=False):
+    """The state's JSON header, with its digest (``wide``: a float32 model's cache that
+    stores float32, ``QuantizedKVCache._widen``)."""
+    head = {"config": config, "dims": dims, "steps": steps, "offset": offset, "n_packed": n_packed, "wide": wide}
     head["digest"] = digest(head, arrays)
     return json.dumps(head, sort_keys=True)
 
