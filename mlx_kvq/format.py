@@ -88,10 +88,14 @@ def fit(x, dtype):
     return x if x.dtype == dtype else x.astype(dtype)
 
 
-def overflows(x, dtype):
-    """Whether a finite value of ``x`` lies beyond ``dtype``'s range (a sync: asks MLX)."""
+def overflows(xs, dtype):
+    """Whether a finite value of the arrays ``xs`` lies beyond ``dtype``'s range (one sync)."""
     big = mx.finfo(dtype).max
-    return mx.finfo(x.dtype).max > big and (mx.abs(mx.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)).max() > big).item()
+    xs = [x for x in xs if mx.finfo(x.dtype).max > big]
+    if not xs:
+        return False
+    top = [mx.abs(mx.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)).max() for x in xs]
+    return (mx.stack(top).max() > big).item()
 
 
 def packed_dims(head_dim, bits, group_size, mode="affine"):

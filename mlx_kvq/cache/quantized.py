@@ -177,7 +177,7 @@ class QuantizedKVCache:
         while it stores float16."""
         if self.store_dtype != mx.float16 or self.dtype != mx.float32:
             return
-        if not (fmt.overflows(keys, mx.float16) or fmt.overflows(values, mx.float16)):
+        if not fmt.overflows((keys, values), mx.float16):
             return
         self._wide = True
         wide = lambda a: None if a is None else a.astype(mx.float32)
