@@ -22,7 +22,8 @@ keeps them). KV bytes are those of the tokens held (padding included, as in mlx-
 of a float32 model stores keys and values in float32: the "as fp16 model" columns count
 float32 arrays at 2 bytes, which is what the same run stores with a float16 model (packed
 words unchanged). The quantized cache keeps its window, sinks and scales in float16 for a
-float32 model (``QuantizedKVCache.store_dtype``), so its two columns agree.
+float32 model (``QuantizedKVCache.store_dtype``; float32 only once a value overflows float16),
+so its two columns agree.
 """
 
 import mlx_kvq  # noqa: F401  (OpenBLAS before mlx.core)

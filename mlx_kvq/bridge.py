@@ -133,10 +133,13 @@ def _quantized(c, config):
 
 
 def cache_config(caches):
-    """The config of the first quantized cache in a list, or None if it holds none."""
+    """The config of the first quantized cache in a list (mlx-lm's ``QuantizedKVCache``:
+    ``{"mlx_lm": "QuantizedKVCache", "bits": .., "group_size": ..}``), or None if it holds none."""
     for c in caches:
         if isinstance(c, QuantizedKVCache):
             return c.config
+        if isinstance(c, lm_cache.QuantizedKVCache):
+            return {"mlx_lm": "QuantizedKVCache", "bits": c.bits, "group_size": c.group_size}
     return None
 
 
@@ -153,6 +156,8 @@ def load_prompt_cache(path, model=None, expect=False, return_metadata=False):
     the model it must fit (layer count),
     and which gets patched.
     """
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a directory, not a prompt cache file.")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Prompt cache file not found: {path}")
     try:
@@ -189,6 +194,8 @@ def num_layer_caches(model):
 def _describe(config):
     if config is None:
         return "fp16 (not quantized)"
+    if "mlx_lm" in config:
+        return f"mlx-lm's own QuantizedKVCache (bits={config['bits']}, group_size={config['group_size']})"
     return ", ".join(f"{k}={v}" for k, v in config.items())
 
 

@@ -57,14 +57,45 @@ def quantize(x, bits, group_size, mode="affine"):
 
 
 def dequantize(packed, bits, group_size, mode="affine", dtype=mx.float16):
-    """Unpack a tuple from :func:`quantize` back to ``dtype``."""
+    """Unpack a tuple from :func:`quantize` back to ``dtype``.
+
+    ``mx.dequantize`` computes ``scale * q + bias`` in the scales' dtype: with float16
+    scales a group near the float16 maximum overflows (``-7500 * 15 + 60000``) even
+    where the result fits. Affine scales and biases are taken in float32 for a float32
+    result (the decode kernels compute in float32 too); a half-precision result saturates.
+    """
     if mode == "affine":
         w, scales, biases = packed
+        if dtype == mx.float32 and scales.dtype != mx.float32:
+            scales, biases = scales.astype(mx.float32), biases.astype(mx.float32)
     else:
         (w, scales), biases = packed, None
     return mx.dequantize(
         w, scales, biases, group_size=group_size, bits=bits, mode=mode, dtype=dtype
     )
+
+
+def fit(x, dtype):
+    """``x`` cast to ``dtype`` (a float dtype of the cache's runs), every value finite:
+    finite values beyond its range saturate at its largest finite value (a float16 cast
+    of 1e5 gives inf) and inf and NaN become 0, so that one non-finite channel stays in
+    its channel instead of poisoning its whole token through the group scale (and the
+    rotation), and the other channels of the token keep their precision."""
+    x = mx.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+    big = mx.finfo(dtype).max
+    if mx.finfo(x.dtype).max > big:
+        x = mx.clip(x, -big, big)
+    return x if x.dtype == dtype else x.astype(dtype)
+
+
+def overflows(xs, dtype):
+    """Whether a finite value of the arrays ``xs`` lies beyond ``dtype``'s range (one sync)."""
+    big = mx.finfo(dtype).max
+    xs = [x for x in xs if mx.finfo(x.dtype).max > big]
+    if not xs:
+        return False
+    top = [mx.abs(mx.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)).max() for x in xs]
+    return (mx.stack(top).max() > big).item()
 
 
 def packed_dims(head_dim, bits, group_size, mode="affine"):

@@ -91,21 +91,26 @@ def prefill_path(q, view, scale, mask, sinks, dtype):
 
 def partials(q, view, scale, mask, sinks, dtype, use_kernels=True):
     rot = view.format.rotate
-    q0, q = q, rotate(q) if rot else q
+    q0, q = q, rotate(q.astype(mx.float32)) if rot else q  # float32: q R can exceed float16
     fused = None
     if use_kernels and not _whole_in_kernel(q, view, sinks):
         fused = _fused_decode(q, view, scale, mask)
         if fused is DISABLED:
             return reference_path(q0, view, scale, mask, sinks, dtype)
     if fused is None:
-        fused = merge(_segment_parts(q, view, scale, mask, use_kernels))
+        parts = _segment_parts(q, view, scale, mask, use_kernels)
+        if not parts:  # no keys at all (an empty cache): an output of zeros, as rows with none visible
+            B, Hq, L, _ = q.shape
+            dv = view.format.padded_dim(view.v_dim or q.shape[-1])
+            parts = [(mx.zeros((B, Hq, L, dv)), mx.full((B, Hq, L), -mx.inf))]
+        fused = merge(parts)
     out, lse = fused  # float32: sinks applied here, then the model's dtype
     if sinks is not None:
         s = sinks.astype(mx.float32).reshape(1, -1, 1)
         total = mx.logaddexp(lse, s)
         out = out * mx.exp(lse - total)[..., None]
     if rot == "kv":
-        out = rotate(out.astype(dtype), inverse=True)  # rotate back in the model's precision
+        out = rotate(out, inverse=True)  # in float32, as the kernels do: it can exceed float16
     return out
 
 
@@ -123,10 +128,16 @@ def reference_path(q, view, scale, mask, sinks, dtype):
 
 
 def _finish(out, v_dim, dtype):
-    """Drop the zero-padded value dims and cast (no ops where there is nothing to do)."""
+    """Drop the zero-padded value dims and cast, saturating (a float32 output a rounding
+    over the float16 maximum is not inf); no ops where there is nothing to do."""
     if out.shape[-1] != v_dim:
         out = out[..., :v_dim]
-    return out if out.dtype == dtype else out.astype(dtype)
+    if out.dtype == dtype:
+        return out
+    if dtype.size < out.dtype.size:
+        big = mx.finfo(dtype).max
+        out = mx.clip(out, -big, big)
+    return out.astype(dtype)
 
 
 def _split_mask(mask):

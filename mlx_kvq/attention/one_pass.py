@@ -42,7 +42,7 @@ def one_pass_attention(q, view, scale, mask, sinks, dtype):
     Hkv = (k[0] if n else sk if s else wk).shape[1]
     rot = f.rotate
     if rot:
-        q = rotate(q)
+        q = rotate(q.astype(mx.float32))  # float32: q R can exceed float16
     rows = Hq // Hkv * L
     qf = (q.astype(mx.float32) * scale).reshape(B, Hkv, rows, D)
     qmm = lambda x, p, bits, t: mx.quantized_matmul(
@@ -79,5 +79,5 @@ def one_pass_attention(q, view, scale, mask, sinks, dtype):
         out = out + p[..., s + n :] @ wv.astype(mx.float32)
     out = out.reshape(B, Hq, L, -1)
     if rot == "kv":
-        out = rotate(out.astype(dtype), inverse=True)  # rotate back in the model's precision
+        out = rotate(out, inverse=True)  # in float32, as the kernels do: it can exceed float16
     return out

@@ -30,6 +30,7 @@ from .. import format as fmt
 from .. import kernels
 from ..kernels.backend import eval_now
 from ..rotation import rotate, rotation
+from . import state as saved
 from .defaults import ROTATE, default_options, init_kwargs, whole
 from .view import KVFormat, KVView, first_tokens
 
@@ -52,6 +53,7 @@ class QuantizedKVCache:
 
     step = 256
     flush_block = 32  # decode: the window is packed every flush_block steps
+    max_log = 2 * flush_block  # updates an exact trim can go back (``trim``)
 
     def __init__(
         self,
@@ -88,11 +90,15 @@ class QuantizedKVCache:
         self.offset = 0
         self.n_packed = 0
         self.k_dim = self.v_dim = self.kv_heads = self.dtype = None
+        self._wide = False  # a float32 model's cache stores float32 (``store_dtype``)
         self.packed_keys = self.packed_values = None
         self.sink_keys = self.sink_values = None
         self._wk = self._wv = None  # window buffers (B, H, capacity, D)
         self._wn = self._wvn = 0  # tokens in the window (keys, values: set one at a time)
         self._steps = 0  # decode steps since the last prefill chunk (the flush schedule)
+        # (offset, steps) after each update since the last one that packed tokens: the
+        # states an exact trim can return to (``trim``)
+        self._log = []
         # Optional (B,) int array: row b's padding is the ``left_padding[b]`` positions
         # right after the sink run (at the very start when the cache keeps no sinks).
         self.left_padding = None
@@ -149,18 +155,38 @@ class QuantizedKVCache:
     @property
     def store_dtype(self):
         """The dtype of the unquantized runs and of the scales: the model's, but float16
-        for a float32 model (a KV cache gains nothing from float32; it would double
-        the window and the scales)."""
-        return mx.float16 if self.dtype == mx.float32 else self.dtype
+        for a float32 model (a KV cache gains nothing from float32; it would double the
+        window and the scales: 0.33x instead of 0.29x of fp16 in BENCHMARKS.md's summary
+        run) until a value to store would overflow float16 (``_widen``)."""
+        wide = self._wide or self.dtype is None or self.dtype != mx.float32
+        return self.dtype if wide else mx.float16
 
-    def _prepare(self, x, rotated):
-        """Zero-pad to the packed head dim, rotate, cast to ``store_dtype``."""
+    def _rotated(self, x, rotated):
+        """Zero-padded to the packed head dim and rotated, in float32 where rotated: ``x R``
+        can exceed the largest float16 by up to ``sqrt(head_dim)`` where ``x`` does not (a
+        token of values near 65504). Non-finite values are zeroed before the rotation, so
+        they stay in their channel (``format.fit``)."""
         d = self.padded_dim(x.shape[-1])
         if d != x.shape[-1]:
             x = mx.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, d - x.shape[-1])])
-        x = rotate(x) if rotated else x
-        # astype makes a new array (a launch per decode step) even for the same dtype
-        return x if x.dtype == self.store_dtype else x.astype(self.store_dtype)
+        return rotate(fmt.fit(x, x.dtype).astype(mx.float32)) if rotated else x
+
+    def _widen(self, keys, values):
+        """A float32 model's cache stores float32 from the first update with a value that
+        would overflow float16 (keys of 1e5) on: what it holds is cast (exactly) to float32.
+        This asks for the update's largest value: one sync per update of a float32 model
+        while it stores float16."""
+        if self.store_dtype != mx.float16 or self.dtype != mx.float32:
+            return
+        if not fmt.overflows((keys, values), mx.float16):
+            return
+        self._wide = True
+        wide = lambda a: None if a is None else a.astype(mx.float32)
+        self.sink_keys, self.sink_values = wide(self.sink_keys), wide(self.sink_values)
+        self._wk, self._wv = wide(self._wk), wide(self._wv)
+        if self.packed_keys is not None and self.mode == "affine":  # words stay; scales and biases
+            self.packed_keys = self.packed_keys[:1] + tuple(wide(a) for a in self.packed_keys[1:])
+            self.packed_values = self.packed_values[:1] + tuple(wide(a) for a in self.packed_values[1:])
 
     # -- the protocol --------------------------------------------------------
     def update_and_fetch(self, keys, values):
@@ -179,8 +205,9 @@ class QuantizedKVCache:
         held = 0 if self.sink_keys is None else self.sink_keys.shape[2]
         take = min(self.sinks - held, L)
         if take > 0 or not self._window_append_kernel(keys, values):
-            keys = self._prepare(keys, self.rotate)
-            values = self._prepare(values, self.rotate == "kv")
+            keys, values = self._rotated(keys, self.rotate), self._rotated(values, self.rotate == "kv")
+            self._widen(keys, values)
+            keys, values = fmt.fit(keys, self.store_dtype), fmt.fit(values, self.store_dtype)
             if take > 0:
                 # copies: a slice would keep the whole first chunk alive for a few tokens
                 self.sink_keys = _cat(self.sink_keys, mx.contiguous(keys[:, :, :take]))
@@ -191,6 +218,7 @@ class QuantizedKVCache:
         self.offset += L
         # A prefill chunk attends to itself unquantized and is packed at the next update;
         # in decode the window is packed down to ``window`` tokens every flush_block steps.
+        packed = self.n_packed
         if L > 1:
             self._steps = 0
             self.flush(max(self.window, L))
@@ -198,6 +226,10 @@ class QuantizedKVCache:
             self._steps += 1
             if (self._steps - 1) % self.flush_block == 0:
                 self.flush()
+        if self.n_packed != packed:
+            self._log = []
+        self._log.append((self.offset, self._steps))
+        del self._log[: -self.max_log]
         view = KVView(self, L, self.offset)
         return view, view
 
@@ -241,6 +273,8 @@ class QuantizedKVCache:
         """Decode on GPUs: rotate and cast the new rows and write them into the window
         buffers in one launch (``kernels.window_append``); False where it does not apply."""
         if not kernels.is_decode(keys.shape[2]) or self._wn != self._wvn:
+            return False
+        if self.store_dtype != self.dtype:  # a float32 model: its values are checked first (``_widen``)
             return False
         if self.padded_dim(keys.shape[-1]) != keys.shape[-1]:
             return False
@@ -299,7 +333,15 @@ class QuantizedKVCache:
         return True
 
     def trim(self, n):
-        """Drop the last ``n`` tokens; returns how many were dropped."""
+        """Drop the last ``n`` tokens; returns how many were dropped.
+
+        Exact when the cache goes back to where it stood after one of its updates since
+        the last that packed tokens, at most ``max_log`` back (or to empty): then it holds what it held then, the
+        pack schedule included, so feeding the same updates again gives bit for bit what
+        they gave the first time. Any other trim keeps the tokens already packed packed
+        (their unquantized values are gone), so fewer than ``window`` recent tokens may
+        stay unquantized; the schedule restarts as after a prefill chunk.
+        """
         n = min(self.offset, whole("trim's token count", n, 0, 1 << 62))
         left = n
         if self.window_keys is not None and left:
@@ -317,7 +359,18 @@ class QuantizedKVCache:
             self.sink_keys = self.sink_keys[:, :, :keep]
             self.sink_values = self.sink_values[:, :, :keep]
         self.offset -= n
+        if n:
+            self._log = [e for e in self._log if e[0] <= self.offset]
+            exact = self._log and self._log[-1][0] == self.offset
+            self._steps = self._log[-1][1] if exact else 0
+            if not exact:
+                self._log = []
         return n
+
+    def exact_trims(self):
+        """The token counts ``trim`` takes back exactly (see ``trim``), smallest first."""
+        return [0] + [self.offset - o for o, _ in reversed(self._log[:-1])] + (
+            [self.offset] if self.offset else [])
 
     def make_mask(self, N, return_array=False, window_size=None):
         if self.left_padding is not None:
@@ -378,32 +431,37 @@ class QuantizedKVCache:
     def state(self):
         n = self.n_packed
         cut = lambda t: None if t is None else tuple(a[:, :, :n] for a in t)
-        state = (
-            json.dumps({"config": self.config, "dims": self._dims(), "steps": self._steps}, sort_keys=True),
-            self.offset,
-            n,
-            cut(self.packed_keys),
-            cut(self.packed_values),
-            self.sink_keys,
-            self.sink_values,
-            self.window_keys,
-            self.window_values,
-        )
+        arrays = (cut(self.packed_keys), cut(self.packed_values), self.sink_keys, self.sink_values,
+                  self.window_keys, self.window_values)
+        head = saved.header(self.config, self._dims(), [self._steps, self._log], self.offset, n,
+                            dict(zip(saved.NAMES, arrays)), wide=self._wide)
+        state = (head, self.offset, n) + arrays
         return state if self._after is None else _depending(state, self._after)
 
     @state.setter
     def state(self, v):
-        if len(v) != 9 or not isinstance(v[0], str):
-            raise ValueError("Not a mlx_kvq QuantizedKVCache state (was it saved by another cache class?).")
-        head = json.loads(v[0])
-        QuantizedKVCache.__init__(self, **init_kwargs(head["config"]))
+        """Take a saved state, checked first (``cache.state``): a clear ``ValueError`` for a
+        damaged or changed file, never a failure at the first use."""
+        head = saved.read(v)
+        try:
+            kwargs = init_kwargs(head["config"])
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"The cache state's config {head['config']!r} lacks {e}: the file is damaged.") from None
+        QuantizedKVCache.__init__(self, **kwargs)
         self.kv_heads, self.k_dim, self.v_dim, dtype = head["dims"]
-        self._steps = head.get("steps", 0)  # where the decode flush schedule stands
+        self._steps, self._log = saved.schedule(head, v[1])  # the decode flush schedule
         self.dtype = dtype and getattr(mx, dtype)
+        self._wide = head.get("wide") is True
+        saved.check_arrays(self, v, exact_offset=self._exact_offset(head["config"]))
         (_, self.offset, self.n_packed, keys, values) = v[:5]
         self.packed_keys = None if keys is None else tuple(keys)
         self.packed_values = None if values is None else tuple(values)
         self.sink_keys, self.sink_values, self.window_keys, self.window_values = v[5:]
+
+    @staticmethod
+    def _exact_offset(config):
+        """Whether the tokens held sum to the offset (a rotating cache drops tokens)."""
+        return True
 
     @property
     def meta_state(self):

@@ -30,8 +30,8 @@ class QuantizedRotatingKVCache(QuantizedKVCache):
     def __init__(self, bits=4, group_size=None, *, max_size=None, keep=None, sinks=None, **kwargs):
         if keep is not None and sinks is not None and sinks != keep:
             raise ValueError(f"A rotating cache keeps its first keep={keep} tokens as sinks, not {sinks}.")
-        keep = int(keep if keep is not None else sinks or 0)
-        if max_size is not None and max_size <= keep:
+        keep = whole("keep", keep if keep is not None else sinks or 0)
+        if max_size is not None and whole("max_size", max_size, 1) <= keep:
             raise ValueError(f"max_size ({max_size}) must be larger than keep ({keep}).")
         super().__init__(bits, group_size, sinks=keep, **kwargs)
         self.max_size, self.keep = max_size, keep
@@ -116,7 +116,15 @@ class QuantizedRotatingKVCache(QuantizedKVCache):
     def state(self, v):
         QuantizedKVCache.state.fset(self, v)
         config = json.loads(v[0])["config"]
-        self.max_size, self.keep = config["max_size"], config["keep"]
+        keep = whole("the cache state's keep", config.get("keep"))
+        max_size = whole("the cache state's max_size", config.get("max_size"), keep + 1)
+        if keep != self.sinks:
+            raise ValueError(f"The cache state keeps {keep} tokens but has {self.sinks} sinks: the file is damaged.")
+        self.max_size, self.keep = max_size, keep
+
+    @staticmethod
+    def _exact_offset(config):
+        return False  # tokens no query can see are dropped
 
     @classmethod
     def from_cache(cls, cache, **config):

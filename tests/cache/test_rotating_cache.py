@@ -119,3 +119,7 @@ def test_bad_arguments():
         QuantizedRotatingKVCache(4, max_size=4, keep=4)
     with pytest.raises(ValueError, match="sinks"):
         QuantizedRotatingKVCache(4, max_size=16, keep=4, sinks=2)
+    for bad, name in ((dict(max_size="x"), "max_size"), (dict(max_size=0), "max_size"),
+                      (dict(max_size=8, keep=2.0), "keep")):
+        with pytest.raises(ValueError, match=name):
+            QuantizedRotatingKVCache(4, **bad)
