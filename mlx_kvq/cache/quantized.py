@@ -31,6 +31,7 @@ from .. import kernels
 from ..kernels.backend import eval_now
 from ..rotation import rotate, rotation
 from .defaults import ROTATE, default_options, init_kwargs, whole
+from .rows import RowsKVCache
 from .view import KVFormat, KVView, first_tokens
 
 
@@ -398,6 +399,17 @@ class QuantizedKVCache:
         obj = cls.__new__(cls)
         obj.state = state
         return obj
+
+    @classmethod
+    def merge(cls, caches):
+        """Single-row caches as one batch whose rows update as they would alone (mlx-lm's
+        ``BatchGenerator`` merges caches so: see ``rows.RowsKVCache``)."""
+        return RowsKVCache.merge(caches)
+
+    def __deepcopy__(self, memo):
+        """A copy that shares the (immutable) arrays: mlx-lm's prompt cache hands out copies
+        of its entries (``copy.deepcopy`` cannot copy an ``mx.Dtype``)."""
+        return type(self).from_state(self.state)
 
     @classmethod
     def from_cache(cls, cache, **config):
