@@ -12,6 +12,10 @@
   ``load_prompt_cache`` (which looks classes up there by name) finds it.
 * ``fp16_batch_cache``, ``extract_row``, ``empty_fp16_cache``, ``is_fp16_cache`` and
   ``merge_mlx_lm_caches``: the mlx-lm cache classes batched generation uses.
+* ``serve_caches`` makes mlx-lm build our caches for a model wherever it builds caches
+  (its server, ``BatchGenerator``); ``mlx_lm_server``, ``mlx_lm_server_parser`` and
+  ``mlx_lm_batch_generator`` hand mlx-lm's server module, its flags and ``BatchGenerator``
+  to ``mlx_kvq.server``.
 * mlx-lm's generation, sampling, loading, llama model and tokenizer classes, as the
   other modules use them (``stream_generate``, ``make_sampler``, ``load_mlx_lm``,
   ``llama``, ``TokenizerWrapper``, ``BPEStreamingDetokenizer``).
