@@ -31,7 +31,7 @@ from .. import kernels
 from ..kernels.backend import eval_now
 from ..rotation import rotate, rotation
 from .defaults import ROTATE, default_options, init_kwargs, whole
-from .rows import RowsKVCache
+from .rows import RowsKVCache, own_copy
 from .view import KVFormat, KVView, first_tokens
 
 
@@ -407,9 +407,9 @@ class QuantizedKVCache:
         return RowsKVCache.merge(caches)
 
     def __deepcopy__(self, memo):
-        """A copy that shares the (immutable) arrays: mlx-lm's prompt cache hands out copies
-        of its entries (``copy.deepcopy`` cannot copy an ``mx.Dtype``)."""
-        return type(self).from_state(self.state)
+        """A copy holding only the tokens (mlx-lm's prompt cache hands out copies of its
+        entries; ``copy.deepcopy`` cannot copy an ``mx.Dtype``)."""
+        return own_copy(self)
 
     @classmethod
     def from_cache(cls, cache, **config):

@@ -136,7 +136,8 @@ class RowsKVCache:
 
 
 def own_copy(cache):
-    """A copy of a single-row quantized cache whose arrays hold its tokens only (no spare room)."""
+    """A copy of a single-row quantized cache whose arrays hold its tokens only (no spare
+    room) and are arrays of its own (an in-place write to one cache never reaches the other)."""
     def own(x):
         if isinstance(x, mx.array):
             return mx.contiguous(x)

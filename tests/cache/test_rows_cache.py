@@ -120,3 +120,24 @@ def test_rotating_rows_and_bad_updates():
     assert view.takes == [5, 2] and rows.offset.tolist() == [5, 2]
     rows.filter([1])
     assert len(rows) == 1 and rows.offset.tolist() == [2]
+
+
+def test_prompt_cache_copies_are_independent():
+    """mlx-lm's prompt cache hands out ``copy.deepcopy`` of its entries: the copy and the
+    entry then decode on their own, neither writing into the other's arrays."""
+    import copy
+
+    mx.random.seed(5)
+    kv = lambda n: (mx.random.normal((1, 2, n, 64)), mx.random.normal((1, 2, n, 64)))
+    c = QuantizedKVCache(bits=4)
+    c.update_and_fetch(*kv(50))
+    c.update_and_fetch(*kv(1))  # a decode step: the window has spare room, written in place
+    d = copy.deepcopy(c)
+    held = [mx.array(a) for a in d.state[5:]]
+    step = kv(1)
+    c.update_and_fetch(*step)
+    assert all(mx.array_equal(a, b) for a, b in zip(held, d.state[5:]))
+    d.update_and_fetch(*step)
+    for a, b in zip(c.state[3:], d.state[3:]):
+        a, b = (a, b) if isinstance(a, tuple) else ((a,), (b,))
+        assert all(mx.array_equal(x, y) for x, y in zip(a, b))
