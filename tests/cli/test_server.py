@@ -190,3 +190,13 @@ def test_disconnected_client_frees_its_row(server, client):
     assert idle < 0.5 * busy, (idle, busy)
     r = client.completions.create(model="default_model", prompt="Hello", max_tokens=3)
     assert r.choices[0].finish_reason in ("length", "stop")
+
+
+def test_flags_are_mlx_lms_plus_the_kv_flags():
+    from mlx_kvq.cli.server import main, setup_arg_parser
+
+    args = setup_arg_parser().parse_args(["--decode-concurrency", "4", "--prompt-cache-bytes", "1GB"])
+    assert (args.decode_concurrency, args.prompt_cache_bytes, args.max_tokens) == (4, 10**9, 512)
+    assert (args.kv_bits, args.kv_group_size, args.quantized_kv_start, args.model) == (4, None, 0, None)
+    with pytest.raises(SystemExit, match="Unsupported key bits 9"):
+        main(["--kv-bits", "9"])
