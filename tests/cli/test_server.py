@@ -91,6 +91,11 @@ def test_chat_and_models(client):
         max_tokens=10)
     assert "Paris" in r.choices[0].message.content
     assert r.usage.prompt_tokens > 30 and 0 < r.usage.completion_tokens <= 10
+    # a seeded request is served alone (mlx-lm's stream_generate on our caches), from the prompt cache
+    s = client.chat.completions.create(
+        model="default_model", messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=10, seed=1)
+    assert "Paris" in s.choices[0].message.content and s.usage.prompt_tokens_details.cached_tokens > 30
     assert "default_model" in [m.id for m in client.models.list().data]
 
 
