@@ -12,6 +12,10 @@
   ``load_prompt_cache`` (which looks classes up there by name) finds it.
 * ``fp16_batch_cache``, ``extract_row``, ``empty_fp16_cache``, ``is_fp16_cache`` and
   ``merge_mlx_lm_caches``: the mlx-lm cache classes batched generation uses.
+* ``serve_caches`` makes mlx-lm build our caches for a model wherever it builds caches
+  (its server, ``BatchGenerator``); ``mlx_lm_server``, ``mlx_lm_server_parser`` and
+  ``mlx_lm_batch_generator`` hand mlx-lm's server module, its flags and ``BatchGenerator``
+  to ``mlx_kvq.server``.
 * mlx-lm's generation, sampling, loading, llama model and tokenizer classes, as the
   other modules use them (``stream_generate``, ``make_sampler``, ``load_mlx_lm``,
   ``llama``, ``TokenizerWrapper``, ``BPEStreamingDetokenizer``, ``sharded_load``,
@@ -29,8 +33,8 @@ from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, TokenizerWrapper  # 
 from mlx_lm.generate import generation_stream  # noqa: F401
 from mlx_lm.utils import sharded_load  # noqa: F401  (models split over mlx.launch's ranks)
 
-from .attention import quantized_sdpa
-from .cache import KVView, QuantizedKVCache, QuantizedRotatingKVCache, cache_options, whole
+from .attention import quantized_sdpa, rows_sdpa
+from .cache import KVView, QuantizedKVCache, RowsView, QuantizedRotatingKVCache, cache_options, whole
 
 stream_generate = mlx_lm.stream_generate
 load_mlx_lm = mlx_lm.load
@@ -45,7 +49,7 @@ for _cls in (QuantizedKVCache, QuantizedRotatingKVCache):
 
 
 # view class -> attention over it: ``fn(queries, view, scale=, mask=, sinks=)``
-ROUTES = {KVView: quantized_sdpa}
+ROUTES = {KVView: quantized_sdpa, RowsView: rows_sdpa}
 
 
 def add_route(view_type, fn):
@@ -101,7 +105,7 @@ def make_prompt_cache(
     if max_kv_size is not None:
         max_kv_size = whole("max_kv_size", max_kv_size, 1)
     patch(model)
-    caches = lm_cache.make_prompt_cache(model, max_kv_size=max_kv_size)
+    caches = _mlx_lm_caches(model, max_kv_size)
     if max_kv_size is not None:
         # mlx-lm ignores max_kv_size for models with their own make_cache (llama, ...): their
         # full-attention layers get the sliding window mlx-lm gives the others (keep=4)
@@ -227,3 +231,70 @@ def merge_mlx_lm_caches(caches):
     if not hasattr(caches[0], "merge"):
         raise ValueError(f"{type(caches[0]).__name__} layers cannot be batched.")
     return caches[0].merge(list(caches))
+
+
+# -- mlx-lm's server and BatchGenerator, for mlx_kvq.server --------------------------
+
+
+def _mlx_lm_caches(model, max_kv_size=None):
+    """mlx-lm's ``make_prompt_cache``, blind to the ``make_cache`` that ``serve_caches``
+    sets on a model (which builds our caches from these)."""
+    if "make_cache" not in vars(model):
+        return lm_cache.make_prompt_cache(model, max_kv_size=max_kv_size)
+    if hasattr(type(model), "make_cache"):
+        return type(model).make_cache(model)
+    if max_kv_size is not None:
+        return [lm_cache.RotatingKVCache(max_size=max_kv_size, keep=4) for _ in model.layers]
+    return [lm_cache.KVCache() for _ in model.layers]
+
+
+def serve_caches(model, **kv_kwargs):
+    """Make every cache mlx-lm builds for ``model`` (its server, ``BatchGenerator``,
+    ``stream_generate``) ``make_prompt_cache(model, **kv_kwargs)``: mlx-lm asks a model
+    with a ``make_cache`` method for its caches."""
+    make_prompt_cache(model, **kv_kwargs)  # checks the options now, patches the model
+    model.make_cache = lambda: make_prompt_cache(model, **kv_kwargs)
+    return model
+
+
+def mlx_lm_server():
+    """The ``mlx_lm.server`` module (imported on first use)."""
+    import mlx_lm.server
+
+    return mlx_lm.server
+
+
+def mlx_lm_batch_generator():
+    """mlx-lm's ``BatchGenerator`` class."""
+    from mlx_lm.generate import BatchGenerator
+
+    return BatchGenerator
+
+
+def mlx_lm_server_parser():
+    """The parser ``mlx_lm.server``'s ``main`` builds (its flags, defaults and help), caught
+    before it parses anything."""
+    import argparse
+    import types
+
+    server = mlx_lm_server()
+
+    class Caught(Exception):
+        pass
+
+    class Parser(argparse.ArgumentParser):
+        def parse_args(self, *args, **kwargs):
+            raise Caught(self)
+
+    shim = types.SimpleNamespace(**{k: getattr(argparse, k) for k in dir(argparse) if not k.startswith("__")})
+    shim.ArgumentParser = Parser
+    original = server.argparse
+    server.argparse = shim
+    try:
+        server.main()
+    except Caught as e:
+        parser = e.args[0]
+    finally:
+        server.argparse = original
+    parser.__class__ = argparse.ArgumentParser
+    return parser

@@ -6,4 +6,5 @@ from .batch import BatchQuantizedKVCache, merge
 from .defaults import MAX_TOKENS, ROTATE, cache_options, default_options, init_kwargs, whole
 from .quantized import QuantizedKVCache, causal_mask, compact
 from .rotating import QuantizedRotatingKVCache
+from .rows import RowsKVCache, RowsMask, RowsView
 from .view import KVFormat, KVView, first_tokens

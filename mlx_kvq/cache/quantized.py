@@ -32,6 +32,7 @@ from ..kernels.backend import eval_now
 from ..rotation import rotate, rotation
 from . import state as saved
 from .defaults import ROTATE, default_options, init_kwargs, whole
+from .rows import RowsKVCache, own_copy
 from .view import KVFormat, KVView, first_tokens
 
 
@@ -480,6 +481,17 @@ class QuantizedKVCache:
         obj = cls.__new__(cls)
         obj.state = state
         return obj
+
+    @classmethod
+    def merge(cls, caches):
+        """Single-row caches as one batch whose rows update as they would alone (mlx-lm's
+        ``BatchGenerator`` merges caches so: see ``rows.RowsKVCache``)."""
+        return RowsKVCache.merge(caches)
+
+    def __deepcopy__(self, memo):
+        """A copy holding only the tokens (mlx-lm's prompt cache hands out copies of its
+        entries; ``copy.deepcopy`` cannot copy an ``mx.Dtype``)."""
+        return own_copy(self)
 
     @classmethod
     def from_cache(cls, cache, **config):

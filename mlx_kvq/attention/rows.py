@@ -1,0 +1,28 @@
+"""Attention over a ``RowsView`` (``cache.rows``): each row's own queries over that row's
+own view, as the row alone would attend; the right-padding queries of a padded prefill
+get zeros (no later step reads them)."""
+
+import mlx.core as mx
+
+from ..cache import RowsMask
+from .dispatch import quantized_sdpa
+
+
+def rows_sdpa(queries, view, scale, mask=None, sinks=None):
+    """``quantized_sdpa`` row by row. ``queries``: (B, Hq, L, D) with one row per view;
+    ``mask``: a ``RowsMask`` (each row's own) or one mask for every row."""
+    B, L = queries.shape[0], queries.shape[2]
+    if B != len(view.views):
+        raise ValueError(f"{B} query rows for a batch cache of {len(view.views)} rows.")
+    masks = mask.masks if isinstance(mask, RowsMask) else [mask] * B
+    outs = []
+    for b, (v, n, m) in enumerate(zip(view.views, view.takes, masks)):
+        if n == 0:
+            outs.append(None)
+            continue
+        o = quantized_sdpa(queries[b : b + 1, :, :n], v, scale=scale, mask=m, sinks=sinks)
+        if n < L:
+            o = mx.concatenate([o, mx.zeros(o.shape[:2] + (L - n,) + o.shape[3:], o.dtype)], axis=2)
+        outs.append(o)
+    ref = next(o for o in outs if o is not None)
+    return mx.concatenate([mx.zeros_like(ref) if o is None else o for o in outs], axis=0)

@@ -1,0 +1,150 @@
+"""RowsKVCache: single-row quantized caches decoded together, for continuous batching
+(mlx-lm's ``BatchGenerator``, which ``mlx_kvq.server`` runs).
+
+Every row keeps its own ``QuantizedKVCache`` (or ``QuantizedRotatingKVCache``) and every
+update goes to each row as that row's own update, so a row packs the same tokens on the
+same steps as when it runs alone, whenever it joins or leaves the batch. Attention runs
+row by row over each row's own view (``attention.rows_sdpa``); everything else in the
+model runs batched.
+
+It implements what ``BatchGenerator`` asks of a batch cache: ``merge`` (single-row
+caches to a batch), ``prepare``/``finalize`` (a right-padded prefill: each row stores
+only its own tokens), ``filter``, ``extend``, ``extract``, a per-row ``offset`` array
+(RoPE positions) and ``nbytes``.
+"""
+
+import mlx.core as mx
+
+
+class RowsView:
+    """What ``RowsKVCache.update_and_fetch`` returns: each row's view and how many of
+    this update's queries are that row's own tokens (the rest are right padding)."""
+
+    def __init__(self, views, takes):
+        self.views = views
+        self.takes = takes
+
+
+class RowsMask:
+    """Each row's own mask, as its cache alone would make it for its own queries."""
+
+    def __init__(self, masks):
+        self.masks = masks
+
+
+class RowsKVCache:
+    """Single-row caches updated and attended to row by row, decoded as one batch."""
+
+    def __init__(self, rows):
+        self.rows = list(rows)
+        self._pending = None  # a right-padded prefill: each row's own tokens still to come
+
+    @classmethod
+    def merge(cls, caches):
+        """One batch cache from single-row caches (or batch caches, whose rows it takes)."""
+        rows = []
+        for c in caches:
+            rows.extend(c.rows if isinstance(c, RowsKVCache) else [c])
+        return cls(rows)
+
+    def _takes(self, n):
+        """How many of ``n`` new positions are each row's own tokens."""
+        if self._pending is None:
+            return [n] * len(self.rows)
+        return [min(n, p) for p in self._pending]
+
+    @property
+    def offset(self):
+        """Each row's position (a (B,) array, as mlx-lm's ``BatchKVCache``: RoPE takes it)."""
+        return mx.array([r.offset for r in self.rows])
+
+    def update_and_fetch(self, keys, values):
+        if keys.ndim != 4 or keys.shape[0] != len(self.rows):
+            raise ValueError(f"keys {keys.shape} do not have one row for each of the cache's {len(self.rows)} rows.")
+        takes = self._takes(keys.shape[2])
+        if self._pending is not None:
+            self._pending = [p - t for p, t in zip(self._pending, takes)]
+        views = [
+            r.update_and_fetch(keys[b : b + 1, :, :n], values[b : b + 1, :, :n])[0]
+            for b, (r, n) in enumerate(zip(self.rows, takes))
+        ]
+        view = RowsView(views, takes)
+        return view, view
+
+    def make_mask(self, N, return_array=False, window_size=None):
+        return RowsMask([
+            r.make_mask(n, return_array=return_array, window_size=window_size) if n else None
+            for r, n in zip(self.rows, self._takes(N))
+        ])
+
+    def prepare(self, *, left_padding=None, lengths=None, right_padding=None):
+        """A prefill whose rows are right-padded to one length: row b stores only its
+        first ``lengths[b]`` tokens. Left padding is for empty caches only and is never
+        stored (rows hold only their own tokens)."""
+        if left_padding is not None and any(left_padding) and not self.empty():
+            raise ValueError("Left padding can only be added to an empty batch cache.")
+        if right_padding is not None and max(right_padding, default=0) > 0:
+            if lengths is None or len(lengths) != len(self.rows):
+                raise ValueError(f"prepare needs one length per row ({len(self.rows)}), got {lengths!r}.")
+            self._pending = list(lengths)
+
+    def finalize(self):
+        self._pending = None
+
+    def filter(self, batch_indices):
+        """Keep only the rows ``batch_indices`` (the others are freed)."""
+        keep = [int(i) for i in batch_indices]
+        self.rows = [self.rows[i] for i in keep]
+        if self._pending is not None:
+            self._pending = [self._pending[i] for i in keep]
+
+    def extend(self, other):
+        """Append the rows of ``other``."""
+        if self._pending is not None or other._pending is not None:
+            raise ValueError("Batch caches cannot be joined in the middle of a padded prefill.")
+        self.rows.extend(other.rows)
+
+    def extract(self, idx):
+        """A copy of row ``idx`` holding only its tokens (for mlx-lm's prompt cache)."""
+        return own_copy(self.rows[idx])
+
+    @property
+    def state(self):
+        return [r.state for r in self.rows]
+
+    @property
+    def nbytes(self):
+        return sum(r.nbytes for r in self.rows)
+
+    def size(self):
+        return max((r.size() for r in self.rows), default=0)
+
+    def empty(self):
+        return all(r.empty() for r in self.rows)
+
+    def is_trimmable(self):
+        return False
+
+    def __deepcopy__(self, memo):
+        return RowsKVCache([own_copy(r) for r in self.rows])
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __bool__(self):  # mlx-lm's ``if cache`` asks whether there is a cache, not whether it has rows
+        return True
+
+
+def own_copy(cache):
+    """A copy of a single-row quantized cache whose arrays hold its tokens only (no spare
+    room) and are arrays of its own (an in-place write to one cache never reaches the other)."""
+    def own(x):
+        if isinstance(x, mx.array):
+            return mx.contiguous(x)
+        if isinstance(x, tuple):
+            return tuple(own(a) for a in x)
+        return x
+
+    copy = type(cache).from_state(tuple(own(x) for x in cache.state))
+    mx.eval(copy.state)
+    return copy

@@ -1,0 +1,59 @@
+"""``mlx_kvq.server``: mlx-lm's OpenAI-compatible server (``/v1/chat/completions``,
+``/v1/completions``, ``/v1/models``, ``/health``) with quantized KV caches that batch
+continuously. mlx-lm's flags, plus the KV flags of ``mlx_kvq.generate`` (default 4 bits).
+
+    mlx_kvq.server --port 8080                      # the embedded SmolLM2, 4-bit KV
+    mlx_kvq.server --model mlx-community/Llama-3.2-3B-Instruct-4bit --kv-bits 8
+"""
+
+import argparse
+import logging
+import sys
+
+from ..bridge import mlx_lm_server_parser
+from ..generation.serving import ModelProvider, run
+from .args import add_dtype_argument, add_kv_arguments, cache_kwargs, check_kv, ranged
+
+EXAMPLES = """examples:
+  mlx_kvq.server                                   # embedded SmolLM2-135M, 4-bit KV, port 8080
+  mlx_kvq.server --k-bits 8 --v-bits 4 --prompt-cache-bytes 2GB
+  mlx_kvq.server --model mlx-community/Llama-3.2-3B-Instruct-4bit --port 8000
+  curl localhost:8080/v1/chat/completions -H 'Content-Type: application/json' \\
+      -d '{"model": "default_model", "messages": [{"role": "user", "content": "Hi"}]}'
+"""
+
+
+def setup_arg_parser():
+    """mlx-lm's server parser with our KV flags in place of its ``--kv-bits``,
+    ``--kv-group-size`` and ``--quantized-kv-start``, plus ``--max-kv-size`` and ``--dtype``."""
+    p = mlx_lm_server_parser()
+    p.prog = "mlx_kvq.server"
+    p.description = "mlx-lm's OpenAI-compatible HTTP server with quantized KV caches that batch continuously."
+    p.epilog = EXAMPLES
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.allow_abbrev = False
+    p.conflict_handler = "resolve"
+    p.add_argument("--max-kv-size", type=ranged(int, 1),
+                   help="a sliding-window cache of this many tokens (quantized, as mlx-lm's RotatingKVCache)")
+    add_dtype_argument(p)
+    add_kv_arguments(p)
+    for a in p._actions:
+        if a.dest == "model":
+            a.help = "local path, Hugging Face repo or .gguf file (default: embedded SmolLM2-135M-Instruct)"
+    return p
+
+
+def main(argv=None):
+    args = setup_arg_parser().parse_args(argv)
+    try:
+        kv = check_kv(cache_kwargs(args))
+    except ValueError as e:
+        sys.exit(f"mlx_kvq.server: error: {e}")
+    args.kv_bits = None  # mlx-lm's own KV quantization stays off: the caches are ours
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
+                        format="%(asctime)s - %(levelname)s - %(message)s")
+    run(args.host, args.port, ModelProvider(args, kv, args.dtype))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""mlx-lm's OpenAI-compatible server with mlx-kvq's caches (``mlx_kvq.server``).
+
+mlx-lm's own classes serve (HTTP handler, request queue, ``BatchGenerator``, LRU prompt
+cache); what differs:
+
+* ``ModelProvider`` also loads GGUF files and the embedded model (the default), and
+  gives the model our caches (``serve_caches``): every cache mlx-lm builds is quantized.
+* ``ResponseGenerator`` batches requests continuously with quantized caches (mlx-lm
+  serves one request at a time when ``--kv-bits`` is set); rows are ``RowsKVCache`` rows.
+* the prompt cache is held to ``--prompt-cache-bytes`` on every insert, counting each
+  entry's real (packed) bytes.
+* ``APIHandler`` answers a request that would stop mlx-lm's generation thread (an empty
+  prompt, non-string stop words, messages that are not role objects) with a 400, and
+  ``/v1/models`` lists the served model even without a Hugging Face cache directory.
+"""
+
+import gc
+import json
+import logging
+from pathlib import Path
+
+import mlx.core as mx
+
+from ..bridge import mlx_lm_server, serve_caches
+from ..models import default_model_path, load, prepare_model
+
+server = mlx_lm_server()
+
+
+def _is_gguf_model(path):
+    p = Path(path).expanduser()
+    return p.suffix == ".gguf" or (p.is_dir() and not (p / "config.json").exists())
+
+
+class ModelProvider(server.ModelProvider):
+    """mlx-lm's ``ModelProvider`` that loads GGUF files and the embedded model (when no
+    ``--model`` is given) and serves with ``make_prompt_cache(model, **kv_kwargs)``
+    (``kv_kwargs=None``: mlx-lm's own caches)."""
+
+    def __init__(self, cli_args, kv_kwargs=None, dtype="auto"):
+        super().__init__(cli_args)
+        self.kv_kwargs = kv_kwargs
+        self.dtype = dtype
+        if cli_args.model is None:
+            self._model_map["default_model"] = str(default_model_path())
+
+    def _load(self, model_path, adapter_path=None, draft_model_path=None):
+        plain = adapter_path is None and draft_model_path is None and not self.is_distributed
+        if plain and model_path is not None and _is_gguf_model(model_path):
+            self.reset()
+            gc.collect()
+            mx.clear_cache()
+            model, tokenizer = load(model_path)
+            if self.cli_args.chat_template:
+                tokenizer._tokenizer.chat_template = self.cli_args.chat_template
+            self.model_key = (model_path, adapter_path, draft_model_path)
+            self.model, self.tokenizer = model, tokenizer
+            self.processor = self.draft_model = None
+            self.is_batchable = True
+        else:
+            super()._load(model_path, adapter_path, draft_model_path)
+        prepare_model(self.model, self.dtype)
+        if self.kv_kwargs is not None:
+            serve_caches(self.model, **self.kv_kwargs)
+            self.is_batchable = self.draft_model is None and all(hasattr(c, "merge") for c in self.model.make_cache())
+
+
+class ResponseGenerator(server.ResponseGenerator):
+    """mlx-lm's ``ResponseGenerator``, batching whatever caches the model makes."""
+
+    def _is_batchable(self, args):
+        return self.model_provider.is_batchable and args.seed is None
+
+    def _tokenize(self, tokenizer, request, args):
+        out = super()._tokenize(tokenizer, request, args)
+        if not out[0]:
+            raise ValueError("The prompt is empty (no tokens).")
+        return out
+
+
+class APIHandler(server.APIHandler):
+    """mlx-lm's handler, refusing with a 400 the requests its generation thread would die on."""
+
+    def validate_model_parameters(self):
+        super().validate_model_parameters()
+        stop = self.body.get("stop")
+        if stop is not None and not isinstance(stop, str) and not (
+            isinstance(stop, list) and all(isinstance(s, str) for s in stop)
+        ):
+            raise ValueError("stop must be a string or a list of strings")
+
+    def handle_text_completions(self):
+        prompt = self.body.get("prompt")
+        if not isinstance(prompt, str) or not prompt:
+            raise ValueError("prompt must be a non-empty string")
+        return super().handle_text_completions()
+
+    def handle_chat_completions(self):
+        messages = self.body.get("messages")
+        if not isinstance(messages, list) or not messages or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages
+        ):
+            raise ValueError("messages must be a non-empty list of objects with a 'role'")
+        return super().handle_chat_completions()
+
+    def handle_models_request(self):
+        """The served model (as ``default_model`` and by its path), then mlx-lm's list of
+        models in the Hugging Face cache where there is one."""
+        provider = self.response_generator.model_provider
+        models = [{"id": "default_model", "object": "model", "created": self.created}]
+        path = provider._model_map.get("default_model")
+        if path is not None and Path(path).exists():
+            models.append({"id": str(Path(path).resolve()), "object": "model", "created": self.created})
+        try:
+            repos = server.scan_cache_dir().repos
+        except Exception:  # no Hugging Face cache directory
+            repos = []
+        for repo in repos:
+            if repo.repo_type == "model" and "main" in repo.refs:
+                models.append({"id": repo.repo_id, "object": "model", "created": self.created})
+        body = json.dumps({"object": "list", "data": models}).encode()
+        self._set_completion_headers(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+        self.wfile.flush()
+
+
+def run(host, port, model_provider, response_generator=ResponseGenerator, handler=APIHandler):
+    """Serve ``model_provider``'s models on ``host:port`` until interrupted (mlx-lm's HTTP
+    server); the LRU prompt cache holds ``--prompt-cache-size`` entries and at most
+    ``--prompt-cache-bytes`` bytes."""
+    args = model_provider.cli_args
+    max_bytes = args.prompt_cache_bytes if args.prompt_cache_bytes is not None else 1 << 63
+    prompt_cache = server.LRUPromptCache(args.prompt_cache_size, max_bytes)
+    generator = response_generator(model_provider, prompt_cache)
+    logging.info("KV caches: %s", model_provider.kv_kwargs or "mlx-lm's (fp16)")
+    server._run_http_server(host, port, generator, handler_class=handler)

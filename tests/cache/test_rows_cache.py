@@ -1,0 +1,143 @@
+"""RowsKVCache under mlx-lm's BatchGenerator (continuous batching): requests that join
+and leave a running batch get the greedy tokens they get alone with the same cache."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+from mlx_lm.generate import BatchGenerator, generate_step
+from mlx_lm.models import llama
+from mlx_lm.models.cache import LRUPromptCache
+
+from mlx_kvq.bridge import make_prompt_cache, serve_caches
+from mlx_kvq.cache import QuantizedKVCache, QuantizedRotatingKVCache, RowsKVCache
+
+VOCAB = 96
+
+
+def tiny_model(seed=0):
+    """A random 2-layer float32 llama (head dim 64, 2 query heads on 1 KV head)."""
+    mx.random.seed(seed)
+    args = llama.ModelArgs(model_type="llama", hidden_size=128, num_hidden_layers=2, intermediate_size=192,
+                           num_attention_heads=2, num_key_value_heads=1, rms_norm_eps=1e-5, vocab_size=VOCAB)
+    model = llama.Model(args)
+    # sharper logits than the default init, so greedy tokens vary with the context
+    model.update(nn.utils.tree_map(lambda p: p * 3, model.parameters()))
+    mx.eval(model.parameters())
+    return model
+
+
+def prompt(n, seed):
+    return mx.random.randint(0, VOCAB, (n,), key=mx.random.key(seed)).tolist()
+
+
+def alone(model, tokens, max_tokens, kv, step):
+    cache = make_prompt_cache(model, **kv)
+    out = generate_step(mx.array(tokens), model, max_tokens=max_tokens, prompt_cache=cache,
+                        prefill_step_size=step)
+    return [t for t, _ in out]
+
+
+KV = {
+    "4bit": dict(kv_bits=4),
+    "2bit-window16": dict(kv_bits=2, window=16),
+    "4bit-rotating": dict(kv_bits=4, max_kv_size=40),
+}
+
+
+@pytest.mark.parametrize("kv", KV.values(), ids=KV.keys())
+def test_requests_joining_and_leaving_match_alone(kv):
+    """Two requests start, two join three steps later, one is removed midway: every
+    finished request's tokens equal its run alone (prompts past the window, decodes past
+    two flush blocks, a chunked and right-padded prefill)."""
+    model = serve_caches(tiny_model(), **kv)
+    n_new, step = QuantizedKVCache.flush_block + 10, 16
+    prompts = [prompt(n, s) for s, n in enumerate([45, 9, 70, 33, 52])]
+    gen = BatchGenerator(model, max_tokens=n_new, prefill_step_size=step, completion_batch_size=8,
+                         prefill_batch_size=4)
+    uids = gen.insert(prompts[:2])
+    got = {u: [] for u in uids}
+    for i in range(60 * n_new):
+        if i == 3:
+            new = gen.insert(prompts[2:])
+            uids += new
+            got.update({u: [] for u in new})
+        if i == 12:
+            gen.remove([uids[3]])  # a client that goes away
+            del got[uids[3]]
+        responses = gen.next_generated()
+        for r in responses:
+            if r.uid in got:
+                got[r.uid].append(r.token)
+        if all(len(t) == n_new for t in got.values()):
+            break
+    caches = gen._generation_batch.prompt_cache
+    assert not caches or all(len(c) == 0 for c in caches)  # finished rows are gone
+    for u, p in zip(uids, prompts):
+        if u in got:
+            assert got[u] == alone(model, p, n_new, kv, step), (u, len(p))
+    assert len(got) == 4
+
+
+def test_rows_hold_their_own_tokens_and_extract_compact_copies():
+    model = serve_caches(tiny_model(), kv_bits=4)
+    gen = BatchGenerator(model, max_tokens=3, prefill_step_size=64)
+    gen.insert([prompt(50, 1), prompt(7, 2)])
+    done = []
+    while len(done) < 2:
+        done += [r for r in gen.next_generated() if r.finish_reason]
+    for r in done:
+        layer = r.prompt_cache[0]
+        assert type(layer) is QuantizedKVCache
+        assert layer.offset == len(r.all_tokens)  # the prompt and what it generated
+        assert layer.nbytes == layer.used_nbytes()  # no spare room in a prompt-cache entry
+        assert layer.nbytes < layer.dense_nbytes() or layer.offset <= layer.window + layer.sinks
+
+
+def test_prompt_cache_budget_counts_quantized_bytes():
+    """mlx-lm's LRU prompt cache evicts by the entries' ``nbytes``: quantized entries are
+    their packed size, so a byte budget holds more of them than of fp16 entries."""
+    model = tiny_model()
+    def entry(kv):
+        c = make_prompt_cache(model, **kv)
+        model(mx.array([prompt(300, 3)]), cache=c)
+        return [RowsKVCache.merge([x]).extract(0) if hasattr(x, "config") else x for x in c]
+    q, f = entry(dict(kv_bits=4)), entry(dict(kv_bits=None))
+    qb, fb = sum(c.nbytes for c in q), sum(c.nbytes for c in f)
+    assert qb < 0.45 * fb
+    lru = LRUPromptCache(max_size=100, max_bytes=fb)
+    for i in range(6):
+        lru.insert_cache("m", [i] * 5, entry(dict(kv_bits=4)))
+    assert len(lru) == fb // qb and lru.nbytes <= fb
+
+
+def test_rotating_rows_and_bad_updates():
+    rows = RowsKVCache.merge([QuantizedRotatingKVCache(bits=4, max_size=20, keep=4) for _ in range(2)])
+    with pytest.raises(ValueError, match="one row for each"):
+        rows.update_and_fetch(mx.zeros((3, 1, 1, 64)), mx.zeros((3, 1, 1, 64)))
+    rows.prepare(lengths=[5, 2], right_padding=[0, 3])
+    view, _ = rows.update_and_fetch(mx.ones((2, 1, 5, 64)), mx.ones((2, 1, 5, 64)))
+    rows.finalize()
+    assert view.takes == [5, 2] and rows.offset.tolist() == [5, 2]
+    rows.filter([1])
+    assert len(rows) == 1 and rows.offset.tolist() == [2]
+
+
+def test_prompt_cache_copies_are_independent():
+    """mlx-lm's prompt cache hands out ``copy.deepcopy`` of its entries: the copy and the
+    entry then decode on their own, neither writing into the other's arrays."""
+    import copy
+
+    mx.random.seed(5)
+    kv = lambda n: (mx.random.normal((1, 2, n, 64)), mx.random.normal((1, 2, n, 64)))
+    c = QuantizedKVCache(bits=4)
+    c.update_and_fetch(*kv(50))
+    c.update_and_fetch(*kv(1))  # a decode step: the window has spare room, written in place
+    d = copy.deepcopy(c)
+    held = [mx.array(a) for a in d.state[5:]]
+    step = kv(1)
+    c.update_and_fetch(*step)
+    assert all(mx.array_equal(a, b) for a, b in zip(held, d.state[5:]))
+    d.update_and_fetch(*step)
+    for a, b in zip(c.state[3:], d.state[3:]):
+        a, b = (a, b) if isinstance(a, tuple) else ((a,), (b,))
+        assert all(mx.array_equal(x, y) for x, y in zip(a, b))

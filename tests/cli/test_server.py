@@ -1,0 +1,207 @@
+"""``mlx_kvq.server`` as a real server process on the embedded model (4-bit KV, the
+defaults), driven by the ``openai`` client: chat, completion, streaming, stop words,
+concurrent clients whose greedy outputs equal single runs, a prompt-cache hit, malformed
+requests and a client that disconnects mid-stream. One server for the module."""
+
+import concurrent.futures as cf
+import http.client
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import mlx_kvq
+from mlx_kvq.bridge import stream_generate
+
+openai = pytest.importorskip("openai")
+
+ROOT = Path(__file__).resolve().parents[2]
+# every prompt is past the 4 sinks + 32-token window: the first decode step packs tokens
+TAIL = (" grow near the old stone bridge where the miller's daughter walks each morning, counting "
+        "the boats that pass on the wide river and the birds that sing in the tall green trees. One morning she saw")
+WORDS = ["Apples", "Rivers", "Mountains", "Lanterns", "Violins", "Kites"]
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    port = _free_port()
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlx_kvq.cli.server", "--port", str(port), "--max-tokens", "12",
+         "--log-level", "WARNING"],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.time() + 180
+    while True:
+        try:
+            status, _ = _request(port, "GET", "/health")
+            if status == 200:
+                break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"the server did not start: {proc.stderr.read()[-2000:]}")
+        time.sleep(0.5)
+    yield port, proc
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{server[0]}/v1", api_key="none", max_retries=0, timeout=300)
+
+
+def _request(port, method, path, body=None, raw=None):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+    conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
+    r = conn.getresponse()
+    out = r.status, r.read()
+    conn.close()
+    return out
+
+
+def alone(model_tok, tokens, max_tokens=12):
+    """The text a request gets alone: ``stream_generate`` with a fresh 4-bit cache."""
+    model, tokenizer = model_tok
+    cache = mlx_kvq.make_prompt_cache(model, kv_bits=4)
+    return "".join(r.text for r in stream_generate(model, tokenizer, tokens, max_tokens=max_tokens,
+                                                     prompt_cache=cache))
+
+
+def test_chat_and_models(client):
+    r = client.chat.completions.create(
+        model="default_model", messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=10)
+    assert "Paris" in r.choices[0].message.content
+    assert r.usage.prompt_tokens > 30 and 0 < r.usage.completion_tokens <= 10
+    # a seeded request is served alone (mlx-lm's stream_generate on our caches), from the prompt cache
+    s = client.chat.completions.create(
+        model="default_model", messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=10, seed=1)
+    assert "Paris" in s.choices[0].message.content and s.usage.prompt_tokens_details.cached_tokens > 30
+    assert "default_model" in [m.id for m in client.models.list().data]
+
+
+def test_concurrent_clients_match_single_runs(client, fast_smollm):
+    """6 clients at once (completions, streaming for half of them): all complete and each
+    text equals the prompt's greedy run alone. The prompts share no first token, so no
+    request is served from another's prompt cache."""
+    prompts, N = [w + TAIL for w in WORDS], 8
+
+    def ask(i):
+        if i % 2:
+            chunks = list(client.completions.create(model="default_model", prompt=prompts[i], max_tokens=N,
+                                                    stream=True))
+            assert chunks[-1].choices[0].finish_reason in ("length", "stop")
+            return "".join(c.choices[0].text for c in chunks)
+        return client.completions.create(model="default_model", prompt=prompts[i], max_tokens=N).choices[0].text
+
+    with cf.ThreadPoolExecutor(len(prompts)) as ex:
+        got = list(ex.map(ask, range(len(prompts))))
+    tokenizer = fast_smollm[1]
+    for p, text in zip(prompts, got):
+        assert text and text == alone(fast_smollm, tokenizer.encode(p), N), p
+
+
+def test_stop_words(client):
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    full = client.chat.completions.create(model="default_model", messages=messages, max_tokens=10)
+    text = full.choices[0].message.content
+    stop = " " + text.split()[3]  # "The capital of France is Paris." -> " France" (mlx-lm matches its tokens)
+    r = client.chat.completions.create(model="default_model", messages=messages, max_tokens=10, stop=[stop])
+    assert r.choices[0].finish_reason == "stop"
+    assert r.choices[0].message.content == text[: text.index(stop)]
+
+
+def test_prompt_cache_hit(client):
+    """A conversation that comes back is not prefilled again."""
+    messages = [{"role": "user", "content": "Name a fruit."}]
+    first = client.chat.completions.create(model="default_model", messages=messages, max_tokens=6)
+    messages += [{"role": "assistant", "content": first.choices[0].message.content},
+                 {"role": "user", "content": "And a vegetable?"}]
+    second = client.chat.completions.create(model="default_model", messages=messages, max_tokens=6)
+    assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 1
+    assert second.choices[0].message.content
+
+
+@pytest.mark.parametrize("body", [
+    b"{not json",
+    {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": -1},
+    {"messages": [{"role": "user", "content": "Hi"}], "temperature": "hot"},
+    {"messages": "Hi"},
+    {"prompt": ""},
+    {"prompt": "Hi", "stop": 5},
+    {"max_tokens": 4},
+], ids=["bad-json", "max-tokens", "temperature", "messages", "empty-prompt", "stop", "no-messages"])
+def test_malformed_requests_get_400_and_the_server_lives(server, client, body):
+    port = server[0]
+    path = "/v1/completions" if isinstance(body, dict) and "prompt" in body else "/v1/chat/completions"
+    status, out = _request(port, "POST", path, raw=body if isinstance(body, bytes) else json.dumps(body).encode())
+    assert status == 400 and "error" in json.loads(out)
+    assert _request(port, "GET", "/health")[0] == 200
+
+
+def test_openai_client_sees_bad_request(client):
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="default_model", prompt="Hi", max_tokens=0)
+    assert client.completions.create(model="default_model", prompt="Hi", max_tokens=2).choices[0].text is not None
+
+
+def _cpu_seconds(pid):
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the server's CPU time from /proc")
+def test_disconnected_client_frees_its_row(server, client):
+    """A streaming client that goes away mid-stream: its row leaves the batch, so the
+    server stops computing (its CPU time nearly stops) and keeps serving."""
+    port, proc = server
+    body = json.dumps({"prompt": "Count to a thousand:", "max_tokens": 2000, "stream": True}).encode()
+    sock = socket.create_connection(("127.0.0.1", port), timeout=300)
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    stream = sock.makefile("rb")
+    assert b" 200 " in stream.readline()
+    while not stream.readline().startswith(b"data:"):
+        pass
+    t0, c0 = time.time(), _cpu_seconds(proc.pid)
+    while time.time() - t0 < 2:
+        assert stream.readline()  # still streaming
+    busy = (_cpu_seconds(proc.pid) - c0) / (time.time() - t0)
+    sock.shutdown(socket.SHUT_RDWR)
+    sock.close()
+    time.sleep(1.5)
+    t0, c0 = time.time(), _cpu_seconds(proc.pid)
+    time.sleep(2)
+    idle = (_cpu_seconds(proc.pid) - c0) / (time.time() - t0)
+    assert idle < 0.5 * busy, (idle, busy)
+    r = client.completions.create(model="default_model", prompt="Hello", max_tokens=3)
+    assert r.choices[0].finish_reason in ("length", "stop")
+
+
+def test_flags_are_mlx_lms_plus_the_kv_flags():
+    from mlx_kvq.cli.server import main, setup_arg_parser
+
+    args = setup_arg_parser().parse_args(["--decode-concurrency", "4", "--prompt-cache-bytes", "1GB"])
+    assert (args.decode_concurrency, args.prompt_cache_bytes, args.max_tokens) == (4, 10**9, 512)
+    assert (args.kv_bits, args.kv_group_size, args.quantized_kv_start, args.model) == (4, None, 0, None)
+    with pytest.raises(SystemExit, match="Unsupported key bits 9"):
+        main(["--kv-bits", "9"])
