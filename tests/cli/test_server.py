@@ -198,10 +198,12 @@ def test_disconnected_client_frees_its_row(server, client):
 
 
 def test_flags_are_mlx_lms_plus_the_kv_flags():
+    from mlx_kvq.cli.args import cache_kwargs
     from mlx_kvq.cli.server import main, setup_arg_parser
 
     args = setup_arg_parser().parse_args(["--decode-concurrency", "4", "--prompt-cache-bytes", "1GB"])
     assert (args.decode_concurrency, args.prompt_cache_bytes, args.max_tokens) == (4, 10**9, 512)
-    assert (args.kv_bits, args.kv_group_size, args.quantized_kv_start, args.model) == (4, None, 0, None)
-    with pytest.raises(SystemExit, match="Unsupported key bits 9"):
-        main(["--kv-bits", "9"])
+    kv = cache_kwargs(args)  # the KV flags default to None; the defaults are mlx_kvq.generate's
+    assert (kv["kv_bits"], kv["kv_group_size"], kv["quantized_kv_start"], args.model) == (4, None, 0, None)
+    with pytest.raises(SystemExit, match="Unsupported key bits 7"):
+        main(["--kv-bits", "7"])
