@@ -6,4 +6,4 @@ from .batch import BatchQuantizedKVCache, merge
 from .defaults import MAX_TOKENS, ROTATE, cache_options, default_options, init_kwargs, whole
 from .quantized import QuantizedKVCache, causal_mask, compact
 from .rotating import QuantizedRotatingKVCache
-from .view import KVFormat, KVView, first_tokens
+from .view import KVFormat, KVView, fetch, first_tokens

@@ -31,7 +31,7 @@ from .. import kernels
 from ..kernels.backend import eval_now
 from ..rotation import rotate, rotation
 from .defaults import ROTATE, default_options, init_kwargs, whole
-from .view import KVFormat, KVView, first_tokens
+from .view import KVFormat, fetch, first_tokens
 
 
 class QuantizedKVCache:
@@ -168,8 +168,7 @@ class QuantizedKVCache:
         self._check_update(keys, values)
         L = keys.shape[2]
         if L == 0:
-            view = KVView(self, 0, self.offset)
-            return view, view
+            return fetch(self, 0, self.offset)
         if self.empty():
             self._check_head_dims(keys, values)
             self.k_dim, self.v_dim = keys.shape[-1], values.shape[-1]
@@ -197,8 +196,13 @@ class QuantizedKVCache:
             self._steps += 1
             if (self._steps - 1) % self.flush_block == 0:
                 self.flush()
-        view = KVView(self, L, self.offset)
-        return view, view
+        return fetch(self, L, self.offset)
+
+    def keys_and_values(self):
+        """The key and value views of everything held (as mlx-lm's caches give them to
+        layers that reuse another layer's cache); their queries' positions come from
+        the queries (the last ones held)."""
+        return fetch(self, None, self.offset)
 
     # the recent window: the first ``_wn`` tokens of the buffers ``_wk``/``_wv``
     def window_buffers(self):

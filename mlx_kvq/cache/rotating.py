@@ -18,7 +18,7 @@ import mlx.core as mx
 
 from .defaults import whole
 from .quantized import QuantizedKVCache
-from .view import KVView
+from .view import fetch
 
 
 class QuantizedRotatingKVCache(QuantizedKVCache):
@@ -77,8 +77,7 @@ class QuantizedRotatingKVCache(QuantizedKVCache):
         if not self.empty():
             self._drop()
         super().update_and_fetch(keys, values)
-        view = KVView(self, keys.shape[2], self.held())  # positions count the tokens held
-        return view, view
+        return fetch(self, keys.shape[2], self.held())  # positions count the tokens held
 
     def make_mask(self, N, return_array=False, window_size=None):
         """The mask over the tokens held after the next update of ``N`` tokens."""
