@@ -163,9 +163,10 @@ def make_prompt_cache(
     QuantizedKVCache(**config)  # validate once, even for a model with no KVCache layers
     arrays = arrays_reason(model) is not None
     left = {}  # reason -> layers left fp16
-    caches = [_quantized(c, config, arrays, left, i) for i, c in enumerate(caches)]
+    members = fp16_members(model)
+    caches = [_quantized(c, config, arrays, left, i, members) for i, c in enumerate(caches)]
     for reason, layers in left.items():
-        msg = f"layers {layers} stay fp16: {reason}"
+        msg = f"caches of layers {layers} stay fp16: {reason}"
         if strict:
             raise ValueError(f"{msg} (strict=True).")
         warnings.warn(f"mlx_kvq: {msg}.", stacklevel=2)
@@ -177,6 +178,21 @@ def mlx_lm_quantized_cache(model, bits, group_size):
     return [lm_cache.QuantizedKVCache(group_size=group_size, bits=bits) for _ in model.layers]
 
 
+# CacheList members that model modules use in ways mlx-kvq's caches cannot serve: module ->
+# {member: reason} (they stay fp16, with the warning)
+FP16_MEMBERS = {
+    "mlx_lm.models.deepseek_v32": {1: "the sparse-attention indexer's cache, whose arrays the model sets itself"},
+}
+
+
+def fp16_members(model):
+    """``{CacheList member: reason}`` for ``model`` (``FP16_MEMBERS`` of its modules)."""
+    out = {}
+    for name in {type(m).__module__ for m in model.modules()}:
+        out.update(FP16_MEMBERS.get(name, {}))
+    return out
+
+
 # mlx-lm KV caches that mlx-kvq leaves fp16, and why
 FP16_REASONS = {
     "ChunkedKVCache": "chunked attention (mlx-lm's ChunkedKVCache) has no quantized cache in mlx-kvq",
@@ -184,16 +200,22 @@ FP16_REASONS = {
 }
 
 
-def _quantized(c, config, arrays=False, left=None, layer=0):
+def _quantized(c, config, arrays=False, left=None, layer=0, members=None):
     """Our cache for an mlx-lm layer cache: KVCache and RotatingKVCache are swapped (also
-    inside a CacheList); other KV caches are noted in ``left`` (reason -> layers)."""
+    inside a CacheList, but for ``members`` {index: reason}); other KV caches are noted in
+    ``left`` (reason -> layers)."""
     if type(c) is lm_cache.KVCache:
         q = QuantizedKVCache(**config)
     elif type(c) is lm_cache.RotatingKVCache:
         config = {k: v for k, v in config.items() if k != "sinks"}  # its sinks are ``keep``
         q = QuantizedRotatingKVCache(max_size=c.max_size, keep=c.keep, **config)
     elif type(c) is lm_cache.CacheList:
-        return lm_cache.CacheList(*(_quantized(m, config, arrays, left, layer) for m in c.caches))
+        members = members or {}
+        for i in members:
+            if left is not None and i < len(c.caches):
+                left.setdefault(members[i], []).append(layer)
+        return lm_cache.CacheList(*(m if i in members else _quantized(m, config, arrays, left, layer)
+                                    for i, m in enumerate(c.caches)))
     else:
         if left is not None and not isinstance(c, (lm_cache.ArraysCache, QuantizedKVCache)):
             name = type(c).__name__
