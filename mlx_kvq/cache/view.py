@@ -129,7 +129,9 @@ class KVView:
         if self._array is None:
             keys = self.part == "keys"
             d = self.k_dim if keys else self.v_dim
-            x = self.stored(self.part, self.store_dtype)
+            # in the model's dtype: a float32 model rotates in float32 (CPU half-precision
+            # matmuls are slow)
+            x = self.stored(self.part, self.model_dtype or self.store_dtype)
             if x is None:
                 x = mx.zeros((self._batch_heads() + (0, d or 0)), self.model_dtype or mx.float16)
             else:
