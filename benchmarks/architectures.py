@@ -1612,6 +1612,7 @@ CONFIGS = {
      'num_hidden_layers': 4,
      'vocab_size': 1000},
     'plamo': {'model_type': 'plamo',
+     'n_shared_head': 2,
      'hidden_size': 128,
      'num_hidden_layers': 4,
      'intermediate_size': 256,
@@ -1966,7 +1967,8 @@ CI = ['Klear', 'afm7', 'apertus', 'baichuan_m1', 'bailing_moe', 'dbrx', 'deepsee
       'glm', 'glm4', 'glm4_moe', 'glm4_moe_lite', 'gpt2', 'gpt_oss', 'granite', 'granitemoehybrid',
       'helium', 'hunyuan', 'internlm2', 'internlm3', 'iquestloopcoder', 'kimi_k25', 'kimi_linear',
       'laguna', 'lfm2', 'llama', 'llama4', 'longcat_flash', 'mimo', 'mimo_v2_flash', 'minicpm',
-      'minicpm3', 'minimax', 'mistral4', 'mixtral', 'nanbeige', 'olmo2', 'olmoe', 'phi', 'phi3']
+      'minicpm3', 'minimax', 'mistral4', 'mixtral', 'nanbeige', 'olmo2', 'olmoe', 'phi', 'phi3',
+      'pixtral', 'plamo', 'plamo3', 'qwen2', 'qwen3', 'seed_oss', 'smollm3', 'stablelm', 'telechat3']
 
 
 def describe(r):
