@@ -43,7 +43,7 @@ def test_keys_and_values_and_arrays_on_request():
     cache.fetch_arrays = True
     k2, v2 = cache.update_and_fetch(mx.zeros((1, 2, 1, 32)), mx.ones((1, 2, 1, 32)))
     assert type(k2) is mx.array and type(v2) is mx.array and k2.shape == (1, 2, cache.held(), 32)
-    assert mx.array_equal(v2[:, :, -1], mx.ones((1, 2, 32)))
+    assert mx.allclose(v2[:, :, -1], mx.ones((1, 2, 32)), atol=1e-3)  # rotated and stored in fp16
 
 
 def test_key_and_value_dims_differ_float32_model():
