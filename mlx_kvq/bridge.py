@@ -22,8 +22,10 @@
   ``generation_stream``).
 """
 
+import inspect
 import os
 import sys
+import warnings
 
 import mlx_lm
 import mlx_lm.models.cache as lm_cache
@@ -64,12 +66,56 @@ def _route(original):
         fn = ROUTES.get(type(keys))
         if fn is None:
             fn = next((f for t, f in ROUTES.items() if isinstance(keys, t)), None)
-        if fn is not None:
+        if fn is not None and _pair(keys, values):
             return fn(queries, keys, scale=scale, mask=mask, sinks=sinks)
+        # anything else (MLA models pass one cache part as keys and values, models that
+        # cast what they fetched): the arrays the views stand for, MLX's attention
+        keys, values = _plain(keys), _plain(values)
         return original(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
 
     scaled_dot_product_attention.mlx_kvq_original = original
     return scaled_dot_product_attention
+
+
+def _pair(keys, values):
+    """Whether ``keys``/``values`` are the key and value views of one cache step."""
+    part = getattr(keys, "part", None)
+    if part is None:  # a view type of another cache: it stands for both
+        return values is keys
+    return part == "keys" and getattr(values, "part", None) == "values" and values.packed is keys.packed \
+        and values.offset == keys.offset
+
+
+def _plain(x):
+    return x.array if isinstance(x, KVView) else x
+
+
+# model modules that use what a cache fetches in ways a view cannot stand in for (mx.*
+# functions take only real arrays): their caches return dequantized arrays
+ARRAY_MODULES = {"mlx_lm.models.plamo": "passes the keys and values to mx.tile"}
+
+
+def arrays_reason(model):
+    """Why ``model``'s caches must return arrays rather than views (None: views do): a
+    model module that computes attention itself (no ``scaled_dot_product_attention`` of
+    mlx-lm to route) or hands the fetched keys to ``mx`` functions (``ARRAY_MODULES``)."""
+    for name in sorted({type(m).__module__ for m in model.modules()}):
+        module = sys.modules.get(name)
+        if module is None or not name.startswith("mlx_lm.models."):
+            continue
+        if name in ARRAY_MODULES:
+            return f"{name} {ARRAY_MODULES[name]}"
+        try:
+            src = inspect.getsource(module)
+        except (OSError, TypeError):
+            continue
+        if "update_and_fetch" not in src and "keys_and_values" not in src:
+            continue
+        if "mx.fast.scaled_dot_product_attention" in src:
+            return f"{name} calls mx.fast.scaled_dot_product_attention itself"
+        if getattr(module, "scaled_dot_product_attention", None) is None:
+            return f"{name} computes attention itself"
+    return None
 
 
 def patch(model):
@@ -95,12 +141,16 @@ def make_prompt_cache(
     sinks=None,
     window=None,
     max_kv_size=None,
+    strict=False,
 ):
     """mlx-lm's prompt cache for ``model`` with quantized attention-layer caches.
 
     ``kv_bits=None`` (and no ``k_bits``/``v_bits``) leaves mlx-lm's fp16 caches as they are.
-    ``RotatingKVCache`` layers (sliding windows, ``max_kv_size``) become
-    ``QuantizedRotatingKVCache``; other layer caches (SSM, arrays) are left untouched.
+    ``KVCache`` layers (also inside a ``CacheList``) become ``QuantizedKVCache``,
+    ``RotatingKVCache`` layers (sliding windows, ``max_kv_size``) ``QuantizedRotatingKVCache``;
+    state caches (``ArraysCache``: SSM, convolutions) are left as they are. Any other KV cache
+    (llama4's ``ChunkedKVCache``, a model's own cache class) stays fp16 with one warning naming
+    its layers and the reason; ``strict=True`` makes that a ``ValueError``.
     """
     if max_kv_size is not None:
         max_kv_size = whole("max_kv_size", max_kv_size, 1)
@@ -118,7 +168,16 @@ def make_prompt_cache(
     if config is None:
         return caches
     QuantizedKVCache(**config)  # validate once, even for a model with no KVCache layers
-    return [_quantized(c, config) for c in caches]
+    arrays = arrays_reason(model) is not None
+    left = {}  # reason -> layers left fp16
+    members = fp16_members(model)
+    caches = [_quantized(c, config, arrays, left, i, members) for i, c in enumerate(caches)]
+    for reason, layers in left.items():
+        msg = f"caches of layers {layers} stay fp16: {reason}"
+        if strict:
+            raise ValueError(f"{msg} (strict=True).")
+        warnings.warn(f"mlx_kvq: {msg}.", stacklevel=2)
+    return caches
 
 
 def mlx_lm_quantized_cache(model, bits, group_size):
@@ -126,20 +185,58 @@ def mlx_lm_quantized_cache(model, bits, group_size):
     return [lm_cache.QuantizedKVCache(group_size=group_size, bits=bits) for _ in model.layers]
 
 
-def _quantized(c, config):
-    """Our cache for an mlx-lm layer cache: KVCache and RotatingKVCache are swapped."""
+# CacheList members that model modules use in ways mlx-kvq's caches cannot serve: module ->
+# {member: reason} (they stay fp16, with the warning)
+FP16_MEMBERS = {
+    "mlx_lm.models.deepseek_v32": {1: "the sparse-attention indexer's cache, whose arrays the model sets itself"},
+}
+
+
+def fp16_members(model):
+    """``{CacheList member: reason}`` for ``model`` (``FP16_MEMBERS`` of its modules)."""
+    out = {}
+    for name in {type(m).__module__ for m in model.modules()}:
+        out.update(FP16_MEMBERS.get(name, {}))
+    return out
+
+
+# mlx-lm KV caches that mlx-kvq leaves fp16, and why
+FP16_REASONS = {
+    "ChunkedKVCache": "chunked attention (mlx-lm's ChunkedKVCache) has no quantized cache in mlx-kvq",
+    "ConcatenateKVCache": "mlx-lm's ConcatenateKVCache has no quantized cache in mlx-kvq",
+}
+
+
+def _quantized(c, config, arrays=False, left=None, layer=0, members=None):
+    """Our cache for an mlx-lm layer cache: KVCache and RotatingKVCache are swapped (also
+    inside a CacheList, but for ``members`` {index: reason}); other KV caches are noted in
+    ``left`` (reason -> layers)."""
     if type(c) is lm_cache.KVCache:
-        return QuantizedKVCache(**config)
-    if type(c) is lm_cache.RotatingKVCache:
+        q = QuantizedKVCache(**config)
+    elif type(c) is lm_cache.RotatingKVCache:
         config = {k: v for k, v in config.items() if k != "sinks"}  # its sinks are ``keep``
-        return QuantizedRotatingKVCache(max_size=c.max_size, keep=c.keep, **config)
-    return c
+        q = QuantizedRotatingKVCache(max_size=c.max_size, keep=c.keep, **config)
+    elif type(c) is lm_cache.CacheList:
+        members = members or {}
+        for i in members:
+            if left is not None and i < len(c.caches):
+                left.setdefault(members[i], []).append(layer)
+        return lm_cache.CacheList(*(m if i in members else _quantized(m, config, arrays, left, layer)
+                                    for i, m in enumerate(c.caches)))
+    else:
+        if left is not None and not isinstance(c, (lm_cache.ArraysCache, QuantizedKVCache)):
+            name = type(c).__name__
+            reason = FP16_REASONS.get(name, f"{type(c).__module__}.{name} is a cache class mlx-kvq cannot quantize")
+            left.setdefault(reason, []).append(layer)
+        return c
+    q.fetch_arrays = arrays
+    return q
 
 
 def cache_config(caches):
     """The config of the first quantized cache in a list (mlx-lm's ``QuantizedKVCache``:
     ``{"mlx_lm": "QuantizedKVCache", "bits": .., "group_size": ..}``), or None if it holds none."""
-    for c in caches:
+    for c in _flat(caches):
         if isinstance(c, QuantizedKVCache):
             return c.config
         if isinstance(c, lm_cache.QuantizedKVCache):
@@ -181,6 +278,10 @@ def check_prompt_cache(path, caches, model=None, expect=False):
         if len(caches) != n:
             raise ValueError(f"{path} holds a cache for {len(caches)} layers; this model has {n}.")
         patch(model)
+        if arrays_reason(model) is not None:
+            for c in _flat(caches):
+                if isinstance(c, QuantizedKVCache):
+                    c.fetch_arrays = True
     if expect is not False:
         found = cache_config(caches)
         if found != expect:
@@ -188,6 +289,11 @@ def check_prompt_cache(path, caches, model=None, expect=False):
                 f"{path} was saved with KV cache config {_describe(found)}, "
                 f"but {_describe(expect)} was asked for. Use the same KV flags as when the file was made."
             )
+
+
+def _flat(caches):
+    for c in caches:
+        yield from (_flat(c.caches) if isinstance(c, lm_cache.CacheList) else (c,))
 
 
 def num_layer_caches(model):

@@ -216,3 +216,44 @@ def test_save_trim_load_real_model(smollm, tmp_path):
 def test_max_kv_size_must_be_a_positive_count(model, size):
     with pytest.raises(ValueError, match="max_kv_size"):
         mlx_kvq.make_prompt_cache(model, kv_bits=4, max_kv_size=size)
+
+
+def tiny(module, **config):
+    """A tiny float32 model of an mlx-lm architecture (``benchmarks/architectures.py`` sizes)."""
+    from benchmarks.architectures import CONFIGS
+    from mlx_lm.models import cache as _  # noqa: F401
+    import importlib
+
+    arch = importlib.import_module(f"mlx_lm.models.{module}")
+    mx.random.seed(0)
+    model = arch.Model(arch.ModelArgs.from_dict({**CONFIGS[module], **config}))
+    mx.eval(model.parameters())
+    return model
+
+
+def test_cache_list_members_are_quantized():
+    caches = mlx_kvq.make_prompt_cache(tiny("falcon_h1"), kv_bits=8)
+    members = [type(m) for c in caches for m in c.caches]
+    assert lm_cache.ArraysCache in members and QuantizedKVCache in members
+    assert lm_cache.KVCache not in members
+
+
+def test_a_cache_left_fp16_warns_once_and_strict_refuses():
+    model = tiny("llama4")  # chunked attention: mlx-lm's ChunkedKVCache
+    with pytest.warns(UserWarning, match=r"layers \[.*\] stay fp16: chunked attention") as caught:
+        caches = mlx_kvq.make_prompt_cache(model, kv_bits=4)
+    assert len(caught) == 1
+    assert any(type(c) is lm_cache.ChunkedKVCache for c in caches)
+    with pytest.raises(ValueError, match="ChunkedKVCache.*strict=True"):
+        mlx_kvq.make_prompt_cache(model, kv_bits=4, strict=True)
+
+
+def test_models_computing_attention_themselves_get_arrays():
+    from mlx_kvq.bridge import arrays_reason
+
+    assert "computes attention itself" in arrays_reason(tiny("gemma2"))
+    assert "mx.fast.scaled_dot_product_attention" in arrays_reason(tiny("plamo2"))
+    assert arrays_reason(tiny("llama")) is None
+    caches = mlx_kvq.make_prompt_cache(tiny("gemma2"), kv_bits=8, kv_group_size=32)
+    k, v = caches[0].update_and_fetch(mx.zeros((1, 2, 3, 32)), mx.zeros((1, 2, 3, 32)))
+    assert type(k) is mx.array and k.shape == (1, 2, 3, 32)

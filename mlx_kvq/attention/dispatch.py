@@ -36,6 +36,8 @@ def quantized_sdpa(queries, view, scale, mask=None, sinks=None):
     added to every softmax denominator, as in ``mx.fast.scaled_dot_product_attention``.
     """
     _check_queries(queries, view)
+    if view.q_start is None:
+        view = view.for_queries(queries.shape[2])
     q = queries
     d = view.format.padded_dim(q.shape[-1])
     if d != q.shape[-1]:

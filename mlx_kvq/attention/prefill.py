@@ -26,7 +26,7 @@ def prefill_dequantized(q, view, scale, mask, sinks):
     if kernels.is_decode(q.shape[2]) or not kernels.enabled():
         return None
     k, v, n = view.packed
-    dt = view.dtype
+    dt = view.store_dtype
     if n:
         B, Hkv = k[0].shape[:2]
         d = format.unpacked_dim(k[0].shape[-1], f.k_bits) + format.unpacked_dim(v[0].shape[-1], f.v_bits)
@@ -37,19 +37,8 @@ def prefill_dequantized(q, view, scale, mask, sinks):
     # layer's 0.25 GiB; the first chunk, with nothing packed yet, 3.1 GiB instead of
     # ~0.5; benchmarks/lab/diag_peak.py). One sync per layer and chunk.
     eval_now(q)
-    parts_k, parts_v = [], []
-    if view.sinks[0] is not None and view.sinks[0].shape[2]:
-        parts_k.append(view.sinks[0])
-        parts_v.append(view.sinks[1])
-    if n:
-        deq = lambda p, bits: format.dequantize(tuple(x[:, :, :n] for x in p), bits, f.group_size, f.mode, dt)
-        parts_k.append(deq(k, f.k_bits))
-        parts_v.append(deq(v, f.v_bits))
-    if view.window[0] is not None and view.window[0].shape[2]:
-        parts_k.append(view.window[0])
-        parts_v.append(view.window[1])
-    keys = mx.concatenate(parts_k, axis=2) if len(parts_k) > 1 else parts_k[0]
-    values = mx.concatenate(parts_v, axis=2) if len(parts_v) > 1 else parts_v[0]
+    keys, values = view.stored("keys", dt), view.stored("values", dt)
     return mx.fast.scaled_dot_product_attention(
-        q.astype(dt), keys, values, scale=scale, mask=mask, sinks=sinks
+        q.astype(dt), keys, values, scale=scale, mask=mask,
+        sinks=None if sinks is None else sinks.astype(dt),  # MLX's CUDA backend: sinks in the output's dtype
     )

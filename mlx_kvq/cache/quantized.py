@@ -33,7 +33,7 @@ from ..rotation import rotate, rotation
 from . import state as saved
 from .defaults import ROTATE, default_options, init_kwargs, whole
 from .rows import RowsKVCache, own_copy
-from .view import KVFormat, KVView, first_tokens
+from .view import KVFormat, fetch, first_tokens
 
 
 class QuantizedKVCache:
@@ -196,8 +196,7 @@ class QuantizedKVCache:
         self._check_update(keys, values)
         L = keys.shape[2]
         if L == 0:
-            view = KVView(self, 0, self.offset)
-            return view, view
+            return fetch(self, 0, self.offset)
         if self.empty():
             self._check_head_dims(keys, values)
             self.k_dim, self.v_dim = keys.shape[-1], values.shape[-1]
@@ -231,8 +230,13 @@ class QuantizedKVCache:
             self._log = []
         self._log.append((self.offset, self._steps))
         del self._log[: -self.max_log]
-        view = KVView(self, L, self.offset)
-        return view, view
+        return fetch(self, L, self.offset)
+
+    def keys_and_values(self):
+        """The key and value views of everything held (as mlx-lm's caches give them to
+        layers that reuse another layer's cache); their queries' positions come from
+        the queries (the last ones held)."""
+        return fetch(self, None, self.offset)
 
     # the recent window: the first ``_wn`` tokens of the buffers ``_wk``/``_wv``
     def window_buffers(self):

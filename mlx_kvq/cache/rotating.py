@@ -18,7 +18,7 @@ import mlx.core as mx
 
 from .defaults import whole
 from .quantized import QuantizedKVCache
-from .view import KVView
+from .view import fetch
 
 
 class QuantizedRotatingKVCache(QuantizedKVCache):
@@ -77,12 +77,13 @@ class QuantizedRotatingKVCache(QuantizedKVCache):
         if not self.empty():
             self._drop()
         super().update_and_fetch(keys, values)
-        view = KVView(self, keys.shape[2], self.held())  # positions count the tokens held
-        return view, view
+        return fetch(self, keys.shape[2], self.held())  # positions count the tokens held
 
     def make_mask(self, N, return_array=False, window_size=None):
-        """The mask over the tokens held after the next update of ``N`` tokens."""
-        span = self.span if window_size is None else min(self.span, window_size)
+        """The mask over the tokens held after the next update of ``N`` tokens. A
+        ``window_size`` wider than the cache's window widens it over the tokens held, as
+        mlx-lm's ``RotatingKVCache`` does (plamo3 asks for one token more than it keeps)."""
+        span = self.span if window_size is None else window_size
         if N == 1 and span == self.span and not return_array:
             return None  # a single query sees every token held
         end = self.offset + N

@@ -3,11 +3,21 @@
 Attention never reaches into the cache: the view carries the cache's format, the
 positions of this step's queries and keys, and the three runs of tokens (unquantized
 sinks, packed run, unquantized recent window).
+
+A model that uses what it fetched as arrays (``keys.swapaxes``, ``q @ k``, ``keys.dtype``,
+``keys[..., :d]``, ...) gets the keys (or values) the view stands for, dequantized on first
+use and dropped with the view: ``KVView`` answers the array protocol by delegating to that
+copy. ``mx.*`` functions take only real arrays: ``mx.array(view)`` (``__mlx_array__``) or
+``view.array`` gives it, and caches with ``fetch_arrays`` set return arrays directly.
 """
 
+import operator
 from typing import NamedTuple, Optional
 
 import mlx.core as mx
+
+from ..rotation import rotate
+from .. import format as fmt
 
 
 class KVFormat(NamedTuple):
@@ -28,20 +38,24 @@ class KVView:
     """The cache's runs for this step's attention.
 
     Attributes: ``format`` (:class:`KVFormat`), ``k_dim``/``v_dim`` (the model's key and value
-    head dims), ``kv_heads`` (batch x KV heads),
-    ``dtype`` (the dtype of the unquantized runs and the scales), ``offset`` (keys
+    head dims), ``kv_heads`` (batch x KV heads), ``part`` (``"keys"`` or ``"values"``: what
+    the view stands for as an array), ``store_dtype`` (the dtype of the unquantized runs and
+    the scales), ``model_dtype`` (the dtype the model gave the cache), ``offset`` (keys
     visible, the queries included), ``q_start`` (position of the first query), ``sinks``
     ``(keys, values)`` or ``(None, None)``, ``packed`` ``(keys, values, n)`` (the
     preallocated packed buffers and the tokens in use), ``window_buffers`` ``(keys,
     values, n_keys, n_values)`` (the window's preallocated buffers and the rows in use).
     """
 
-    def __init__(self, cache, query_len, offset):
+    def __init__(self, cache, query_len, offset, part="keys"):
         self.format = cache.format
         self.k_dim, self.v_dim, self.kv_heads = cache.k_dim, cache.v_dim, cache.kv_heads
-        self.dtype = cache.store_dtype
+        self.store_dtype = cache.store_dtype
+        self.model_dtype = cache.dtype
+        self.part = part
+        self._array = None
         self.offset = offset
-        self.q_start = offset - query_len
+        self.q_start = None if query_len is None else offset - query_len
         self.sinks = (cache.sink_keys, cache.sink_values)
         self.packed = (cache.packed_keys, cache.packed_values, cache.n_packed)
         # the decode kernel reads the window buffers as they are: slicing costs an op per step
@@ -76,6 +90,128 @@ class KVView:
             k_start = 0 if s else s + n
             out.append(("dense", sk if s else wk, sv if s else wv, k_start, s + w, None))
         return out
+
+
+    def for_queries(self, n):
+        """This view for ``n`` queries at the last positions held (a view from
+        ``keys_and_values``, made before the queries were known)."""
+        other = KVView.__new__(KVView)
+        other.__dict__.update(self.__dict__, q_start=self.offset - n)
+        return other
+
+    def values_view(self):
+        """The same step's view standing for the values (``part="values"``)."""
+        other = KVView.__new__(KVView)
+        other.__dict__.update(self.__dict__, part="values", _array=None)
+        return other
+
+    def stored(self, part, dtype):
+        """All ``part`` (``"keys"``/``"values"``) tokens in position order, as stored
+        (rotated, head dim zero-padded), the packed run dequantized to ``dtype``: (B, H, T, D)
+        or None for an empty view."""
+        i = 0 if part == "keys" else 1
+        f = self.format
+        bits = f.k_bits if i == 0 else f.v_bits
+        k, v, n = self.packed
+        parts = [self.sinks[i], None, self.window[i]]
+        if n:
+            p = (k, v)[i]
+            parts[1] = fmt.dequantize(tuple(x[:, :, :n] for x in p), bits, f.group_size, f.mode, dtype)
+        parts = [x if x.dtype == dtype else x.astype(dtype) for x in parts if x is not None and x.shape[2]]
+        if not parts:
+            return None
+        return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=2)
+
+    @property
+    def array(self):
+        """The keys (or values) this view stands for: (B, H, tokens, head dim) in the model's
+        dtype, as an fp16 cache would return them (up to quantization error)."""
+        if self._array is None:
+            keys = self.part == "keys"
+            d = self.k_dim if keys else self.v_dim
+            # in the model's dtype: a float32 model rotates in float32 (CPU half-precision
+            # matmuls are slow)
+            x = self.stored(self.part, self.model_dtype or self.store_dtype)
+            if x is None:
+                x = mx.zeros((self._batch_heads() + (0, d or 0)), self.model_dtype or mx.float16)
+            else:
+                if self.format.rotate == "kv" or (keys and self.format.rotate):
+                    x = rotate(x, inverse=True)
+                if x.shape[-1] != d:
+                    x = x[..., :d]
+                if x.dtype != self.model_dtype:
+                    x = x.astype(self.model_dtype)
+            self._array = x
+        return self._array
+
+    def _batch_heads(self):
+        for x in (self.sinks[0], self.window_buffers[0], self.packed[0] and self.packed[0][0]):
+            if x is not None:
+                return tuple(x.shape[:2])
+        return (1, 1)
+
+    # -- the array protocol, by the dequantized copy ---------------------------
+    def __mlx_array__(self):
+        return self.array
+
+    @property
+    def shape(self):
+        return self.array.shape
+
+    @property
+    def dtype(self):
+        return self.model_dtype
+
+    @property
+    def ndim(self):
+        return 4
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getattr__(self, name):
+        if name.startswith("__") or name in ("_array", "part", "packed", "sinks", "window_buffers"):
+            raise AttributeError(name)
+        return getattr(self.array, name)
+
+    def __getitem__(self, index):
+        return self.array[index]
+
+    def __iter__(self):
+        return iter(self.array)
+
+
+def _delegate(name):
+    op = getattr(operator, name)
+    return lambda self, *other: op(self.array, *(_plain(o) for o in other))
+
+
+def _rdelegate(name):
+    op = getattr(operator, name)
+    return lambda self, other: op(_plain(other), self.array)
+
+
+def _plain(x):
+    return x.array if isinstance(x, KVView) else x
+
+
+for _name in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul",
+              "lt", "le", "gt", "ge", "eq", "ne", "neg", "abs"):
+    setattr(KVView, f"__{_name}__", _delegate(_name))
+for _name in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul"):
+    setattr(KVView, f"__r{_name}__", _rdelegate(_name))
+KVView.__hash__ = object.__hash__
+
+
+def fetch(cache, query_len, offset):
+    """What ``update_and_fetch`` returns: the key and value views of this step, or, for a
+    cache with ``fetch_arrays`` set (models that hand them to ``mx.*`` functions), the
+    dequantized arrays."""
+    view = KVView(cache, query_len, offset)
+    values = view.values_view()
+    if getattr(cache, "fetch_arrays", False):
+        return view.array, values.array
+    return view, values
 
 
 def first_tokens(buf, n):

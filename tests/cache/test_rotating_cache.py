@@ -123,3 +123,21 @@ def test_bad_arguments():
                       (dict(max_size=8, keep=2.0), "keep")):
         with pytest.raises(ValueError, match=name):
             QuantizedRotatingKVCache(4, **bad)
+
+
+@pytest.mark.parametrize("chunks", [[12, 8, 8, 1, 1, 1], [5, 1, 1, 9, 1]])
+def test_mask_wider_than_the_window_as_mlx_lm(chunks):
+    """A mask one token wider than the window (plamo3 asks for it): mlx-lm's RotatingKVCache
+    lets each query see what it holds within that width; ours gives the same attention."""
+    max_size, wide = 8, 9
+    ref, ours = lm_cache.RotatingKVCache(max_size=max_size), QuantizedRotatingKVCache(
+        8, 32, max_size=max_size, window=64)  # nothing packed: the masks alone differ
+    mx.random.seed(3)
+    for n in chunks:
+        q, k, v = (mx.random.normal((1, 2, n, 32)) for _ in range(3))
+        mask_ref, mask = ref.make_mask(n, window_size=wide), ours.make_mask(n, window_size=wide)
+        kr, vr = ref.update_and_fetch(k, v)
+        kq, vq = ours.update_and_fetch(k, v)
+        want = mx.fast.scaled_dot_product_attention(q, kr, vr, scale=0.2, mask=mask_ref)
+        got = mlx_kvq.quantized_sdpa(q, kq, scale=0.2, mask=mask)
+        assert rel_err(got, want) < 2e-3, (n, rel_err(got, want))

@@ -1,0 +1,53 @@
+"""What ``update_and_fetch`` returns, used as arrays: the keys and values the cache holds
+(against the tokens stored, and against mlx-lm's fp16 cache holding the same tokens)."""
+
+import mlx.core as mx
+import mlx_lm.models.cache as lm_cache
+import pytest
+
+from helpers import rel_err
+from mlx_kvq.cache import KVView, QuantizedKVCache, QuantizedRotatingKVCache
+
+
+def filled(cache, chunks=(40, 24, 1, 1), kd=64, vd=32, seed=0):
+    """``cache`` and mlx-lm's KVCache fed the same tokens; the last fetched pairs of both."""
+    mx.random.seed(seed)
+    ref = lm_cache.KVCache()
+    for n in chunks:
+        k, v = mx.random.normal((1, 2, n, kd)), mx.random.normal((1, 2, n, vd))
+        got, want = cache.update_and_fetch(k, v), ref.update_and_fetch(k, v)
+    return got, want
+
+
+@pytest.mark.parametrize("rotate", [None, "k", "kv"])
+def test_views_are_the_arrays_they_stand_for(rotate):
+    (k, v), (rk, rv) = filled(QuantizedKVCache(8, 32, rotate=rotate, window=8, sinks=2))
+    assert isinstance(k, KVView) and isinstance(v, KVView)
+    assert k.shape == rk.shape and v.shape == rv.shape and k.dtype == rk.dtype and k.ndim == 4
+    assert rel_err(mx.array(k), rk) < 1e-2 and rel_err(mx.array(v), rv) < 1e-2
+    q = mx.random.normal((1, 2, 3, 64))
+    assert rel_err(q @ k.swapaxes(-1, -2), q @ rk.swapaxes(-1, -2)) < 1e-2  # methods
+    assert rel_err(k @ mx.ones((64, 5)), rk @ mx.ones((64, 5))) < 1e-2  # operators
+    assert rel_err(k[..., 3:9, :16], rk[..., 3:9, :16]) < 1e-2  # indexing
+    assert rel_err(k.astype(mx.float16).reshape(1, 2, -1), rk.reshape(1, 2, -1)) < 1e-2
+    assert rel_err(2 * v - 1, 2 * rv - 1) < 1e-2 and rel_err(v.transpose(0, 2, 1, 3), rv.transpose(0, 2, 1, 3)) < 1e-2
+    assert rel_err(mx.tile(k.array, (1, 2, 1, 1)), mx.tile(rk, (1, 2, 1, 1))) < 1e-2  # mx.* take view.array
+
+
+def test_keys_and_values_and_arrays_on_request():
+    cache = QuantizedRotatingKVCache(4, 32, max_size=24, keep=2, window=4)
+    (k, v), _ = filled(cache, chunks=(30, 1, 1), kd=32, vd=32)
+    kk, vv = cache.keys_and_values()
+    assert mx.array_equal(mx.array(kk), mx.array(k)) and mx.array_equal(mx.array(vv), mx.array(v))
+    assert k.shape[2] == cache.held() and kk.q_start is None
+    cache.fetch_arrays = True
+    k2, v2 = cache.update_and_fetch(mx.zeros((1, 2, 1, 32)), mx.ones((1, 2, 1, 32)))
+    assert type(k2) is mx.array and type(v2) is mx.array and k2.shape == (1, 2, cache.held(), 32)
+    assert mx.allclose(v2[:, :, -1], mx.ones((1, 2, 32)), atol=1e-3)  # rotated and stored in fp16
+
+
+def test_key_and_value_dims_differ_float32_model():
+    (k, v), (rk, rv) = filled(QuantizedKVCache(4, 32, window=8), kd=80, vd=32)  # 80: zero-padded to 96
+    assert k.shape[-1] == 80 and v.shape[-1] == 32 and k.dtype == mx.float32
+    assert rel_err(mx.array(k), rk) < 0.1 and rel_err(mx.array(v), rv) < 0.1
+    assert bool(mx.all(mx.isfinite(mx.array(k))).item())
