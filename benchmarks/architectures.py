@@ -605,7 +605,7 @@ CONFIGS = {
 
 # built and compared in tests/test_architectures.py (a second or less each on a 2-core CPU)
 CI = ['Klear', 'afm7', 'apertus', 'baichuan_m1', 'bailing_moe', 'dbrx', 'deepseek', 'deepseek_v2',
-      'deepseek_v3', 'dots1', 'ernie4_5', 'exaone', 'exaone4', 'gemma2', 'gemma3', 'gemma3n', 'gemma4',
+      'deepseek_v3', 'deepseek_v32', 'dots1', 'ernie4_5', 'exaone', 'exaone4', 'gemma2', 'gemma3', 'gemma3n', 'gemma4',
       'glm', 'glm4', 'glm4_moe', 'glm4_moe_lite', 'gpt2', 'gpt_oss', 'granite', 'granitemoehybrid',
       'helium', 'hunyuan', 'internlm2', 'internlm3', 'iquestloopcoder', 'kimi_k25', 'kimi_linear',
       'laguna', 'lfm2', 'llama', 'llama4', 'longcat_flash', 'mimo', 'mimo_v2_flash', 'minicpm',
