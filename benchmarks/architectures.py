@@ -20,6 +20,7 @@ seconds on a 2-core CPU.
 """
 
 import argparse
+import copy
 import importlib
 import json
 import sys
@@ -42,7 +43,7 @@ GROUP = 32
 
 def build(model_type):
     """The tiny float32 model of ``model_type`` (random weights, seed 0)."""
-    config = CONFIGS[model_type]
+    config = copy.deepcopy(CONFIGS[model_type])  # ModelArgs may change nested dicts in place
     arch = importlib.import_module(f"mlx_lm.models.{model_type}")
     mx.random.seed(0)
     model = arch.Model(arch.ModelArgs.from_dict(config))
@@ -131,6 +132,13 @@ TINY = {'hidden_size': 128, 'num_hidden_layers': 2, 'intermediate_size': 256, 'n
      'norm_eps': 1e-05, 'rope_theta': 10000.0, 'max_position_embeddings': 1000,
      'tie_word_embeddings': False}
 
+_DEEPSEEK_V3 = {'vocab_size': 1000, 'hidden_size': 128, 'intermediate_size': 256,
+    'moe_intermediate_size': 64, 'num_hidden_layers': 4, 'num_attention_heads': 4,
+    'num_key_value_heads': 2, 'n_routed_experts': 4, 'n_group': 2, 'topk_group': 1,
+    'num_experts_per_tok': 2, 'n_shared_experts': 1, 'kv_lora_rank': 32, 'q_lora_rank': 32,
+    'qk_rope_head_dim': 32, 'v_head_dim': 32, 'qk_nope_head_dim': 32,
+    'rope_scaling': {'beta_fast': 32, 'beta_slow': 1, 'factor': 40, 'mscale': 1.0, 'mscale_all_dim': 1.0, 'original_max_position_embeddings': 4096, 'type': 'yarn'}}  # deepseek_v3 and deepseek_v32
+
 CONFIGS = {
     'Klear': {'model_type': 'Klear', 'hidden_size': 128, 'num_hidden_layers': 4, 'intermediate_size': 128,
      'num_attention_heads': 4, 'attention_bias': False, 'mlp_only_layers': [0], 'num_experts': 4,
@@ -181,18 +189,8 @@ CONFIGS = {
      'num_key_value_heads': 2, 'kv_lora_rank': 32, 'q_lora_rank': 32, 'qk_rope_head_dim': 32,
      'v_head_dim': 32, 'qk_nope_head_dim': 32,
      'rope_scaling': {'beta_fast': 32, 'beta_slow': 1, 'factor': 40, 'mscale': 1.0, 'mscale_all_dim': 1.0, 'original_max_position_embeddings': 4096, 'type': 'yarn'}},
-    'deepseek_v3': {'model_type': 'deepseek_v3', 'vocab_size': 1000, 'hidden_size': 128, 'intermediate_size': 256,
-     'moe_intermediate_size': 64, 'num_hidden_layers': 4, 'num_attention_heads': 4,
-     'num_key_value_heads': 2, 'n_routed_experts': 4, 'n_group': 2, 'topk_group': 1,
-     'num_experts_per_tok': 2, 'n_shared_experts': 1, 'kv_lora_rank': 32, 'q_lora_rank': 32,
-     'qk_rope_head_dim': 32, 'v_head_dim': 32, 'qk_nope_head_dim': 32,
-     'rope_scaling': {'beta_fast': 32, 'beta_slow': 1, 'factor': 40, 'mscale': 1.0, 'mscale_all_dim': 1.0, 'original_max_position_embeddings': 4096, 'type': 'yarn'}},
-    'deepseek_v32': {'model_type': 'deepseek_v32', 'vocab_size': 1000, 'hidden_size': 128, 'intermediate_size': 256,
-     'moe_intermediate_size': 64, 'num_hidden_layers': 4, 'num_attention_heads': 4,
-     'num_key_value_heads': 2, 'n_routed_experts': 4, 'n_group': 2, 'topk_group': 1,
-     'num_experts_per_tok': 2, 'n_shared_experts': 1, 'kv_lora_rank': 32, 'q_lora_rank': 32,
-     'qk_rope_head_dim': 32, 'v_head_dim': 32, 'qk_nope_head_dim': 32,
-     'rope_scaling': {'beta_fast': 32, 'beta_slow': 1, 'factor': 40, 'mscale': 1.0, 'mscale_all_dim': 1.0, 'original_max_position_embeddings': 4096, 'type': 'yarn'}},
+    'deepseek_v3': {'model_type': 'deepseek_v3', **_DEEPSEEK_V3},
+    'deepseek_v32': {'model_type': 'deepseek_v32', **_DEEPSEEK_V3},
     'deepseek_v41': {'hidden_size': 128, 'num_hidden_layers': 2, 'intermediate_size': 256, 'num_attention_heads': 4,
      'num_key_value_heads': 2, 'rms_norm_eps': 1e-05, 'vocab_size': 1000,
      'max_position_embeddings': 1000, 'rope_theta': 10000.0, 'tie_word_embeddings': False,
