@@ -139,6 +139,14 @@ _DEEPSEEK_V3 = {'vocab_size': 1000, 'hidden_size': 128, 'intermediate_size': 256
     'qk_rope_head_dim': 32, 'v_head_dim': 32, 'qk_nope_head_dim': 32,
     'rope_scaling': {'beta_fast': 32, 'beta_slow': 1, 'factor': 40, 'mscale': 1.0, 'mscale_all_dim': 1.0, 'original_max_position_embeddings': 4096, 'type': 'yarn'}}  # deepseek_v3 and deepseek_v32
 
+_LONGCAT_FLASH = {'attention_method': 'MLA', 'zero_expert_type': 'identity',
+    'hidden_size': 128, 'ffn_hidden_size': 128, 'moe_topk': 2, 'expert_ffn_hidden_size': 128,
+    'n_routed_experts': 2, 'zero_expert_num': 2, 'num_layers': 4, 'num_hidden_layers': 4,
+    'vocab_size': 1000, 'max_position_embeddings': 1000, 'num_attention_heads': 4, 'kv_lora_rank': 32,
+    'q_lora_rank': 32, 'qk_rope_head_dim': 32, 'qk_nope_head_dim': 32, 'v_head_dim': 32,
+    'routed_scaling_factor': 1.0, 'rms_norm_eps': 1e-05, 'rope_theta': 1000, 'mla_scale_q_lora': True,
+    'mla_scale_kv_lora': True, 'attention_bias': False}  # longcat_flash and longcat_flash_ngram
+
 CONFIGS = {
     'Klear': {'model_type': 'Klear', 'hidden_size': 128, 'num_hidden_layers': 4, 'intermediate_size': 128,
      'num_attention_heads': 4, 'attention_bias': False, 'mlp_only_layers': [0], 'num_experts': 4,
@@ -387,20 +395,8 @@ CONFIGS = {
      'num_attention_heads': 4, 'rms_norm_eps': 1e-05, 'vocab_size': 1000, 'head_dim': 32,
      'num_key_value_heads': 2, 'intermediate_size_mlp': 128, 'rope_theta': 1000.0,
      'tie_word_embeddings': False, 'no_rope_layers': [0, 0, 1, 1], 'use_qk_norm': True},
-    'longcat_flash': {'model_type': 'longcat_flash', 'attention_method': 'MLA', 'zero_expert_type': 'identity',
-     'hidden_size': 128, 'ffn_hidden_size': 128, 'moe_topk': 2, 'expert_ffn_hidden_size': 128,
-     'n_routed_experts': 2, 'zero_expert_num': 2, 'num_layers': 4, 'num_hidden_layers': 4,
-     'vocab_size': 1000, 'max_position_embeddings': 1000, 'num_attention_heads': 4, 'kv_lora_rank': 32,
-     'q_lora_rank': 32, 'qk_rope_head_dim': 32, 'qk_nope_head_dim': 32, 'v_head_dim': 32,
-     'routed_scaling_factor': 1.0, 'rms_norm_eps': 1e-05, 'rope_theta': 1000, 'mla_scale_q_lora': True,
-     'mla_scale_kv_lora': True, 'attention_bias': False},
-    'longcat_flash_ngram': {'model_type': 'longcat_flash_ngram', 'attention_method': 'MLA', 'zero_expert_type': 'identity',
-     'hidden_size': 128, 'ffn_hidden_size': 128, 'moe_topk': 2, 'expert_ffn_hidden_size': 128,
-     'n_routed_experts': 2, 'zero_expert_num': 2, 'num_layers': 4, 'num_hidden_layers': 4,
-     'vocab_size': 1000, 'max_position_embeddings': 1000, 'num_attention_heads': 4, 'kv_lora_rank': 32,
-     'q_lora_rank': 32, 'qk_rope_head_dim': 32, 'qk_nope_head_dim': 32, 'v_head_dim': 32,
-     'routed_scaling_factor': 1.0, 'rms_norm_eps': 1e-05, 'rope_theta': 1000, 'mla_scale_q_lora': True,
-     'mla_scale_kv_lora': True, 'attention_bias': False},
+    'longcat_flash': {'model_type': 'longcat_flash', **_LONGCAT_FLASH},
+    'longcat_flash_ngram': {'model_type': 'longcat_flash_ngram', **_LONGCAT_FLASH},
     'mamba': {'model_type': 'mamba', 'vocab_size': 1000, 'use_bias': False, 'use_conv_bias': True, 'conv_kernel': 4,
      'hidden_size': 128, 'num_hidden_layers': 4, 'state_size': 16, 'intermediate_size': 256,
      'time_step_rank': 48},
