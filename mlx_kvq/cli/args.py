@@ -11,8 +11,7 @@ from .._blas import missing_warning
 from ..bridge import cache_config, load_prompt_cache
 from ..cache import QuantizedKVCache, cache_options
 from ..generation.prefill import build_cache
-from ..models import load
-from ..models.gguf import is_gguf
+from ..models import load, reads_gguf
 
 
 def command_parser(prog, description, examples=None):
@@ -77,26 +76,18 @@ def load_model(args, path=None):
         print(warning, file=sys.stderr)
     kwargs = {}
     if getattr(args, "adapter_path", None):
-        if path is None or _is_gguf_model(path):
+        if reads_gguf(path):
             raise ValueError(f"--adapter-path applies to mlx-lm models only, not to the GGUF model "
                              f"{path or '(embedded)'}.")
         if not os.path.exists(args.adapter_path):
             raise FileNotFoundError(f"--adapter-path not found: {args.adapter_path}")
         kwargs["adapter_path"] = args.adapter_path
-    if getattr(args, "trust_remote_code", False) and not (path is None or _is_gguf_model(path)):
+    if getattr(args, "trust_remote_code", False) and not reads_gguf(path):
         kwargs["tokenizer_config"] = {"trust_remote_code": True}
     model, tokenizer = load(path, **kwargs)
     for token in getattr(args, "extra_eos_token", ()):
         tokenizer.add_eos_token(token)
     return model, tokenizer
-
-
-def _is_gguf_model(path):
-    """Whether ``load`` reads ``path`` as a GGUF model (a .gguf file, or a directory with one and no config.json)."""
-    p = Path(path).expanduser()
-    if p.is_dir() and not (p / "config.json").exists():
-        return any(p.glob("*.gguf"))
-    return p.is_file() and is_gguf(p)
 
 
 # The KV flags default to None so that a prompt-cache file's config can fill them;

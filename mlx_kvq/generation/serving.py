@@ -22,14 +22,9 @@ from pathlib import Path
 import mlx.core as mx
 
 from ..bridge import mlx_lm_server, serve_caches
-from ..models import default_model_path, load, prepare_model
+from ..models import default_model_path, load, prepare_model, reads_gguf
 
 server = mlx_lm_server()
-
-
-def _is_gguf_model(path):
-    p = Path(path).expanduser()
-    return p.suffix == ".gguf" or (p.is_dir() and not (p / "config.json").exists())
 
 
 class ModelProvider(server.ModelProvider):
@@ -46,7 +41,7 @@ class ModelProvider(server.ModelProvider):
 
     def _load(self, model_path, adapter_path=None, draft_model_path=None):
         plain = adapter_path is None and draft_model_path is None and not self.is_distributed
-        if plain and model_path is not None and _is_gguf_model(model_path):
+        if plain and model_path is not None and reads_gguf(model_path):
             self.reset()
             gc.collect()
             mx.clear_cache()

@@ -18,7 +18,7 @@ def load(path_or_repo=None, **kwargs):
     if path_or_repo is None:
         path_or_repo = default_model_path()
     path = Path(path_or_repo).expanduser()
-    if path.is_dir() and not (path / "config.json").exists():
+    if path.is_dir() and reads_gguf(path):
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) != 1:
             found = f"{len(ggufs)} .gguf files" if ggufs else "no .gguf file"
@@ -53,6 +53,15 @@ def load(path_or_repo=None, **kwargs):
         raise RuntimeError(
             f"could not load the mlx-lm model from {where}: {type(e).__name__}: {e}"
         ) from e
+
+
+def reads_gguf(path_or_repo):
+    """Whether :func:`load` takes ``path_or_repo`` as GGUF (the embedded model, a file, or a
+    directory with no ``config.json``) rather than as an mlx-lm model."""
+    if path_or_repo is None:
+        return True
+    path = Path(path_or_repo).expanduser()
+    return path.is_file() or (path.is_dir() and not (path / "config.json").exists())
 
 
 def _looks_like_path(name):
