@@ -36,7 +36,7 @@ from mlx_lm.generate import generation_stream  # noqa: F401
 from mlx_lm.utils import sharded_load  # noqa: F401  (models split over mlx.launch's ranks)
 
 from .attention import quantized_sdpa, rows_sdpa
-from .cache import KVView, QuantizedKVCache, RowsView, QuantizedRotatingKVCache, cache_options, whole
+from .cache import KVView, QuantizedKVCache, RowsView, QuantizedRotatingKVCache, cache_options, plain, whole
 
 stream_generate = mlx_lm.stream_generate
 load_mlx_lm = mlx_lm.load
@@ -70,7 +70,7 @@ def _route(original):
             return fn(queries, keys, scale=scale, mask=mask, sinks=sinks)
         # anything else (MLA models pass one cache part as keys and values, models that
         # cast what they fetched): the arrays the views stand for, MLX's attention
-        keys, values = _plain(keys), _plain(values)
+        keys, values = plain(keys), plain(values)
         return original(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
 
     scaled_dot_product_attention.mlx_kvq_original = original
@@ -84,10 +84,6 @@ def _pair(keys, values):
         return values is keys
     return part == "keys" and getattr(values, "part", None) == "values" and values.packed is keys.packed \
         and values.offset == keys.offset
-
-
-def _plain(x):
-    return x.array if isinstance(x, KVView) else x
 
 
 # model modules that use what a cache fetches in ways a view cannot stand in for (mx.*

@@ -183,15 +183,16 @@ class KVView:
 
 def _delegate(name):
     op = getattr(operator, name)
-    return lambda self, *other: op(self.array, *(_plain(o) for o in other))
+    return lambda self, *other: op(self.array, *(plain(o) for o in other))
 
 
 def _rdelegate(name):
     op = getattr(operator, name)
-    return lambda self, other: op(_plain(other), self.array)
+    return lambda self, other: op(plain(other), self.array)
 
 
-def _plain(x):
+def plain(x):
+    """``x``, or the array a view stands for."""
     return x.array if isinstance(x, KVView) else x
 
 
