@@ -12,7 +12,7 @@ import sys
 
 from ..bridge import mlx_lm_server_parser
 from ..generation.serving import ModelProvider, run
-from .args import add_dtype_argument, add_kv_arguments, cache_kwargs, check_kv, ranged
+from .args import add_dtype_argument, add_kv_arguments, cache_kwargs, check_kv, memory_size, ranged
 
 EXAMPLES = """examples:
   mlx_kvq.server                                   # embedded SmolLM2-135M, 4-bit KV, port 8080
@@ -35,6 +35,9 @@ def setup_arg_parser():
     p.conflict_handler = "resolve"
     p.add_argument("--max-kv-size", type=ranged(int, 1),
                    help="a sliding-window cache of this many tokens (quantized, as mlx-lm's RotatingKVCache)")
+    p.add_argument("--max-kv-memory", type=memory_size, metavar="SIZE",
+                   help="KV cache memory for the requests running at once (e.g. 8GB): each is sized for its prompt "
+                        "plus max_tokens; a request that does not fit waits, one that never could is refused")
     add_dtype_argument(p)
     add_kv_arguments(p)
     for a in p._actions:
