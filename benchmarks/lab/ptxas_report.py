@@ -58,7 +58,8 @@ template __global__ void kernel<{targs}>({", ".join(p.rsplit(" ", 1)[0] for p in
 
 
 def hot_loop(sass, marker="HMMA"):
-    """Instruction mix of the longest loop (backward branch) that contains ``marker``."""
+    """Instruction mix of the loop (backward branch) with the most ``marker`` instructions
+    (the longest of those, on a tie)."""
     ins = []
     for ln in sass.splitlines():
         m = re.match(r"\s*/\*([0-9a-f]+)\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)(\.[A-Z0-9_.]+)?\s*([^;]*)", ln)
@@ -70,7 +71,8 @@ def hot_loop(sass, marker="HMMA"):
         if op == "BRA" and t and int(t.group(1), 16) < addr:
             lo = int(t.group(1), 16)
             body = [o for a, o, _ in ins if lo <= a <= addr]
-            if marker in body and (best is None or len(body) > len(best)):
+            rank = (body.count(marker), len(body))
+            if marker in body and (best is None or rank > (best.count(marker), len(best))):
                 best = body
     return collections.Counter(best) if best else None
 
@@ -126,7 +128,7 @@ def main():
     total = sum(ops.values())
     print(f"SASS: {total} instructions ({tmp / 'k.sass'})")
     print("  ".join(f"{k} {v}" for k, v in ops.most_common(30)))
-    marker = "MUFU" if a.name.startswith("sdpa_decode_simd") else "HMMA"
+    marker = "FFMA" if a.name.startswith("sdpa_decode_simd") else "HMMA"
     loop = hot_loop(sass, marker)
     if loop:
         print(f"hot loop (the longest backward branch holding {marker}): {sum(loop.values())} instructions")

@@ -1,0 +1,74 @@
+"""Where a continuous batch's greedy tokens leave the same request's run alone, per cache
+config (the configs of tests/cache/test_rows_cache.py, plus mlx-lm's own fp16 caches), and
+the alone run's top-1 minus top-2 log-probability at that step: a near tie means the batched
+model's other matmuls (M = rows, not 1) rounded differently, not that the cache differs.
+
+    python3 benchmarks/lab/rows_gpu_divergence.py
+"""
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "cache")]
+
+import mlx_kvq  # noqa: E402,F401
+import mlx.core as mx  # noqa: E402
+from mlx_lm.generate import BatchGenerator, generate_step  # noqa: E402
+from mlx_lm.models.cache import make_prompt_cache as mlx_lm_cache  # noqa: E402
+
+from mlx_kvq.bridge import make_prompt_cache, serve_caches  # noqa: E402
+from mlx_kvq.cache import QuantizedKVCache  # noqa: E402
+from test_rows_cache import KV, prompt, tiny_model  # noqa: E402
+
+
+def alone(model, tokens, n, kv, step):
+    cache = make_prompt_cache(model, **kv) if kv is not None else mlx_lm_cache(model)
+    out = list(generate_step(mx.array(tokens), model, max_tokens=n, prompt_cache=cache, prefill_step_size=step))
+    return [t for t, _ in out], [lp for _, lp in out]
+
+
+def batched(model, prompts, n, step):
+    gen = BatchGenerator(model, max_tokens=n, prefill_step_size=step, completion_batch_size=8, prefill_batch_size=4)
+    uids = gen.insert(prompts[:2])
+    got = {u: [] for u in uids}
+    for i in range(60 * n):
+        if i == 3:
+            new = gen.insert(prompts[2:])
+            uids += new
+            got.update({u: [] for u in new})
+        if i == 12:
+            gen.remove([uids[3]])
+            del got[uids[3]]
+        for r in gen.next_generated():
+            if r.uid in got:
+                got[r.uid].append(r.token)
+        if all(len(t) == n for t in got.values()):
+            break
+    return [got.get(u) for u in uids]
+
+
+def main():
+    print("device", mx.default_device(), "mlx", mx.__version__)
+    n, step = QuantizedKVCache.flush_block + 10, 16
+    prompts = [prompt(k, s) for s, k in enumerate([45, 9, 70, 33, 52])]
+    for name, kv in list(KV.items()) + [("mlx-lm fp16", None)]:
+        model = tiny_model()
+        if kv is not None:
+            serve_caches(model, **kv)
+        rows = batched(model, prompts, n, step)
+        for i, (p, toks) in enumerate(zip(prompts, rows)):
+            if toks is None:
+                continue
+            ref, lps = alone(model, p, n, kv, step)
+            j = next((k for k, (a, b) in enumerate(zip(toks, ref)) if a != b), None)
+            if j is None:
+                print(f"{name:14s} row {i}: equal ({len(ref)} tokens)")
+                continue
+            top = mx.sort(lps[j].astype(mx.float32))[-2:].tolist()
+            print(f"{name:14s} row {i}: differs from token {j} of {len(ref)}; alone there: top-1 minus top-2 "
+                  f"log-prob {top[1] - top[0]:.2e}")
+
+
+if __name__ == "__main__":
+    main()
