@@ -3,7 +3,7 @@
 from . import _blas  # noqa: F401  (must run before mlx.core is imported)
 from .attention import quantized_sdpa
 from .bridge import load_prompt_cache, make_prompt_cache, patch, save_prompt_cache
-from .cache import QuantizedKVCache, QuantizedRotatingKVCache
+from .cache import QuantizedChunkedKVCache, QuantizedKVCache, QuantizedRotatingKVCache
 from .generation import batch_generate, cache_document, summarize
 from .models import load
 

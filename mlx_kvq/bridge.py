@@ -36,7 +36,8 @@ from mlx_lm.generate import generation_stream  # noqa: F401
 from mlx_lm.utils import sharded_load  # noqa: F401  (models split over mlx.launch's ranks)
 
 from .attention import quantized_sdpa, rows_sdpa
-from .cache import KVView, QuantizedKVCache, RowsView, QuantizedRotatingKVCache, cache_options, plain, whole
+from .cache import (KVView, QuantizedChunkedKVCache, QuantizedKVCache, QuantizedRotatingKVCache, RowsView,
+                    cache_options, plain, whole)
 
 stream_generate = mlx_lm.stream_generate
 load_mlx_lm = mlx_lm.load
@@ -44,7 +45,7 @@ KVCache = lm_cache.KVCache
 
 # mlx-lm saves a cache's class by name and looks it up in mlx_lm.models.cache, where
 # "QuantizedKVCache" is mlx-lm's own class: ours are saved under names of their own.
-for _cls in (QuantizedKVCache, QuantizedRotatingKVCache):
+for _cls in (QuantizedKVCache, QuantizedRotatingKVCache, QuantizedChunkedKVCache):
     if not _cls.__name__.startswith("MlxKvq"):
         _cls.__name__ = _cls.__qualname__ = "MlxKvq" + _cls.__name__
     setattr(lm_cache, _cls.__name__, _cls)
@@ -143,9 +144,10 @@ def make_prompt_cache(
 
     ``kv_bits=None`` (and no ``k_bits``/``v_bits``) leaves mlx-lm's fp16 caches as they are.
     ``KVCache`` layers (also inside a ``CacheList``) become ``QuantizedKVCache``,
-    ``RotatingKVCache`` layers (sliding windows, ``max_kv_size``) ``QuantizedRotatingKVCache``;
+    ``RotatingKVCache`` layers (sliding windows, ``max_kv_size``) ``QuantizedRotatingKVCache``,
+    ``ChunkedKVCache`` layers (llama4's chunked attention) ``QuantizedChunkedKVCache``;
     state caches (``ArraysCache``: SSM, convolutions) are left as they are. Any other KV cache
-    (llama4's ``ChunkedKVCache``, a model's own cache class) stays fp16 with one warning naming
+    (a model's own cache class, mlx-lm's ``ConcatenateKVCache``) stays fp16 with one warning naming
     its layers and the reason; ``strict=True`` makes that a ``ValueError``.
     """
     if max_kv_size is not None:
@@ -198,7 +200,6 @@ def fp16_members(model):
 
 # mlx-lm KV caches that mlx-kvq leaves fp16, and why
 FP16_REASONS = {
-    "ChunkedKVCache": "chunked attention (mlx-lm's ChunkedKVCache) has no quantized cache in mlx-kvq",
     "ConcatenateKVCache": "mlx-lm's ConcatenateKVCache has no quantized cache in mlx-kvq",
 }
 
@@ -212,6 +213,9 @@ def _quantized(c, config, arrays=False, left=None, layer=0, members=None):
     elif type(c) is lm_cache.RotatingKVCache:
         config = {k: v for k, v in config.items() if k != "sinks"}  # its sinks are ``keep``
         q = QuantizedRotatingKVCache(max_size=c.max_size, keep=c.keep, **config)
+    elif type(c) is lm_cache.ChunkedKVCache:
+        config = {k: v for k, v in config.items() if k != "sinks"}  # it drops its first tokens too
+        q = QuantizedChunkedKVCache(c.chunk_size, **config)
     elif type(c) is lm_cache.CacheList:
         members = members or {}
         for i in members:

@@ -60,18 +60,7 @@ class QuantizedRotatingKVCache(QuantizedKVCache):
     def _drop(self):
         """Drop the oldest non-kept tokens that no query from ``offset`` on can see."""
         held = self.n_packed + self._recent()
-        drop = min(held, self._first_visible(self.offset) - (self.offset - held))
-        if drop <= 0:
-            return
-        p = min(drop, self.n_packed)
-        if p:
-            self.packed_keys = tuple(a[:, :, p:] for a in self.packed_keys)
-            self.packed_values = tuple(a[:, :, p:] for a in self.packed_values)
-            self.n_packed -= p
-        w = drop - p
-        if w:
-            self.window_keys = self.window_keys[:, :, w:]
-            self.window_values = self.window_values[:, :, w:]
+        drop_front(self, min(held, self._first_visible(self.offset) - (self.offset - held)))
 
     def update_and_fetch(self, keys, values):
         if not self.empty():
@@ -131,3 +120,18 @@ class QuantizedRotatingKVCache(QuantizedKVCache):
     def from_cache(cls, cache, **config):
         raise NotImplementedError("Build a QuantizedRotatingKVCache empty and fill it with the model.")
 
+
+def drop_front(cache, n):
+    """Drop the ``n`` oldest tokens after the sinks of a quantized cache: packed ones first,
+    then the oldest of the recent window."""
+    if n <= 0:
+        return
+    p = min(n, cache.n_packed)
+    if p:
+        cache.packed_keys = tuple(a[:, :, p:] for a in cache.packed_keys)
+        cache.packed_values = tuple(a[:, :, p:] for a in cache.packed_values)
+        cache.n_packed -= p
+    w = n - p
+    if w:
+        cache.window_keys = cache.window_keys[:, :, w:]
+        cache.window_values = cache.window_values[:, :, w:]
