@@ -1,4 +1,6 @@
-"""Shared test helpers: a plain fp32 attention reference and a cache's contents."""
+"""Shared test helpers: a plain fp32 attention reference, a cache's contents, free ports."""
+
+import socket
 
 import mlx.core as mx
 
@@ -77,3 +79,26 @@ class Faulty:
 
     def count(self, name):
         return sum(c[0] == name for c in self.calls)
+
+
+def free_ports(n):
+    """A first port of ``n`` consecutive free ones (the ring backend listens on port + rank)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            first = s.getsockname()[1]
+        if first + n > 65535:
+            continue
+        try:
+            held = []
+            for p in range(first, first + n):
+                s = socket.socket()
+                held.append(s)
+                s.bind(("127.0.0.1", p))
+            return first
+        except OSError:
+            continue
+        finally:
+            for s in held:
+                s.close()
+    raise RuntimeError("no free ports")
