@@ -9,7 +9,7 @@ import sys
 
 import mlx.core as mx
 
-from ..generation.distributed import kv_bytes_by_rank, rank_file, rank_files
+from ..generation.distributed import by_rank_line, kv_bytes_by_rank, rank_file, rank_files
 from ..models import load_sharded
 from .args import cache_file_name, existing_cache_file
 from .args import load_model as load_whole
@@ -80,7 +80,4 @@ def rank_report(cache):
     """A line with every rank's KV bytes and their total ('' for one process); a
     collective: every rank calls it."""
     per_rank = kv_bytes_by_rank(cache)
-    if len(per_rank) == 1:
-        return ""
-    mib = ", ".join(f"{b / 2**20:.2f}" for b in per_rank)
-    return f"KV cache per rank: {mib} MiB; total {sum(per_rank) / 2**20:.2f} MiB over {len(per_rank)} ranks"
+    return "" if len(per_rank) == 1 else by_rank_line("KV cache", per_rank)
