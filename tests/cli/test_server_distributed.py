@@ -1,7 +1,8 @@
 """``mlx_kvq.server`` under ``mlx.launch``: 2 ring processes on this machine serve a tiny
-float32 qwen2 directory (random weights, the embedded model's tokenizer) split pipeline
-parallel; rank 0 answers over HTTP, and its greedy completions equal ``stream_generate``
-in one process with the same 4-bit cache. Rank 0's log gives both ranks' prompt-cache bytes.
+float32 qwen2 directory (random weights, the embedded model's tokenizer) split tensor or
+pipeline parallel; rank 0 answers over HTTP, and its greedy completions equal
+``stream_generate`` in one process with the same 4-bit cache. Rank 0's log gives both
+ranks' prompt-cache bytes.
 
 ``mlx.launch`` exits 0 even when a rank fails: the test judges by the answers (rank 0
 answers only when rank 1 runs the same forward passes) and the per-rank log line.
@@ -88,21 +89,21 @@ def healthy(port):
         return False
 
 
-@pytest.fixture(scope="module")
-def launched(model_dir):
-    """``(http_port, log)``: 2 ring ranks serving ``model_dir`` pipeline parallel (rank 0 on
-    ``http_port``); ``log()`` is what the ranks have written so far."""
+@pytest.fixture(scope="module", params=["tensor", "pipeline"])
+def launched(request, model_dir):
+    """``(http_port, log)``: 2 ring ranks serving ``model_dir`` split as the param says (rank
+    0 on ``http_port``); ``log()`` is what the ranks have written so far."""
     if shutil.which("mlx.launch") is None:
         pytest.skip("mlx.launch is not installed")
     ring = free_ports(3)  # 3 consecutive free ports: the ring listens on 2, rank 0's HTTP on the third
     http = ring + 2
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    path = model_dir.parent / "launch.log"
+    path = model_dir.parent / f"{request.param}.log"
     with open(path, "w") as out:
         proc = subprocess.Popen(
             ["timeout", "120", "mlx.launch", "-n", "2", "--backend", "ring", "--starting-port", str(ring),
-             sys.executable, "-m", "mlx_kvq.cli.server", "--model", str(model_dir), "--pipeline",
-             "--port", str(http), "--log-level", "INFO"],
+             sys.executable, "-m", "mlx_kvq.cli.server", "--model", str(model_dir), "--port", str(http),
+             "--log-level", "INFO", *(["--pipeline"] if request.param == "pipeline" else [])],
             cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True)
     log = path.read_text
@@ -133,9 +134,9 @@ def per_rank_lines(log, n):
 
 
 def test_two_ranks_serve_the_single_process_completions(single, launched):
-    """Pipeline parallel over 2 ranks (2 layers each): every completion equals the single
-    process's, the third from both ranks' prompt caches; each rank's prompt cache holds
-    half the single-process bytes of the finished requests."""
+    """Over 2 ranks (tensor: 1 of the 2 KV heads each; pipeline: 2 of the 4 layers) every
+    completion equals the single process's, the third from both ranks' prompt caches; each
+    rank's prompt cache holds half the single-process bytes of the finished requests."""
     port, log = launched
     for prompt in PROMPTS + PROMPTS[:1]:
         r = complete(port, prompt)
