@@ -7,7 +7,7 @@ continuously. mlx-lm's flags, plus the KV flags of ``mlx_kvq.generate`` (default
     mlx.launch -n 2 --backend ring -- python -m mlx_kvq.cli.server --model DIR [--pipeline]
 
 Under ``mlx.launch`` every rank loads its share of the model and rank 0 serves HTTP
-(:mod:`mlx_kvq.generation.serving`); the other ranks log warnings only.
+(:mod:`mlx_kvq.generation.serving`); the other ranks log only warnings and errors.
 """
 
 import argparse
