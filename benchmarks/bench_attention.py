@@ -435,8 +435,8 @@ def decode_bodies_chain(args, sizes):
         npk = n - ns - nw
         for bits in (8, 4, 2):
             _, kp, vp = make(B, Hkv, rep, 1, D, npk, bits, bits, 64, "affine", mx.float16, seed=1)
-            runs = [("simd", dict(ku=ku, pf=pf, dpl=dpl or None), f"simd ku{ku}pf{pf}d{dpl or 'def'}")
-                    for ku, pf, dpl in args.simd_variants]
+            runs = [("simd", dict(ku=v[0], pf=v[1], dpl=v[2] or None, warps_per_core=v[3]),
+                     f"simd ku{v[0]}pf{v[1]}d{v[2] or 'def'}w{v[3]}") for v in args.simd_variants]
             for body, extra, label in runs + [("mma", {}, "mma")]:
                 kw = dict(k_bits=bits, v_bits=bits, group_size=64, scale=D**-0.5, q_start=n - 1, causal=True,
                           out_dtype=mx.float16, body=body, **extra)
@@ -610,7 +610,8 @@ def main():
     ap.add_argument("--chain", action="store_true", help="chained (dependent) decode calls, GPU-bound")
     ap.add_argument("--bodies", action="store_true", help="chained decode calls of the simd and mma bodies")
     ap.add_argument("--simd-variants", default="2:1:0",
-                    help="--bodies: simd body variants keys per step:load ahead:dims per lane (0: default), ...")
+                    help="--bodies: simd body variants keys per step:load ahead:dims per lane (0: default)"
+                         "[:warps per GPU core], ...")
     ap.add_argument("--chain-parts", action="store_true", help="--chain: the 4-bit launch taken apart")
     ap.add_argument("--pf", type=int, default=None, help="--chain: blocks loaded ahead (default: by length)")
     ap.add_argument("--rotq", action="store_true", help="--variants: rotate queries and output in the kernels")
@@ -618,7 +619,9 @@ def main():
                     "default: the library's WARPS_PER_CORE)")
     args = ap.parse_args()
     args.deq = False
+    dflt = [kernels.decode.SIMD_KU[0], kernels.decode.SIMD_KU[1], 0, kernels.decode.WARPS_PER_CORE]
     args.simd_variants = [tuple(int(x) for x in v.split(":")) for v in args.simd_variants.split(",")]
+    args.simd_variants = [v + tuple(dflt[len(v):]) for v in args.simd_variants]
     args.wpc = [int(x) for x in args.wpc.split(",")] if args.wpc else [kernels.WARPS_PER_CORE]
     if args.emu:
         import tempfile

@@ -57,8 +57,8 @@ template __global__ void kernel<{targs}>({", ".join(p.rsplit(" ", 1)[0] for p in
 """
 
 
-def hot_loop(sass):
-    """Instruction mix of the longest loop (backward branch) that contains HMMA."""
+def hot_loop(sass, marker="HMMA"):
+    """Instruction mix of the longest loop (backward branch) that contains ``marker``."""
     ins = []
     for ln in sass.splitlines():
         m = re.match(r"\s*/\*([0-9a-f]+)\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)(\.[A-Z0-9_.]+)?\s*([^;]*)", ln)
@@ -70,7 +70,7 @@ def hot_loop(sass):
         if op == "BRA" and t and int(t.group(1), 16) < addr:
             lo = int(t.group(1), 16)
             body = [o for a, o, _ in ins if lo <= a <= addr]
-            if "HMMA" in body and (best is None or len(body) > len(best)):
+            if marker in body and (best is None or len(body) > len(best)):
                 best = body
     return collections.Counter(best) if best else None
 
@@ -126,9 +126,10 @@ def main():
     total = sum(ops.values())
     print(f"SASS: {total} instructions ({tmp / 'k.sass'})")
     print("  ".join(f"{k} {v}" for k, v in ops.most_common(30)))
-    loop = hot_loop(sass)
+    marker = "MUFU" if a.name.startswith("sdpa_decode_simd") else "HMMA"
+    loop = hot_loop(sass, marker)
     if loop:
-        print(f"hot loop (the longest backward branch holding HMMA): {sum(loop.values())} instructions")
+        print(f"hot loop (the longest backward branch holding {marker}): {sum(loop.values())} instructions")
         print("  ".join(f"{k} {v}" for k, v in loop.most_common(30)))
     return 0
 

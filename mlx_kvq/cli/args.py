@@ -12,6 +12,7 @@ from ..bridge import cache_config, load_prompt_cache
 from ..cache import QuantizedKVCache, cache_options
 from ..generation.prefill import build_cache
 from ..models import load, reads_gguf
+from ..models.memory import parse_size
 
 
 def command_parser(prog, description, examples=None):
@@ -19,6 +20,25 @@ def command_parser(prog, description, examples=None):
     ``--prompt-cache-file``), the examples after the flags."""
     return argparse.ArgumentParser(prog=prog, description=description, epilog=examples,
                                    formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+
+
+def memory_size(text_or_low=1):
+    """An argparse type for a memory size with its unit ('16GB', '512MiB'), at least 1 byte;
+    ``memory_size(0)`` is the type that also takes zero."""
+    if not isinstance(text_or_low, str):
+        return lambda text: _memory_size(text, text_or_low)
+    return _memory_size(text_or_low, 1)
+
+
+def _memory_size(text, low):
+    try:
+        size = parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if size < low:
+        what = "a memory budget must be positive" if low else "a memory size cannot be negative"
+        raise argparse.ArgumentTypeError(f"{what}, got {text!r}")
+    return size
 
 
 def ranged(kind, low=None, high=None):

@@ -6,12 +6,11 @@
     mlx_kvq.plan --model DIR --ranks 2 --shard pipeline   # per Mac, the model split over 2 (mlx.launch)
 """
 
-import argparse
 import sys
 
-from ..models.memory import (BITS, kv_bytes, label, load_spec, machine_memory, max_context, parse_size, plan,
+from ..models.memory import (BITS, kv_bytes, label, load_spec, machine_memory, max_context, plan,
                              shard_spec)
-from .args import command_parser, ranged
+from .args import command_parser, memory_size, ranged
 
 EXAMPLES = """examples:
   mlx_kvq.plan                                       # embedded SmolLM2, this machine's RAM
@@ -77,26 +76,12 @@ def write_plot(path, spec, memory, reserve=0):
     plt.close(fig)
 
 
-def _size(text):
-    try:
-        return parse_size(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def _budget(text):
-    size = _size(text)
-    if size <= 0:
-        raise argparse.ArgumentTypeError(f"a memory budget must be positive, got {text!r}")
-    return size
-
-
 def setup_arg_parser():
     p = command_parser("mlx_kvq.plan", "The longest context that fits in memory for fp16, 8, 4, 3 and 2-bit KV caches "
         "(weights included), or the memory a given context takes.", EXAMPLES)
     p.add_argument("--model", help="model directory, config.json, .gguf file or Hugging Face repo (default: embedded SmolLM2)")
-    p.add_argument("--memory", type=_budget, help="memory budget with its unit: 16GB (10^9 bytes) or 16GiB (2^30) (default: this machine's RAM)")
-    p.add_argument("--reserve", type=_size, default=0, help="memory kept for everything else, e.g. 2GB (default: 0)")
+    p.add_argument("--memory", type=memory_size, help="memory budget with its unit: 16GB (10^9 bytes) or 16GiB (2^30) (default: this machine's RAM)")
+    p.add_argument("--reserve", type=memory_size(0), default=0, help="memory kept for everything else, e.g. 2GB (default: 0)")
     p.add_argument("--context", type=ranged(int, 1), help="report the memory this many tokens take instead")
     p.add_argument("--plot", metavar="PNG", help="also plot memory against context to this PNG file")
     p.add_argument("--ranks", type=ranged(int, 1), default=1,

@@ -17,7 +17,7 @@ import sys
 from ..bridge import mlx_lm_server_parser
 from ..generation.serving import ModelProvider, run
 from ..models import reads_gguf
-from .args import add_dtype_argument, add_kv_arguments, cache_kwargs, check_kv, ranged
+from .args import add_dtype_argument, add_kv_arguments, cache_kwargs, check_kv, memory_size, ranged
 from .distributed import world
 
 EXAMPLES = """examples:
@@ -42,6 +42,9 @@ def setup_arg_parser():
     p.conflict_handler = "resolve"
     p.add_argument("--max-kv-size", type=ranged(int, 1),
                    help="a sliding-window cache of this many tokens (quantized, as mlx-lm's RotatingKVCache)")
+    p.add_argument("--max-kv-memory", type=memory_size, metavar="SIZE",
+                   help="KV cache memory for the requests running at once (e.g. 8GB): each is sized for its prompt "
+                        "plus max_tokens; a request that does not fit waits, one that never could is refused")
     add_dtype_argument(p)
     add_kv_arguments(p)
     for a in p._actions:

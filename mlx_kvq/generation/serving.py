@@ -23,12 +23,15 @@ the same entries (``PromptCache``), and rank 0 logs every rank's prompt-cache by
 import gc
 import json
 import logging
+from collections import deque
 from pathlib import Path
+from queue import Empty as QueueEmpty
 
 import mlx.core as mx
 
 from ..bridge import mlx_lm_server, serve_caches
-from ..models import default_model_path, load, load_sharded, prepare_model, reads_gguf
+from ..models import default_model_path, float_dtype, load, load_sharded, prepare_model, reads_gguf
+from ..models.memory import kv_bytes
 from .distributed import by_rank_line, ints_by_rank
 
 server = mlx_lm_server()
@@ -109,7 +112,77 @@ class PromptCache(server.LRUPromptCache):
 
 class ResponseGenerator(server.ResponseGenerator):
     """mlx-lm's ``ResponseGenerator``, batching whatever caches the model makes; under
-    mlx.launch rank 0 also logs every rank's prompt-cache bytes."""
+    mlx.launch rank 0 also logs every rank's prompt-cache bytes.
+
+    ``max_kv_memory`` (bytes, None: no limit): a request joins the batch only while the
+    KV caches of the requests in it, each sized for its prompt plus its ``max_tokens``
+    (``models.memory.kv_bytes`` in the served cache format), stay within it; the others
+    wait in arrival order, and one that could never fit is refused with an error."""
+
+    def __init__(self, model_provider, prompt_cache, max_kv_memory=None):
+        self.max_kv_memory = max_kv_memory
+        self._waiting = deque()  # (request, bytes) held until their KV fits
+        self._held = {}  # response queue (a _Reservation) -> the bytes it holds
+        super().__init__(model_provider, prompt_cache)
+
+    def _next_request(self, timeout=None):
+        if self.max_kv_memory is None:
+            return super()._next_request(timeout)
+        request = None
+        if not self._is_distributed or self._rank == 0:  # as mlx-lm's: rank 0 takes requests
+            request = self._admit(timeout)
+        return self._share_request(request)
+
+    def held_kv_bytes(self):
+        """The KV bytes the admitted requests hold (their clients still connected)."""
+        for r in [r for r in self._held if r.stopped()]:
+            self._held.pop(r, None)
+        return sum(self._held.values())
+
+    def _admit(self, timeout):
+        """The next request whose KV fits beside the admitted ones, or None."""
+        free = self.max_kv_memory - self.held_kv_bytes()
+        if self._waiting:
+            if self._waiting[0][1] > free:
+                timeout = None  # the batch is running: do not stall it
+            else:
+                return self._reserve(*self._waiting.popleft())
+        try:
+            request = self.requests.get(timeout=timeout) if timeout is not None else self.requests.get_nowait()
+        except QueueEmpty:
+            return None
+        try:
+            need = self.request_kv_bytes(request)
+        except Exception as e:
+            request[0].put(ValueError(f"--max-kv-memory: cannot size this request's KV cache ({e})"))
+            return None
+        if need > self.max_kv_memory:
+            request[0].put(ValueError(
+                f"this request needs {need / 1e6:.1f} MB of KV cache (its prompt plus max_tokens), more than the "
+                f"server's --max-kv-memory of {self.max_kv_memory / 1e6:.1f} MB; send fewer tokens or max_tokens"))
+            return None
+        if self._waiting or need > free:
+            self._waiting.append((request, need))
+            return None
+        return self._reserve(request, need)
+
+    def _reserve(self, request, need):
+        rqueue, body, args = request
+        held = _Reservation(rqueue, self._held)
+        self._held[held] = need
+        return held, body, args
+
+    def request_kv_bytes(self, request):
+        """The KV bytes ``request`` takes at its longest: prompt plus ``max_tokens``."""
+        _, body, args = request
+        provider = self.model_provider
+        tokens = len(self._tokenize(provider.tokenizer, body, args)[0]) + args.max_tokens
+        kv = dict(provider.kv_kwargs or {})
+        bits, group = kv.pop("kv_bits", None), kv.pop("kv_group_size", None)
+        n = kv_bytes(vars(provider.model.args), tokens, bits, group, **kv)
+        if bits is None and kv.get("k_bits") is None and kv.get("v_bits") is None:
+            n = n * float_dtype(provider.model).size // 2  # mlx-lm's caches store the model's dtype
+        return n
 
     def _log_cache_stats(self):
         super()._log_cache_stats()
@@ -124,6 +197,28 @@ class ResponseGenerator(server.ResponseGenerator):
         if not out[0]:
             raise ValueError("The prompt is empty (no tokens).")
         return out
+
+
+class _Reservation:
+    """A request's response queue that gives back its KV reservation (an entry of
+    ``held``) when the request ends: its last response (None) or an error is put, or
+    its client is gone (``stopped``)."""
+
+    def __init__(self, rqueue, held):
+        self.rqueue, self.held, self.ctx = rqueue, held, None
+
+    def put(self, item, *args, **kwargs):
+        if item is None or isinstance(item, Exception):
+            self.held.pop(self, None)
+        elif isinstance(item, server.GenerationContext):
+            self.ctx = item
+        self.rqueue.put(item, *args, **kwargs)
+
+    def stopped(self):
+        return self.ctx is not None and self.ctx._should_stop
+
+    def __getattr__(self, name):
+        return getattr(self.rqueue, name)
 
 
 class APIHandler(server.APIHandler):
@@ -177,12 +272,13 @@ class APIHandler(server.APIHandler):
 def run(host, port, model_provider, response_generator=ResponseGenerator, handler=APIHandler):
     """Serve ``model_provider``'s models on ``host:port`` until interrupted (mlx-lm's HTTP
     server); the LRU prompt cache holds ``--prompt-cache-size`` entries and at most
-    ``--prompt-cache-bytes`` bytes (on each rank). Under mlx.launch rank 0 serves HTTP and
-    the other ranks follow its requests until it stops."""
+    ``--prompt-cache-bytes`` bytes (on each rank); the batch's KV caches at most
+    ``--max-kv-memory``. Under mlx.launch rank 0 serves HTTP and the other ranks follow its
+    requests until it stops."""
     args = model_provider.cli_args
     max_bytes = args.prompt_cache_bytes if args.prompt_cache_bytes is not None else 1 << 63
     prompt_cache = PromptCache(args.prompt_cache_size, max_bytes)
-    generator = response_generator(model_provider, prompt_cache)
+    generator = response_generator(model_provider, prompt_cache, getattr(args, "max_kv_memory", None))
     group = mx.distributed.init()
     ranks = f" on {group.size()} ranks ({model_provider.sharding} parallel)" if group.size() > 1 else ""
     logging.info("KV caches: %s%s", model_provider.kv_kwargs or "mlx-lm's (fp16)", ranks)

@@ -1,8 +1,10 @@
 """What the commands ask of a loaded model: its context length, a fingerprint that
-identifies it in cache files, and its weights in float32 (fast on the CPU)."""
+identifies it in cache files, the dtype its activations take, and its weights in float32
+(fast on the CPU)."""
 
 import hashlib
 import json
+from collections import Counter
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -65,6 +67,13 @@ def to_fp32(model):
     model.set_dtype(mx.float32)
     mx.eval(model.parameters())
     return model
+
+
+def float_dtype(model):
+    """The floating dtype most of ``model``'s parameter arrays have (what unquantized
+    caches store: the activations' dtype); float16 where it has none."""
+    counts = Counter(v.dtype for _, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating))
+    return counts.most_common(1)[0][0] if counts else mx.float16
 
 
 def prepare_model(model, dtype="auto"):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import format
-from ..cache import default_options
+from ..cache import cache_options, default_options
 from .embedded import EMBEDDED_MODEL, default_model_path
 from .gguf import gguf_config, read_metadata
 
@@ -176,23 +176,35 @@ def shard_spec(spec, ranks, shard="tensor"):
                      spec.weights_from)
 
 
-def kv_bytes(config, tokens, bits=None, group_size=None):
-    """KV cache bytes for ``tokens`` tokens with ``bits`` (None: fp16) and the cache defaults."""
-    kv = config.get("num_key_value_heads") or config["num_attention_heads"]
+def kv_bytes(config, tokens, bits=None, group_size=None, **kv):
+    """KV cache bytes of one sequence of ``tokens`` tokens: fp16 where ``bits`` and ``kv``
+    ask for no quantization, else ``bits`` with ``make_prompt_cache``'s other KV options
+    ``kv`` (``k_bits``, ``v_bits``, ``mode``, ``sinks``, ``window``, ``quantized_kv_start``,
+    ``max_kv_size``; the cache's defaults where not given). An unquantized start counts
+    while it lasts: the result is the most the cache holds on the way to ``tokens``."""
+    kv = {k: v for k, v in kv.items() if v is not None}
+    size = kv.pop("max_kv_size", None)
+    kv.pop("kv_bits", None)
+    opts = cache_options(bits, kv_group_size=group_size, **kv)
+    heads = config.get("num_key_value_heads") or config["num_attention_heads"]
     dk, dv = head_dims(config)
-    fp16 = lambda n: n * kv * 2 * (dk + dv)
+    fp16 = lambda n: n * heads * 2 * (dk + dv)
+    if opts is not None:
+        kb, vb, mode = opts["k_bits"] or opts["bits"], opts["v_bits"] or opts["bits"], opts["mode"]
+        dflt = default_options(kb, vb, mode)
+        g = opts["group_size"] or dflt["group_size"] or format.default_group_size(mode)
+        dense_max = sum(dflt[k] if opts[k] is None else opts[k] for k in ("sinks", "window"))
+        pad = lambda d: -(-d // g) * g
+        packed = heads * (format.bytes_per_token(pad(dk), kb, g, mode) + format.bytes_per_token(pad(dv), vb, g, mode))
     total = 0
     for window in layer_windows(config):
         n = tokens if window is None else min(tokens, window)
-        if bits is None:
+        n = n if size is None else min(n, size)
+        if opts is None:
             total += fp16(n)
             continue
-        opts = default_options(bits, bits)
-        g = group_size or opts["group_size"]
-        dense = min(n, opts["sinks"] + opts["window"])
-        pad = lambda d: -(-d // g) * g
-        packed = format.bytes_per_token(pad(dk), bits, g) + format.bytes_per_token(pad(dv), bits, g)
-        total += fp16(dense) + (n - dense) * kv * packed
+        dense = min(n, dense_max)
+        total += max(fp16(dense) + (n - dense) * packed, fp16(min(n, opts["start"] or 0)))
     return total
 
 

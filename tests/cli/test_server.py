@@ -1,7 +1,8 @@
 """``mlx_kvq.server`` as a real server process on the embedded model (4-bit KV, the
 defaults), driven by the ``openai`` client: chat, completion, streaming, stop words,
 concurrent clients whose greedy outputs equal single runs, a prompt-cache hit, malformed
-requests and a client that disconnects mid-stream. One server for the module."""
+requests, a client that disconnects mid-stream and a request over the KV memory limit. One
+server for the module."""
 
 import concurrent.futures as cf
 import http.client
@@ -39,7 +40,7 @@ def server():
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlx_kvq.cli.server", "--port", str(port), "--max-tokens", "12",
-         "--log-level", "WARNING"],
+         "--log-level", "WARNING", "--max-kv-memory", "1GB"],
         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     deadline = time.time() + 180
@@ -161,6 +162,15 @@ def test_malformed_requests_get_400_and_the_server_lives(server, client, body):
 def test_openai_client_sees_bad_request(client):
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model="default_model", prompt="Hi", max_tokens=0)
+    assert client.completions.create(model="default_model", prompt="Hi", max_tokens=2).choices[0].text is not None
+
+
+def test_request_over_the_kv_memory_limit_is_refused_and_the_server_lives(server, client):
+    """The module's server runs with --max-kv-memory 1GB (every test above is admitted
+    under it): a million new tokens (~7 GB of 4-bit KV for this model) are refused."""
+    port = server[0]
+    status, out = _request(port, "POST", "/v1/completions", {"prompt": "Hi", "max_tokens": 10**6})
+    assert status >= 400 and "--max-kv-memory" in json.loads(out)["error"]
     assert client.completions.create(model="default_model", prompt="Hi", max_tokens=2).choices[0].text is not None
 
 

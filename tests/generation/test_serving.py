@@ -1,9 +1,125 @@
-"""The server's prompt cache in one process: held to its byte limit as mlx-lm's own LRU
-cache holds it, and, under mlx.launch, emptied on every rank while any rank is over."""
+"""The server in one process. Its KV memory limit (``ResponseGenerator(max_kv_memory=...)``):
+which requests join the batch, which wait and in what order, when a reservation is given
+back, and the refusal of a request that could never fit (the generation thread is not
+started: the admission is driven directly, with each request's KV bytes given). Its prompt
+cache: held to its byte limit as mlx-lm's own LRU cache holds it, and, under mlx.launch,
+emptied on every rank while any rank is over."""
 
-from mlx_kvq.bridge import mlx_lm_server
+from collections import deque
+from queue import Queue
+from types import SimpleNamespace
+
+import mlx.core as mx
+import pytest
+
 from mlx_kvq.generation import distributed, serving
 from mlx_kvq.generation.distributed import by_rank_line
+from mlx_kvq.generation.serving import ResponseGenerator, server
+
+
+def generator(limit, sizes):
+    g = object.__new__(ResponseGenerator)  # no generation thread
+    g.max_kv_memory, g._waiting, g._held, g.requests = limit, deque(), {}, Queue()
+    g._is_distributed, g._rank = False, 0
+    g.request_kv_bytes = lambda request: sizes[request[1]]
+    return g
+
+
+def send(g, name):
+    q = Queue()
+    g.requests.put((q, name, SimpleNamespace(max_tokens=8)))
+    return q
+
+
+def test_requests_wait_in_order_until_their_kv_fits():
+    g = generator(100, dict(a=60, b=50, c=30))
+    qa, qb, qc = send(g, "a"), send(g, "b"), send(g, "c")
+    rq, body, _ = g._next_request()
+    assert body == "a" and g.held_kv_bytes() == 60
+    assert g._next_request() is None and g._next_request() is None  # b does not fit; c waits behind it
+    assert [r[0][1] for r in g._waiting] == ["b", "c"]
+    rq.put("token")
+    assert qa.get_nowait() == "token"  # the reservation passes responses through
+    rq.put(None)  # a's last response: its 60 bytes come back
+    assert qa.get_nowait() is None and g.held_kv_bytes() == 0
+    assert g._next_request()[1] == "b" and g._next_request()[1] == "c"
+    assert g.held_kv_bytes() == 80 and not g._waiting
+    assert qb.empty() and qc.empty()
+
+
+def test_an_error_or_a_gone_client_gives_the_reservation_back():
+    g = generator(100, dict(a=70, b=70))
+    send(g, "a"), send(g, "b")
+    rq = g._next_request()[0]
+    assert g._next_request() is None
+    rq.put(ValueError("bad request"))
+    rq2 = g._next_request()[0]
+    assert g.held_kv_bytes() == 70
+    ctx = server.GenerationContext(has_tool_calling=False, has_thinking=False, tool_parser=None, text_sm=None,
+                                   initial_state=None, prompt=[1], prompt_cache_count=0)
+    rq2.put(ctx)
+    assert g.held_kv_bytes() == 70
+    ctx.stop()  # the client disconnected: mlx-lm drops the row without a last response
+    assert g.held_kv_bytes() == 0
+
+
+def test_a_request_that_could_never_fit_is_refused():
+    g = generator(100, dict(big=101, small=10))
+    qbig, _ = send(g, "big"), send(g, "small")
+    assert g._next_request() is None
+    err = qbig.get_nowait()
+    assert isinstance(err, ValueError) and "--max-kv-memory" in str(err) and "0.0 MB" in str(err)
+    assert g._next_request()[1] == "small"
+
+
+def test_no_limit_is_mlx_lms_queue():
+    g = generator(None, {})
+    send(g, "a")
+    assert g._next_request(timeout=1)[1] == "a" and not g._held
+
+
+@pytest.mark.parametrize("extra", [dict(k_bits=8, v_bits=4), dict(sinks=0, window=64), dict(mode="mxfp4"),
+                                   dict(quantized_kv_start=1000), dict(max_kv_size=128)])
+def test_request_bytes_follow_the_served_format(extra):
+    """A request's bytes are the plan's ``kv_bytes`` of its prompt plus max_tokens, in the
+    served cache options (mlx-lm's names, as ``make_prompt_cache`` takes them)."""
+    from mlx_kvq.models.memory import kv_bytes
+
+    g = generator(None, {})
+    del g.request_kv_bytes
+    config = dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=64, hidden_size=256)
+    g.model_provider = SimpleNamespace(
+        tokenizer=None, kv_kwargs=dict(kv_bits=4, kv_group_size=None, **extra),
+        model=SimpleNamespace(args=SimpleNamespace(**config)))
+    g._tokenize = lambda tokenizer, body, args: (list(range(body)),)
+    need = g.request_kv_bytes((None, 300, SimpleNamespace(max_tokens=20)))
+    assert need == kv_bytes(config, 320, 4, **extra) > 0
+
+
+def test_unquantized_serving_counts_the_models_dtype():
+    """Without KV quantization mlx-lm's caches hold the model's dtype: a float32 model's
+    request takes twice the fp16 bytes."""
+    import mlx.nn as nn
+
+    from mlx_kvq.models.memory import kv_bytes
+
+    g = generator(None, {})
+    del g.request_kv_bytes
+    config = dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=64, hidden_size=256)
+    model = nn.Linear(4, 4)
+    model.args = SimpleNamespace(**config)
+    g._tokenize = lambda tokenizer, body, args: (list(range(body)),)
+    for kv, size in ((None, 4), (dict(kv_bits=None, max_kv_size=64), 4)):
+        g.model_provider = SimpleNamespace(tokenizer=None, kv_kwargs=kv, model=model)
+        cap = (kv or {}).get("max_kv_size")
+        assert g.request_kv_bytes((None, 100, SimpleNamespace(max_tokens=0))) == kv_bytes(
+            config, 100, max_kv_size=cap) * size // 2
+    model.set_dtype(mx.bfloat16)
+    g.model_provider = SimpleNamespace(tokenizer=None, kv_kwargs=None, model=model)
+    assert g.request_kv_bytes((None, 100, SimpleNamespace(max_tokens=0))) == kv_bytes(config, 100)
+
+
+# -- the prompt cache ------------------------------------------------------------
 
 
 class Entry:
@@ -30,7 +146,7 @@ def test_one_process_keeps_what_mlx_lms_cache_keeps():
     sizes = [300, 500, 200, 400, 100, 600]
     for limit, count in [(1000, 10), (700, 10), (10**6, 3), (0, 10)]:
         ours = fill(serving.PromptCache(count, limit), sizes)
-        theirs = fill(mlx_lm_server().LRUPromptCache(count, limit), sizes)
+        theirs = fill(server.LRUPromptCache(count, limit), sizes)
         assert keys(ours) == keys(theirs) and ours.nbytes == theirs.nbytes, (limit, count)
         ours.trim_to(n_bytes=limit // 2)
         theirs.trim_to(n_bytes=limit // 2)

@@ -9,7 +9,7 @@ import mlx.core as mx
 import pytest
 
 from mlx_kvq.models import memory as plan
-from mlx_kvq.cache import QuantizedKVCache
+from mlx_kvq.cache import QuantizedKVCache, cache_options
 
 LLAMA_8B = {  # Llama-3.1-8B's config.json (the fields that matter)
     "model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
@@ -36,6 +36,21 @@ def test_quantized_bytes_match_the_cache(smollm):
         per_layer = c.used_nbytes()
         assert plan.kv_bytes(spec.config, n, bits) == per_layer * spec.config["num_hidden_layers"]
     assert spec.config["num_hidden_layers"] == len(model.layers)
+
+
+@pytest.mark.parametrize("extra", [dict(k_bits=8, v_bits=4), dict(sinks=0, window=64), dict(mode="mxfp4"),
+                                   dict(quantized_kv_start=1000), dict(kv_group_size=32)])
+def test_bytes_with_the_kv_options_match_the_cache(extra):
+    """``kv_bytes`` with ``make_prompt_cache``'s KV options equals what a cache made with
+    them holds for the same tokens (an unquantized start: fp16 until it is reached)."""
+    config = dict(num_hidden_layers=1, num_attention_heads=6, num_key_value_heads=3, head_dim=64)
+    n = 300
+    c = QuantizedKVCache(**cache_options(4, **extra))
+    k = mx.random.normal((1, 3, n, 64)).astype(mx.float16)
+    c.update_and_fetch(k, k)
+    c.flush()
+    extra = dict(extra)
+    assert plan.kv_bytes(config, n, 4, extra.pop("kv_group_size", None), **extra) == c.used_nbytes()
 
 
 def test_longest_context_fits_and_one_more_does_not():
