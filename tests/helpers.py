@@ -1,6 +1,11 @@
-"""Shared test helpers: a plain fp32 attention reference and a cache's contents."""
+"""Shared test helpers: a plain fp32 attention reference, a cache's contents, free ports, a
+tiny mlx-lm model directory."""
+
+import json
+import socket
 
 import mlx.core as mx
+from mlx.utils import tree_flatten, tree_map
 
 from mlx_kvq import format as quant
 from mlx_kvq.rotation import rotation
@@ -77,3 +82,48 @@ class Faulty:
 
     def count(self, name):
         return sum(c[0] == name for c in self.calls)
+
+
+def free_ports(n):
+    """A first port of ``n`` consecutive free ones (the ring backend listens on port + rank)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            first = s.getsockname()[1]
+        if first + n > 65535:
+            continue
+        try:
+            held = []
+            for p in range(first, first + n):
+                s = socket.socket()
+                held.append(s)
+                s.bind(("127.0.0.1", p))
+            return first
+        except OSError:
+            continue
+        finally:
+            for s in held:
+                s.close()
+    raise RuntimeError("no free ports")
+
+
+def tiny_qwen2_dir(path, tokenizer):
+    """A 4-layer float32 qwen2 (2 heads and 2 KV heads of dim 64) with random weights from a
+    fixed seed, scaled so that greedy tokens vary, and ``tokenizer`` (the embedded model's)."""
+    config = dict(model_type="qwen2", hidden_size=128, num_hidden_layers=4, intermediate_size=256,
+                  num_attention_heads=2, num_key_value_heads=2, rms_norm_eps=1e-5,
+                  vocab_size=len(tokenizer._tokenizer), tie_word_embeddings=True)
+    mx.random.seed(0)
+    from mlx_lm.models import qwen2
+
+    model = qwen2.Model(qwen2.ModelArgs(**config))
+    model.update(tree_map(lambda p: p * 3 if p.ndim == 2 else p, model.parameters()))
+    weights = dict(tree_flatten(model.parameters()))
+    path.mkdir()
+    mx.save_safetensors(str(path / "model.safetensors"), weights)
+    # mlx-lm's pipeline split reads which file holds each layer from the index
+    (path / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {k: "model.safetensors" for k in weights}}))
+    (path / "config.json").write_text(json.dumps(config))
+    tokenizer.save_pretrained(path)
+    return path

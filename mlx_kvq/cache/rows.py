@@ -10,7 +10,8 @@ model runs batched.
 It implements what ``BatchGenerator`` asks of a batch cache: ``merge`` (single-row
 caches to a batch), ``prepare``/``finalize`` (a right-padded prefill: each row stores
 only its own tokens), ``filter``, ``extend``, ``extract``, a per-row ``offset`` array
-(RoPE positions) and ``nbytes``.
+(RoPE positions) and ``nbytes``; and mlx-lm's pipeline contract (``keys``, which
+``state`` depends on once assigned).
 """
 
 import mlx.core as mx
@@ -107,6 +108,22 @@ class RowsKVCache:
     def extract(self, idx):
         """A copy of row ``idx`` holding only its tokens (for mlx-lm's prompt cache)."""
         return own_copy(self.rows[idx])
+
+    @property
+    def keys(self):
+        """An array of a row's state (None while every row is empty): mlx-lm's pipeline
+        contract, as ``QuantizedKVCache.keys``."""
+        return next((k for k in (r.keys for r in self.rows) if k is not None), None)
+
+    @keys.setter
+    def keys(self, x):
+        """Every row that holds tokens depends on ``x`` (``mx.depends(cache.keys, h)``), so
+        evaluating the batch's state evaluates ``x``."""
+        held = [r for r in self.rows if r.keys is not None]
+        if not held:
+            raise ValueError("An empty batch cache's state holds no array to depend on: update it first.")
+        for r in held:
+            r.keys = x
 
     @property
     def state(self):

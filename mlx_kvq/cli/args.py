@@ -195,13 +195,22 @@ def prompt_cache_config(args, path):
     return config
 
 
-def existing_cache_file(path):
-    """``path`` if it is a file; else a clear error (missing, a directory)."""
+def cache_file_name(path, reading=True):
+    """The file a prompt-cache name ``path`` stands for: mlx-lm writes it with ``.safetensors``
+    added where the name lacks it; reading, ``path`` itself where it exists."""
     p = Path(path).expanduser()
-    if not p.exists() and p.suffix != ".safetensors" and p.with_name(p.name + ".safetensors").is_file():
-        p = p.with_name(p.name + ".safetensors")  # what mlx-lm wrote for this name
+    if p.suffix != ".safetensors" and not (reading and p.exists()):
+        p = p.with_name(p.name + ".safetensors")
+    return p
+
+
+def existing_cache_file(path):
+    """The file ``path`` names (:func:`cache_file_name`) if it is a file; else a clear error
+    (missing, a directory)."""
+    p = cache_file_name(path)
     if p.is_dir():
-        raise ValueError(f"--prompt-cache-file {path} is a directory, not a prompt cache file.")
+        shown = path if p == Path(path).expanduser() else f"{path} ({p})"
+        raise ValueError(f"--prompt-cache-file {shown} is a directory, not a prompt cache file.")
     if not p.is_file():
         raise FileNotFoundError(f"Prompt cache file not found: {path}")
     return str(p)

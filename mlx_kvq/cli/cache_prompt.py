@@ -16,7 +16,7 @@ import mlx.core as mx
 from ..generation.documents import cache_document, document_tokens, read_document
 from ..models import context_length, prepare_model
 from .args import (add_dtype_argument, add_kv_arguments, add_model_arguments, add_prefill_step_argument, cache_kwargs,
-                   check_kv, command_parser)
+                   cache_file_name, check_kv, command_parser)
 from .distributed import add_distributed_arguments, load_model, log, own_cache_file, rank_report
 from .report import cache_report, mb
 
@@ -52,8 +52,7 @@ def output_path(text):
     path = Path(text).expanduser()
     if path.is_dir():
         raise ValueError(f"--prompt-cache-file {text} is a directory; give a file name such as {path / 'doc.safetensors'}.")
-    if path.suffix != ".safetensors":
-        path = path.with_name(path.name + ".safetensors")
+    path = cache_file_name(path, reading=False)
     if not path.parent.is_dir():
         raise FileNotFoundError(f"--prompt-cache-file {text}: the directory {path.parent} does not exist.")
     return path

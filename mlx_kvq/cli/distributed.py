@@ -6,13 +6,12 @@ share of the model, rank 0 alone printing, and the KV bytes of every rank.
 
 import os
 import sys
-from pathlib import Path
 
 import mlx.core as mx
 
-from ..generation.distributed import kv_bytes_by_rank, rank_file, rank_files
+from ..generation.distributed import by_rank_line, kv_bytes_by_rank, rank_file, rank_files
 from ..models import load_sharded
-from .args import existing_cache_file
+from .args import cache_file_name, existing_cache_file
 from .args import load_model as load_whole
 
 
@@ -58,9 +57,7 @@ def prompt_cache_file(path):
     """The prompt-cache file ``path`` names (mlx-lm's ``.safetensors`` added where the name
     lacks it) once this process's file is there (this rank's under mlx.launch); a clear
     error otherwise, naming the per-rank files where only those exist."""
-    p = Path(path).expanduser()
-    if not p.exists() and p.suffix != ".safetensors":
-        p = p.with_name(p.name + ".safetensors")
+    p = cache_file_name(path)
     if world()[1] == 1 and not p.exists() and rank_files(p):
         raise FileNotFoundError(f"Prompt cache file not found: {path} (found {', '.join(rank_files(p))}: "
                                 "run under mlx.launch as they were made)")
@@ -83,7 +80,4 @@ def rank_report(cache):
     """A line with every rank's KV bytes and their total ('' for one process); a
     collective: every rank calls it."""
     per_rank = kv_bytes_by_rank(cache)
-    if len(per_rank) == 1:
-        return ""
-    mib = ", ".join(f"{b / 2**20:.2f}" for b in per_rank)
-    return f"KV cache per rank: {mib} MiB; total {sum(per_rank) / 2**20:.2f} MiB over {len(per_rank)} ranks"
+    return "" if len(per_rank) == 1 else by_rank_line("KV cache", per_rank)

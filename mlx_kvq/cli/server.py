@@ -4,6 +4,10 @@ continuously. mlx-lm's flags, plus the KV flags of ``mlx_kvq.generate`` (default
 
     mlx_kvq.server --port 8080                      # the embedded SmolLM2, 4-bit KV
     mlx_kvq.server --model mlx-community/Llama-3.2-3B-Instruct-4bit --kv-bits 8
+    mlx.launch -n 2 --backend ring -- python -m mlx_kvq.cli.server --model DIR [--pipeline]
+
+Under ``mlx.launch`` every rank loads its share of the model and rank 0 serves HTTP
+(:mod:`mlx_kvq.generation.serving`); the other ranks log only warnings and errors.
 """
 
 import argparse
@@ -12,12 +16,15 @@ import sys
 
 from ..bridge import mlx_lm_server_parser
 from ..generation.serving import ModelProvider, run
+from ..models import reads_gguf
 from .args import add_dtype_argument, add_kv_arguments, cache_kwargs, check_kv, memory_size, ranged
+from .distributed import world
 
 EXAMPLES = """examples:
   mlx_kvq.server                                   # embedded SmolLM2-135M, 4-bit KV, port 8080
   mlx_kvq.server --k-bits 8 --v-bits 4 --prompt-cache-bytes 2GB
   mlx_kvq.server --model mlx-community/Llama-3.2-3B-Instruct-4bit --port 8000
+  mlx.launch -n 2 --backend ring -- python -m mlx_kvq.cli.server --model DIR --pipeline
   curl localhost:8080/v1/chat/completions -H 'Content-Type: application/json' \\
       -d '{"model": "default_model", "messages": [{"role": "user", "content": "Hi"}]}'
 """
@@ -46,6 +53,16 @@ def setup_arg_parser():
     return p
 
 
+def check_distributed(args):
+    """``ValueError`` for what a model split over ranks cannot serve (before any rank loads)."""
+    if args.draft_model or args.adapter_path:
+        flag = "--draft-model" if args.draft_model else "--adapter-path"
+        raise ValueError(f"{flag} does not run under mlx.launch: split models take no draft model or adapter.")
+    if args.pipeline and reads_gguf(args.model):
+        raise ValueError(f"{args.model or 'the embedded model'}: GGUF models load as mlx-lm's llama, which has no "
+                         "pipeline split; run tensor parallel (without --pipeline) or use an mlx-lm model directory.")
+
+
 def main(argv=None):
     args = setup_arg_parser().parse_args(argv)
     try:
@@ -53,7 +70,14 @@ def main(argv=None):
     except ValueError as e:
         sys.exit(f"mlx_kvq.server: error: {e}")
     args.kv_bits = None  # mlx-lm's own KV quantization stays off: the caches are ours
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
+    rank, size = world()
+    if size > 1:
+        try:
+            check_distributed(args)
+        except ValueError as e:
+            sys.exit(f"mlx_kvq.server: error: {e}")
+    level = getattr(logging, args.log_level.upper())
+    logging.basicConfig(level=level if rank == 0 else max(level, logging.WARNING),
                         format="%(asctime)s - %(levelname)s - %(message)s")
     run(args.host, args.port, ModelProvider(args, kv, args.dtype))
 

@@ -79,9 +79,25 @@ def kv_bytes_by_rank(cache, group=None):
     # mlx-lm computes a step ahead: it must finish on every rank before this collective
     mx.synchronize(generation_stream)
     used = sum(c.used_nbytes() if hasattr(c, "used_nbytes") else int(getattr(c, "nbytes", 0)) for c in cache)
+    return ints_by_rank(used, group, stream=mx.cpu)
+
+
+def ints_by_rank(value, group=None, stream=None):
+    """Every rank's non-negative int ``value``, as a list indexed by rank (a collective: all
+    ranks call it, in the same order as their other collectives on ``stream``)."""
+    group = group or mx.distributed.init()
     if group.size() == 1:
-        return [used]
-    # as two int32 parts (high and low 20 bits): a cache can pass 2**31 bytes
-    mine = mx.array([used >> 20, used & ((1 << 20) - 1)], dtype=mx.int32)
-    parts = mx.distributed.all_gather(mine[None], group=group, stream=mx.cpu)
+        return [value]
+    # as two int32 parts (high and low 20 bits): bytes can pass 2**31; each rank fills its row
+    rows = [[0, 0]] * group.size()
+    rows[group.rank()] = [value >> 20, value & ((1 << 20) - 1)]
+    parts = mx.distributed.all_sum(mx.array(rows, dtype=mx.int32), group=group, stream=stream)
     return [int(hi) << 20 | int(lo) for hi, lo in parts.tolist()]
+
+
+def by_rank_line(what, per_rank):
+    """``"<what> per rank: a, b MiB; total c MiB over n ranks"`` for byte counts by rank (in
+    KiB while every rank holds less than 1 MiB)."""
+    unit, size = ("MiB", 2**20) if max(per_rank) >= 2**20 else ("KiB", 2**10)
+    each = ", ".join(f"{b / size:.2f}" for b in per_rank)
+    return f"{what} per rank: {each} {unit}; total {sum(per_rank) / size:.2f} {unit} over {len(per_rank)} ranks"

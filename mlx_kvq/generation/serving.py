@@ -12,6 +12,12 @@ cache); what differs:
 * ``APIHandler`` answers a request that would stop mlx-lm's generation thread (an empty
   prompt, non-string stop words, messages that are not role objects) with a 400, and
   ``/v1/models`` lists the served model even without a Hugging Face cache directory.
+
+Under ``mlx.launch`` (more than one rank) it runs as mlx-lm's server does: every rank loads
+its share of the model (``load_sharded``: tensor parallel, or ``--pipeline``), rank 0
+alone serves HTTP and shares each request with the other ranks, which run the same
+generation loop in lockstep (mlx-lm's ``ResponseGenerator``). Each rank's prompt cache holds
+the same entries (``PromptCache``), and rank 0 logs every rank's prompt-cache bytes.
 """
 
 import gc
@@ -24,8 +30,9 @@ from queue import Empty as QueueEmpty
 import mlx.core as mx
 
 from ..bridge import mlx_lm_server, serve_caches
-from ..models import default_model_path, float_dtype, load, prepare_model, reads_gguf
+from ..models import default_model_path, float_dtype, load, load_sharded, prepare_model, reads_gguf
 from ..models.memory import kv_bytes
+from .distributed import by_rank_line, ints_by_rank
 
 server = mlx_lm_server()
 
@@ -42,18 +49,36 @@ class ModelProvider(server.ModelProvider):
         if cli_args.model is None:
             self._model_map["default_model"] = str(default_model_path())
 
+    @property
+    def sharding(self):
+        """How the model is split over the ranks: ``tensor``, ``pipeline``, or None (one process)."""
+        if not self.is_distributed:
+            return None
+        return "pipeline" if self.pipeline_group is not None else "tensor"
+
     def _load(self, model_path, adapter_path=None, draft_model_path=None):
-        plain = adapter_path is None and draft_model_path is None and not self.is_distributed
-        if plain and model_path is not None and reads_gguf(model_path):
+        plain = adapter_path is None and draft_model_path is None
+        gguf = plain and model_path is not None and reads_gguf(model_path)
+        if self.is_distributed and not plain:
+            raise ValueError("Loading with adapters or draft models not supported in distributed mode")
+        if gguf or self.is_distributed:
             self.reset()
             gc.collect()
             mx.clear_cache()
-            model, tokenizer = load(model_path)
-            if self.cli_args.chat_template:
+            if self.is_distributed:
+                model, tokenizer, config = load_sharded(
+                    model_path, self.sharding, return_config=True, tokenizer_config=self._tokenizer_config,
+                    trust_remote_code=self.cli_args.trust_remote_code)
+            else:
+                (model, tokenizer), config = load(model_path), {}
+            if gguf and self.cli_args.chat_template:
                 tokenizer._tokenizer.chat_template = self.cli_args.chat_template
+            if self.cli_args.use_default_chat_template and tokenizer.chat_template is None:
+                tokenizer.chat_template = tokenizer.default_chat_template
             self.model_key = (model_path, adapter_path, draft_model_path)
             self.model, self.tokenizer = model, tokenizer
-            self.processor = self.draft_model = None
+            self.processor = server.load_processor(model, config)
+            self.draft_model = None
             self.is_batchable = True
         else:
             super()._load(model_path, adapter_path, draft_model_path)
@@ -63,8 +88,31 @@ class ModelProvider(server.ModelProvider):
             self.is_batchable = self.draft_model is None and all(hasattr(c, "merge") for c in self.model.make_cache())
 
 
+class PromptCache(server.LRUPromptCache):
+    """mlx-lm's LRU prompt cache, held to ``max_bytes`` on every insert. Under mlx.launch an
+    entry leaves every rank's cache while any rank is over its byte limit: the ranks'
+    bytes differ (a pipeline rank holds its own layers), their entries must not, or a
+    request would prefill different tokens on different ranks."""
+
+    def insert_cache(self, model, tokens, prompt_cache, *, cache_type="assistant"):
+        limit, self.max_bytes = self.max_bytes, 1 << 63
+        try:
+            super().insert_cache(model, tokens, prompt_cache, cache_type=cache_type)
+        finally:
+            self.max_bytes = limit
+        self.trim_to(n_bytes=limit)
+
+    def trim_to(self, *, n_sequences=None, n_bytes=None):
+        super().trim_to(n_sequences=n_sequences)
+        if n_bytes is None or n_bytes >= 1 << 62:  # no limit (the same on every rank)
+            return
+        while any(ints_by_rank(int(self.nbytes > max(0, n_bytes)))):
+            super().trim_to(n_sequences=len(self) - 1)
+
+
 class ResponseGenerator(server.ResponseGenerator):
-    """mlx-lm's ``ResponseGenerator``, batching whatever caches the model makes.
+    """mlx-lm's ``ResponseGenerator``, batching whatever caches the model makes; under
+    mlx.launch rank 0 also logs every rank's prompt-cache bytes.
 
     ``max_kv_memory`` (bytes, None: no limit): a request joins the batch only while the
     KV caches of the requests in it, each sized for its prompt plus its ``max_tokens``
@@ -135,6 +183,11 @@ class ResponseGenerator(server.ResponseGenerator):
         if bits is None and kv.get("k_bits") is None and kv.get("v_bits") is None:
             n = n * float_dtype(provider.model).size // 2  # mlx-lm's caches store the model's dtype
         return n
+
+    def _log_cache_stats(self):
+        super()._log_cache_stats()
+        if self._is_distributed:  # every rank gets here at the same step: a collective is safe
+            logging.info(by_rank_line("Prompt cache", ints_by_rank(self.prompt_cache.nbytes)))
 
     def _is_batchable(self, args):
         return self.model_provider.is_batchable and args.seed is None
@@ -219,10 +272,17 @@ class APIHandler(server.APIHandler):
 def run(host, port, model_provider, response_generator=ResponseGenerator, handler=APIHandler):
     """Serve ``model_provider``'s models on ``host:port`` until interrupted (mlx-lm's HTTP
     server); the LRU prompt cache holds ``--prompt-cache-size`` entries and at most
-    ``--prompt-cache-bytes`` bytes; the batch's KV caches at most ``--max-kv-memory``."""
+    ``--prompt-cache-bytes`` bytes (on each rank); the batch's KV caches at most
+    ``--max-kv-memory``. Under mlx.launch rank 0 serves HTTP and the other ranks follow its
+    requests until it stops."""
     args = model_provider.cli_args
     max_bytes = args.prompt_cache_bytes if args.prompt_cache_bytes is not None else 1 << 63
-    prompt_cache = server.LRUPromptCache(args.prompt_cache_size, max_bytes)
+    prompt_cache = PromptCache(args.prompt_cache_size, max_bytes)
     generator = response_generator(model_provider, prompt_cache, getattr(args, "max_kv_memory", None))
-    logging.info("KV caches: %s", model_provider.kv_kwargs or "mlx-lm's (fp16)")
-    server._run_http_server(host, port, generator, handler_class=handler)
+    group = mx.distributed.init()
+    ranks = f" on {group.size()} ranks ({model_provider.sharding} parallel)" if group.size() > 1 else ""
+    logging.info("KV caches: %s%s", model_provider.kv_kwargs or "mlx-lm's (fp16)", ranks)
+    if group.rank() == 0:
+        server._run_http_server(host, port, generator, handler_class=handler)
+    else:
+        generator.join()

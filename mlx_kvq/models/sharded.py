@@ -18,23 +18,28 @@ MODES = ("tensor", "pipeline")
 _ATTR = "mlx_kvq_sharding"  # "mode rank size" on a model split by ``load_sharded``
 
 
-def load_sharded(path_or_repo=None, mode="tensor", group=None):
-    """``(model, tokenizer)`` with this rank's share of the model (``mode``: tensor or pipeline)."""
+def load_sharded(path_or_repo=None, mode="tensor", group=None, **load_kwargs):
+    """``(model, tokenizer)`` with this rank's share of the model (``mode``: tensor or pipeline).
+    ``load_kwargs`` go to mlx-lm's ``sharded_load`` for mlx-lm models (``tokenizer_config``,
+    ``trust_remote_code``, ``return_config``: then ``(model, tokenizer, config)``, the
+    config ``{}`` for GGUF files)."""
     if mode not in MODES:
         raise ValueError(f"sharding must be one of {', '.join(MODES)}, got {mode!r}.")
     group = group or mx.distributed.init()
     path = Path(path_or_repo).expanduser() if path_or_repo is not None else Path(default_model_path())
     gguf = path.is_file() and is_gguf(path)
     if gguf:
-        model, tokenizer = _load_gguf_sharded(path, mode, group)
+        loaded = _load_gguf_sharded(path, mode, group)
+        if load_kwargs.get("return_config"):
+            loaded += ({},)
     else:
         groups = {"pipeline_group": group} if mode == "pipeline" else {"tensor_group": group}
         try:
-            model, tokenizer = sharded_load(str(path_or_repo), **groups)
+            loaded = sharded_load(str(path_or_repo), **groups, **load_kwargs)
         except ValueError as e:
             raise ValueError(f"cannot split {path_or_repo} over {group.size()} ranks ({mode} parallel): {e}") from None
-    mark_sharded(model, mode, group.rank(), group.size())
-    return model, tokenizer
+    mark_sharded(loaded[0], mode, group.rank(), group.size())
+    return loaded
 
 
 def _load_gguf_sharded(path, mode, group):

@@ -7,7 +7,7 @@ import io
 import mlx.core as mx
 import pytest
 
-from mlx_kvq.cache import BatchQuantizedKVCache, QuantizedKVCache, QuantizedRotatingKVCache, merge
+from mlx_kvq.cache import BatchQuantizedKVCache, QuantizedKVCache, QuantizedRotatingKVCache, RowsKVCache, merge
 
 
 def graph(arrays):
@@ -17,13 +17,13 @@ def graph(arrays):
 
 
 def state_arrays(cache):
-    out = []
-    for x in cache.state:
+    """The arrays of ``cache.state`` (a batch of rows: of every row's)."""
+    def arrays(x):
         if isinstance(x, mx.array):
-            out.append(x)
-        elif isinstance(x, tuple):
-            out += [a for a in x if isinstance(a, mx.array)]
-    return out
+            return [x]
+        return [a for y in x for a in arrays(y)] if isinstance(x, (tuple, list)) else []
+
+    return arrays(cache.state)
 
 
 def fill(cache, n, seed=0, rows=1):
@@ -38,6 +38,8 @@ CACHES = {
     "plain": lambda: QuantizedKVCache(4),
     "rotating": lambda: QuantizedRotatingKVCache(4, max_size=48, keep=4),
     "batch": lambda: BatchQuantizedKVCache(merge([fill(QuantizedKVCache(8), 40, s) for s in (1, 3)])),
+    # the server's continuous batch: the rows are the single-row caches
+    "rows": lambda: RowsKVCache.merge([fill(QuantizedKVCache(4), 40, s) for s in (1, 3)]),
 }
 
 
@@ -45,11 +47,11 @@ CACHES = {
 @pytest.mark.parametrize("tokens", [40, 1, 3])  # a prefill chunk; a first token that the sinks hold
 def test_state_depends_on_what_keys_is_assigned(kind, tokens):
     cache = CACHES[kind]()
-    if kind != "batch":
+    if kind not in ("batch", "rows"):
         fill(cache, tokens)
     for step in range(3):  # the first forward pass on, prefill and decode steps
         if step:
-            fill(cache, 1, seed=10 + step, rows=2 if kind == "batch" else 1)
+            fill(cache, 1, seed=10 + step, rows=2 if kind in ("batch", "rows") else 1)
         keys = cache.keys
         assert isinstance(keys, mx.array)
         h = mx.erf(mx.arange(4.0))  # stands for the sent hidden state: Erf is nowhere else
@@ -64,6 +66,19 @@ def test_the_tokens_and_the_saved_state_are_unchanged():
     for x, y in zip(state_arrays(a), state_arrays(b)):
         assert mx.array_equal(x, y).item()
     assert a.state[:3] == b.state[:3] and a.nbytes == b.nbytes
+
+
+def test_every_row_of_a_batch_depends_on_what_keys_is_assigned():
+    """Evaluating any one row's state (mlx-lm's prompt cache extracts rows) sends ``h``;
+    an empty batch has no array to depend on, as an empty single cache."""
+    cache = RowsKVCache.merge([fill(QuantizedKVCache(4), 8, s) for s in (1, 3)])
+    cache.keys = mx.depends(cache.keys, mx.erf(mx.arange(4.0)))
+    for row in cache.rows:
+        assert "Erf" in graph(state_arrays(row))
+    empty = RowsKVCache([QuantizedKVCache(4), QuantizedKVCache(4)])
+    assert empty.keys is None
+    with pytest.raises(ValueError, match="empty batch cache"):
+        empty.keys = mx.zeros((1,))
 
 
 def test_keys_of_an_empty_cache_and_bad_values():

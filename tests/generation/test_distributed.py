@@ -7,13 +7,13 @@ test requires every one of them.
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from helpers import free_ports
 from mlx_kvq.bridge import load_prompt_cache
 from mlx_kvq.generation import cache_document, load_document_cache, rank_path
 from mlx_kvq.models import mark_sharded, model_fingerprint
@@ -24,29 +24,6 @@ import distributed_rank as ranks  # noqa: E402
 SCRIPT = Path(__file__).parent / "distributed_rank.py"
 SPLITS = ("tensor/qwen2", "pipeline/qwen2")
 N = 2
-
-
-def free_ports(n):
-    """A first port of ``n`` consecutive free ones (the ring backend listens on port + rank)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            first = s.getsockname()[1]
-        if first + n > 65535:
-            continue
-        try:
-            held = []
-            for p in range(first, first + n):
-                s = socket.socket()
-                held.append(s)
-                s.bind(("127.0.0.1", p))
-            return first
-        except OSError:
-            continue
-        finally:
-            for s in held:
-                s.close()
-    raise RuntimeError("no free ports")
 
 
 def results(out_dir, n, log=""):

@@ -1,7 +1,9 @@
-"""The server's KV memory limit (``ResponseGenerator(max_kv_memory=...)``): which requests
-join the batch, which wait and in what order, when a reservation is given back, and the
-refusal of a request that could never fit. The generation thread is not started: the
-admission is driven directly, with each request's KV bytes given."""
+"""The server in one process. Its KV memory limit (``ResponseGenerator(max_kv_memory=...)``):
+which requests join the batch, which wait and in what order, when a reservation is given
+back, and the refusal of a request that could never fit (the generation thread is not
+started: the admission is driven directly, with each request's KV bytes given). Its prompt
+cache: held to its byte limit as mlx-lm's own LRU cache holds it, and, under mlx.launch,
+emptied on every rank while any rank is over."""
 
 from collections import deque
 from queue import Queue
@@ -10,6 +12,8 @@ from types import SimpleNamespace
 import mlx.core as mx
 import pytest
 
+from mlx_kvq.generation import distributed, serving
+from mlx_kvq.generation.distributed import by_rank_line
 from mlx_kvq.generation.serving import ResponseGenerator, server
 
 
@@ -113,3 +117,56 @@ def test_unquantized_serving_counts_the_models_dtype():
     model.set_dtype(mx.bfloat16)
     g.model_provider = SimpleNamespace(tokenizer=None, kv_kwargs=None, model=model)
     assert g.request_kv_bytes((None, 100, SimpleNamespace(max_tokens=0))) == kv_bytes(config, 100)
+
+
+# -- the prompt cache ------------------------------------------------------------
+
+
+class Entry:
+    """A one-layer prompt cache of ``nbytes`` bytes (not trimmable: entries never merge)."""
+
+    def __init__(self, nbytes):
+        self.nbytes = nbytes
+
+    def is_trimmable(self):
+        return False
+
+
+def fill(cache, sizes):
+    for i, n in enumerate(sizes):
+        cache.insert_cache("m", [i, i + 1], [Entry(n)])
+    return cache
+
+
+def keys(cache):
+    return sorted(tokens[0] for lru in cache._lru._lrus.values() for _, tokens in lru)
+
+
+def test_one_process_keeps_what_mlx_lms_cache_keeps():
+    sizes = [300, 500, 200, 400, 100, 600]
+    for limit, count in [(1000, 10), (700, 10), (10**6, 3), (0, 10)]:
+        ours = fill(serving.PromptCache(count, limit), sizes)
+        theirs = fill(server.LRUPromptCache(count, limit), sizes)
+        assert keys(ours) == keys(theirs) and ours.nbytes == theirs.nbytes, (limit, count)
+        ours.trim_to(n_bytes=limit // 2)
+        theirs.trim_to(n_bytes=limit // 2)
+        assert keys(ours) == keys(theirs), limit
+
+
+def test_every_rank_evicts_while_any_rank_is_over(monkeypatch):
+    """Another rank holds twice these bytes (a pipeline rank with more layers): the entries
+    it must drop leave this rank's cache too."""
+    def over_on_a_rank(value, group=None, stream=None):
+        return [value, int(2 * cache.nbytes > cache.max_bytes)]
+
+    cache = serving.PromptCache(10, 1000)
+    monkeypatch.setattr(serving, "ints_by_rank", over_on_a_rank)
+    fill(cache, [300, 200, 100])  # here 600 bytes, there 1200: the oldest leaves
+    assert keys(cache) == [1, 2] and cache.nbytes == 300
+
+
+def test_ints_and_line_by_rank():
+    assert distributed.ints_by_rank(5 << 40) == [5 << 40]  # one process: no collective
+    assert by_rank_line("KV cache", [3 << 20, 1 << 20]) == "KV cache per rank: 3.00, 1.00 MiB; total 4.00 MiB over 2 ranks"
+    assert by_rank_line("Prompt cache", [18432, 18432]) == (
+        "Prompt cache per rank: 18.00, 18.00 KiB; total 36.00 KiB over 2 ranks")
