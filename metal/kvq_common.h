@@ -346,3 +346,30 @@ KVQ_FUNC void kvq_mma_16816(thread float* c, uint a0, uint a1, uint a2, uint a3,
   c[3] = acc3;
 }
 #endif
+
+// 2^e as a float, exactly (e in [-126, 127]).
+KVQ_FUNC float kvq_pow2(int e) {
+  return kvq_as_float(uint(127 + e) << 23);
+}
+
+// A shift sh such that amax * 2^sh lies about 2^target (within a factor 4), in
+// [-100, 100]; 0 for amax 0, inf or NaN.  Scaling by 2^sh is exact in fp32 and,
+// between fp16 normals, in fp16: it moves a row of tiny or huge values into the
+// range where fp16 fragments hold them at full precision.
+KVQ_FUNC int kvq_pow2_shift(float amax, int target) {
+  if (!(amax > 0.0f && amax < INFINITY)) {
+    return 0;
+  }
+  const int e = int(metal::log(amax) * KVQ_LOG2E);
+  const int sh = target - e;
+  return sh < -100 ? -100 : (sh > 100 ? 100 : sh);
+}
+
+// Whether an affine group (scale sc, bias bi, BITS-bit codes) holds values beyond
+// `limit` in magnitude: |bi| or |bi + (2^BITS - 1) sc|, in fp32 (NaN counts as beyond).
+template <typename S>
+KVQ_FUNC bool kvq_big_group(S sc, S bi, int bits, float limit) {
+  const float b0 = float(bi);
+  const float b1 = b0 + float((1u << bits) - 1u) * float(sc);
+  return !(metal::abs(b0) <= limit && metal::abs(b1) <= limit);
+}

@@ -93,9 +93,9 @@ def main():
     a = ap.parse_args()
     template = [("T", "float16"), ("S", "float16"), ("DT", "float16"), ("MT", "bool"), ("D", a.D),
                 ("KB", a.bits), ("VB", a.bits), ("GS", a.gs), ("MASK", 0), ("CAUSAL", 1), ("NSG", a.nsg),
-                ("PF", a.pf), ("ROTQ", a.rotq)]
+                ("PF", a.pf), ("ROTQ", a.rotq), ("WIDE", 0)]
     if a.name.startswith("sdpa_decode_simd"):
-        template = template[:-2] + [("ROTQ", a.rotq), ("RT", a.rt), ("DPL", a.dpl), ("KU", a.ku), ("PF", a.pf)]
+        template = template[:-3] + [("ROTQ", a.rotq), ("RT", a.rt), ("DPL", a.dpl), ("KU", a.ku), ("PF", a.pf)]
     ins = ["__half", "uint32_t", "__half", "__half", "uint32_t", "__half", "__half", "__half", "__half",
            "__half", "__half", "bool", "uint8_t", "float", "float"]
     outs = ["float", "float"]

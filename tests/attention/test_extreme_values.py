@@ -1,6 +1,7 @@
 """Finite in, finite out: keys and values at the edge of the float16 range, beyond it in a
 float32 model, and non-finite channels, on the CPU paths (the one-pass decode and the
-reference over a prefill chunk).
+reference over a prefill chunk), and on the GPU paths: the decode kernels run by the CPU
+emulator (the same kernel sources).
 
 Quantization commutes with scaling by a power of two (the same codes, the scales times
 2^a), and so does attention (keys times 2^a with queries times 2^-a give the same scores;
@@ -146,3 +147,40 @@ def test_a_float32_model_stores_float16_until_a_value_would_overflow_it():
     assert loaded.store_dtype == mx.float32
     out = quantized_sdpa(q, loaded.update_and_fetch(k[:, :, 42:43], v[:, :, 42:43])[0], D**-0.5)
     assert mx.all(mx.isfinite(out)).item()
+
+
+# The GPU paths (the kernels enabled: run_kernels_on). Decode steps of up to 8 queries (L 1
+# and 5 here) take the decode kernel, whose tensor-core body ("mma") computes with float16
+# fragments: each case below overflowed it or lost its precision.
+KERNEL_CASES = [
+    (mx.float16, False, 15, 1),  # queries of ~2^-15: float16 subnormals in the fragments
+    (mx.float32, False, 17, 1),  # a float32 store beyond float16: sinks, packed run, window
+    (mx.bfloat16, "kv", 100, 5),  # bfloat16 scales and window of ~2^100, rotated in the kernel
+]
+
+
+@pytest.mark.parametrize("dtype,rotate,a,L", KERNEL_CASES, ids=str)
+def test_extreme_scales_through_the_decode_kernel(run_kernels_on, emu, dtype, rotate, a, L):
+    run_kernels_on(emu)
+    k, v, q = data(L=L, seed=4)
+    one = attend(dtype, k, v, q, rotate, L)
+    caches = []
+    emu.launches.clear()
+    big = attend(dtype, k * 2.0**a, v * 2.0**a, q * 2.0**-a, rotate, L, caches)
+    assert "sdpa_decode" in [x[0] for x in emu.launches]
+    assert mx.all(mx.isfinite(big)).item()
+    big = big.astype(mx.float32) * 2.0**-a  # (a norm of 2^100 overflows float32)
+    assert rel_err(big, one) < (2e-3 if dtype != mx.float32 else 2e-2)
+    ref = reference_over_cache(caches[0], (q * 2.0**-a).astype(dtype), D**-0.5,
+                               None if L == 1 else _causal(L, k.shape[2]))
+    assert rel_err(big, ref * 2.0**-a) < 4e-3
+
+
+def test_float16_tokens_at_the_maximum_through_the_decode_kernel(run_kernels_on, emu):
+    run_kernels_on(emu)
+    k, v, q = data(seed=2)
+    k, v = (mx.where(x > 0, 65504.0, -65504.0) for x in (k, v))
+    caches = []
+    out = attend(mx.float16, k, v, q * 1e-5, False, 1, caches)
+    ref = reference_over_cache(caches[0], (q * 1e-5).astype(mx.float16), D**-0.5)
+    assert mx.all(mx.isfinite(out)).item() and rel_err(out, ref) < 4e-3
