@@ -373,3 +373,8 @@ KVQ_FUNC bool kvq_big_group(S sc, S bi, int bits, float limit) {
   const float b1 = b0 + float((1u << bits) - 1u) * float(sc);
   return !(metal::abs(b0) <= limit && metal::abs(b1) <= limit);
 }
+
+// x, or 0 where x is inf or NaN (the cache stores a non-finite channel as 0).
+KVQ_FUNC float kvq_finite_or_0(float x) {
+  return metal::abs(x) < INFINITY ? x : 0.0f;
+}

@@ -1,7 +1,7 @@
 """Finite in, finite out: keys and values at the edge of the float16 range, beyond it in a
 float32 model, and non-finite channels, on the CPU paths (the one-pass decode and the
-reference over a prefill chunk), and on the GPU paths: the decode kernels run by the CPU
-emulator (the same kernel sources).
+reference over a prefill chunk), and on the GPU paths: the decode kernels and the
+window-append kernel run by the CPU emulator (the same kernel sources).
 
 Quantization commutes with scaling by a power of two (the same codes, the scales times
 2^a), and so does attention (keys times 2^a with queries times 2^-a give the same scores;
@@ -15,7 +15,7 @@ import pytest
 
 from mlx_kvq import QuantizedKVCache, quantized_sdpa
 from mlx_kvq import format as quant
-from helpers import reference_over_cache, rel_err
+from helpers import cache_contents, reference_over_cache, rel_err
 
 D = 64
 
@@ -184,3 +184,28 @@ def test_float16_tokens_at_the_maximum_through_the_decode_kernel(run_kernels_on,
     out = attend(mx.float16, k, v, q * 1e-5, False, 1, caches)
     ref = reference_over_cache(caches[0], (q * 1e-5).astype(mx.float16), D**-0.5)
     assert mx.all(mx.isfinite(out)).item() and rel_err(out, ref) < 4e-3
+
+
+def test_window_append_kernel_saturates_and_zeroes_as_the_host_path(run_kernels_on, emu):
+    """Decode tokens written by the window-append kernel: a key at the float16 maximum,
+    rotated (up to sqrt(64) times beyond it), saturates at 65504 and an inf or NaN channel
+    is stored as 0, in rotated keys and unrotated values alike, as the host path stores them."""
+    config = dict(bits=4, rotate="k", window=8, sinks=2)
+    host, fused = QuantizedKVCache(**config), QuantizedKVCache(**config)
+    k, v, _ = data(T=16, seed=6)
+    k, v = k.astype(mx.float16), v.astype(mx.float16)
+    k = k.at[:, :, 11:].multiply(0.0).at[:, :, 11:].add(mx.where(k[:, :, 11:] > 0, 65504.0, -65504.0))
+    for t, c, bad in ((12, 5, float("nan")), (13, 9, float("inf")), (14, 3, -float("inf"))):
+        k, v = k.at[:, :, t, c].add(bad), v.at[:, :, t, c + 1].add(bad)
+    chunks = [(0, 10)] + [(t, t + 1) for t in range(10, 16)]
+    for i, j in chunks:
+        host.update_and_fetch(k[:, :, i:j], v[:, :, i:j])
+    run_kernels_on(emu)
+    emu.launches.clear()
+    for i, j in chunks:
+        fused.update_and_fetch(k[:, :, i:j], v[:, :, i:j])
+    assert sum(x[0] == "window_append" for x in emu.launches) == 4  # the steps after the flush
+    (hk, hv), (fk, fv) = cache_contents(host), cache_contents(fused)
+    assert mx.all(mx.isfinite(fk)).item() and mx.all(mx.isfinite(fv)).item()
+    assert fk.abs().max().item() == 65504.0
+    assert rel_err(fk, hk) < 1e-3 and mx.array_equal(fv, hv).item()
