@@ -1,7 +1,8 @@
 """Finite in, finite out: keys and values at the edge of the float16 range, beyond it in a
 float32 model, and non-finite channels, on the CPU paths (the one-pass decode and the
 reference over a prefill chunk), and on the GPU paths: the decode kernels and the
-window-append kernel run by the CPU emulator (the same kernel sources).
+window-append kernel run by the CPU emulator (the same kernel sources), the GPU prefill
+path (dequantize, MLX's attention) with its MLX ops on the CPU.
 
 Quantization commutes with scaling by a power of two (the same codes, the scales times
 2^a), and so does attention (keys times 2^a with queries times 2^-a give the same scores;
@@ -15,7 +16,7 @@ import pytest
 
 from mlx_kvq import QuantizedKVCache, quantized_sdpa
 from mlx_kvq import format as quant
-from helpers import cache_contents, reference_over_cache, rel_err
+from helpers import NO_LAUNCHES, cache_contents, reference_over_cache, rel_err
 
 D = 64
 
@@ -183,6 +184,24 @@ def test_float16_tokens_at_the_maximum_through_the_decode_kernel(run_kernels_on,
     caches = []
     out = attend(mx.float16, k, v, q * 1e-5, False, 1, caches)
     ref = reference_over_cache(caches[0], (q * 1e-5).astype(mx.float16), D**-0.5)
+    assert mx.all(mx.isfinite(out)).item() and rel_err(out, ref) < 4e-3
+
+
+@pytest.mark.parametrize("at_max", [False, True])
+def test_gpu_prefill_path_near_the_float16_maximum(run_kernels_on, at_max):
+    """A prefill chunk on a GPU dequantizes the layer and runs MLX's attention (its MLX ops
+    run here on the CPU): in float16, ``scale * q`` of the dequantization overflows and
+    the queries that meet such keys are subnormals, so such a layer takes float32."""
+    L = 20
+    k, v, q = data(L=L, seed=5)
+    if at_max:
+        k, v, q = mx.where(k > 0, 65504.0, -65504.0), mx.where(v > 0, 65504.0, -65504.0), q * 1e-5
+    else:
+        k, v, q = k * 2.0**15, v * 2.0**15, q * 2.0**-15
+    run_kernels_on(NO_LAUNCHES)  # enabled(): the GPU prefill path, and no kernel may run
+    caches = []
+    out = attend(mx.float16, k, v, q, False, L, caches)
+    ref = reference_over_cache(caches[0], q.astype(mx.float16), D**-0.5, _causal(L, k.shape[2]))
     assert mx.all(mx.isfinite(out)).item() and rel_err(out, ref) < 4e-3
 
 
