@@ -365,13 +365,13 @@ KVQ_FUNC int kvq_pow2_shift(float amax, int target) {
   return sh < -100 ? -100 : (sh > 100 ? 100 : sh);
 }
 
-// Whether an affine group (scale sc, bias bi, BITS-bit codes) holds values beyond
-// `limit` in magnitude: |bi| or |bi + (2^BITS - 1) sc|, in fp32 (NaN counts as beyond).
+// The largest magnitude an affine group (scale sc, bias bi, `bits`-bit codes) holds:
+// max(|bi|, |bi + (2^bits - 1) sc|), in fp32.
 template <typename S>
-KVQ_FUNC bool kvq_big_group(S sc, S bi, int bits, float limit) {
+KVQ_FUNC float kvq_group_absmax(S sc, S bi, int bits) {
   const float b0 = float(bi);
   const float b1 = b0 + float((1u << bits) - 1u) * float(sc);
-  return !(metal::abs(b0) <= limit && metal::abs(b1) <= limit);
+  return metal::max(metal::abs(b0), metal::abs(b1));
 }
 
 // x, or 0 where x is inf or NaN (the cache stores a non-finite channel as 0).

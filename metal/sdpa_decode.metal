@@ -238,6 +238,11 @@ for (int r = sg; r < 8; r += NSG) {  // a row per simdgroup
   const int qr_ = row < R ? row : 0;  // (rows past R are zeros)
   const device T* qrow = q + size_t(b) * size_t(q_strides[0]) + size_t(kvh * rep + qr_ / L) * size_t(q_strides[1]) +
       size_t(qr_ % L) * size_t(q_strides[2]);
+  // The row is scaled by 2^sh, its largest |q| about 2^4 (exact: a power of two), so that
+  // the fp16 fragments below keep their precision whatever the queries' scale (queries of
+  // 1e-5 against keys near the fp16 maximum are fp16 subnormals otherwise); the scores
+  // take 2^-sh back in fp32 (qs_tg). (Each lane scales the values it wrote itself.)
+  int sh = 0;
   if (ROTQ) {
     constexpr int E = D / 32 > 0 ? D / 32 : 1;
     float acc[E];
@@ -247,29 +252,30 @@ for (int r = sg; r < 8; r += NSG) {  // a row per simdgroup
       acc[e] = row < R ? float(qrow[d]) * signs[d] : 0.0f;
     }
     kvq_fwht_lanes<E>(acc, lane);
+    float qmax = 0.0f;
     KVQ_UNROLL
     for (int e = 0; e < E; e++) {
-      q_tg[r * D + int(lane) * E + e] = acc[e];
+      qmax = metal::max(qmax, metal::abs(acc[e]));
+    }
+    sh = kvq_pow2_shift(simd_max(qmax), 4);
+    const float up = kvq_pow2(sh);
+    KVQ_UNROLL
+    for (int e = 0; e < E; e++) {
+      q_tg[r * D + int(lane) * E + e] = acc[e] * up;
     }
   } else {
+    float qmax = 0.0f;
     for (int d = int(lane); d < D; d += 32) {
-      q_tg[r * D + d] = row < R ? float(qrow[d]) : 0.0f;
+      const float x = row < R ? float(qrow[d]) : 0.0f;
+      q_tg[r * D + d] = x;
+      qmax = metal::max(qmax, metal::abs(x));
     }
-  }
-  // the row times 2^sh, its largest |q| about 2^4 (exact: a power of two), so that the
-  // fp16 fragments below keep their precision whatever the queries' scale (queries of
-  // 1e-5 against keys near the fp16 maximum are fp16 subnormals otherwise); the scores
-  // take 2^-sh back in fp32 (qs_tg)
-  float qmax = 0.0f;
-  for (int d = int(lane); d < D; d += 32) {
-    qmax = metal::max(qmax, metal::abs(q_tg[r * D + d]));
-  }
-  qmax = simd_max(qmax);
-  const int sh = kvq_pow2_shift(qmax, 4);
-  if (sh != 0) {
-    const float up = kvq_pow2(sh);
-    for (int d = int(lane); d < D; d += 32) {
-      q_tg[r * D + d] *= up;
+    sh = kvq_pow2_shift(simd_max(qmax), 4);
+    if (sh != 0) {
+      const float up = kvq_pow2(sh);
+      for (int d = int(lane); d < D; d += 32) {
+        q_tg[r * D + d] *= up;
+      }
     }
   }
   if (lane == 0) {
@@ -348,37 +354,28 @@ for (int ph = 0; ph < 2; ph++) {
       }
     }
 
-    // WIDE: whether a lane's keys or values of this block could leave fp16 (one vote)
+    // WIDE: whether the block's keys could leave fp16 in the fragments (one vote): the
+    // dense keys, and packed ones whose scales apply in the fragments (not KGP); then its
+    // scores are computed in fp32 (KGP keys enter as codes, their scales apply in fp32)
     bool slow = false;
-    if (WIDE) {
+    if (WIDE && (dns || !KGP)) {
       bool big = false;
       if (!dns) {
         KVQ_UNROLL
         for (int x = 0; x < KSG; x++) {
-          big = big || (!KGP && (kvq_big_group(ks0f[x], kb0f[x], KB, FP16_SAFE) ||
-                                 kvq_big_group(ks1f[x], kb1f[x], KB, FP16_SAFE)));
+          big = big || !(metal::max(kvq_group_absmax(ks0f[x], kb0f[x], KB),
+                                    kvq_group_absmax(ks1f[x], kb1f[x], KB)) <= FP16_SAFE);
         }
-        KVQ_UNROLL
-        for (int i = 0; i < 4; i++) {
-          big = big || kvq_big_group(vsc[i], vbi[i], VB, FP16_SAFE);
-        }
-      } else {  // the dense elements this lane converts: dims [tq D/4, ...) of its keys, [gr D/8, ...) of its values
-        float amax = 0.0f;
+      } else {  // the dense elements this lane converts: dims [tq D/4, ...) of its keys
+        float kmax = 0.0f;
         for (int h = 0; h < 2; h++) {
           const int key = metal::min(blk + gr + 8 * h, kend - 1);
           const device DT* kp = KVQ_DROW(sk, sk_strides, wk, wk_strides, key);
           for (int d = tq * KDL; d < (tq + 1) * KDL; d++) {
-            amax = metal::max(amax, metal::abs(float(kp[d])));
+            kmax = metal::max(kmax, metal::abs(float(kp[d])));
           }
         }
-        for (int i = 0; i < 4; i++) {
-          const int vk = metal::min(blk + 2 * tq + (i & 1) + 8 * (i >> 1), kend - 1);
-          const device DT* vp = KVQ_DROW(sv, sv_strides, wv, wv_strides, vk);
-          for (int d = gr * DPL; d < (gr + 1) * DPL; d++) {
-            amax = metal::max(amax, metal::abs(float(vp[d])));
-          }
-        }
-        big = !(amax <= FP16_SAFE);
+        big = !(kmax <= FP16_SAFE);
       }
       slow = simd_any(big);
     }
@@ -575,31 +572,43 @@ for (int ph = 0; ph < 2; ph++) {
     }
 
     // ---- O^T (dims x rows) += V^T P^T; tile j: local dims 2j (a0, a2) and 2j+1 (a1, a3)
-    if (slow) {
-      // fp32: o[j][2h + i] += p(row 2tq + i, key) v(key, dim gr D/8 + 2j + h); the
-      // probabilities of key g (+ 8) sit in s[0|1] (s[2|3]) of lane 4g + tq
-      for (int kk = 0; kk < 16; kk++) {
-        const uint src = uint(4 * (kk & 7) + tq);
-        const float p0 = simd_shuffle(kk < 8 ? s[0] : s[2], src);
-        const float p1 = simd_shuffle(kk < 8 ? s[1] : s[3], src);
-        const int key = metal::min(blk + kk, kend - 1);
-        const device DT* vp = KVQ_DROW(sv, sv_strides, wv, wv_strides, dns ? key : 0);
+    // WIDE: values that could leave fp16 (one vote) enter the fragments times vup = 2^-k,
+    // the largest about 2^13, and o is scaled by vup around the products (exact)
+    float vup = 1.0f;
+    if (WIDE) {
+      float vmax = 0.0f;
+      if (!dns) {
         KVQ_UNROLL
-        for (int j = 0; j < NJ; j++) {
-          KVQ_UNROLL
-          for (int h = 0; h < 2; h++) {
-            const int d = gr * DPL + 2 * j + h;
-            const float vx = dns ? float(vp[d]) : KVQ_PACKED_AT(VB, vwp, vws, vsp, vss, vbp, vbs, key, d);
-            o[j][2 * h] += p0 * vx;
-            o[j][2 * h + 1] += p1 * vx;
+        for (int i = 0; i < 4; i++) {
+          vmax = metal::max(vmax, kvq_group_absmax(vsc[i], vbi[i], VB));
+        }
+      } else {  // the dense elements this lane converts: dims [gr D/8, ...) of keys 2tq, +1, +8, +9
+        for (int i = 0; i < 4; i++) {
+          const int vk = metal::min(blk + 2 * tq + (i & 1) + 8 * (i >> 1), kend - 1);
+          const device DT* vp = KVQ_DROW(sv, sv_strides, wv, wv_strides, vk);
+          for (int d = gr * DPL; d < (gr + 1) * DPL; d++) {
+            vmax = metal::max(vmax, metal::abs(float(vp[d])));
           }
         }
       }
-    } else if (!dns) {
-      const uint sc01 = kvq_h2s(vsc[0], vsc[1]);
-      const uint bi01 = kvq_h2s(vbi[0], vbi[1]);
-      const uint sc23 = kvq_h2s(vsc[2], vsc[3]);
-      const uint bi23 = kvq_h2s(vbi[2], vbi[3]);
+      if (simd_any(!(vmax <= FP16_SAFE))) {
+        vup = kvq_pow2(metal::min(0, kvq_pow2_shift(simd_max(vmax), 13)));
+      }
+    }
+    if (WIDE && vup != 1.0f) {
+      KVQ_UNROLL
+      for (int j = 0; j < NJ; j++) {
+        o[j][0] *= vup;
+        o[j][1] *= vup;
+        o[j][2] *= vup;
+        o[j][3] *= vup;
+      }
+    }
+    if (!dns) {
+      const uint sc01 = WIDE ? kvq_h2(float(vsc[0]) * vup, float(vsc[1]) * vup) : kvq_h2s(vsc[0], vsc[1]);
+      const uint bi01 = WIDE ? kvq_h2(float(vbi[0]) * vup, float(vbi[1]) * vup) : kvq_h2s(vbi[0], vbi[1]);
+      const uint sc23 = WIDE ? kvq_h2(float(vsc[2]) * vup, float(vsc[3]) * vup) : kvq_h2s(vsc[2], vsc[3]);
+      const uint bi23 = WIDE ? kvq_h2(float(vbi[2]) * vup, float(vbi[3]) * vup) : kvq_h2s(vbi[2], vbi[3]);
       KVQ_UNROLL
       for (int j = 0; j < NJ; j++) {
         const int l0 = 2 * j;
@@ -626,11 +635,20 @@ for (int ph = 0; ph < 2; ph++) {
       KVQ_UNROLL
       for (int j = 0; j < NJ; j++) {
         const int d = gr * DPL + 2 * j;
-        const uint a0 = kvq_h2(float(vp[0][d]), float(vp[1][d]));
-        const uint a1 = kvq_h2(float(vp[0][d + 1]), float(vp[1][d + 1]));
-        const uint a2 = kvq_h2(float(vp[2][d]), float(vp[3][d]));
-        const uint a3 = kvq_h2(float(vp[2][d + 1]), float(vp[3][d + 1]));
+        const uint a0 = kvq_h2(float(vp[0][d]) * vup, float(vp[1][d]) * vup);
+        const uint a1 = kvq_h2(float(vp[0][d + 1]) * vup, float(vp[1][d + 1]) * vup);
+        const uint a2 = kvq_h2(float(vp[2][d]) * vup, float(vp[3][d]) * vup);
+        const uint a3 = kvq_h2(float(vp[2][d + 1]) * vup, float(vp[3][d + 1]) * vup);
         kvq_mma_16816(o[j], a0, a1, a2, a3, pb0, pb1, lane);
+      }
+    }
+    if (WIDE && vup != 1.0f) {  // (a power of two: exact)
+      KVQ_UNROLL
+      for (int j = 0; j < NJ; j++) {
+        o[j][0] /= vup;
+        o[j][1] /= vup;
+        o[j][2] /= vup;
+        o[j][3] /= vup;
       }
     }
     if (PF > 0 && !dns) {  // shift the prefetched blocks down
