@@ -98,9 +98,9 @@ constexpr uint VM2 = ((1u << VB) - 1u) * 0x10001u;
 constexpr uint MAGIC = 0x64006400u;
 // WIDE (a template constant: scales or sinks/window stored wider than fp16, bf16 or fp32):
 // a block of keys whose keys or values could leave the fp16 range of the fragments (a
-// group's |bias| or |bias + (2^b - 1) scale|, a dense element, over FP16_SAFE) is computed
-// in fp32 without the matrix op (the "slow" block below: exact, rare, several times the
-// arithmetic); KGP keys take their scales in fp32 after the mma and stay on it.  A float16
+// group's |bias| or |bias + (2^b - 1) scale|, a dense element, over FP16_SAFE) has its
+// scores computed in fp32 (keys) or its values scaled by a power of two into the fragments
+// (see below); KGP keys take their scales in fp32 after the mma and stay on it.  A float16
 // store holds nothing beyond fp16 (the cache saturates) and compiles none of this.
 constexpr float FP16_SAFE = 65000.0f;
 
