@@ -411,8 +411,11 @@ def decode_bodies_chain(args, sizes):
     """Chained decode calls (GPU-bound, as ``--chain``) of the two decode bodies, "simd"
     (metal/sdpa_decode_simd.metal) and "mma" (metal/sdpa_decode.metal), against fp16 sdpa
     over the same number of keys: Hq 32 / Hkv 8 / D 128, B 1, L 1, a view of 4 sinks, a
-    packed run and a 32-key window (n keys in all), affine 8/4/2 bits, group 64."""
+    packed run and a 32-key window (n keys in all), affine 8/4/2 bits, group 64; the view and
+    queries in ``--dtype`` (bfloat16: the mma body's WIDE instantiation, which checks every
+    block of keys for values beyond fp16)."""
     B, Hkv, rep, D, ns, nw = 1, 8, 4, 128, 4, 32
+    dt = getattr(mx, args.dtype)
     L_ = kernels.launcher()
     try:
         info = mx.device_info()
@@ -420,26 +423,27 @@ def decode_bodies_chain(args, sizes):
     except Exception:
         dev = "?"
     print(f"\n== decode bodies, chained calls, GPU-bound ms per call (median of {args.reps} x {args.inner}) ==")
-    print(f"backend {kernels.backend_name()} device {dev} mlx {mx.__version__} cores {kernels.num_cores()}")
+    print(f"backend {kernels.backend_name()} device {dev} mlx {mx.__version__} cores {kernels.num_cores()} "
+          f"view {args.dtype}")
     for n in sizes:
         mx.random.seed(n)
-        q0 = mx.random.normal((B, Hkv * rep, 1, D)).astype(mx.float16)
-        kf = mx.random.normal((B, Hkv, n, D)).astype(mx.float16)
-        vf = mx.random.normal((B, Hkv, n, D)).astype(mx.float16)
-        sinks = tuple(mx.random.normal((B, Hkv, ns, D)).astype(mx.float16) for _ in range(2))
-        window = tuple(mx.random.normal((B, Hkv, nw, D)).astype(mx.float16) for _ in range(2))
+        q0 = mx.random.normal((B, Hkv * rep, 1, D)).astype(dt)
+        kf = mx.random.normal((B, Hkv, n, D)).astype(dt)
+        vf = mx.random.normal((B, Hkv, n, D)).astype(dt)
+        sinks = tuple(mx.random.normal((B, Hkv, ns, D)).astype(dt) for _ in range(2))
+        window = tuple(mx.random.normal((B, Hkv, nw, D)).astype(dt) for _ in range(2))
         mx.eval(q0, kf, vf, sinks, window)
         t16 = timeit_chain(lambda q: mx.fast.scaled_dot_product_attention(q, kf, vf, scale=D**-0.5), q0,
                            args.reps, args.inner)
-        line = [f"{n:7d} keys: fp16 sdpa {t16:.4f}"]
+        line = [f"{n:7d} keys: {args.dtype} sdpa {t16:.4f}"]
         npk = n - ns - nw
         for bits in (8, 4, 2):
-            _, kp, vp = make(B, Hkv, rep, 1, D, npk, bits, bits, 64, "affine", mx.float16, seed=1)
+            _, kp, vp = make(B, Hkv, rep, 1, D, npk, bits, bits, 64, "affine", dt, seed=1)
             runs = [("simd", dict(ku=v[0], pf=v[1], dpl=v[2] or None, warps_per_core=v[3]),
                      f"simd ku{v[0]}pf{v[1]}d{v[2] or 'def'}w{v[3]}") for v in args.simd_variants]
             for body, extra, label in runs + [("mma", {}, "mma")]:
                 kw = dict(k_bits=bits, v_bits=bits, group_size=64, scale=D**-0.5, q_start=n - 1, causal=True,
-                          out_dtype=mx.float16, body=body, **extra)
+                          out_dtype=dt, body=body, **extra)
                 t = timeit_chain(lambda q: kernels.decode_launch(L_, q, kp, vp, npk, sinks, window, **kw), q0,
                                  args.reps, args.inner)
                 line.append(f"{bits}b {label} {t:.4f} ({t16 / t:.2f}x)")
@@ -609,6 +613,8 @@ def main():
     ap.add_argument("--variants", default="", help="decode variants nsg:pf:wpc,... (GPU-bound timing)")
     ap.add_argument("--chain", action="store_true", help="chained (dependent) decode calls, GPU-bound")
     ap.add_argument("--bodies", action="store_true", help="chained decode calls of the simd and mma bodies")
+    ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"],
+                    help="--bodies: the dtype of the view and the queries")
     ap.add_argument("--simd-variants", default="2:1:0",
                     help="--bodies: simd body variants keys per step:load ahead:dims per lane (0: default)"
                          "[:warps per GPU core], ...")

@@ -346,3 +346,35 @@ KVQ_FUNC void kvq_mma_16816(thread float* c, uint a0, uint a1, uint a2, uint a3,
   c[3] = acc3;
 }
 #endif
+
+// 2^e as a float, exactly (e in [-126, 127]).
+KVQ_FUNC float kvq_pow2(int e) {
+  return kvq_as_float(uint(127 + e) << 23);
+}
+
+// A shift sh such that amax * 2^sh lies about 2^target (within a factor 4), in
+// [-100, 100]; 0 for amax 0, inf or NaN.  Scaling by 2^sh is exact in fp32 and,
+// between fp16 normals, in fp16: it moves a row of tiny or huge values into the
+// range where fp16 fragments hold them at full precision.
+KVQ_FUNC int kvq_pow2_shift(float amax, int target) {
+  if (!(amax > 0.0f && amax < INFINITY)) {
+    return 0;
+  }
+  const int e = int(metal::log(amax) * KVQ_LOG2E);
+  const int sh = target - e;
+  return sh < -100 ? -100 : (sh > 100 ? 100 : sh);
+}
+
+// The largest magnitude an affine group (scale sc, bias bi, `bits`-bit codes) holds:
+// max(|bi|, |bi + (2^bits - 1) sc|), in fp32.
+template <typename S>
+KVQ_FUNC float kvq_group_absmax(S sc, S bi, int bits) {
+  const float b0 = float(bi);
+  const float b1 = b0 + float((1u << bits) - 1u) * float(sc);
+  return metal::max(metal::abs(b0), metal::abs(b1));
+}
+
+// x, or 0 where x is inf or NaN (the cache stores a non-finite channel as 0).
+KVQ_FUNC float kvq_finite_or_0(float x) {
+  return metal::abs(x) < INFINITY ? x : 0.0f;
+}

@@ -96,6 +96,13 @@ constexpr int VCPB = 8 / VB;        // codes per byte (values)
 constexpr uint KM2 = ((1u << KB) - 1u) * 0x10001u;
 constexpr uint VM2 = ((1u << VB) - 1u) * 0x10001u;
 constexpr uint MAGIC = 0x64006400u;
+// WIDE (a template constant: scales or sinks/window stored wider than fp16, bf16 or fp32):
+// a block of keys whose keys or values could leave the fp16 range of the fragments (a
+// group's |bias| or |bias + (2^b - 1) scale|, a dense element, over FP16_SAFE) has its
+// scores computed in fp32 (keys) or its values scaled by a power of two into the fragments
+// (see below); KGP keys take their scales in fp32 after the mma and stay on it.  A float16
+// store holds nothing beyond fp16 (the cache saturates) and compiles none of this.
+constexpr float FP16_SAFE = 65000.0f;
 
 const int n = (int(carrier_shape[0]) - 1) * 32768 + (int(carrier_shape[1]) - 1);
 const int delta = int(long((int(carrier_shape[2]) - 1) * 65536 + (int(carrier_shape[3]) - 1)) - 2147483648l);
@@ -165,6 +172,15 @@ if (MASK != 0) {
   mst3 = mask_shape[3] == 1 ? 0 : size_t(mask_strides[3]);
 }
 
+// a dense key's row (sinks, then window) of K (KVQ_DROW(sk, sk_strides, wk, wk_strides, key)) or V
+#define KVQ_DROW(SP, SST, WP, WST, KEY)                                                             \
+  ((KEY) < ns ? SP + size_t(b) * size_t(SST[0]) + size_t(kvh) * size_t(SST[1]) + size_t(KEY) * size_t(SST[2]) \
+              : WP + size_t(b) * size_t(WST[0]) + size_t(kvh) * size_t(WST[1]) + size_t((KEY) - ns) * size_t(WST[2]))
+// element d of packed row `key` (words WP, scales SP, biases BP; strides per key), in fp32
+#define KVQ_PACKED_AT(BITS, WP, WS, SP, SS, BP, BS, KEY, D_)                                         \
+  (float(SP[uint((KEY) * (SS) + (D_) / GS)]) *                                                        \
+       float((WP[uint((KEY) * (WS) + ((D_) * (BITS)) / 32)] >> (((D_) * (BITS)) % 32)) & ((1u << (BITS)) - 1u)) + \
+   float(BP[uint((KEY) * (BS) + (D_) / GS)]))
 // Packed blocks: raw K/V words and scales of a block of 16 keys, loaded into
 // registers; with PF the next block's are loaded while this one is computed.
 //   K: keys blk + gr (kr0) and blk + gr + 8 (kr1), the words of dims [tq*D/4, ...)
@@ -216,11 +232,17 @@ if (!dense && kbeg < kend) {
 // D a power of two >= 32: a lane holds dims [lane * E, lane * E + E)); the
 // 1 / sqrt(D) is in fparams[0].
 threadgroup float q_tg[8 * D];
+threadgroup float qs_tg[8];
 for (int r = sg; r < 8; r += NSG) {  // a row per simdgroup
   const int row = row0 + r;
   const int qr_ = row < R ? row : 0;  // (rows past R are zeros)
   const device T* qrow = q + size_t(b) * size_t(q_strides[0]) + size_t(kvh * rep + qr_ / L) * size_t(q_strides[1]) +
       size_t(qr_ % L) * size_t(q_strides[2]);
+  // The row is scaled by 2^sh, its largest |q| about 2^4 (exact: a power of two), so that
+  // the fp16 fragments below keep their precision whatever the queries' scale (queries of
+  // 1e-5 against keys near the fp16 maximum are fp16 subnormals otherwise); the scores
+  // take 2^-sh back in fp32 (qs_tg). (Each lane scales the values it wrote itself.)
+  int sh = 0;
   if (ROTQ) {
     constexpr int E = D / 32 > 0 ? D / 32 : 1;
     float acc[E];
@@ -230,17 +252,39 @@ for (int r = sg; r < 8; r += NSG) {  // a row per simdgroup
       acc[e] = row < R ? float(qrow[d]) * signs[d] : 0.0f;
     }
     kvq_fwht_lanes<E>(acc, lane);
+    float qmax = 0.0f;
     KVQ_UNROLL
     for (int e = 0; e < E; e++) {
-      q_tg[r * D + int(lane) * E + e] = acc[e];
+      qmax = metal::max(qmax, metal::abs(acc[e]));
+    }
+    sh = kvq_pow2_shift(simd_max(qmax), 4);
+    const float up = kvq_pow2(sh);
+    KVQ_UNROLL
+    for (int e = 0; e < E; e++) {
+      q_tg[r * D + int(lane) * E + e] = acc[e] * up;
     }
   } else {
+    float qmax = 0.0f;
     for (int d = int(lane); d < D; d += 32) {
-      q_tg[r * D + d] = row < R ? float(qrow[d]) : 0.0f;
+      const float x = row < R ? float(qrow[d]) : 0.0f;
+      q_tg[r * D + d] = x;
+      qmax = metal::max(qmax, metal::abs(x));
     }
+    sh = kvq_pow2_shift(simd_max(qmax), 4);
+    if (sh != 0) {
+      const float up = kvq_pow2(sh);
+      for (int d = int(lane); d < D; d += 32) {
+        q_tg[r * D + d] *= up;
+      }
+    }
+  }
+  if (lane == 0) {
+    qs_tg[r] = qscale * kvq_pow2(-sh);
   }
 }
 threadgroup_barrier(mem_flags::mem_threadgroup);
+// per row 2tq + i of this lane: the score scale (softmax base 2) times 2^-sh
+const float rqs[2] = {qs_tg[2 * tq], qs_tg[2 * tq + 1]};
 // Q^T fragments (B operand): k-step c, row gr, dims d0, d0+KH (b0) and
 // d0+1, d0+1+KH (b1) (KVQ_KDIM); KGP: divided by 2^o of their code position -- and,
 // per group g and rows 2tq + i, the sums of the queries qs (bias term) and 1024 x
@@ -310,9 +354,56 @@ for (int ph = 0; ph < 2; ph++) {
       }
     }
 
+    // WIDE: whether the block's keys could leave fp16 in the fragments (one vote): the
+    // dense keys, and packed ones whose scales apply in the fragments (not KGP); then its
+    // scores are computed in fp32 (KGP keys enter as codes, their scales apply in fp32)
+    bool slow = false;
+    if (WIDE && (dns || !KGP)) {
+      bool big = false;
+      if (!dns) {
+        KVQ_UNROLL
+        for (int x = 0; x < KSG; x++) {
+          big = big || !(metal::max(kvq_group_absmax(ks0f[x], kb0f[x], KB),
+                                    kvq_group_absmax(ks1f[x], kb1f[x], KB)) <= FP16_SAFE);
+        }
+      } else {  // the dense elements this lane converts: dims [tq D/4, ...) of its keys
+        float kmax = 0.0f;
+        for (int h = 0; h < 2; h++) {
+          const int key = metal::min(blk + gr + 8 * h, kend - 1);
+          const device DT* kp = KVQ_DROW(sk, sk_strides, wk, wk_strides, key);
+          for (int d = tq * KDL; d < (tq + 1) * KDL; d++) {
+            kmax = metal::max(kmax, metal::abs(float(kp[d])));
+          }
+        }
+        big = !(kmax <= FP16_SAFE);
+      }
+      slow = simd_any(big);
+    }
     // ---- S^T (16 keys x 8 rows) = K Q^T: keys blk + gr (a0, a2) and blk + gr + 8 (a1, a3)
     float s[4];
-    {
+    if (slow) {
+      // fp32: s[e] = (q scale log2(e)) . key blk + gr + 8 (e >> 1), row 2tq + (e & 1)
+      // (already scaled: the queries are taken back from 2^sh first, see rqs)
+      KVQ_UNROLL
+      for (int e = 0; e < 4; e++) {
+        s[e] = 0.0f;
+      }
+      const KVQ_TGP(float) q0 = q_tg + (2 * tq) * D;
+      const KVQ_TGP(float) q1 = q_tg + (2 * tq + 1) * D;
+      KVQ_UNROLL
+      for (int h = 0; h < 2; h++) {
+        const int key = metal::min(blk + gr + 8 * h, kend - 1);
+        const device DT* kp = KVQ_DROW(sk, sk_strides, wk, wk_strides, dns ? key : 0);
+        float a0 = 0.0f, a1 = 0.0f;
+        for (int d = 0; d < D; d++) {
+          const float kx = dns ? float(kp[d]) : KVQ_PACKED_AT(KB, kwp, kws, ksp, kss, kbp, kbs, key, d);
+          a0 += q0[d] * rqs[0] * kx;
+          a1 += q1[d] * rqs[1] * kx;
+        }
+        s[2 * h] = a0;
+        s[2 * h + 1] = a1;
+      }
+    } else {
       float acc[NCH][4];  // independent mma chains (KGP with G > 1: one per group)
       KVQ_UNROLL
       for (int h = 0; h < NCH; h++) {
@@ -408,7 +499,7 @@ for (int ph = 0; ph < 2; ph++) {
       const int i = e & 1;
       const int key = blk + gr + 8 * (e >> 1);
       const int pos = dns ? (key < ns ? key : key + n) : ns + key;
-      float x = s[e] * qscale;
+      float x = slow ? s[e] : s[e] * rqs[i];
       bool vis = key < kend && rok[i];
       if (CAUSAL) {
         vis = vis && pos <= rpos[i];
@@ -481,11 +572,43 @@ for (int ph = 0; ph < 2; ph++) {
     }
 
     // ---- O^T (dims x rows) += V^T P^T; tile j: local dims 2j (a0, a2) and 2j+1 (a1, a3)
+    // WIDE: values that could leave fp16 (one vote) enter the fragments times vup = 2^-k,
+    // the largest about 2^13, and o is scaled by vup around the products (exact)
+    float vup = 1.0f;
+    if (WIDE) {
+      float vmax = 0.0f;
+      if (!dns) {
+        KVQ_UNROLL
+        for (int i = 0; i < 4; i++) {
+          vmax = metal::max(vmax, kvq_group_absmax(vsc[i], vbi[i], VB));
+        }
+      } else {  // the dense elements this lane converts: dims [gr D/8, ...) of keys 2tq, +1, +8, +9
+        for (int i = 0; i < 4; i++) {
+          const int vk = metal::min(blk + 2 * tq + (i & 1) + 8 * (i >> 1), kend - 1);
+          const device DT* vp = KVQ_DROW(sv, sv_strides, wv, wv_strides, vk);
+          for (int d = gr * DPL; d < (gr + 1) * DPL; d++) {
+            vmax = metal::max(vmax, metal::abs(float(vp[d])));
+          }
+        }
+      }
+      if (simd_any(!(vmax <= FP16_SAFE))) {
+        vup = kvq_pow2(metal::min(0, kvq_pow2_shift(simd_max(vmax), 13)));
+      }
+    }
+    if (WIDE && vup != 1.0f) {
+      KVQ_UNROLL
+      for (int j = 0; j < NJ; j++) {
+        o[j][0] *= vup;
+        o[j][1] *= vup;
+        o[j][2] *= vup;
+        o[j][3] *= vup;
+      }
+    }
     if (!dns) {
-      const uint sc01 = kvq_h2s(vsc[0], vsc[1]);
-      const uint bi01 = kvq_h2s(vbi[0], vbi[1]);
-      const uint sc23 = kvq_h2s(vsc[2], vsc[3]);
-      const uint bi23 = kvq_h2s(vbi[2], vbi[3]);
+      const uint sc01 = WIDE ? kvq_h2(float(vsc[0]) * vup, float(vsc[1]) * vup) : kvq_h2s(vsc[0], vsc[1]);
+      const uint bi01 = WIDE ? kvq_h2(float(vbi[0]) * vup, float(vbi[1]) * vup) : kvq_h2s(vbi[0], vbi[1]);
+      const uint sc23 = WIDE ? kvq_h2(float(vsc[2]) * vup, float(vsc[3]) * vup) : kvq_h2s(vsc[2], vsc[3]);
+      const uint bi23 = WIDE ? kvq_h2(float(vbi[2]) * vup, float(vbi[3]) * vup) : kvq_h2s(vbi[2], vbi[3]);
       KVQ_UNROLL
       for (int j = 0; j < NJ; j++) {
         const int l0 = 2 * j;
@@ -512,11 +635,20 @@ for (int ph = 0; ph < 2; ph++) {
       KVQ_UNROLL
       for (int j = 0; j < NJ; j++) {
         const int d = gr * DPL + 2 * j;
-        const uint a0 = kvq_h2(float(vp[0][d]), float(vp[1][d]));
-        const uint a1 = kvq_h2(float(vp[0][d + 1]), float(vp[1][d + 1]));
-        const uint a2 = kvq_h2(float(vp[2][d]), float(vp[3][d]));
-        const uint a3 = kvq_h2(float(vp[2][d + 1]), float(vp[3][d + 1]));
+        const uint a0 = kvq_h2(float(vp[0][d]) * vup, float(vp[1][d]) * vup);
+        const uint a1 = kvq_h2(float(vp[0][d + 1]) * vup, float(vp[1][d + 1]) * vup);
+        const uint a2 = kvq_h2(float(vp[2][d]) * vup, float(vp[3][d]) * vup);
+        const uint a3 = kvq_h2(float(vp[2][d + 1]) * vup, float(vp[3][d + 1]) * vup);
         kvq_mma_16816(o[j], a0, a1, a2, a3, pb0, pb1, lane);
+      }
+    }
+    if (WIDE && vup != 1.0f) {  // (a power of two: exact)
+      KVQ_UNROLL
+      for (int j = 0; j < NJ; j++) {
+        o[j][0] /= vup;
+        o[j][1] /= vup;
+        o[j][2] /= vup;
+        o[j][3] /= vup;
       }
     }
     if (PF > 0 && !dns) {  // shift the prefetched blocks down
@@ -556,6 +688,8 @@ for (int ph = 0; ph < 2; ph++) {
 #undef KVQ_LOAD_BLOCK
 #undef KVQ_KDIM
 #undef KVQ_KOFF
+#undef KVQ_DROW
+#undef KVQ_PACKED_AT
 
 // ---- combine the NSG warps of this threadgroup (same head and rows, adjacent
 // key ranges) into one partial: out normalized, lse in natural log

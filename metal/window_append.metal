@@ -5,10 +5,15 @@
 // rows, rotated by the cache's rotation where ROTK / ROTV (x R = ((x * signs) H)
 // / sqrt(D), kvq_fwht_lanes; D a power of two >= 32), cast to the window's
 // dtype; every other row is copied.  One simdgroup per row, RPT rows per
-// threadgroup; threadgroup y: 0 keys, 1 values.
+// threadgroup; threadgroup y: 0 keys, 1 values.  As the host path (format.fit):
+// inf and NaN become 0 before the rotation (a non-finite channel stays in its
+// channel), the rotation runs in fp32, and the result saturates at the window
+// dtype's largest value (a token near the fp16 maximum, rotated, exceeds it by up
+// to sqrt(D)) instead of becoming inf.
 // Template: IT (new rows' dtype), OT (window dtype), D, ROTK, ROTV.
 // Inputs: wk, wv (B, H, C, D) window buffers; k, v (B, H, L, D) new rows (all
-// read through their strides); signs (D,) float32; fparams [1 / sqrt(D)];
+// read through their strides); signs (D,) float32; fparams [1 / sqrt(D) (1 when not
+// rotating), -, the largest finite OT];
 // carrier: shape (nw + 1,), nw = rows already in the window.
 // Outputs: ok, ov (B, H, C, D) row-contiguous, OT.
 constexpr int RPT = 4;
@@ -21,6 +26,7 @@ const int rows = int(wk_shape[0]) * H * C;
 const int row = int(threadgroup_position_in_grid.x) * RPT + int(simdgroup_index_in_threadgroup);
 const bool isv = threadgroup_position_in_grid.y == 1u;
 const uint lane = thread_index_in_simdgroup;
+const float omax = fparams[2];
 if (row < rows) {
   const int c = row % C;
   const int h = (row / C) % H;
@@ -38,16 +44,16 @@ if (row < rows) {
       KVQ_UNROLL
       for (int e = 0; e < E; e++) {
         const int d = int(lane) * E + e;
-        acc[e] = float(x[size_t(d) * xs]) * signs[d];
+        acc[e] = kvq_finite_or_0(float(x[size_t(d) * xs])) * signs[d];
       }
       kvq_fwht_lanes<E>(acc, lane);
       KVQ_UNROLL
       for (int e = 0; e < E; e++) {
-        dst[int(lane) * E + e] = OT(acc[e] * fparams[0]);
+        dst[int(lane) * E + e] = OT(metal::min(metal::max(acc[e] * fparams[0], -omax), omax));
       }
     } else {
       for (int d = int(lane); d < D; d += 32) {
-        dst[d] = OT(x[size_t(d) * xs]);
+        dst[d] = OT(metal::min(metal::max(kvq_finite_or_0(float(x[size_t(d) * xs])), -omax), omax));
       }
     }
   } else {

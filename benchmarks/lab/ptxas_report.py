@@ -89,22 +89,24 @@ def main():
     ap.add_argument("--rt", type=int, default=4, help="sdpa_decode_simd*: rows per tile")
     ap.add_argument("--dpl", type=int, default=16, help="sdpa_decode_simd*: dims per lane")
     ap.add_argument("--ku", type=int, default=2, help="sdpa_decode_simd*: keys per slot and step")
+    ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"],
+                    help="queries, scales, sinks/window and output (bfloat16: sdpa_decode's WIDE blocks)")
     ap.add_argument("--sass", action="store_true", help="print the SASS instruction mix (and keep the .sass file)")
     ap.add_argument("--packed-only", action="store_true",
                     help="sdpa_decode without its dense (sinks/window) warp: the block loop's mix is the packed path's")
     a = ap.parse_args()
-    template = [("T", "float16"), ("S", "float16"), ("DT", "float16"), ("MT", "bool"), ("D", a.D),
+    dt, ct = a.dtype, CTYPES[a.dtype]
+    template = [("T", dt), ("S", dt), ("DT", dt), ("MT", "bool"), ("D", a.D),
                 ("KB", a.bits), ("VB", a.bits), ("GS", a.gs), ("MASK", 0), ("CAUSAL", 1), ("NSG", a.nsg),
-                ("PF", a.pf), ("ROTQ", a.rotq)]
+                ("PF", a.pf), ("ROTQ", a.rotq), ("WIDE", int(dt != "float16"))]
     if a.name.startswith("sdpa_decode_simd"):
-        template = template[:-2] + [("ROTQ", a.rotq), ("RT", a.rt), ("DPL", a.dpl), ("KU", a.ku), ("PF", a.pf)]
-    ins = ["__half", "uint32_t", "__half", "__half", "uint32_t", "__half", "__half", "__half", "__half",
-           "__half", "__half", "bool", "uint8_t", "float", "float"]
+        template = template[:-3] + [("ROTQ", a.rotq), ("RT", a.rt), ("DPL", a.dpl), ("KU", a.ku), ("PF", a.pf)]
+    ins = [ct, "uint32_t", ct, ct, "uint32_t", ct, ct, ct, ct, ct, ct, "bool", "uint8_t", "float", "float"]
     outs = ["float", "float"]
     if a.name.endswith("_fused"):
-        template += [("OT", "float16"), ("ROTO", 0)]
+        template += [("OT", dt), ("ROTO", 0)]
         ins += ["uint32_t"]
-        outs += ["__half", "float"]
+        outs += [ct, "float"]
     tmp = Path(tempfile.mkdtemp())
     body = None
     if a.packed_only:

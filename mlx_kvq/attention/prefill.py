@@ -13,8 +13,9 @@ PREFILL_COPY_BYTES = {"cuda": 1 << 30, "metal": 1 << 28}
 
 
 def prefill_dequantized(q, view, scale, mask, sinks):
-    """Prefill chunks on a GPU: the layer's packed run dequantized to the model dtype
-    in one go, then MLX's fused ``scaled_dot_product_attention`` over all keys.
+    """Prefill chunks on a GPU: the layer's packed run dequantized to the cache's dtype
+    (float32 for a float16 layer near the float16 maximum) in one go, then MLX's fused
+    ``scaled_dot_product_attention`` over all keys.
 
     The tiled prefill kernel is correct but slower than this on CUDA, and the
     reference materializes fp32 scores block by block; a chunk of thousands of
@@ -25,20 +26,45 @@ def prefill_dequantized(q, view, scale, mask, sinks):
     f = view.format
     if kernels.is_decode(q.shape[2]) or not kernels.enabled():
         return None
+    # Evaluate everything up to this layer's queries first: left lazy, MLX kept every
+    # layer's transients alive at once (32k tokens, 32 layers: 8-10 GiB instead of one
+    # layer's 0.25 GiB; the first chunk, with nothing packed yet, 3.1 GiB instead of
+    # ~0.5; benchmarks/lab/diag_peak.py). One sync per layer and chunk.
+    big = _near_float16_max(view)
+    eval_now(q, *big)
+    dt = mx.float32 if _any_true(big) else view.store_dtype
     k, v, n = view.packed
-    dt = view.store_dtype
     if n:
         B, Hkv = k[0].shape[:2]
         d = format.unpacked_dim(k[0].shape[-1], f.k_bits) + format.unpacked_dim(v[0].shape[-1], f.v_bits)
         if B * Hkv * view.offset * d * dt.size > PREFILL_COPY_BYTES.get(kernels.backend_name(), 1 << 30):
             return None
-    # Evaluate everything up to this layer's queries first: left lazy, MLX kept every
-    # layer's transients alive at once (32k tokens, 32 layers: 8-10 GiB instead of one
-    # layer's 0.25 GiB; the first chunk, with nothing packed yet, 3.1 GiB instead of
-    # ~0.5; benchmarks/lab/diag_peak.py). One sync per layer and chunk.
-    eval_now(q)
     keys, values = view.stored("keys", dt), view.stored("values", dt)
     return mx.fast.scaled_dot_product_attention(
         q.astype(dt), keys, values, scale=scale, mask=mask,
         sinks=None if sinks is None else sinks.astype(dt),  # MLX's CUDA backend: sinks in the output's dtype
     )
+
+
+def _near_float16_max(view):
+    """Whether a float16 layer's packed run holds groups near the float16 maximum (lazy
+    booleans, none for other dtypes or no packed run), where the float16 path fails:
+    ``mx.dequantize`` computes ``scale * q + bias`` in float16, and ``scale * q`` overflows
+    (``-7500 * 15 + 60000``) although the result fits; and the queries that meet such keys
+    are float16 subnormals, which MLX's float16 attention scales further down. Such a layer
+    is dequantized, and attended to, in float32 (``format.dequantize``)."""
+    k, v, n = view.packed
+    f = view.format
+    if not n or f.mode != "affine" or view.store_dtype != mx.float16:
+        return []
+    limit = float(mx.finfo(mx.float16).max)
+    return [mx.abs(p[1][:, :, :n]).max() * (2**bits - 1) > limit for p, bits in ((k, f.k_bits), (v, f.v_bits))]
+
+
+def _any_true(flags):
+    """Whether any of the evaluated booleans ``flags`` is true (no sync: they were evaluated
+    with the queries); False inside ``mx.compile`` or a transform, which cannot branch on them."""
+    try:
+        return any(x.item() for x in flags)
+    except ValueError:
+        return False

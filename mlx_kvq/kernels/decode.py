@@ -255,8 +255,11 @@ def _decode_setup(q, k_packed, v_packed, n, sinks, window, ns, nw, k_bits, v_bit
                      ("PF", int(SIMD_KU[1] if pf is None else pf))]
     else:
         st.name = "sdpa_decode"
+        # WIDE: scales or dense runs wider than fp16 (bf16, fp32); blocks whose values would
+        # leave fp16 are computed in fp32 (sdpa_decode.metal)
+        wide = (k_packed is not None and sdt != mx.float16) or (bool(dense) and dt != mx.float16)
         template += [("PF", int((P > 0 and -(-n // P) >= DECODE_PF_MIN_KEYS) if pf is None else pf)),
-                     ("ROTQ", bool(rotate_q))]
+                     ("ROTQ", bool(rotate_q)), ("WIDE", bool(wide))]
     rows = B * Hq * L
     st.decode = (
         template, (parts * nsg * 32, Hkv * tiles, B), (nsg * 32, 1, 1),
@@ -282,7 +285,9 @@ def decode_attention(q, k_packed, v_packed, n, sinks, window, **kw):
     values)`` (B, Hkv, *, D) or None).  Positions: sinks from 0, the packed run
     right after them, the window after the packed run.  ``mask`` (bool or
     additive) is indexed by absolute key position.  Returns ``(out, lse)`` as
-    :func:`packed_attention`.  Scores and values go through fp16 (tensor cores).
+    :func:`packed_attention`.  Scores and values go through fp16 (tensor cores), the query
+    rows scaled by a power of two first; blocks whose bf16/fp32 keys or values would leave
+    fp16 are computed in fp32 (``metal/sdpa_decode.metal``, ``WIDE``).
     ``rotate_q``/``rotate_out``: the kernels apply the cache's rotation to the
     queries / its inverse to the output (see :func:`rotates_in_kernel`);
     ``out_dtype``: the dtype of ``out``. None where this configuration failed its

@@ -300,6 +300,7 @@ def decode_template(q_dtype, D, k_bits, v_bits, group_size, *, scale_dtype=None,
         ("T", q_dtype), ("S", scale_dtype or q_dtype), ("DT", dense_dtype or q_dtype), ("MT", mask_dtype),
         ("D", D), ("KB", k_bits), ("VB", v_bits), ("GS", group_size), ("MASK", mask_kind),
         ("CAUSAL", bool(causal)), ("NSG", nsg), ("PF", pf), ("ROTQ", bool(rotate_q)),
+        ("WIDE", (scale_dtype or q_dtype) != mx.float16 or (dense_dtype or q_dtype) != mx.float16),
     ]
 
 

@@ -4,7 +4,7 @@ unquantized window buffers in one launch (``metal/window_append.metal``)."""
 import mlx.core as mx
 
 from .. import format as fmt
-from .args import const, rotates_in_kernel, rotation_args
+from .args import const, param_array, rotates_in_kernel, rotation_args
 from .backend import enabled, launcher
 from .selfcheck import window_ok
 
@@ -34,7 +34,7 @@ def window_append_launch(launch, buf_k, buf_v, keys, values, nw, rotate_k=False,
         B, H, C, D = buf_k.shape
         rows = B * H * C
         st = _WINDOW_SETUPS[key] = (
-            list(rotation_args(D, rotate_k or rotate_v, 1.0)),
+            window_params(D, rotate_k or rotate_v, buf_k.dtype),
             const("u8x1", lambda: mx.zeros((1,), dtype=mx.uint8)),
             ([("IT", keys.dtype), ("OT", buf_k.dtype), ("D", D), ("ROTK", bool(rotate_k)), ("ROTV", bool(rotate_v))],
              (-(-rows // 4) * 128, 2, 1), (128, 1, 1), [buf_k.shape, buf_k.shape], [buf_k.dtype, buf_k.dtype]),
@@ -45,6 +45,15 @@ def window_append_launch(launch, buf_k, buf_v, keys, values, nw, rotate_k=False,
 
 
 _WINDOW_SETUPS = {}
+
+
+def window_params(D, rotate, dtype):
+    """[signs, fparams] of ``window_append``: fparams [1 / sqrt(D) (1 unrotated), 1 / sqrt(D),
+    the largest finite ``dtype``], at which the kernel saturates as ``format.fit`` does."""
+    signs, _ = rotation_args(D, rotate, 1.0)
+    f = D**-0.5 if rotate else 1.0
+    big = float(mx.finfo(dtype).max)
+    return [signs, const(("window", D, bool(rotate), str(dtype)), lambda: param_array([f, D**-0.5, big]))]
 
 
 def window_append(buf_k, buf_v, keys, values, nw, rotate_k=False, rotate_v=False):

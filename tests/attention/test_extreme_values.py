@@ -1,6 +1,8 @@
 """Finite in, finite out: keys and values at the edge of the float16 range, beyond it in a
 float32 model, and non-finite channels, on the CPU paths (the one-pass decode and the
-reference over a prefill chunk).
+reference over a prefill chunk), and on the GPU paths: the decode kernels and the
+window-append kernel run by the CPU emulator (the same kernel sources), the GPU prefill
+path (dequantize, MLX's attention) with its MLX ops on the CPU.
 
 Quantization commutes with scaling by a power of two (the same codes, the scales times
 2^a), and so does attention (keys times 2^a with queries times 2^-a give the same scores;
@@ -14,7 +16,7 @@ import pytest
 
 from mlx_kvq import QuantizedKVCache, quantized_sdpa
 from mlx_kvq import format as quant
-from helpers import reference_over_cache, rel_err
+from helpers import NO_LAUNCHES, cache_contents, reference_over_cache, rel_err
 
 D = 64
 
@@ -146,3 +148,83 @@ def test_a_float32_model_stores_float16_until_a_value_would_overflow_it():
     assert loaded.store_dtype == mx.float32
     out = quantized_sdpa(q, loaded.update_and_fetch(k[:, :, 42:43], v[:, :, 42:43])[0], D**-0.5)
     assert mx.all(mx.isfinite(out)).item()
+
+
+# The GPU paths (the kernels enabled: run_kernels_on). Decode steps of up to 8 queries (L 1
+# and 5 here) take the decode kernel, whose tensor-core body ("mma") computes with float16
+# fragments: each case below overflowed it or lost its precision.
+KERNEL_CASES = [
+    (mx.float16, False, 15, 1),  # queries of ~2^-15: float16 subnormals in the fragments
+    (mx.float32, False, 17, 1),  # a float32 store beyond float16: sinks, packed run, window
+    (mx.bfloat16, "kv", 100, 5),  # bfloat16 scales and window of ~2^100, rotated in the kernel
+]
+
+
+@pytest.mark.parametrize("dtype,rotate,a,L", KERNEL_CASES, ids=str)
+def test_extreme_scales_through_the_decode_kernel(run_kernels_on, emu, dtype, rotate, a, L):
+    run_kernels_on(emu)
+    k, v, q = data(L=L, seed=4)
+    one = attend(dtype, k, v, q, rotate, L)
+    caches = []
+    emu.launches.clear()
+    big = attend(dtype, k * 2.0**a, v * 2.0**a, q * 2.0**-a, rotate, L, caches)
+    assert "sdpa_decode" in [x[0] for x in emu.launches]
+    assert mx.all(mx.isfinite(big)).item()
+    big = big.astype(mx.float32) * 2.0**-a  # (a norm of 2^100 overflows float32)
+    assert rel_err(big, one) < (2e-3 if dtype != mx.float32 else 2e-2)
+    ref = reference_over_cache(caches[0], (q * 2.0**-a).astype(dtype), D**-0.5,
+                               None if L == 1 else _causal(L, k.shape[2]))
+    assert rel_err(big, ref * 2.0**-a) < 4e-3
+
+
+def test_float16_tokens_at_the_maximum_through_the_decode_kernel(run_kernels_on, emu):
+    run_kernels_on(emu)
+    k, v, q = data(seed=2)
+    k, v = (mx.where(x > 0, 65504.0, -65504.0) for x in (k, v))
+    caches = []
+    out = attend(mx.float16, k, v, q * 1e-5, False, 1, caches)
+    ref = reference_over_cache(caches[0], (q * 1e-5).astype(mx.float16), D**-0.5)
+    assert mx.all(mx.isfinite(out)).item() and rel_err(out, ref) < 4e-3
+
+
+@pytest.mark.parametrize("at_max", [False, True])
+def test_gpu_prefill_path_near_the_float16_maximum(run_kernels_on, at_max):
+    """A prefill chunk on a GPU dequantizes the layer and runs MLX's attention (its MLX ops
+    run here on the CPU): in float16, ``scale * q`` of the dequantization overflows and
+    the queries that meet such keys are subnormals, so such a layer takes float32."""
+    L = 20
+    k, v, q = data(L=L, seed=5)
+    if at_max:
+        k, v, q = mx.where(k > 0, 65504.0, -65504.0), mx.where(v > 0, 65504.0, -65504.0), q * 1e-5
+    else:
+        k, v, q = k * 2.0**15, v * 2.0**15, q * 2.0**-15
+    run_kernels_on(NO_LAUNCHES)  # enabled(): the GPU prefill path, and no kernel may run
+    caches = []
+    out = attend(mx.float16, k, v, q, False, L, caches)
+    ref = reference_over_cache(caches[0], q.astype(mx.float16), D**-0.5, _causal(L, k.shape[2]))
+    assert mx.all(mx.isfinite(out)).item() and rel_err(out, ref) < 4e-3
+
+
+def test_window_append_kernel_saturates_and_zeroes_as_the_host_path(run_kernels_on, emu):
+    """Decode tokens written by the window-append kernel: a key at the float16 maximum,
+    rotated (up to sqrt(64) times beyond it), saturates at 65504 and an inf or NaN channel
+    is stored as 0, in rotated keys and unrotated values alike, as the host path stores them."""
+    config = dict(bits=4, rotate="k", window=8, sinks=2)
+    host, fused = QuantizedKVCache(**config), QuantizedKVCache(**config)
+    k, v, _ = data(T=16, seed=6)
+    k, v = k.astype(mx.float16), v.astype(mx.float16)
+    k = k.at[:, :, 11:].multiply(0.0).at[:, :, 11:].add(mx.where(k[:, :, 11:] > 0, 65504.0, -65504.0))
+    for t, c, bad in ((12, 5, float("nan")), (13, 9, float("inf")), (14, 3, -float("inf"))):
+        k, v = k.at[:, :, t, c].add(bad), v.at[:, :, t, c + 1].add(bad)
+    chunks = [(0, 10)] + [(t, t + 1) for t in range(10, 16)]
+    for i, j in chunks:
+        host.update_and_fetch(k[:, :, i:j], v[:, :, i:j])
+    run_kernels_on(emu)
+    emu.launches.clear()
+    for i, j in chunks:
+        fused.update_and_fetch(k[:, :, i:j], v[:, :, i:j])
+    assert sum(x[0] == "window_append" for x in emu.launches) == 4  # the steps after the flush
+    (hk, hv), (fk, fv) = cache_contents(host), cache_contents(fused)
+    assert mx.all(mx.isfinite(fk)).item() and mx.all(mx.isfinite(fv)).item()
+    assert fk.abs().max().item() == 65504.0
+    assert rel_err(fk, hk) < 1e-3 and mx.array_equal(fv, hv).item()

@@ -869,6 +869,28 @@ def test_decode_body_selection(monkeypatch):
         kernels.decode.decode_body(Cuda())
 
 
+@pytest.mark.parametrize("kb, vb, gs", [(2, 4, 32), (4, 8, 64)])
+def test_decode_view_beyond_fp16_in_some_blocks(emu, kb, vb, gs):
+    """A bfloat16 view (the mma body's WIDE instantiation) in which one block of packed keys,
+    one packed value and one window key and value lie beyond fp16 (2^17 x, 2-bit keys of
+    group 32: scales applied in the fp16 fragments, 4-bit of group 64 after the mma), with
+    queries of 2^-17 x so that every key counts: the blocks that hold them are computed in
+    fp32, the rest on the matrix op, over split-K partials; as the fp32 reference."""
+    B, Hkv, rep, L, D, n, ns, nw = 1, 2, 4, 2, 64, 80, 2, 20
+    q, kp, vp, sinks, window = make_view(
+        B, Hkv, rep, L, D, n, ns, nw, k_bits=kb, v_bits=vb, group_size=gs, dtype=mx.bfloat16, seed=17)
+    mx.random.seed(18)
+    k = (mx.random.normal((B, Hkv, n + 5, D)) * 1.5).astype(mx.bfloat16)
+    v = mx.random.normal((B, Hkv, n + 5, D)).astype(mx.bfloat16)
+    k, v = k.at[:, :, 20:23].multiply(2.0**17), v.at[:, :, 50].multiply(2.0**17)
+    kp, vp = (tuple(mx.quantize(x, group_size=gs, bits=b)) for x, b in ((k, kb), (v, vb)))
+    wk, wv = window
+    window = (wk.at[:, :, 17].multiply(2.0**17), wv.at[:, :, 18].multiply(2.0**17))
+    q = q * 2.0**-17
+    run_view(emu, q, kp, vp, n, sinks, window, k_bits=kb, v_bits=vb, group_size=gs, nsplit=3, body="mma")
+    assert [x[1]["WIDE"] for x in emu.launches if x[0] == "sdpa_decode"][-1:] == [True]
+
+
 def test_decode_view_unsupported_formats():
     q = mx.zeros((1, 4, 1, 96), mx.float16)
     assert not kernels.decode_supports(q, None, None, mx.float16, 4, 4, 32, "affine", None)  # D/8 = 12
