@@ -44,20 +44,8 @@ KV = {
 }
 
 
-@pytest.fixture
-def cpu():
-    """On a GPU the batched model's matmuls (M = rows, not 1) round differently from the run
-    alone and move near-tied greedy tokens, with mlx-lm's own fp16 caches too (H200:
-    benchmarks/lab/results/rows_gpu_divergence_h200.txt): token equality with the run alone
-    is asserted on the CPU, on every machine."""
-    device = mx.default_device()
-    mx.set_default_device(mx.cpu)
-    yield
-    mx.set_default_device(device)
-
-
 @pytest.mark.parametrize("kv", KV.values(), ids=KV.keys())
-def test_requests_joining_and_leaving_match_alone(kv, cpu):
+def test_requests_joining_and_leaving_match_alone(kv):
     """Two requests start, two join three steps later, one is removed midway: every
     finished request's tokens equal its run alone (prompts past the window, decodes past
     two flush blocks, a chunked and right-padded prefill)."""
