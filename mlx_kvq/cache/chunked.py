@@ -56,16 +56,7 @@ class QuantizedChunkedKVCache(QuantizedKVCache):
     def is_trimmable(self):
         return self.start_position == 0  # nothing dropped yet
 
-    def trim(self, n):
-        whole("trim's token count", n, 0, 1 << 62)
-        if not self.is_trimmable():
-            return 0
-        return super().trim(n)
 
-    def dense_nbytes(self):
-        if self.empty():
-            return 0
-        return self.held() * self.kv_heads * (self.k_dim + self.v_dim) * self.dtype.size
 
     @property
     def state(self):

@@ -348,6 +348,8 @@ class QuantizedKVCache:
         stay unquantized; the schedule restarts as after a prefill chunk.
         """
         n = min(self.offset, whole("trim's token count", n, 0, 1 << 62))
+        if not self.is_trimmable():  # a cache that dropped tokens (rotating, chunked)
+            return 0
         left = n
         if self.window_keys is not None and left:
             w = min(left, self.window_keys.shape[2])
@@ -397,11 +399,15 @@ class QuantizedKVCache:
         arrays += list(self.packed_keys or ()) + list(self.packed_values or ())
         return sum(a.nbytes for a in arrays if a is not None)
 
+    def held(self):
+        """Tokens held (a rotating or chunked cache drops some)."""
+        return self.offset
+
     def dense_nbytes(self):
-        """What the same tokens take unquantized, in the model's dtype (no step rounding)."""
+        """What the tokens held take unquantized, in the model's dtype (no step rounding)."""
         if self.empty():
             return 0
-        return self.offset * self.kv_heads * (self.k_dim + self.v_dim) * self.dtype.size
+        return self.held() * self.kv_heads * (self.k_dim + self.v_dim) * self.dtype.size
 
     def used_nbytes(self):
         """Bytes actually used by the tokens held (packed part at its fill)."""

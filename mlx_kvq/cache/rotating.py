@@ -87,16 +87,7 @@ class QuantizedRotatingKVCache(QuantizedKVCache):
     def is_trimmable(self):
         return self.held() == self.offset  # nothing dropped yet
 
-    def trim(self, n):
-        whole("trim's token count", n, 0, 1 << 62)
-        if not self.is_trimmable():
-            return 0
-        return super().trim(n)
 
-    def dense_nbytes(self):
-        if self.empty():
-            return 0
-        return self.held() * self.kv_heads * (self.k_dim + self.v_dim) * self.dtype.size
 
     @property
     def state(self):
