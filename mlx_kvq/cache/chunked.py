@@ -9,8 +9,6 @@ goes through ``quantized_sdpa`` with that mask unchanged. No sinks: the first to
 dropped like the others.
 """
 
-import json
-
 from .defaults import whole
 from .quantized import QuantizedKVCache
 from .rotating import drop_front
@@ -56,16 +54,7 @@ class QuantizedChunkedKVCache(QuantizedKVCache):
     def is_trimmable(self):
         return self.start_position == 0  # nothing dropped yet
 
-
-
-    @property
-    def state(self):
-        return QuantizedKVCache.state.fget(self)
-
-    @state.setter
-    def state(self, v):
-        QuantizedKVCache.state.fset(self, v)
-        config = json.loads(v[0])["config"]
+    def _restore(self, config):
         self.chunk_size = whole("the cache state's chunk_size", config.get("chunk_size"), 1)
         self.start_position = whole("the cache state's start_position", config.get("start_position"), 0,
                                     self.offset)

@@ -468,6 +468,10 @@ class QuantizedKVCache:
         self.packed_keys = None if keys is None else tuple(keys)
         self.packed_values = None if values is None else tuple(values)
         self.sink_keys, self.sink_values, self.window_keys, self.window_values = v[5:]
+        self._restore(head["config"])
+
+    def _restore(self, config):
+        """Take a subclass's own settings from a saved state's ``config`` (checked)."""
 
     @staticmethod
     def _exact_offset(config):

@@ -12,8 +12,6 @@ Tokens are held in order, without a ring buffer, so attention goes through
 and ``make_mask`` builds the window mask over the same tokens.
 """
 
-import json
-
 import mlx.core as mx
 
 from .defaults import whole
@@ -87,16 +85,7 @@ class QuantizedRotatingKVCache(QuantizedKVCache):
     def is_trimmable(self):
         return self.held() == self.offset  # nothing dropped yet
 
-
-
-    @property
-    def state(self):
-        return QuantizedKVCache.state.fget(self)
-
-    @state.setter
-    def state(self, v):
-        QuantizedKVCache.state.fset(self, v)
-        config = json.loads(v[0])["config"]
+    def _restore(self, config):
         keep = whole("the cache state's keep", config.get("keep"))
         max_size = whole("the cache state's max_size", config.get("max_size"), keep + 1)
         if keep != self.sinks:
