@@ -14,38 +14,18 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "cache")]
 
 import mlx_kvq  # noqa: E402,F401
 import mlx.core as mx  # noqa: E402
-from mlx_lm.generate import BatchGenerator, generate_step  # noqa: E402
+from mlx_lm.generate import generate_step  # noqa: E402
 from mlx_lm.models.cache import make_prompt_cache as mlx_lm_cache  # noqa: E402
 
 from mlx_kvq.bridge import make_prompt_cache, serve_caches  # noqa: E402
 from mlx_kvq.cache import QuantizedKVCache  # noqa: E402
-from test_rows_cache import KV, prompt, tiny_model  # noqa: E402
+from test_rows_cache import KV, joining_and_leaving, prompt, tiny_model  # noqa: E402
 
 
 def alone(model, tokens, n, kv, step):
     cache = make_prompt_cache(model, **kv) if kv is not None else mlx_lm_cache(model)
     out = list(generate_step(mx.array(tokens), model, max_tokens=n, prompt_cache=cache, prefill_step_size=step))
     return [t for t, _ in out], [lp for _, lp in out]
-
-
-def batched(model, prompts, n, step):
-    gen = BatchGenerator(model, max_tokens=n, prefill_step_size=step, completion_batch_size=8, prefill_batch_size=4)
-    uids = gen.insert(prompts[:2])
-    got = {u: [] for u in uids}
-    for i in range(60 * n):
-        if i == 3:
-            new = gen.insert(prompts[2:])
-            uids += new
-            got.update({u: [] for u in new})
-        if i == 12:
-            gen.remove([uids[3]])
-            del got[uids[3]]
-        for r in gen.next_generated():
-            if r.uid in got:
-                got[r.uid].append(r.token)
-        if all(len(t) == n for t in got.values()):
-            break
-    return [got.get(u) for u in uids]
 
 
 def main():
@@ -56,7 +36,7 @@ def main():
         model = tiny_model()
         if kv is not None:
             serve_caches(model, **kv)
-        rows = batched(model, prompts, n, step)
+        rows = joining_and_leaving(model, prompts, n, step)[1]
         for i, (p, toks) in enumerate(zip(prompts, rows)):
             if toks is None:
                 continue

@@ -44,14 +44,10 @@ KV = {
 }
 
 
-@pytest.mark.parametrize("kv", KV.values(), ids=KV.keys())
-def test_requests_joining_and_leaving_match_alone(kv):
-    """Two requests start, two join three steps later, one is removed midway: every
-    finished request's tokens equal its run alone (prompts past the window, decodes past
-    two flush blocks, a chunked and right-padded prefill)."""
-    model = serve_caches(tiny_model(), **kv)
-    n_new, step = QuantizedKVCache.flush_block + 10, 16
-    prompts = [prompt(n, s) for s, n in enumerate([45, 9, 70, 33, 52])]
+def joining_and_leaving(model, prompts, n_new, step):
+    """A BatchGenerator run: the first two prompts start, the others join three steps later,
+    the fourth is removed at step 12 (a client that goes away). Returns the generator and
+    each prompt's greedy tokens (None for the removed one)."""
     gen = BatchGenerator(model, max_tokens=n_new, prefill_step_size=step, completion_batch_size=8,
                          prefill_batch_size=4)
     uids = gen.insert(prompts[:2])
@@ -62,20 +58,31 @@ def test_requests_joining_and_leaving_match_alone(kv):
             uids += new
             got.update({u: [] for u in new})
         if i == 12:
-            gen.remove([uids[3]])  # a client that goes away
+            gen.remove([uids[3]])
             del got[uids[3]]
-        responses = gen.next_generated()
-        for r in responses:
+        for r in gen.next_generated():
             if r.uid in got:
                 got[r.uid].append(r.token)
         if all(len(t) == n_new for t in got.values()):
             break
+    return gen, [got.get(u) for u in uids]
+
+
+@pytest.mark.parametrize("kv", KV.values(), ids=KV.keys())
+def test_requests_joining_and_leaving_match_alone(kv):
+    """Two requests start, two join three steps later, one is removed midway: every
+    finished request's tokens equal its run alone (prompts past the window, decodes past
+    two flush blocks, a chunked and right-padded prefill)."""
+    model = serve_caches(tiny_model(), **kv)
+    n_new, step = QuantizedKVCache.flush_block + 10, 16
+    prompts = [prompt(n, s) for s, n in enumerate([45, 9, 70, 33, 52])]
+    gen, rows = joining_and_leaving(model, prompts, n_new, step)
     caches = gen._generation_batch.prompt_cache
     assert not caches or all(len(c) == 0 for c in caches)  # finished rows are gone
-    for u, p in zip(uids, prompts):
-        if u in got:
-            assert got[u] == alone(model, p, n_new, kv, step), (u, len(p))
-    assert len(got) == 4
+    for i, (toks, p) in enumerate(zip(rows, prompts)):
+        if toks is not None:
+            assert toks == alone(model, p, n_new, kv, step), (i, len(p))
+    assert sum(t is not None for t in rows) == 4
 
 
 def test_rows_hold_their_own_tokens_and_extract_compact_copies():
