@@ -8,12 +8,16 @@ chose. Each cache's logits from the second chunk on are compared with those of m
 cache (``make_prompt_cache``: fp16 ``KVCache``, float32 here as the model is):
 ``agree`` (next-token top-1 agreement), ``err`` (RMS logit error / RMS centred logit).
 Caches: ``kvq8``/``kvq4`` (``mlx_kvq.make_prompt_cache``, group 32, an 8-token window so most
-tokens are packed) and ``mlx-lm-4`` (mlx-lm's ``QuantizedKVCache`` on its ``KVCache``
-layers, the plain group-wise baseline; it fails where a model uses the cache's arrays).
+tokens are packed), ``gw-4``/``gw-8`` (plain group-wise quantization, group 32: mlx-lm's own
+caches over keys and values quantized and dequantized, which is what mlx-lm's
+``QuantizedKVCache`` attends over, for every model and layer kind) and ``mlx-lm-4`` (mlx-lm's
+``QuantizedKVCache`` itself on its ``KVCache`` layers; it fails where a model uses the
+cache's arrays and leaves sliding-window layers fp16).
 
     python3 benchmarks/architectures.py                 # every architecture, a table
     python3 benchmarks/architectures.py llama gemma2    # some
     python3 benchmarks/architectures.py --prompt 80 --chunk 40 --steps 40 --json out.json
+    python3 benchmarks/architectures.py qwen3 --caches kvq8,gw-8,kvq4,gw-4,mlx-lm-4
 
 ``tests/test_architectures.py`` runs the same on the architectures that take under a few
 seconds on a 2-core CPU.
@@ -89,14 +93,45 @@ def mlx_lm_quantized(model, bits):
     return [swap(c) for c in lm_cache.make_prompt_cache(model)]
 
 
+class _RoundTrip:
+    """An mlx-lm cache whose updates are quantized and dequantized first (``mx.quantize``,
+    group ``GROUP``): the keys and values mlx-lm's ``QuantizedKVCache`` attends over."""
+
+    round_trip_bits = 4  # not ``bits``: mlx-lm takes a cache with ``bits`` for its QuantizedKVCache
+
+    def update_and_fetch(self, keys, values):
+        b = self.round_trip_bits
+        r = lambda x: mx.dequantize(*mx.quantize(x, GROUP, b), GROUP, b).astype(x.dtype)
+        return super().update_and_fetch(r(keys), r(values))
+
+
+def group_wise(model, bits):
+    """mlx-lm's own caches holding plain group-wise quantized keys and values (``_RoundTrip``):
+    the baseline of mlx-lm's ``QuantizedKVCache`` for every model and layer kind, also where
+    mlx-lm's quantized cache cannot run (models that use the cache's arrays, sliding windows)."""
+    def swap(c):
+        if type(c) is lm_cache.CacheList:
+            for m in c.caches:
+                swap(m)
+        elif type(c) in (lm_cache.KVCache, lm_cache.RotatingKVCache):
+            c.__class__ = type(f"RoundTrip{type(c).__name__}", (_RoundTrip, type(c)), {"round_trip_bits": bits})
+    cache = lm_cache.make_prompt_cache(model)
+    for c in cache:
+        swap(c)
+    return cache
+
+
 CACHES = {
     "kvq8": lambda model, window: bridge.make_prompt_cache(model, 8, kv_group_size=GROUP, window=window),
     "kvq4": lambda model, window: bridge.make_prompt_cache(model, 4, kv_group_size=GROUP, window=window),
+    "gw-4": lambda model, window: group_wise(model, 4),
+    "gw-8": lambda model, window: group_wise(model, 8),
     "mlx-lm-4": lambda model, window: mlx_lm_quantized(model, 4),
 }
+TABLE = ("kvq8", "kvq4", "gw-4")  # the table's columns (--caches)
 
 
-def compare(model_type, prompt=48, chunk=32, steps=4, window=8, caches=tuple(CACHES)):
+def compare(model_type, prompt=48, chunk=32, steps=4, window=8, caches=TABLE):
     """``{cache: (finite, agree, err) or an error string, "fp16_reason": warnings, "seconds": t}``."""
     t0 = time.perf_counter()
     model = build(model_type)
@@ -105,10 +140,7 @@ def compare(model_type, prompt=48, chunk=32, steps=4, window=8, caches=tuple(CAC
     chunks = [chunk] * (prompt // chunk) + ([prompt % chunk] if prompt % chunk else [])
     ref, fed = logits(model, lm_cache.make_prompt_cache(model), tokens, chunks, steps)
     first = chunks[0]
-    # mlx-lm's QuantizedKVCache replaces only KVCache layers: where the model has sliding-window
-    # layers (RotatingKVCache) it leaves them fp16 and is no like-for-like baseline
-    kinds = {type(c).__name__ for c in lm_cache.make_prompt_cache(model)}
-    result = {"fp16_reason": [], "mlx_lm_4_partial": bool(kinds - {"KVCache", "ArraysCache", "CacheList"})}
+    result = {"fp16_reason": []}
     for name in caches:
         try:
             with warnings.catch_warnings(record=True) as caught:
@@ -620,21 +652,25 @@ def main(argv=None):
     p.add_argument("--chunk", type=int, default=32)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--window", type=int, default=8)
+    p.add_argument("--caches", default=",".join(TABLE), help=f"columns, of {', '.join(CACHES)}")
     p.add_argument("--json", help="write the results here")
     a = p.parse_args(argv)
+    caches = a.caches.split(",")
+    if not set(caches) <= set(CACHES):
+        p.error(f"--caches {a.caches}: choose from {', '.join(CACHES)}")
     rows = {}
-    print("| architecture | kvq8 agree / err | kvq4 agree / err | mlx-lm-4 agree / err | fp16 layers | s |")
-    print("|---|---|---|---|---|---|")
+    print("| architecture | " + " | ".join(f"{c} agree / err" for c in caches) + " | fp16 layers (warning) | s |")
+    print("|---" * (len(caches) + 3) + "|")
     for m in a.model_types or sorted(CONFIGS):
         try:
-            r = compare(m, a.prompt, a.chunk, a.steps, a.window)
+            r = compare(m, a.prompt, a.chunk, a.steps, a.window, caches)
         except (Exception, SystemExit) as e:  # mlx-lm's olmo exits when ai2-olmo is missing
             r = {"error": f"{type(e).__name__}: {e}"}
-            print(f"| {m} | {r['error'][:120]} | | | | |", flush=True)
+            print(f"| {m} | {r['error'][:120]} |" + " |" * (len(caches) + 1), flush=True)
         else:
             d = describe(r)
             fp16 = "; ".join(r["fp16_reason"]) or "-"
-            print(f"| {m} | {d['kvq8']} | {d['kvq4']} | {d['mlx-lm-4']} | {fp16} | {r['seconds']:.1f} |", flush=True)
+            print(f"| {m} | " + " | ".join(d[c] for c in caches) + f" | {fp16} | {r['seconds']:.1f} |", flush=True)
         rows[m] = r
     if a.json:
         Path(a.json).write_text(json.dumps({"args": vars(a), "rows": rows}, indent=1))
