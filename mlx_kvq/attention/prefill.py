@@ -47,18 +47,23 @@ def prefill_dequantized(q, view, scale, mask, sinks):
 
 
 def _near_float16_max(view):
-    """Whether a float16 layer's packed run holds groups near the float16 maximum (lazy
-    booleans, none for other dtypes or no packed run), where the float16 path fails:
-    ``mx.dequantize`` computes ``scale * q + bias`` in float16, and ``scale * q`` overflows
-    (``-7500 * 15 + 60000``) although the result fits; and the queries that meet such keys
-    are float16 subnormals, which MLX's float16 attention scales further down. Such a layer
-    is dequantized, and attended to, in float32 (``format.dequantize``)."""
+    """Whether a layer that would attend in float16 holds values near or beyond its maximum
+    (lazy booleans; none where it attends in another dtype). The packed run: ``mx.dequantize``
+    computes ``scale * q + bias`` in float16, and ``scale * q`` overflows (``-7500 * 15 +
+    60000``) although the result fits; and the queries that meet such keys are float16
+    subnormals, which MLX's float16 attention scales further down. A float32 model's
+    unquantized runs are float32 and may hold values beyond float16. Such a layer is
+    dequantized, and attended to, in float32 (``format.dequantize``)."""
+    if view.store_dtype != mx.float16:
+        return []
     k, v, n = view.packed
     f = view.format
-    if not n or f.mode != "affine" or view.store_dtype != mx.float16:
-        return []
     limit = float(mx.finfo(mx.float16).max)
-    return [mx.abs(p[1][:, :, :n]).max() * (2**bits - 1) > limit for p, bits in ((k, f.k_bits), (v, f.v_bits))]
+    big = []
+    if n and f.mode == "affine":
+        big = [mx.abs(p[1][:, :, :n]).max() * (2**bits - 1) > limit for p, bits in ((k, f.k_bits), (v, f.v_bits))]
+    dense = [x for run in (view.sinks, view.window) for x in run if x is not None and x.dtype == mx.float32]
+    return big + [mx.abs(x).max() > limit for x in dense if x.size]
 
 
 def _any_true(flags):

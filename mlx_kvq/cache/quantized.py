@@ -155,12 +155,20 @@ class QuantizedKVCache:
 
     @property
     def store_dtype(self):
-        """The dtype of the unquantized runs and of the scales: the model's, but float16
-        for a float32 model (a KV cache gains nothing from float32; it would double the
-        window and the scales: 0.33x instead of 0.29x of fp16 in BENCHMARKS.md's summary
-        run) until a value to store would overflow float16 (``_widen``)."""
+        """The dtype of the packed runs' scales (and biases): the model's, but float16 for a
+        float32 model (a KV cache gains nothing from float32 scales: 0.33x instead of 0.29x
+        of fp16 in BENCHMARKS.md's summary run) until a token to pack would overflow float16
+        (``_widen``)."""
         wide = self._wide or self.dtype is None or self.dtype != mx.float32
         return self.dtype if wide else mx.float16
+
+    @property
+    def dense_dtype(self):
+        """The dtype of the unquantized runs (sinks, window): the model's, as in mlx-lm's
+        cache. A float32 model's few unquantized tokens stay float32, so that storing them
+        needs no look at their values (a float16 store would first have to ask whether
+        they overflow it: a sync per layer and decode step, ~1.5x slower decode on the CPU)."""
+        return self.dtype
 
     def _rotated(self, x, rotated):
         """Zero-padded to the packed head dim and rotated, in float32 where rotated: ``x R``
@@ -173,19 +181,17 @@ class QuantizedKVCache:
         return rotate(fmt.fit(x, x.dtype).astype(mx.float32)) if rotated else x
 
     def _widen(self, keys, values):
-        """A float32 model's cache stores float32 from the first update with a value that
-        would overflow float16 (keys of 1e5) on: what it holds is cast (exactly) to float32.
-        This asks for the update's largest value: one sync per update of a float32 model
-        while it stores float16."""
-        if self.store_dtype != mx.float16 or self.dtype != mx.float32:
+        """A float32 model's packed scales are float32 from the first tokens to pack with a
+        value that would overflow float16 (keys of 1e5) on: the scales held are cast (exactly)
+        to float32. This asks for those tokens' largest value: one sync per packing of a
+        float32 model while its scales are float16 (every ``flush_block`` decode steps)."""
+        if self.store_dtype != mx.float16 or self.dtype != mx.float32 or self.mode != "affine":
             return
         if not fmt.overflows((keys, values), mx.float16):
             return
         self._wide = True
-        wide = lambda a: None if a is None else a.astype(mx.float32)
-        self.sink_keys, self.sink_values = wide(self.sink_keys), wide(self.sink_values)
-        self._wk, self._wv = wide(self._wk), wide(self._wv)
-        if self.packed_keys is not None and self.mode == "affine":  # words stay; scales and biases
+        if self.packed_keys is not None:  # words stay; scales and biases
+            wide = lambda a: a.astype(mx.float32)
             self.packed_keys = self.packed_keys[:1] + tuple(wide(a) for a in self.packed_keys[1:])
             self.packed_values = self.packed_values[:1] + tuple(wide(a) for a in self.packed_values[1:])
 
@@ -206,8 +212,7 @@ class QuantizedKVCache:
         take = min(self.sinks - held, L)
         if take > 0 or not self._window_append_kernel(keys, values):
             keys, values = self._rotated(keys, self.rotate), self._rotated(values, self.rotate == "kv")
-            self._widen(keys, values)
-            keys, values = fmt.fit(keys, self.store_dtype), fmt.fit(values, self.store_dtype)
+            keys, values = fmt.fit(keys, self.dense_dtype), fmt.fit(values, self.dense_dtype)
             if take > 0:
                 # copies: a slice would keep the whole first chunk alive for a few tokens
                 self.sink_keys = _cat(self.sink_keys, mx.contiguous(keys[:, :, :take]))
@@ -279,8 +284,6 @@ class QuantizedKVCache:
         buffers in one launch (``kernels.window_append``); False where it does not apply."""
         if not kernels.is_decode(keys.shape[2]) or self._wn != self._wvn:
             return False
-        if self.store_dtype != self.dtype:  # a float32 model: its values are checked first (``_widen``)
-            return False
         if self.padded_dim(keys.shape[-1]) != keys.shape[-1]:
             return False
         rk, rv = bool(self.rotate), self.rotate == "kv"
@@ -310,6 +313,11 @@ class QuantizedKVCache:
 
     def _append_packed(self, keys, values):
         n, m = self.n_packed, keys.shape[2]
+        self._widen(keys, values)
+        # a float32 model's tokens are quantized from float16 while its scales are: codes
+        # fitted to float32 scales that are then rounded lose 8-bit accuracy (SmolLM2's
+        # decode logits: RMS error 0.050 vs 0.042 of float16 tokens, window 0)
+        keys, values = fmt.fit(keys, self.store_dtype), fmt.fit(values, self.store_dtype)
         if self.packed_keys is None or n + m > self.packed_keys[0].shape[2]:
             pk = fmt.quantize(keys, self.k_bits, self.group_size, self.mode)
             pv = fmt.quantize(values, self.v_bits, self.group_size, self.mode)
@@ -467,7 +475,8 @@ class QuantizedKVCache:
         (_, self.offset, self.n_packed, keys, values) = v[:5]
         self.packed_keys = None if keys is None else tuple(keys)
         self.packed_values = None if values is None else tuple(values)
-        self.sink_keys, self.sink_values, self.window_keys, self.window_values = v[5:]
+        dense = lambda a: a if a is None or a.dtype == self.dense_dtype else a.astype(self.dense_dtype)
+        self.sink_keys, self.sink_values, self.window_keys, self.window_values = map(dense, v[5:])
         self._restore(head["config"])
 
     def _restore(self, config):

@@ -148,8 +148,11 @@ def check_arrays(cache, v, exact_offset=True):
         if len(n) != 1:
             raise ValueError(f"The cache state's packed {name} arrays hold different token counts {sorted(n)}.")
         counts[name] = n.pop()
+    # unquantized runs: the model's dtype, or the scales' (a float32 model's file may hold
+    # float16 ones: the state setter casts them to the model's)
     for name, d in (("sink_keys", pk), ("sink_values", pv), ("window_keys", pk), ("window_values", pv)):
-        counts[name] = expect(name, arrays[name], d, dt)
+        a = arrays[name]
+        counts[name] = expect(name, a, d, dt if a is not None and a.dtype == dt else cache.dense_dtype)
     n, s, w = counts["keys"], counts["sink_keys"], counts["window_keys"]
     if (counts["values"], counts["sink_values"], counts["window_values"]) != (n, s, w) or n != v[2]:
         raise ValueError(f"The cache state's keys and values hold different token counts {counts}, "

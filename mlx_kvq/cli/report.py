@@ -21,7 +21,7 @@ def cache_report(caches):
             used, dense = used + c.used_nbytes(), dense + c.dense_nbytes()
             if c.dtype is not None:
                 dtypes.add(_name(c.dtype))
-                store.add(_name(c.store_dtype))
+                store.add(_name(c.dense_dtype))
                 if not tokens:  # the first layer's counts (every layer holds the same tokens)
                     tokens, kept = c.offset, c.offset - c.n_packed
         elif getattr(c, "keys", None) is not None and hasattr(c, "offset"):

@@ -179,10 +179,9 @@ class ResponseGenerator(server.ResponseGenerator):
         tokens = len(self._tokenize(provider.tokenizer, body, args)[0]) + args.max_tokens
         kv = dict(provider.kv_kwargs or {})
         bits, group = kv.pop("kv_bits", None), kv.pop("kv_group_size", None)
-        n = kv_bytes(vars(provider.model.args), tokens, bits, group, **kv)
-        if bits is None and kv.get("k_bits") is None and kv.get("v_bits") is None:
-            n = n * float_dtype(provider.model).size // 2  # mlx-lm's caches store the model's dtype
-        return n
+        # unquantized tokens (mlx-lm's caches; our sinks and window) store the model's dtype
+        dense = float_dtype(provider.model).size
+        return kv_bytes(vars(provider.model.args), tokens, bits, group, dense_bytes=dense, **kv)
 
     def _log_cache_stats(self):
         super()._log_cache_stats()

@@ -176,19 +176,21 @@ def shard_spec(spec, ranks, shard="tensor"):
                      spec.weights_from)
 
 
-def kv_bytes(config, tokens, bits=None, group_size=None, **kv):
-    """KV cache bytes of one sequence of ``tokens`` tokens: fp16 where ``bits`` and ``kv``
-    ask for no quantization, else ``bits`` with ``make_prompt_cache``'s other KV options
+def kv_bytes(config, tokens, bits=None, group_size=None, dense_bytes=2, **kv):
+    """KV cache bytes of one sequence of ``tokens`` tokens: unquantized where ``bits`` and
+    ``kv`` ask for no quantization, else ``bits`` with ``make_prompt_cache``'s other KV options
     ``kv`` (``k_bits``, ``v_bits``, ``mode``, ``sinks``, ``window``, ``quantized_kv_start``,
-    ``max_kv_size``; the cache's defaults where not given). An unquantized start counts
-    while it lasts: the result is the most the cache holds on the way to ``tokens``."""
+    ``max_kv_size``; the cache's defaults where not given). Unquantized tokens take
+    ``dense_bytes`` per element (the model's dtype: 2, or 4 for a float32 model). An
+    unquantized start counts while it lasts: the result is the most the cache holds on the
+    way to ``tokens``."""
     kv = {k: v for k, v in kv.items() if v is not None}
     size = kv.pop("max_kv_size", None)
     kv.pop("kv_bits", None)
     opts = cache_options(bits, kv_group_size=group_size, **kv)
     heads = config.get("num_key_value_heads") or config["num_attention_heads"]
     dk, dv = head_dims(config)
-    fp16 = lambda n: n * heads * 2 * (dk + dv)
+    unquantized = lambda n: n * heads * dense_bytes * (dk + dv)
     if opts is not None:
         kb, vb, mode = opts["k_bits"] or opts["bits"], opts["v_bits"] or opts["bits"], opts["mode"]
         dflt = default_options(kb, vb, mode)
@@ -201,10 +203,10 @@ def kv_bytes(config, tokens, bits=None, group_size=None, **kv):
         n = tokens if window is None else min(tokens, window)
         n = n if size is None else min(n, size)
         if opts is None:
-            total += fp16(n)
+            total += unquantized(n)
             continue
         dense = min(n, dense_max)
-        total += max(fp16(dense) + (n - dense) * packed, fp16(min(n, opts["start"] or 0)))
+        total += max(unquantized(dense) + (n - dense) * packed, unquantized(min(n, opts["start"] or 0)))
     return total
 
 

@@ -129,25 +129,34 @@ def test_fit_saturates_and_zeroes_non_finite_values():
     assert y.dtype == mx.float16 and y.tolist() == [65504.0, -65504.0, 0.0, 0.0, 0.0, 3.0]
 
 
-def test_a_float32_model_stores_float16_until_a_value_would_overflow_it():
-    """float16 keeps the cache at ~0.29x of fp16; the first update with a value beyond
-    float16 turns what the cache holds (exactly) into float32, and it stays float32 after
-    a save and load."""
+def test_a_float32_model_packs_float16_scales_until_a_value_would_overflow_them():
+    """float16 scales keep the cache at ~0.29x of fp16; the unquantized runs keep the
+    model's float32, so a value beyond float16 is stored as it is, and the first packing
+    of such a value turns the scales held (exactly) into float32, which stay float32
+    after a save and load."""
     k, v, q = data(T=60)
     cache = QuantizedKVCache(4, window=8, sinks=2)
     cache.update_and_fetch(k[:, :, :40], v[:, :, :40])
     cache.update_and_fetch(k[:, :, 40:41], v[:, :, 40:41])
     assert cache.store_dtype == mx.float16 and cache.packed_keys[1].dtype == mx.float16
-    before = [a.astype(mx.float32) for a in (cache.sink_keys, cache.window_keys) + cache.packed_keys[1:]]
+    assert cache.sink_keys.dtype == cache.window_keys.dtype == mx.float32
+    n = cache.n_packed
+    before = [a[:, :, :n].astype(mx.float32) for a in cache.packed_keys[1:]]
     view, _ = cache.update_and_fetch(k[:, :, 41:42] * 1e5, v[:, :, 41:42])
-    assert cache.store_dtype == mx.float32 and view.dtype == mx.float32
-    after = (cache.sink_keys, cache.window_keys[:, :, :-1]) + cache.packed_keys[1:]
-    assert all(a.dtype == mx.float32 and mx.array_equal(a, b).item() for a, b in zip(after, before))
+    assert view.dtype == mx.float32 and cache.store_dtype == mx.float16  # not packed yet: no look
     assert cache.window_keys[:, :, -1].abs().max().item() > 1e5  # stored, not saturated
+    out = quantized_sdpa(q, view, D**-0.5)
+    assert rel_err(out, reference_over_cache(cache, q, D**-0.5)) < 1e-4
+    cache.pack_all_but(0)
+    assert cache.store_dtype == mx.float32 and cache.n_packed > n
+    after = cache.packed_keys[1:]
+    assert all(a.dtype == mx.float32 and mx.array_equal(a[:, :, :n], b).item() for a, b in zip(after, before))
     loaded = QuantizedKVCache.from_state(cache.state)
     assert loaded.store_dtype == mx.float32
-    out = quantized_sdpa(q, loaded.update_and_fetch(k[:, :, 42:43], v[:, :, 42:43])[0], D**-0.5)
+    view, _ = loaded.update_and_fetch(k[:, :, 42:43], v[:, :, 42:43])
+    out = quantized_sdpa(q, view, D**-0.5)
     assert mx.all(mx.isfinite(out)).item()
+    assert rel_err(out, reference_over_cache(loaded, q, D**-0.5)) < 1e-4
 
 
 # The GPU paths (the kernels enabled: run_kernels_on). Decode steps of up to 8 queries (L 1

@@ -88,17 +88,22 @@ def test_request_bytes_follow_the_served_format(extra):
     g = generator(None, {})
     del g.request_kv_bytes
     config = dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=64, hidden_size=256)
+    import mlx.nn as nn
+
+    model = nn.Linear(4, 4)
+    model.set_dtype(mx.float16)
+    model.args = SimpleNamespace(**config)
     g.model_provider = SimpleNamespace(
-        tokenizer=None, kv_kwargs=dict(kv_bits=4, kv_group_size=None, **extra),
-        model=SimpleNamespace(args=SimpleNamespace(**config)))
+        tokenizer=None, kv_kwargs=dict(kv_bits=4, kv_group_size=None, **extra), model=model)
     g._tokenize = lambda tokenizer, body, args: (list(range(body)),)
     need = g.request_kv_bytes((None, 300, SimpleNamespace(max_tokens=20)))
     assert need == kv_bytes(config, 320, 4, **extra) > 0
 
 
-def test_unquantized_serving_counts_the_models_dtype():
-    """Without KV quantization mlx-lm's caches hold the model's dtype: a float32 model's
-    request takes twice the fp16 bytes."""
+def test_serving_counts_the_models_dtype_for_unquantized_tokens():
+    """Unquantized tokens (mlx-lm's caches, mlx-kvq's sinks and window) hold the model's
+    dtype: without KV quantization a float32 model's request takes twice the fp16 bytes,
+    and with it its window takes twice its fp16 bytes."""
     import mlx.nn as nn
 
     from mlx_kvq.models.memory import kv_bytes
@@ -114,6 +119,10 @@ def test_unquantized_serving_counts_the_models_dtype():
         cap = (kv or {}).get("max_kv_size")
         assert g.request_kv_bytes((None, 100, SimpleNamespace(max_tokens=0))) == kv_bytes(
             config, 100, max_kv_size=cap) * size // 2
+    g.model_provider = SimpleNamespace(tokenizer=None, kv_kwargs=dict(kv_bits=4, window=64, sinks=0), model=model)
+    q32 = g.request_kv_bytes((None, 100, SimpleNamespace(max_tokens=0)))
+    window = 2 * 2 * 64 * 2 * (64 + 64)  # layers, heads, tokens, bytes, key and value dims
+    assert q32 == kv_bytes(config, 100, 4, window=64, sinks=0) + window
     model.set_dtype(mx.bfloat16)
     g.model_provider = SimpleNamespace(tokenizer=None, kv_kwargs=None, model=model)
     assert g.request_kv_bytes((None, 100, SimpleNamespace(max_tokens=0))) == kv_bytes(config, 100)
