@@ -146,7 +146,7 @@ def test_a_float32_model_packs_float16_scales_until_a_value_would_overflow_them(
     assert view.dtype == mx.float32 and cache.store_dtype == mx.float16  # not packed yet: no look
     assert cache.window_keys[:, :, -1].abs().max().item() > 1e5  # stored, not saturated
     out = quantized_sdpa(q, view, D**-0.5)
-    assert rel_err(out, reference_over_cache(cache, q, D**-0.5)) < 1e-4
+    assert rel_err(out, reference_over_cache(cache, q, D**-0.5)) < 4e-3
     cache.pack_all_but(0)
     assert cache.store_dtype == mx.float32 and cache.n_packed > n
     after = cache.packed_keys[1:]
@@ -156,7 +156,7 @@ def test_a_float32_model_packs_float16_scales_until_a_value_would_overflow_them(
     view, _ = loaded.update_and_fetch(k[:, :, 42:43], v[:, :, 42:43])
     out = quantized_sdpa(q, view, D**-0.5)
     assert mx.all(mx.isfinite(out)).item()
-    assert rel_err(out, reference_over_cache(loaded, q, D**-0.5)) < 1e-4
+    assert rel_err(out, reference_over_cache(loaded, q, D**-0.5)) < 4e-3
 
 
 # The GPU paths (the kernels enabled: run_kernels_on). Decode steps of up to 8 queries (L 1
