@@ -89,7 +89,11 @@ def _pair(keys, values):
 
 # model modules that use what a cache fetches in ways a view cannot stand in for (mx.*
 # functions take only real arrays): their caches return dequantized arrays
-ARRAY_MODULES = {"mlx_lm.models.plamo": "passes the keys and values to mx.tile"}
+ARRAY_MODULES = {
+    "mlx_lm.models.plamo": "passes the keys and values to mx.tile",
+    "mlx_lm.models.deepseek_v32": "gathers the keys its indexer selects with mx.take_along_axis",
+    "mlx_lm.models.phi3small": "computes its block-sparse attention over the arrays (mx.expand_dims, matmul)",
+}
 
 
 def arrays_reason(model):
@@ -187,6 +191,7 @@ def mlx_lm_quantized_cache(model, bits, group_size):
 # {member: reason} (they stay fp16, with the warning)
 FP16_MEMBERS = {
     "mlx_lm.models.deepseek_v32": {1: "the sparse-attention indexer's cache, whose arrays the model sets itself"},
+    "mlx_lm.models.minimax_m3_vl": {1: "the sparse-attention indexer's cache, which holds keys without values"},
 }
 
 

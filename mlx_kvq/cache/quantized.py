@@ -390,9 +390,13 @@ class QuantizedKVCache:
     def make_mask(self, N, return_array=False, window_size=None):
         if self.left_padding is not None:
             return self._padding_mask(causal_mask(N, self.offset, window_size))
-        if window_size is not None or return_array:
+        # as mlx-lm's caches: no mask for a single query without a window, even for
+        # return_array (deepseek_v32 gathers the mask's columns when it is an array)
+        if window_size is not None:
             return causal_mask(N, self.offset, window_size)
-        return None if N == 1 else "causal"
+        if N == 1:
+            return None
+        return causal_mask(N, self.offset) if return_array else "causal"
 
     def _padding_mask(self, mask):
         """``mask`` (N, T) as (B, 1, N, T), hiding each row's padding (see ``left_padding``)."""

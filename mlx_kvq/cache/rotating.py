@@ -71,8 +71,8 @@ class QuantizedRotatingKVCache(QuantizedKVCache):
         ``window_size`` wider than the cache's window widens it over the tokens held, as
         mlx-lm's ``RotatingKVCache`` does (plamo3 asks for one token more than it keeps)."""
         span = self.span if window_size is None else window_size
-        if N == 1 and span == self.span and not return_array:
-            return None  # a single query sees every token held
+        if N == 1 and span == self.span:
+            return None  # a single query sees every token held (return_array too, as in mlx-lm)
         end = self.offset + N
         kept = mx.arange(min(self.keep, end))
         k = mx.concatenate([kept, mx.arange(self._first_visible(self.offset), end)])[None]

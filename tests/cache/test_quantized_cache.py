@@ -161,6 +161,21 @@ def test_make_mask_follows_offset():
     assert w.tolist() == [[False, False, True, True, False], [False, False, False, True, True]]
 
 
+def test_single_query_mask_as_mlx_lm():
+    """One query and no window: no mask, also for return_array (as mlx-lm's KVCache; deepseek_v32
+    gathers the columns of an array mask with its indexer's picks); a window still gives one."""
+    from mlx_lm.models.cache import KVCache
+
+    ours, ref = QuantizedKVCache(4), KVCache()
+    feed(ours, [20])
+    ref.update_and_fetch(*(mx.zeros((1, 2, 20, 64)),) * 2)
+    for array in (False, True):
+        assert ours.make_mask(1, return_array=array) is None
+        assert ref.make_mask(1, return_array=array, window_size=None) is None
+    w, w_ref = ours.make_mask(1, window_size=4), ref.make_mask(1, return_array=False, window_size=4)
+    assert w.tolist() == w_ref.tolist() == [[False] * 17 + [True] * 4]
+
+
 def test_from_cache_converts_a_filled_kv_cache():
     from mlx_lm.models.cache import KVCache
 

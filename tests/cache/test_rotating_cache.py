@@ -125,6 +125,17 @@ def test_bad_arguments():
             QuantizedRotatingKVCache(4, **bad)
 
 
+def test_single_query_mask_as_mlx_lm():
+    """One query within the cache's own window: no mask, also for return_array, as mlx-lm's
+    RotatingKVCache."""
+    ref, ours = lm_cache.RotatingKVCache(max_size=8), QuantizedRotatingKVCache(4, 32, max_size=8)
+    k = mx.random.normal((1, 2, 12, 32))
+    ref.update_and_fetch(k, k)
+    ours.update_and_fetch(k, k)
+    for kw in ({}, {"return_array": True}):
+        assert ours.make_mask(1, **kw) is None and ref.make_mask(1, **kw) is None
+
+
 @pytest.mark.parametrize("chunks", [[12, 8, 8, 1, 1, 1], [5, 1, 1, 9, 1]])
 def test_mask_wider_than_the_window_as_mlx_lm(chunks):
     """A mask one token wider than the window (plamo3 asks for it): mlx-lm's RotatingKVCache
