@@ -314,9 +314,9 @@ class QuantizedKVCache:
     def _append_packed(self, keys, values):
         n, m = self.n_packed, keys.shape[2]
         self._widen(keys, values)
-        # a float32 model's tokens are quantized from float16 while its scales are: codes
-        # fitted to float32 scales that are then rounded lose 8-bit accuracy (SmolLM2's
-        # decode logits: RMS error 0.050 vs 0.042 of float16 tokens, window 0)
+        # tokens in the scales' dtype: mx.quantize and the quantize-append kernel take one
+        # dtype for both; a float32 model's tokens are packed from float16 while its scales
+        # are (SmolLM2's keys: the same reconstruction error as float32 tokens, 0.0060 at 8 bits)
         keys, values = fmt.fit(keys, self.store_dtype), fmt.fit(values, self.store_dtype)
         if self.packed_keys is None or n + m > self.packed_keys[0].shape[2]:
             pk = fmt.quantize(keys, self.k_bits, self.group_size, self.mode)
