@@ -16,7 +16,7 @@ import pytest
 
 from mlx_kvq import QuantizedKVCache, quantized_sdpa
 from mlx_kvq import format as quant
-from helpers import NO_LAUNCHES, cache_contents, reference_over_cache, rel_err
+from helpers import NO_LAUNCHES, cache_contents, plain_attention, reference_over_cache, rel_err
 
 D = 64
 
@@ -212,6 +212,26 @@ def test_gpu_prefill_path_near_the_float16_maximum(run_kernels_on, at_max):
     out = attend(mx.float16, k, v, q, False, L, caches)
     ref = reference_over_cache(caches[0], q.astype(mx.float16), D**-0.5, _causal(L, k.shape[2]))
     assert mx.all(mx.isfinite(out)).item() and rel_err(out, ref) < 4e-3
+
+
+@pytest.mark.parametrize("T", [10, 40])
+def test_a_first_chunk_at_the_float16_maximum_is_mlx_lms_attention(run_kernels_on, T):
+    """A float16 prefill chunk with nothing packed yet (its tokens all unquantized) at
+    +-65504: the GPU prefill path gives MLX's float16 attention over those tokens, exactly
+    what mlx-lm's fp16 cache gives, finite, and within float16 rounding of fp32 attention."""
+    mx.random.seed(5)
+    k, v, q = (mx.random.normal((1, h, T, D)) for h in (2, 2, 4))
+    k, v = (mx.where(x > 0, 65504.0, -65504.0).astype(mx.float16) for x in (k, v))
+    q = (q * 1e-5).astype(mx.float16)
+    run_kernels_on(NO_LAUNCHES)
+    cache = QuantizedKVCache(4, rotate=False, window=8, sinks=2)
+    view, _ = cache.update_and_fetch(k, v)
+    assert cache.n_packed == 0
+    out = quantized_sdpa(q, view, D**-0.5, mask="causal")
+    fp16 = mx.fast.scaled_dot_product_attention(q, k, v, scale=D**-0.5, mask="causal")
+    ref = plain_attention(*(x.astype(mx.float32) for x in (q, k, v)), D**-0.5, _causal(T, T))
+    assert mx.all(mx.isfinite(out)).item() and mx.array_equal(out, fp16)
+    assert rel_err(out, ref) < 2e-2  # the float16 queries are subnormals: MLX's float16 attention rounds them
 
 
 def test_window_append_kernel_saturates_and_zeroes_as_the_host_path(run_kernels_on, emu):
