@@ -275,19 +275,29 @@ inline std::string run_threadgroup(int nthreads, std::mt19937& rng, std::functio
   std::vector<int> order(nthreads);
   for (int i = 0; i < nthreads; i++) order[i] = i;
   int remaining = nthreads;
+  // Each round one simdgroup may be held back (its fibers not resumed) while the others run
+  // on, so that a simdgroup gets ahead of another by several synchronisation points: a
+  // missing barrier between one simdgroup's reads of threadgroup memory and another's
+  // later writes shows up (simdgroups with the same sequence of collectives otherwise move
+  // in step).  A round without progress is run again with none held back.
+  int held = -1;
   while (remaining > 0 && st.error.empty()) {
     std::shuffle(order.begin(), order.end(), rng);
     st.progress = false;
     for (int i : order) {
       Fiber& f = st.fibers[i];
-      if (f.done) continue;
+      if (f.done || i / 32 == held) continue;
       st.cur = i;
       swapcontext(&st.sched, &f.ctx);
       if (f.done) remaining--;
       if (!st.error.empty()) break;
     }
-    if (!st.progress && remaining > 0 && st.error.empty())
-      st.error = "deadlock: a barrier or simd collective was not reached by all threads";
+    if (!st.progress && remaining > 0 && st.error.empty()) {
+      if (held < 0) st.error = "deadlock: a barrier or simd collective was not reached by all threads";
+      held = -1;
+      continue;
+    }
+    held = (nsg > 1 && rng() % 2) ? int(rng() % nsg) : -1;
   }
   std::string err = st.error;
   state() = prev;
