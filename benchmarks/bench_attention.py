@@ -3,6 +3,7 @@
     python benchmarks/bench_attention.py --check          # correctness only
     python benchmarks/bench_attention.py --check --time   # both (default)
     python benchmarks/bench_attention.py --sweep          # NSG / split sweep at 64k, 128k
+    python benchmarks/bench_attention.py --prefill 512:16384,512:65536  # prefill chunks (L:keys)
 
 Shape: Llama-3-8B attention, Hq=32, Hkv=8, D=128, B=1, L=1 (decode).
 Baseline: fp16 mx.fast.scaled_dot_product_attention over the same number of keys.
@@ -558,28 +559,36 @@ def bench_decode(args, sizes, configs):
     return rows
 
 
-def bench_prefill(args):
-    """Prefill chunk at the end of the context: kernel vs dequantize + fp16 sdpa."""
+def bench_prefill(args, shapes=((128, 4096), (1024, 4096))):
+    """A prefill chunk at the end of the context, (L queries, n packed keys) per shape: the
+    packed kernel (sdpa_packed), the simdgroup_matrix kernel (sdpa_prefill), the blocked
+    reference (what a layer over the copy budget took before sdpa_prefill) and dequantize +
+    fp16 sdpa (the copy path). ms per call, median of 5 x 2."""
+    from mlx_kvq.attention.reference import packed_reference
+    from mlx_kvq.cache.view import KVFormat
+
     B, Hkv, rep, D = 1, 8, 4, 128
+    fmt = KVFormat(4, 4, 64, "affine", None)
     rows = []
-    for (L, n) in [(128, 4096), (1024, 4096)]:
+    for (L, n) in shapes:
         q0, kp, vp = make(B, Hkv, rep, L, D, n, 4, 4, 64, "affine", mx.float16, seed=L)
         qs = [q0] + [mx.random.normal(q0.shape).astype(mx.float16) for _ in range(1)]
         mx.eval(qs)
-        fk = lambda q: kernels.attention_launch(
-            kernels.launcher(), q, kp, vp, n, k_bits=4, v_bits=4, group_size=64, mode="affine",
-            scale=D**-0.5, q_start=n - L, k_start=0, causal=True)
+        kw = dict(k_bits=4, v_bits=4, group_size=64, mode="affine", scale=D**-0.5, q_start=n - L, k_start=0,
+                  causal=True)
+        fk = lambda q: kernels.attention_launch(kernels.launcher(), q, kp, vp, n, **kw)
+        fs = lambda q: kernels.prefill_launch(kernels.launcher(), q, kp, vp, n, **kw)
+        fr = lambda q: packed_reference(q, kp, vp, n, fmt, scale=D**-0.5, q_start=n - L, k_start=0, causal=True,
+                                        mask=None)
         def fd(q):
             k = mx.dequantize(*kp, group_size=64, bits=4)
             v = mx.dequantize(*vp, group_size=64, bits=4)
             return mx.fast.scaled_dot_product_attention(q, k, v, scale=D**-0.5, mask="causal")
-        tk, _ = timeit(fk, qs, 5, 2)
-        td, _ = timeit(fd, qs, 5, 2)
-        rows.append((L, n, tk, td))
+        rows.append((L, n) + tuple(timeit(f, qs, 5, 2)[0] for f in (fk, fs, fr, fd)))
     print("\n== prefill chunk (Hq=32 Hkv=8 D=128, 4-bit K/V g64, causal, chunk at the end) ==")
-    print(f"{'L':>5s} {'keys':>6s} {'kernel ms':>10s} {'dequant+sdpa ms':>16s}")
-    for L, n, tk, td in rows:
-        print(f"{L:5d} {n:6d} {tk:10.3f} {td:16.3f}")
+    print(f"{'L':>5s} {'keys':>6s} {'sdpa_packed':>12s} {'sdpa_prefill':>13s} {'blocked ref':>12s} {'dequant+sdpa':>13s}")
+    for L, n, tk, ts, tr, td in rows:
+        print(f"{L:5d} {n:6d} {tk:12.3f} {ts:13.3f} {tr:12.3f} {td:13.3f}")
 
 
 def print_bench(res):
@@ -613,6 +622,8 @@ def main():
     ap.add_argument("--variants", default="", help="decode variants nsg:pf:wpc,... (GPU-bound timing)")
     ap.add_argument("--chain", action="store_true", help="chained (dependent) decode calls, GPU-bound")
     ap.add_argument("--bodies", action="store_true", help="chained decode calls of the simd and mma bodies")
+    ap.add_argument("--prefill", default="", help="time prefill chunks L:keys,... (the kernels, the blocked "
+                    "reference, dequantize + sdpa)")
     ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"],
                     help="--bodies: the dtype of the view and the queries")
     ap.add_argument("--simd-variants", default="2:1:0",
@@ -650,6 +661,9 @@ def main():
         return 0
     if args.bodies:
         decode_bodies_chain(args, [int(s) for s in args.sizes.split(",")])
+        return 0
+    if args.prefill:
+        bench_prefill(args, [tuple(int(x) for x in s.split(":")) for s in args.prefill.split(",")])
         return 0
     if args.chain:
         decode_chain(args, [int(s) for s in args.sizes.split(",")])

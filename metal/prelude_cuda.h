@@ -43,6 +43,7 @@ __device__ __forceinline__ float log(float x) { return logf(x); }
 __device__ __forceinline__ float abs(float x) { return fabsf(x); }
 __device__ __forceinline__ float rint(float x) { return rintf(x); }
 __device__ __forceinline__ float round(float x) { return roundf(x); }
+__device__ __forceinline__ float log2(float x) { return log2f(x); }
 }  // namespace metal
 
 enum class mem_flags { mem_none, mem_threadgroup, mem_device };
@@ -130,4 +131,70 @@ __device__ __forceinline__ void kvq_mma_16816(
       "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// ---- simdgroup_matrix<T, 8, 8> (Metal's 8x8 matrix of a simdgroup) on a warp, by shuffles:
+// lane l holds elements (r, c) and (r, c + 1), r = (q & 4) + (l / 2) % 4,
+// c = (q & 2) * 2 + (l % 2) * 2, q = l / 4 (Metal's layout, which MLX's steel kernels read).
+// sdpa_prefill's body, the Apple algorithm, runs here through these; no tensor cores.
+template <typename T>
+struct kvq_vec2 {
+  T v[2];
+  __device__ __forceinline__ T& operator[](int i) { return v[i]; }
+  __device__ __forceinline__ const T& operator[](int i) const { return v[i]; }
+};
+template <typename T, int C, int R>
+struct simdgroup_matrix {
+  kvq_vec2<T> e;
+  __device__ __forceinline__ kvq_vec2<T>& thread_elements() { return e; }
+  __device__ __forceinline__ const kvq_vec2<T>& thread_elements() const { return e; }
+};
+template <typename T, int C, int R>
+__device__ __forceinline__ simdgroup_matrix<T, C, R> make_filled_simdgroup_matrix(const T value) {
+  simdgroup_matrix<T, C, R> m;
+  m.e.v[0] = value;
+  m.e.v[1] = value;
+  return m;
+}
+struct kvq_ulong2 {
+  ulong x, y;
+  __device__ __forceinline__ kvq_ulong2(ulong a = 0, ulong b = 0) : x(a), y(b) {}
+};
+#define ulong2(...) kvq_ulong2(__VA_ARGS__)  // Metal's ulong2(x, y) as a matrix origin
+__device__ __forceinline__ void kvq_sgm_coord(uint lane, int& r, int& c) {
+  const int q = int(lane) / 4;
+  r = (q & 4) + (int(lane) / 2) % 4;
+  c = (q & 2) * 2 + (int(lane) % 2) * 2;
+}
+// the lane holding element (r, c)
+__device__ __forceinline__ uint kvq_sgm_lane(int r, int c) {
+  return uint(((r & 4) << 2) | ((c & 4) << 1) | ((r & 2) << 1) | ((r & 1) << 1) | ((c >> 1) & 1));
+}
+template <typename T, int C, int R>
+__device__ __forceinline__ void simdgroup_load(simdgroup_matrix<T, C, R>& d, const T* src, ulong elements_per_row = C,
+                                               kvq_ulong2 origin = kvq_ulong2(), bool transpose_matrix = false) {
+  int r, c;
+  kvq_sgm_coord(threadIdx.x & 31u, r, c);
+  const T* p = src + origin.y * elements_per_row + origin.x;
+  for (int k = 0; k < 2; k++) {
+    d.e.v[k] = transpose_matrix ? p[(c + k) * elements_per_row + r] : p[r * elements_per_row + c + k];
+  }
+}
+// d = a b + c
+template <typename T, int C, int R>
+__device__ __forceinline__ void simdgroup_multiply_accumulate(simdgroup_matrix<T, C, R>& d,
+                                                              const simdgroup_matrix<T, C, R>& a,
+                                                              const simdgroup_matrix<T, C, R>& b,
+                                                              const simdgroup_matrix<T, C, R>& c) {
+  int r, c0;
+  kvq_sgm_coord(threadIdx.x & 31u, r, c0);
+  T acc0 = c.e.v[0], acc1 = c.e.v[1];
+  _Pragma("unroll") for (int k = 0; k < 8; k++) {
+    const T av = __shfl_sync(0xffffffffu, a.e.v[k & 1], kvq_sgm_lane(r, k));
+    const uint bl = kvq_sgm_lane(k, c0);
+    acc0 += av * __shfl_sync(0xffffffffu, b.e.v[0], bl);
+    acc1 += av * __shfl_sync(0xffffffffu, b.e.v[1], bl);
+  }
+  d.e.v[0] = acc0;
+  d.e.v[1] = acc1;
 }

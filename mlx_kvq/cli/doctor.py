@@ -109,6 +109,12 @@ def self_checks():
         else:  # this format takes the packed kernel
             add(what + " (packed kernel)", selfcheck.packed_case(
                 launch, kernels.attention_launch, dtype, dtype, d, bits, bits, gs, "affine", HQ // HKV, 1))
+    if kernels.prefill.runs_on(launch):  # prefill chunks of layers too large to copy
+        for bits, gs, dt, d in DECODE_CONFIGS:
+            rot = default_options(bits, bits)["rotate"]
+            q_dtype = mx.float32 if rot else _dtype(dt)  # rotated queries are float32
+            add(f"prefill {bits}-bit g{gs} {dt} D{d}", selfcheck.prefill_case(
+                launch, kernels.prefill_launch, q_dtype, _dtype(dt), d, bits, bits, gs, HQ // HKV, True))
     for bits, gs, dt, d in QUANTIZE_CONFIGS:
         add(f"quantize_append {bits}-bit g{gs} {dt} D{d}", selfcheck.quantize_case(
             launch, kernels.quantize_launch, _dtype(dt), d, bits, gs, kernels.quantize_flavor()))

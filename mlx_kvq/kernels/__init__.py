@@ -15,6 +15,8 @@ The families, one module each:
   ``"simd"`` (``sdpa_decode_simd.metal``, Metal's default) and ``"mma"`` (``sdpa_decode.metal``,
   tensor cores; elsewhere), chosen by ``decode_launch(body=...)`` or ``MLX_KVQ_DECODE_BODY``.
 * :mod:`.packed` -- ``packed_attention``: ``(out, lse)`` over one packed run; ``supports``.
+* :mod:`.prefill` -- ``prefill_attention``: a prefill chunk over one packed run with
+  ``simdgroup_matrix`` products (Metal's prefill of layers too large to copy); ``prefill_supports``.
 * :mod:`.merge` -- ``merge_launch``: split partials merged by log-sum-exp.
 * :mod:`.quantize` -- ``quantize_append``: pack new tokens into the preallocated buffers.
 * :mod:`.window` -- ``window_append``: write decoded tokens into the unquantized window.
@@ -43,6 +45,7 @@ from .decode import (
 )
 from .merge import merge_launch
 from .packed import attention_launch, packed_attention, plan, supports
+from .prefill import prefill_attention, prefill_launch, prefill_supports
 from .quantize import quantize_append, quantize_flavor, quantize_launch, quantize_supported
 from .source import KERNELS, compact, kernel_source, metal_kernel_args, read_source, source_dir
 from .window import window_append, window_append_launch, window_append_supports

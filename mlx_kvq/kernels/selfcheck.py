@@ -314,6 +314,14 @@ def packed_case(launch, run, q_dtype, s_dtype, D, k_bits, v_bits, group_size, mo
         launch, run, q_dtype, s_dtype, D, k_bits, v_bits, group_size, mode, rep, L, mk, mdt, bool(causal))
 
 
+def prefill_case(launch, run, q_dtype, s_dtype, D, k_bits, v_bits, group_size, rep, causal):
+    config = (("T", q_dtype), ("S", s_dtype), ("D", D), ("KB", k_bits), ("VB", v_bits), ("GS", group_size),
+              ("CAUSAL", bool(causal)))
+    # 12 queries of up to 4 heads: a prefill chunk, rows past the tile's end, split keys
+    return "prefill", config, lambda: check_packed(
+        launch, run, q_dtype, s_dtype, D, k_bits, v_bits, group_size, "affine", min(rep, 4), 12, 0, None, bool(causal))
+
+
 def quantize_case(launch, run, dtype, D, bits, group_size, flavor):
     config = (("T", dtype), ("D", D), ("BITS", bits), ("GS", group_size))
     return "quantize_append", config, lambda: check_quantize(launch, run, dtype, D, bits, group_size, flavor)
@@ -330,12 +338,24 @@ def decode_ok(launch, run, template, rep, L, rotate_out, out_dtype):
 
 
 def packed_ok(launch, run, q, k_packed, k_bits, v_bits, group_size, mode, mask, causal):
+    from .decode import is_decode
+
     B, Hq, L, D = q.shape
+    if not is_decode(L):  # a prefill chunk: checked on 12 queries, each of which sees keys
+        L = 12
     rep = Hq // k_packed[0].shape[1]
     fast = ("packed", launch, q.dtype, k_packed[1].dtype, D, k_bits, v_bits, group_size, mode, rep * L,
             None if mask is None else mask.dtype, bool(causal))
     return _fast(fast, launch, lambda: packed_case(
         launch, run, q.dtype, k_packed[1].dtype, D, k_bits, v_bits, group_size, mode, rep, L, mask, causal))
+
+
+def prefill_ok(launch, run, q, k_packed, k_bits, v_bits, group_size, mode, causal):
+    rep = q.shape[1] // k_packed[0].shape[1]
+    fast = ("prefill", launch, q.dtype, k_packed[1].dtype, q.shape[-1], k_bits, v_bits, group_size, min(rep, 4),
+            bool(causal))
+    return _fast(fast, launch, lambda: prefill_case(
+        launch, run, q.dtype, k_packed[1].dtype, q.shape[-1], k_bits, v_bits, group_size, rep, causal))
 
 
 def quantize_ok(launch, run, dtype, D, bits, group_size, flavor):

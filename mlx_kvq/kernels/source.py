@@ -18,6 +18,13 @@ KERNELS = {
         ["out", "lse"],
         False,
     ),
+    # a prefill chunk over a packed run, simdgroup_matrix products (Apple GPUs' matrix path)
+    "sdpa_prefill": (
+        "sdpa_prefill.metal",
+        ["q", "kw", "ks", "kb", "vw", "vs", "vb", "carrier", "fparams"],
+        ["out", "lse"],
+        False,
+    ),
     "sdpa_decode": ("sdpa_decode.metal", _DECODE_INPUTS, ["out", "lse"], False),
     # the same body with the merge in the launch (DEFINES): + tile counters; + final out, lse
     "sdpa_decode_fused": ("sdpa_decode.metal", _DECODE_INPUTS + ["counter"], ["out", "lse", "fout", "flse"], False),

@@ -174,22 +174,60 @@ def test_kernel_dispatch_agrees_with_reference(monkeypatch, config, L):
     assert rel_err(fused, ref) < 2e-3
 
 
+@pytest.mark.skipif(not (mx.metal.is_available() or mx.cuda.is_available()), reason="needs a GPU backend")
+@pytest.mark.parametrize("config", [dict(bits=4), dict(bits=8, k_bits=8, v_bits=4, sinks=2, window=4)])
+def test_gpu_prefill_over_the_copy_budget_agrees_with_reference(monkeypatch, config):
+    """A layer over the copy budget on this GPU: its prefill kernel (Metal: sdpa_prefill;
+    CUDA: sdpa_packed) against the reference path."""
+    from mlx_kvq.attention import prefill
+
+    cache = filled(config, 1, 8, 128, [3000])
+    k = mx.random.normal((1, 8, 100, 128)).astype(mx.float16)
+    view, _ = cache.update_and_fetch(k, k)
+    q = mx.random.normal((1, 32, 100, 128)).astype(mx.float16)
+    monkeypatch.setattr(prefill, "PREFILL_COPY_BYTES", {"metal": 1000, "cuda": 1000})
+    out = quantized_sdpa(q, view, scale=128**-0.5, mask="causal")
+    monkeypatch.setenv("MLX_KVQ_REFERENCE", "1")
+    ref = quantized_sdpa(q, view, scale=128**-0.5, mask="causal")
+    assert rel_err(out, ref) < 2e-3
+
+
 def test_plain_reference_itself_matches_mlx_fast_sdpa():
     q, k, v = (mx.random.normal((1, 4, 9, 64)) for _ in range(3))
     ref = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask="causal")
     assert rel_err(plain_attention(q, k, v, 0.125, causal_mask(9, 0)), ref) < 1e-5
 
 
-def test_gpu_prefill_over_the_copy_budget_takes_the_blocked_reference(run_kernels_on, monkeypatch):
+@pytest.mark.parametrize("config", [dict(bits=4, group_size=64), dict(bits=8, k_bits=8, v_bits=4, sinks=2, window=4)])
+def test_gpu_prefill_over_the_copy_budget_takes_the_prefill_kernel(run_kernels_on, emu, monkeypatch, config):
     """A layer whose unquantized copy exceeds the backend's budget never makes that copy:
-    the blocked reference (memory bounded by a block of keys) computes the chunk."""
+    the simdgroup_matrix prefill kernel (run by the emulator) attends over the packed run."""
     from mlx_kvq.attention import prefill
 
-    run_kernels_on(NO_LAUNCHES)
-    cache = filled(dict(bits=4, group_size=64), 1, 2, 64, [300])
+    run_kernels_on(emu)
+    cache = filled(config, 1, 2, 64, [300])
     k = mx.random.normal((1, 2, 16, 64)).astype(mx.float16)
     view, _ = cache.update_and_fetch(k, k)
     q = mx.random.normal((1, 4, 16, 64)).astype(mx.float16)
+    monkeypatch.setattr(prefill.kernels, "backend_name", lambda: "metal")
+    monkeypatch.setattr(prefill, "PREFILL_COPY_BYTES", {"metal": 1000})
+    emu.launches.clear()
+    out = quantized_sdpa(q, view, scale=0.125, mask="causal")
+    assert [x[0] for x in emu.launches] == ["sdpa_prefill"]
+    ref = reference_over_cache(cache, q, 0.125, causal_mask(16, cache.offset - 16))
+    assert rel_err(out, ref) < 4e-3
+
+
+def test_gpu_prefill_the_kernels_lack_takes_the_blocked_reference(run_kernels_on, monkeypatch):
+    """A 3-bit layer of head dim 32 over the copy budget: no kernel takes it, the blocked
+    reference (memory bounded by a block of keys) computes the chunk, no copy made."""
+    from mlx_kvq.attention import prefill
+
+    run_kernels_on(NO_LAUNCHES)
+    cache = filled(dict(bits=3, group_size=32), 1, 2, 32, [300])
+    k = mx.random.normal((1, 2, 16, 32)).astype(mx.float16)
+    view, _ = cache.update_and_fetch(k, k)
+    q = mx.random.normal((1, 4, 16, 32)).astype(mx.float16)
     monkeypatch.setattr(prefill.kernels, "backend_name", lambda: "metal")
     monkeypatch.setattr(prefill, "PREFILL_COPY_BYTES", {"metal": 1000})
     calls = []

@@ -56,10 +56,11 @@ def test_self_checks_pass_on_the_emulator(few_configs, run_kernels_on, emu, caps
     rows = rep["self_checks"]
     assert [r["what"] for r in rows] == [
         "decode 8-bit g64 float16 D128", "decode 2-bit g32 float16 D64 rotate=kv (packed kernel)",
+        "prefill 8-bit g64 float16 D128", "prefill 2-bit g32 float16 D64",
         "quantize_append 4-bit g64 float16 D128", "window_append float16 D64"]
     assert all(r["ok"] for r in rows), rows
     text = capsys.readouterr().out
-    assert text.count("pass ") == 4 and "FAIL" not in text
+    assert text.count("pass ") == 6 and "FAIL" not in text
 
 
 def test_self_checks_show_a_failing_configuration(few_configs, run_kernels_on, emu, capsys):

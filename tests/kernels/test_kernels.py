@@ -306,6 +306,35 @@ def test_prefill_emulated(emu, D, kb, vb, gs, dtype, rep, L, n, q_start, k_start
     assert emu.launches[-1][1]["PREFILL"] is True
 
 
+SIMDGROUP_PREFILL_CASES = [
+    # D, kb, vb, gs, dtype, B, Hkv, rep, L, n, q_start, k_start, causal, nsplit
+    (64, 4, 4, 32, mx.float16, 1, 2, 2, 20, 50, 30, 0, True, 1),  # chunk at the end of the context
+    (128, 8, 4, 64, mx.bfloat16, 1, 1, 3, 17, 40, 25, 3, True, 2),  # run not at position 0, split keys
+    (64, 2, 8, 64, mx.float32, 2, 1, 1, 33, 45, 0, 0, True, 1),  # chunk over its own keys: rows see 1..33
+    (256, 4, 2, 128, mx.float16, 1, 1, 2, 9, 21, 100, 0, False, 3),  # D 256 (8-key blocks), 3 splits
+    (96, 4, 4, 32, mx.float16, 1, 2, 4, 11, 37, 40, 0, True, 1),  # 44 rows: a tile of 32 and a partial one
+]
+
+
+def check_simdgroup_prefill(launch, D, kb, vb, gs, dtype, B, Hkv, rep, L, n, q_start, k_start, causal, nsplit):
+    q, kp, vp = make_case(
+        B, Hkv, rep, L, D, n + 7, k_bits=kb, v_bits=vb, group_size=gs, mode="affine", dtype=dtype, seed=L + D
+    )
+    kw = dict(k_bits=kb, v_bits=vb, group_size=gs, mode="affine", scale=D**-0.5, q_start=q_start,
+              k_start=k_start, causal=causal)
+    assert kernels.prefill_supports(q, kp, vp, kb, vb, gs, "affine", None)
+    out, lse = kernels.prefill_launch(launch, q, kp, vp, n, nsplit=nsplit, **kw)
+    with mx.stream(mx.cpu):
+        ro, rl = reference_attention(q, kp, vp, n, **kw)
+    check_partial(out, lse, ro, rl, TOL, lse_tol=1e-4)
+
+
+@pytest.mark.parametrize("case", SIMDGROUP_PREFILL_CASES)
+def test_simdgroup_prefill_emulated(emu, case):
+    check_simdgroup_prefill(emu, *case)
+    assert emu.launches[-1 if case[-1] == 1 else -2][0] == "sdpa_prefill"
+
+
 def test_prefill_mask_noncausal(emu):
     B, L, n = 2, 11, 37
     q, kp, vp = make_case(
@@ -396,7 +425,8 @@ def test_quantize_bit_identical_emulated(emu, bits, gs, dtype):
     # some all-negative and constant groups
     x = mx.concatenate([x, -mx.abs(x[:, :, :1]), mx.full((2, 3, 1, 128), 0.5, dtype)], axis=2)
     got = kernels.quantize_launch(emu, x, bits=bits, group_size=gs, flavor=0)
-    want = mx.quantize(x, group_size=gs, bits=bits)
+    with mx.stream(mx.cpu):  # flavor 0: the CPU's mx.quantize (a GPU's rounds as flavor 1)
+        want = mx.quantize(x, group_size=gs, bits=bits)
     for a, b in zip(got, want):
         assert a.dtype == b.dtype and a.shape == b.shape
         np.testing.assert_array_equal(to_u(a), to_u(b))
@@ -527,6 +557,12 @@ def test_gpu_attention(L, n, nsplit, kb, vb):
         mask=mask,
         nsplit=nsplit,
     )
+
+
+@gpu
+@pytest.mark.parametrize("case", SIMDGROUP_PREFILL_CASES)
+def test_gpu_simdgroup_prefill(case):
+    check_simdgroup_prefill(kernels.launcher(), *case)
 
 
 @gpu
@@ -1052,9 +1088,10 @@ def test_launch_parameters_are_not_small_arrays():
         assert fp[1].item() == pytest.approx(1 / math.sqrt(128))
 
 
-def test_decode_plan_follows_warps_per_core(emu):
+def test_decode_plan_follows_warps_per_core(emu, monkeypatch):
     """The memoized launch setup must not keep a split plan made for another
     warps_per_core (benchmarks sweep it): more warps per core, more partials."""
+    monkeypatch.setattr(kernels.decode, "num_cores", lambda: 8)  # a GPU with 132 cores caps both plans
     n = 8192
     q, kp, vp, _, _ = make_view(1, 1, 4, 1, 64, n, 0, 0, k_bits=4, v_bits=4, group_size=64, dtype=mx.float16,
                                 seed=3)
