@@ -338,11 +338,8 @@ def decode_ok(launch, run, template, rep, L, rotate_out, out_dtype):
 
 
 def packed_ok(launch, run, q, k_packed, k_bits, v_bits, group_size, mode, mask, causal):
-    from .decode import is_decode
-
     B, Hq, L, D = q.shape
-    if not is_decode(L):  # a prefill chunk: checked on 12 queries, each of which sees keys
-        L = 12
+    L = min(L, 12)  # a prefill chunk (over 8 queries) is checked on at most 12, each of which sees keys
     rep = Hq // k_packed[0].shape[1]
     fast = ("packed", launch, q.dtype, k_packed[1].dtype, D, k_bits, v_bits, group_size, mode, rep * L,
             None if mask is None else mask.dtype, bool(causal))
