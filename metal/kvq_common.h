@@ -39,6 +39,19 @@ KVQ_FUNC float kvq_u2f(uint c) {
   return kvq_as_float(0x4B000000u | c) - 8388608.0f;
 }
 
+// One group (GS codes of BITS = 2, 4 or 8 bits, whole words) of a packed row, dequantized
+// (scale * code + bias, fp32) into threadgroup memory.
+template <int BITS, int GS>
+KVQ_FUNC void kvq_dequant_group(const device uint* row, float sc, float bi, KVQ_TGP(float) dst) {
+  for (int w = 0; w < GS * BITS / 32; w++) {
+    const uint word = row[w];
+    KVQ_UNROLL
+    for (int c = 0; c < 32 / BITS; c++) {
+      dst[w * (32 / BITS) + c] = sc * kvq_u2f((word >> (c * BITS)) & ((1u << BITS) - 1u)) + bi;
+    }
+  }
+}
+
 // fp4 e2m1 code -> float
 KVQ_FUNC float kvq_e2m1(uint c) {
   uint e = (c >> 1) & 3u;

@@ -105,26 +105,12 @@ for (int blk = kbeg; blk < kend; blk += BK) {
     const int j = blk + kk;
     const int o = kk * D + gi * GS;
     if (j < kend) {
-      const float ksc = float(ks[ks0 + size_t(j) * size_t(ks_strides[2]) + gi]);
-      const float kbi = float(kb[kb0 + size_t(j) * size_t(kb_strides[2]) + gi]);
-      const device uint* kr = kw + kw0 + size_t(j) * size_t(kw_strides[2]) + gi * KGW;
-      for (int w = 0; w < KGW; w++) {
-        const uint word = kr[w];
-        KVQ_UNROLL
-        for (int c = 0; c < 32 / KB; c++) {
-          kt[o + w * (32 / KB) + c] = ksc * kvq_u2f((word >> (c * KB)) & ((1u << KB) - 1u)) + kbi;
-        }
-      }
-      const float vsc = float(vs[vs0 + size_t(j) * size_t(vs_strides[2]) + gi]);
-      const float vbi = float(vb[vb0 + size_t(j) * size_t(vb_strides[2]) + gi]);
-      const device uint* vr = vw + vw0 + size_t(j) * size_t(vw_strides[2]) + gi * VGW;
-      for (int w = 0; w < VGW; w++) {
-        const uint word = vr[w];
-        KVQ_UNROLL
-        for (int c = 0; c < 32 / VB; c++) {
-          vt[o + w * (32 / VB) + c] = vsc * kvq_u2f((word >> (c * VB)) & ((1u << VB) - 1u)) + vbi;
-        }
-      }
+      kvq_dequant_group<KB, GS>(kw + kw0 + size_t(j) * size_t(kw_strides[2]) + gi * KGW,
+                                float(ks[ks0 + size_t(j) * size_t(ks_strides[2]) + gi]),
+                                float(kb[kb0 + size_t(j) * size_t(kb_strides[2]) + gi]), kt + o);
+      kvq_dequant_group<VB, GS>(vw + vw0 + size_t(j) * size_t(vw_strides[2]) + gi * VGW,
+                                float(vs[vs0 + size_t(j) * size_t(vs_strides[2]) + gi]),
+                                float(vb[vb0 + size_t(j) * size_t(vb_strides[2]) + gi]), vt + o);
     } else {
       for (int e = 0; e < GS; e++) {
         kt[o + e] = 0.0f;
