@@ -57,6 +57,16 @@ def pytest_terminal_summary(terminalreporter):
 
 
 @pytest.fixture
+def over_copy_budget(monkeypatch):
+    """Every layer is over the GPU prefill path's copy budget, on a Metal backend: prefill
+    chunks attend over the packed run (a kernel or the blocked reference), never a copy."""
+    from mlx_kvq.attention import prefill
+
+    monkeypatch.setattr(prefill.kernels, "backend_name", lambda: "metal")
+    monkeypatch.setattr(prefill, "PREFILL_COPY_BYTES", {"metal": 1000})
+
+
+@pytest.fixture
 def run_kernels_on():
     """``run_kernels_on(launch)``: the kernels run on ``launch`` (and ``kernels.enabled()``)
     for the rest of the test, whatever the backend."""

@@ -199,18 +199,14 @@ def test_plain_reference_itself_matches_mlx_fast_sdpa():
 
 
 @pytest.mark.parametrize("config", [dict(bits=4, group_size=64), dict(bits=8, k_bits=8, v_bits=4, sinks=2, window=4)])
-def test_gpu_prefill_over_the_copy_budget_takes_the_prefill_kernel(run_kernels_on, emu, monkeypatch, config):
+def test_gpu_prefill_over_the_copy_budget_takes_the_prefill_kernel(run_kernels_on, emu, over_copy_budget, config):
     """A layer whose unquantized copy exceeds the backend's budget never makes that copy:
     the simdgroup_matrix prefill kernel (run by the emulator) attends over the packed run."""
-    from mlx_kvq.attention import prefill
-
     run_kernels_on(emu)
     cache = filled(config, 1, 2, 64, [300])
     k = mx.random.normal((1, 2, 16, 64)).astype(mx.float16)
     view, _ = cache.update_and_fetch(k, k)
     q = mx.random.normal((1, 4, 16, 64)).astype(mx.float16)
-    monkeypatch.setattr(prefill.kernels, "backend_name", lambda: "metal")
-    monkeypatch.setattr(prefill, "PREFILL_COPY_BYTES", {"metal": 1000})
     emu.launches.clear()
     out = quantized_sdpa(q, view, scale=0.125, mask="causal")
     assert [x[0] for x in emu.launches] == ["sdpa_prefill"]
@@ -218,18 +214,14 @@ def test_gpu_prefill_over_the_copy_budget_takes_the_prefill_kernel(run_kernels_o
     assert rel_err(out, ref) < 4e-3
 
 
-def test_gpu_prefill_the_kernels_lack_takes_the_blocked_reference(run_kernels_on, monkeypatch):
+def test_gpu_prefill_the_kernels_lack_takes_the_blocked_reference(run_kernels_on, over_copy_budget, monkeypatch):
     """A 3-bit layer of head dim 32 over the copy budget: no kernel takes it, the blocked
     reference (memory bounded by a block of keys) computes the chunk, no copy made."""
-    from mlx_kvq.attention import prefill
-
     run_kernels_on(NO_LAUNCHES)
     cache = filled(dict(bits=3, group_size=32), 1, 2, 32, [300])
     k = mx.random.normal((1, 2, 16, 32)).astype(mx.float16)
     view, _ = cache.update_and_fetch(k, k)
     q = mx.random.normal((1, 4, 16, 32)).astype(mx.float16)
-    monkeypatch.setattr(prefill.kernels, "backend_name", lambda: "metal")
-    monkeypatch.setattr(prefill, "PREFILL_COPY_BYTES", {"metal": 1000})
     calls = []
     sdpa = mx.fast.scaled_dot_product_attention
     monkeypatch.setattr(mx.fast, "scaled_dot_product_attention", lambda *a, **kw: calls.append(1) or sdpa(*a, **kw))

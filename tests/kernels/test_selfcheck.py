@@ -139,17 +139,13 @@ def test_packed_kernel_that_does_not_compile_falls_back(checked, run_kernels_on,
 
 
 @pytest.mark.parametrize("fault", ["broken", "wrong"])
-def test_prefill_kernel_that_fails_falls_back(checked, monkeypatch, run_kernels_on, emu, fault):
+def test_prefill_kernel_that_fails_falls_back(checked, over_copy_budget, run_kernels_on, emu, fault):
     """A layer too large to copy: its prefill chunk goes to sdpa_prefill; one that does not
     compile, or computes wrong numbers, warns once and the packed kernel takes it."""
-    from mlx_kvq.attention import prefill
-
     cache = filled(4)
     k = mx.random.normal((B, HKV, 16, D)).astype(mx.float16)
     view, _ = cache.update_and_fetch(k, k * 0.5)
     q = mx.random.normal((B, HQ, 16, D)).astype(mx.float16)
-    monkeypatch.setattr(prefill.kernels, "backend_name", lambda: "metal")
-    monkeypatch.setattr(prefill, "PREFILL_COPY_BYTES", {"metal": 1000})
     bad = lambda name, t: name == "sdpa_prefill"
     launch = Faulty(emu, **{fault: bad})
     run_kernels_on(launch)
@@ -162,19 +158,15 @@ def test_prefill_kernel_that_fails_falls_back(checked, monkeypatch, run_kernels_
     assert warned == [] and launch.count("sdpa_prefill") == calls and launch.count("sdpa_packed") == packed + 1
 
 
-def test_a_long_prefill_chunk_keeps_the_packed_kernel(checked, monkeypatch, run_kernels_on, emu):
+def test_a_long_prefill_chunk_keeps_the_packed_kernel(checked, over_copy_budget, run_kernels_on, emu):
     """150 queries of a 3-bit layer too large to copy (sdpa_packed's prefill): its self-check
     passes (it takes 12 queries, not more than its keys) and the kernel runs."""
-    from mlx_kvq.attention import prefill
-
     mx.random.seed(4)
     cache = QuantizedKVCache(bits=3, group_size=32, sinks=2, window=8)
     k = mx.random.normal((B, HKV, 150, D)).astype(mx.float16)
     cache.update_and_fetch(k, k * 0.5)
     view, _ = cache.update_and_fetch(k, k * 0.5)  # 150 queries over 300 keys, most packed
     q = mx.random.normal((B, HQ, 150, D)).astype(mx.float16)
-    monkeypatch.setattr(prefill.kernels, "backend_name", lambda: "metal")
-    monkeypatch.setattr(prefill, "PREFILL_COPY_BYTES", {"metal": 1000})
     launch = Faulty(emu)
     run_kernels_on(launch)
     out, warned = caught(lambda: quantized_sdpa(q, view, scale=D**-0.5, mask="causal"))
