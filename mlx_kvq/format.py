@@ -5,6 +5,8 @@ A packed tensor is the tuple ``mx.quantize`` returns for the last axis:
 microscaling modes (``mxfp8``, ``mxfp4``, ``nvfp4``).
 """
 
+from functools import lru_cache
+
 import mlx.core as mx
 
 FLOATS = (mx.float16, mx.bfloat16, mx.float32)
@@ -80,12 +82,21 @@ def fit(x, dtype):
     finite values beyond its range saturate at its largest finite value (a float16 cast
     of 1e5 gives inf) and inf and NaN become 0, so that one non-finite channel stays in
     its channel instead of poisoning its whole token through the group scale (and the
-    rotation), and the other channels of the token keep their precision."""
-    x = mx.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
-    big = mx.finfo(dtype).max
-    if mx.finfo(x.dtype).max > big:
-        x = mx.clip(x, -big, big)
-    return x if x.dtype == dtype else x.astype(dtype)
+    rotation), and the other channels of the token keep their precision. One compiled
+    function per pair of dtypes: on the CPU the unfused ops (``mx.nan_to_num``: 13 graph
+    nodes) cost ~30 us per call, four calls per layer and decode step."""
+    return _fitter(x.dtype, dtype)(x)
+
+
+@lru_cache(maxsize=None)
+def _fitter(src, dst):
+    top, big = mx.finfo(src).max, mx.finfo(dst).max
+
+    def f(x):
+        y = mx.clip(x, -big, big) if top > big else x
+        return mx.where(mx.abs(x) <= top, y, 0.0).astype(dst)  # NaN compares false
+
+    return mx.compile(f, shapeless=True)
 
 
 def overflows(xs, dtype):

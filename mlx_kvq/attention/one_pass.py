@@ -61,15 +61,10 @@ def one_pass_attention(q, view, scale, mask, sinks, dtype):
         scores = mx.where(visible, scores, -mx.inf)
     elif mask is not None:
         scores = mx.where(mask, scores, -mx.inf) if mask.dtype == mx.bool_ else scores + mask.astype(mx.float32)
-    m = scores.max(axis=-1, keepdims=True)
-    if sinks is not None:  # per-head logits in every denominator
-        m = mx.maximum(m, sinks.astype(mx.float32).reshape(1, -1, 1, 1))
-    m = mx.where(m > -mx.inf, m, 0.0)
-    p = mx.exp(scores - m)
-    l = p.sum(axis=-1, keepdims=True)
-    if sinks is not None:
-        l = l + mx.exp(sinks.astype(mx.float32).reshape(1, -1, 1, 1) - m)
-    p = (p / mx.where(l > 0, l, 1.0)).reshape(B, Hkv, rows, total)
+    if sinks is None and not isinstance(mask, mx.array):  # every row sees a key: one op
+        p = mx.softmax(scores, axis=-1, precise=True).reshape(B, Hkv, rows, total)
+    else:
+        p = _softmax_hiding(scores, sinks).reshape(B, Hkv, rows, total)
     out = 0
     if s:
         out = out + p[..., :s] @ sv.astype(mx.float32)
@@ -81,3 +76,17 @@ def one_pass_attention(q, view, scale, mask, sinks, dtype):
     if rot == "kv":
         out = rotate(out, inverse=True)  # in float32, as the kernels do: it can exceed float16
     return out
+
+
+def _softmax_hiding(scores, sinks):
+    """Softmax over the last axis where a row may see no key (its weights are 0), with
+    ``sinks``' per-head logits (or None) in every denominator."""
+    m = scores.max(axis=-1, keepdims=True)
+    if sinks is not None:
+        m = mx.maximum(m, sinks.astype(mx.float32).reshape(1, -1, 1, 1))
+    m = mx.where(m > -mx.inf, m, 0.0)
+    p = mx.exp(scores - m)
+    l = p.sum(axis=-1, keepdims=True)
+    if sinks is not None:
+        l = l + mx.exp(sinks.astype(mx.float32).reshape(1, -1, 1, 1) - m)
+    return p / mx.where(l > 0, l, 1.0)

@@ -178,7 +178,7 @@ class QuantizedKVCache:
         d = self.padded_dim(x.shape[-1])
         if d != x.shape[-1]:
             x = mx.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, d - x.shape[-1])])
-        return rotate(fmt.fit(x, x.dtype).astype(mx.float32)) if rotated else x
+        return rotate(fmt.fit(x, mx.float32)) if rotated else x
 
     def _widen(self, keys, values):
         """A float32 model's packed scales are float32 from the first tokens to pack with a
