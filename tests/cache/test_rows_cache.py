@@ -30,11 +30,29 @@ def prompt(n, seed):
     return mx.random.randint(0, VOCAB, (n,), key=mx.random.key(seed)).tolist()
 
 
-def alone(model, tokens, max_tokens, kv, step):
+def alone(model, tokens, max_tokens, kv, step, logprobs=False):
     cache = make_prompt_cache(model, **kv)
-    out = generate_step(mx.array(tokens), model, max_tokens=max_tokens, prompt_cache=cache,
-                        prefill_step_size=step)
-    return [t for t, _ in out]
+    out = list(generate_step(mx.array(tokens), model, max_tokens=max_tokens, prompt_cache=cache,
+                             prefill_step_size=step))
+    toks = [t for t, _ in out]
+    return (toks, [lp for _, lp in out]) if logprobs else toks
+
+
+NEAR_TIE = 0.1  # top-1 minus top-2 log-prob
+
+
+def assert_as_alone(got, model, tokens, max_tokens, kv, step):
+    """``got`` equals the greedy tokens of ``tokens`` run alone. On the CPU exactly; on a GPU
+    up to a step where the alone run's top two tokens are within ``NEAR_TIE``: there the
+    batch's other matmuls (M = rows, not 1) round differently, as mlx-lm's own fp16 caches
+    do (``benchmarks/lab/rows_gpu_divergence.py``: a gap of 0.042 on the H200)."""
+    ref, lps = alone(model, tokens, max_tokens, kv, step, logprobs=True)
+    if got == ref or mx.default_device() == mx.cpu:
+        assert got == ref
+        return
+    j = next(k for k, (a, b) in enumerate(zip(got, ref)) if a != b)
+    top = mx.sort(lps[j].astype(mx.float32))[-2:].tolist()
+    assert top[1] - top[0] < NEAR_TIE, (j, top)
 
 
 KV = {
@@ -81,7 +99,7 @@ def test_requests_joining_and_leaving_match_alone(kv):
     assert not caches or all(len(c) == 0 for c in caches)  # finished rows are gone
     for i, (toks, p) in enumerate(zip(rows, prompts)):
         if toks is not None:
-            assert toks == alone(model, p, n_new, kv, step), (i, len(p))
+            assert_as_alone(toks, model, p, n_new, kv, step)
     assert sum(t is not None for t in rows) == 4
 
 
