@@ -4,9 +4,12 @@ float32) over a cache of ``--keys`` tokens, 30 layers per step.
 
 For mlx-lm's ``KVCache`` (+ ``mx.fast.scaled_dot_product_attention``) and mlx-kvq's caches
 (+ ``quantized_sdpa``) it prints the graph nodes one layer's step adds (``mx.export_to_dot``)
-and the median host time to build the 30 layers' graph and to evaluate it:
+and the median host time to build the 30 layers' graph and to evaluate it. ``--products``
+times one layer's two products over the packed run (``mx.quantized_matmul``, 4-bit, group 64)
+against float32 matmuls over as many keys:
 
     python3 benchmarks/lab/cpu_decode_ops.py --keys 100
+    python3 benchmarks/lab/cpu_decode_ops.py --products 64,256,540,1024,2048
 """
 
 import argparse
@@ -76,12 +79,38 @@ def timed(make, keys, steps):
     return med(build), med(run)
 
 
+def products(n, reps=20, calls=10):
+    """Median microseconds of one layer's scores and weighted values over ``n`` keys."""
+    rows = HQ // HKV
+    q, p = mx.random.normal((B, HKV, rows, D)), mx.softmax(mx.random.normal((B, HKV, rows, n)), axis=-1)
+    x = mx.random.normal((B, HKV, n, D))
+    w, s, b = (a if a.dtype == mx.uint32 else a.astype(mx.float16) for a in mx.quantize(x, group_size=64, bits=4))
+    mx.eval(q, p, x, w, s, b)
+    qmm = lambda a, t: mx.quantized_matmul(a, w, s, b, transpose=t, group_size=64, bits=4)
+    cases = {"quantized_matmul scores": lambda: qmm(q, True), "quantized_matmul values": lambda: qmm(p, False),
+             "float32 scores": lambda: q @ x.swapaxes(-1, -2), "float32 values": lambda: p @ x}
+    out = {}
+    for name, f in cases.items():
+        ts = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            mx.eval([f() for _ in range(calls)])
+            ts.append((time.perf_counter() - t) / calls)
+        out[name] = statistics.median(ts[3:]) * 1e6
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--keys", type=int, default=100, help="tokens in each layer's cache (default: 100)")
     p.add_argument("--steps", type=int, default=64, help="decode steps timed (default: 64)")
     p.add_argument("--rounds", type=int, default=2, help="rounds of all configs (default: 2)")
+    p.add_argument("--products", metavar="N,N,...", help="time the packed run's products over these key counts instead")
     a = p.parse_args(argv)
+    if a.products:
+        for n in map(int, a.products.split(",")):
+            print(f"{n:6d} keys: " + "  ".join(f"{k} {v:7.1f} us" for k, v in products(n).items()))
+        return
     for name, make in CONFIGS.items():
         n = nodes(make, a.keys)
         print(f"{name:12s} {sum(n.values()):3d} nodes per layer: {dict(n.most_common())}")
