@@ -12,8 +12,7 @@ run can go to a fused kernel while the short unquantized runs take the reference
    the model's dtype) -- on GPUs every extra op costs host time, which decode steps
    are short of.
 2. ``prefill_dequantized``: a prefill chunk on a GPU whose layer fits
-   ``PREFILL_COPY_BYTES`` unquantized, or on the CPU whose scores fit ``CPU_SCORES_BYTES``:
-   dequantize once, MLX's attention.
+   ``PREFILL_COPY_BYTES`` unquantized: dequantize once, MLX's fused attention.
 3. ``decode_one_pass``: a decode step without the kernels (the CPU): one softmax over
    the whole view, the packed run's products by ``mx.quantized_matmul``.
 4. ``partials``: the decode kernel's ``(out, lse)`` where it applies, else the packed
@@ -84,11 +83,9 @@ def decode_whole(q, view, scale, mask, sinks, dtype):
 
 
 def prefill_path(q, view, scale, mask, sinks, dtype):
-    if kernels.is_decode(q.shape[2]) or not (kernels.enabled() or on_cpu()):
+    if kernels.is_decode(q.shape[2]) or not kernels.enabled():
         return None
     rot = view.format.rotate
-    if on_cpu():
-        q = q.astype(mx.float32)  # the CPU attends in float32 (q R can exceed float16)
     out = prefill_dequantized(rotate(q) if rot else q, view, scale, mask, sinks)  # in the cache's dtype
     if out is None:
         return None

@@ -1,19 +1,15 @@
-"""The prefill path on GPUs and the CPU: a layer's packed run dequantized once, then MLX's
+"""The prefill path on GPUs: a layer's packed run dequantized once, then MLX's fused
 attention over all its keys."""
 
 import mlx.core as mx
 
 from .. import format, kernels
 from ..kernels.backend import eval_now
-from .one_pass import on_cpu
 
 # largest transient unquantized copy of one layer's K/V (GPU prefill), per backend: a Mac's
 # unified memory holds the model, the cache and this copy, so Metal takes less; a layer
 # over it takes the blocked reference, whose memory is bounded by a block of keys
 PREFILL_COPY_BYTES = {"cuda": 1 << 30, "metal": 1 << 28}
-# the CPU's sdpa materializes the float32 scores (B, Hq, L, keys), as it does for mlx-lm's own
-# cache; a chunk over this takes the blocked reference, whose scores are bounded by a block
-CPU_SCORES_BYTES = 1 << 28
 
 
 def prefill_dequantized(q, view, scale, mask, sinks):
@@ -28,10 +24,8 @@ def prefill_dequantized(q, view, scale, mask, sinks):
     path. Decode never takes it. Returns the output or None where it does not apply.
     """
     f = view.format
-    if kernels.is_decode(q.shape[2]):
+    if kernels.is_decode(q.shape[2]) or not kernels.enabled():
         return None
-    if not kernels.enabled():
-        return _on_the_cpu(q, view, scale, mask, sinks) if on_cpu() else None
     # Evaluate everything up to this layer's queries first: left lazy, MLX kept every
     # layer's transients alive at once (32k tokens, 32 layers: 8-10 GiB instead of one
     # layer's 0.25 GiB; the first chunk, with nothing packed yet, 3.1 GiB instead of
@@ -50,23 +44,6 @@ def prefill_dequantized(q, view, scale, mask, sinks):
         q.astype(dt), keys, values, scale=scale, mask=mask,
         sinks=None if sinks is None else sinks.astype(dt),  # MLX's CUDA backend: sinks in the output's dtype
     )
-
-
-def _on_the_cpu(q, view, scale, mask, sinks):
-    """:func:`prefill_dequantized` on the CPU: in float32 (half-precision matmuls have no
-    fast path there), where the scores fit ``CPU_SCORES_BYTES``. MLX's sdpa there is one
-    matmul, a softmax and one matmul; the blocked reference makes ~8 passes over each block
-    of scores and merges the blocks (`benchmarks/bench_generate.py --model embedded`)."""
-    B, Hq, L, _ = q.shape
-    if B * Hq * L * view.offset * 4 > CPU_SCORES_BYTES:
-        return None
-    eval_now(q)  # one layer's scores alive at a time, as on GPUs
-    keys, values = view.stored("keys", mx.float32), view.stored("values", mx.float32)
-    if keys is None:
-        return None
-    return mx.fast.scaled_dot_product_attention(
-        q.astype(mx.float32), keys, values, scale=scale, mask=mask,
-        sinks=None if sinks is None else sinks.astype(mx.float32))
 
 
 def _near_float16_max(view):

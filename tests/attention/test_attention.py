@@ -2,7 +2,7 @@ import mlx.core as mx
 import pytest
 
 from mlx_kvq import QuantizedKVCache, quantized_sdpa
-from mlx_kvq.attention import prefill, reference
+from mlx_kvq.attention import reference
 from mlx_kvq.cache import causal_mask
 from helpers import NO_LAUNCHES, plain_attention, reference_over_cache, rel_err
 
@@ -131,32 +131,6 @@ def test_prefill_chunk_against_long_cache_does_not_materialize_scores():
     mx.eval(quantized_sdpa(q, view, scale=0.125, mask="causal"))
     extra = mx.get_peak_memory() - before
     assert extra < 320 * 2**20, f"{extra / 2**20:.0f} MiB"
-
-
-@pytest.mark.parametrize("config", [dict(bits=4), dict(bits=2, group_size=32, sinks=4, window=16)], ids=str)
-def test_cpu_prefill_takes_mlx_sdpa_where_its_scores_fit(monkeypatch, config):
-    """On the CPU a prefill chunk whose float32 scores fit ``CPU_SCORES_BYTES`` takes MLX's
-    sdpa over the dequantized layer (faster than the blocked reference there); over the
-    budget, the blocked reference. Both against plain fp32 attention over the cache."""
-    taken = []
-    real = prefill._on_the_cpu
-    monkeypatch.setattr(prefill, "_on_the_cpu", lambda *a: taken.append(real(*a)) or taken[-1])
-    previous = mx.default_device()
-    mx.set_default_device(mx.cpu)
-    try:
-        cache = filled(config, 1, 2, 64, [300, 200])
-        k = mx.random.normal((1, 2, 64, 64)).astype(mx.float16)
-        view, _ = cache.update_and_fetch(k, k)
-        q = mx.random.normal((1, 4, 64, 64)).astype(mx.float16)
-        ref = reference_over_cache(cache, q, 0.125, causal_mask(64, cache.offset - 64))
-        for budget, takes in ((1 << 28, True), (1000, False)):
-            monkeypatch.setattr(prefill, "CPU_SCORES_BYTES", budget)
-            taken.clear()
-            out = quantized_sdpa(q, view, scale=0.125, mask="causal")
-            assert [x is not None for x in taken] == [takes], budget
-            assert out.dtype == q.dtype and rel_err(out, ref) < 4e-3, budget
-    finally:
-        mx.set_default_device(previous)
 
 
 def test_fully_masked_rows_and_sinks_logits():
