@@ -6,7 +6,7 @@ For mlx-lm's ``KVCache`` (+ ``mx.fast.scaled_dot_product_attention``) and mlx-kv
 (+ ``quantized_sdpa``) it prints the graph nodes one layer's step adds (``mx.export_to_dot``)
 and the median host time to build the 30 layers' graph and to evaluate it. ``--products``
 times one layer's two products over the packed run (``mx.quantized_matmul``, 4-bit, group 64;
-the scores also over keys unpacked by ``one_pass.unpacked``) against float32 matmuls over as many keys:
+the scores also over keys unpacked by ``format.dequantize_by_ops``) against float32 matmuls over as many keys:
 
     python3 benchmarks/lab/cpu_decode_ops.py --keys 100
     python3 benchmarks/lab/cpu_decode_ops.py --products 64,256,540,1024,2048
@@ -23,8 +23,9 @@ import mlx_kvq  # noqa: F401  (OpenBLAS before mlx.core)
 import mlx.core as mx
 from mlx_lm.models import cache as lm_cache
 
-from mlx_kvq.attention import one_pass, quantized_sdpa
+from mlx_kvq.attention import quantized_sdpa
 from mlx_kvq.cache.quantized import QuantizedKVCache
+from mlx_kvq.format import dequantize_by_ops
 
 B, HQ, HKV, D, LAYERS = 1, 9, 3, 64, 30
 CONFIGS = {
@@ -88,7 +89,7 @@ def products(n, reps=20, calls=10):
     mx.eval(q, p, x, w, s, b)
     qmm = lambda a, t: mx.quantized_matmul(a, w, s, b, transpose=t, group_size=64, bits=4)
     cases = {"quantized_matmul scores": lambda: qmm(q, True),
-             "unpacked scores": lambda: q @ one_pass.unpacked((w, s, b), n, 4).swapaxes(-1, -2),
+             "unpacked scores": lambda: q @ dequantize_by_ops((w, s, b), 4).swapaxes(-1, -2),
              "quantized_matmul values": lambda: qmm(p, False),
              "float32 scores": lambda: q @ x.swapaxes(-1, -2), "float32 values": lambda: p @ x}
     out = {}

@@ -5,7 +5,7 @@ instead of a partial result per run and their merge (``bench_generate.py --model
 
 import mlx.core as mx
 
-from .. import kernels
+from .. import format, kernels
 from ..rotation import rotate
 from .reference import BLOCK_ELEMENTS
 
@@ -53,7 +53,7 @@ def one_pass_attention(q, view, scale, mask, sinks, dtype):
         parts.append(qf @ sk.astype(mx.float32).swapaxes(-1, -2))
     if n:
         unpack = _unpacks(f, n, k[0].shape, f.k_bits)
-        parts.append(qf @ unpacked(k, n, f.k_bits).swapaxes(-1, -2) if unpack else qmm(qf, k, f.k_bits, True))
+        parts.append(qf @ format.dequantize_by_ops(tuple(a[:, :, :n] for a in k), f.k_bits).swapaxes(-1, -2) if unpack else qmm(qf, k, f.k_bits, True))
     if w:
         parts.append(qf @ wk.astype(mx.float32).swapaxes(-1, -2))
     scores = (mx.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]).reshape(B, Hq, L, total)
@@ -84,24 +84,14 @@ UNPACK_ELEMENTS = 1 << 22  # float32 elements of the unpacked keys (16 MiB)
 
 
 def _unpacks(f, n, words_shape, bits):
-    """Whether the scores over ``n`` packed keys take :func:`unpacked` keys and a float32
+    """Whether the scores over ``n`` packed keys take keys dequantized by element-wise ops
+    (``format.dequantize_by_ops``) and a float32
     matmul: on the CPU 1.2-1.7x faster than ``mx.quantized_matmul`` from ~512 keys on
     (2, 4 and 8 bits, groups 32 and 64, SmolLM2's shape: ``benchmarks/lab/cpu_decode_ops.py
     --products``). For the weighted values ``mx.quantized_matmul`` stays faster."""
     B, H, _, words = words_shape
     return (f.mode == "affine" and bits in (2, 4, 8) and n >= UNPACK_MIN_KEYS
             and B * H * n * (words * 32 // bits) <= UNPACK_ELEMENTS)
-
-
-def unpacked(p, n, bits):
-    """The first ``n`` tokens of an affine packed run ``(words, scales, biases)`` whose codes
-    never straddle a word (2, 4, 8 bits), dequantized to float32 with element-wise ops."""
-    w, s, b = (a[:, :, :n] for a in p)
-    shifts = mx.arange(0, 32, bits, dtype=mx.uint32)
-    c = ((w[..., None] >> shifts) & ((1 << bits) - 1)).astype(mx.float32)
-    c = c.reshape(*w.shape[:3], s.shape[-1], -1)  # (B, H, n, groups, group size)
-    x = c * s.astype(mx.float32)[..., None] + b.astype(mx.float32)[..., None]
-    return x.reshape(*w.shape[:3], -1)
 
 
 def _softmax_hiding(scores, sinks):

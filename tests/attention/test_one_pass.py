@@ -36,7 +36,7 @@ def _decode_view(config, B=1, Hq=8, Hkv=2, D=64, past=300, L=1, seed=0):
 
 @pytest.mark.parametrize("config", CONFIGS, ids=str)
 @pytest.mark.parametrize("L", [1, 4])
-@pytest.mark.parametrize("past", [300, 700])  # 700: the scores over unpacked keys (2, 4, 8 bits)
+@pytest.mark.parametrize("past", [300, 700])  # 700: scores over keys dequantized by ops (2, 4, 8 bits)
 def test_matches_fp32_attention_and_the_partials(config, L, past):
     cache, view, q = _decode_view(config, L=L, seed=L, past=past)
     mask = "causal" if L > 1 else None
@@ -73,20 +73,20 @@ def test_the_cpu_decode_takes_it_and_long_views_do_not(monkeypatch):
 
 
 @pytest.mark.parametrize("bits,group_size", [(2, 32), (4, 64), (8, 32), (8, 64)])
-def test_unpacked_keys_are_the_dequantized_keys(bits, group_size):
+def test_keys_dequantized_by_ops_are_mx_dequantizes(bits, group_size):
     x = mx.random.normal((1, 2, 40, 128), key=mx.random.key(bits)) * 3
     p = format.quantize(x, bits, group_size)
     p = (p[0],) + tuple(a.astype(mx.float16) for a in p[1:])  # the cache's float16 scales
     want = format.dequantize(tuple(a[:, :, :33] for a in p), bits, group_size, dtype=mx.float32)
-    got = one_pass.unpacked(p, 33, bits)
+    got = format.dequantize_by_ops(tuple(a[:, :, :33] for a in p), bits)
     assert got.dtype == mx.float32 and got.shape == want.shape
     assert mx.abs(got - want).max().item() < 1e-5 * mx.abs(want).max().item()
 
 
-def test_scores_take_unpacked_keys_from_unpack_min_keys_within_the_budget(monkeypatch):
+def test_scores_dequantize_by_ops_from_unpack_min_keys_within_the_budget(monkeypatch):
     calls = []
-    real = one_pass.unpacked
-    monkeypatch.setattr(one_pass, "unpacked", lambda *a: calls.append(a[1]) or real(*a))
+    real = format.dequantize_by_ops
+    monkeypatch.setattr(format, "dequantize_by_ops", lambda *a: calls.append(1) or real(*a))
     for past, budget, taken in ((300, 1 << 22, False), (700, 1 << 22, True), (700, 1000, False)):
         monkeypatch.setattr(one_pass, "UNPACK_ELEMENTS", budget)
         calls.clear()
