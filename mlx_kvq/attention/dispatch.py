@@ -213,20 +213,14 @@ def packed_attention(q, k, v, n, fmt, use_kernels=True, **args):
     block (on the CPU a dequantized block goes through BLAS).
     """
     f = dict(k_bits=fmt.k_bits, v_bits=fmt.v_bits, group_size=fmt.group_size, mode=fmt.mode)
-    if not kernels.is_decode(q.shape[2]):
-        if use_kernels and kernels.enabled():
-            out = None  # each None: not on this backend, or failed its self-check
-            if kernels.prefill_supports(q, k, v, mask=args["mask"], **f):
-                out = kernels.prefill_attention(q, k, v, n, **f, **args)
-            if out is None and kernels.supports(q, k, v, mask=args["mask"], **f):
-                out = kernels.packed_attention(q, k, v, n, **f, **args)
-            if out is not None:
-                return out
-        return packed_reference(q, k, v, n, fmt, **args)
-    if use_kernels and kernels.enabled() and kernels.supports(q, k, v, mask=args["mask"], **f):
-        out = kernels.packed_attention(q, k, v, n, **f, **args)  # None: failed its self-check
+    if use_kernels and kernels.enabled():
+        out = None  # each None: not this chunk, not on this backend, or failed its self-check
+        if kernels.prefill_supports(q, k, v, mask=args["mask"], **f):  # prefill chunks only
+            out = kernels.prefill_attention(q, k, v, n, **f, **args)
+        if out is None and kernels.supports(q, k, v, mask=args["mask"], **f):
+            out = kernels.packed_attention(q, k, v, n, **f, **args)
         if out is not None:
             return out
-    if on_cpu():
+    if kernels.is_decode(q.shape[2]) and on_cpu():
         return packed_quantized_matmul(q, k, v, n, fmt, **args)
     return packed_reference(q, k, v, n, fmt, **args)

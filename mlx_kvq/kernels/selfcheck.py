@@ -314,12 +314,15 @@ def packed_case(launch, run, q_dtype, s_dtype, D, k_bits, v_bits, group_size, mo
         launch, run, q_dtype, s_dtype, D, k_bits, v_bits, group_size, mode, rep, L, mk, mdt, bool(causal))
 
 
+CHECK_QUERIES = 12  # a prefill chunk's check: rows past a tile's end, each row seeing keys
+
+
 def prefill_case(launch, run, q_dtype, s_dtype, D, k_bits, v_bits, group_size, rep, causal):
     config = (("T", q_dtype), ("S", s_dtype), ("D", D), ("KB", k_bits), ("VB", v_bits), ("GS", group_size),
               ("CAUSAL", bool(causal)))
-    # 12 queries of up to 4 heads: a prefill chunk, rows past the tile's end, split keys
-    return "prefill", config, lambda: check_packed(
-        launch, run, q_dtype, s_dtype, D, k_bits, v_bits, group_size, "affine", min(rep, 4), 12, 0, None, bool(causal))
+    # CHECK_QUERIES queries of up to 4 heads, split keys
+    return "prefill", config, lambda: check_packed(launch, run, q_dtype, s_dtype, D, k_bits, v_bits, group_size,
+                                                   "affine", min(rep, 4), CHECK_QUERIES, 0, None, bool(causal))
 
 
 def quantize_case(launch, run, dtype, D, bits, group_size, flavor):
@@ -339,7 +342,7 @@ def decode_ok(launch, run, template, rep, L, rotate_out, out_dtype):
 
 def packed_ok(launch, run, q, k_packed, k_bits, v_bits, group_size, mode, mask, causal):
     B, Hq, L, D = q.shape
-    L = min(L, 12)  # a prefill chunk (over 8 queries) is checked on at most 12, each of which sees keys
+    L = min(L, CHECK_QUERIES)  # a prefill chunk (over 8 queries) is checked on CHECK_QUERIES
     rep = Hq // k_packed[0].shape[1]
     fast = ("packed", launch, q.dtype, k_packed[1].dtype, D, k_bits, v_bits, group_size, mode, rep * L,
             None if mask is None else mask.dtype, bool(causal))
