@@ -35,7 +35,7 @@ from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, TokenizerWrapper  # 
 from mlx_lm.generate import generation_stream  # noqa: F401
 from mlx_lm.utils import sharded_load  # noqa: F401  (models split over mlx.launch's ranks)
 
-from .attention import quantized_sdpa, rows_sdpa
+from .attention import latent_sdpa, quantized_sdpa, rows_sdpa
 from .cache import (KVView, QuantizedChunkedKVCache, QuantizedKVCache, QuantizedRotatingKVCache, RowsView,
                     cache_options, plain, whole)
 
@@ -69,8 +69,11 @@ def _route(original):
             fn = next((f for t, f in ROUTES.items() if isinstance(keys, t)), None)
         if fn is not None and _pair(keys, values):
             return fn(queries, keys, scale=scale, mask=mask, sinks=sinks)
-        # anything else (MLA models pass one cache part as keys and values, models that
-        # cast what they fetched): the arrays the views stand for, MLX's attention
+        if isinstance(keys, KVView) and values is keys:  # MLA models: the latent as keys and values
+            attend = lambda q, k, v, **kw: original(q, k, v, cache=cache, **kw)
+            return latent_sdpa(queries, keys, attend, scale=scale, mask=mask, sinks=sinks)
+        # anything else (models that cast what they fetched): the arrays the views stand
+        # for, MLX's attention
         keys, values = plain(keys), plain(values)
         return original(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
 

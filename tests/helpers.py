@@ -1,5 +1,5 @@
 """Shared test helpers: a plain fp32 attention reference, a cache's contents, free ports, a
-tiny mlx-lm model directory."""
+tiny mlx-lm model directory, a tiny model of any mlx-lm architecture."""
 
 import json
 import socket
@@ -127,3 +127,17 @@ def tiny_qwen2_dir(path, tokenizer):
     (path / "config.json").write_text(json.dumps(config))
     tokenizer.save_pretrained(path)
     return path
+
+
+def tiny(module, **config):
+    """A tiny float32 model of an mlx-lm architecture (``benchmarks/architectures.py`` sizes)."""
+    import importlib
+
+    from benchmarks.architectures import CONFIGS
+    from mlx_lm.models import cache as _  # noqa: F401
+
+    arch = importlib.import_module(f"mlx_lm.models.{module}")
+    mx.random.seed(0)
+    model = arch.Model(arch.ModelArgs.from_dict({**CONFIGS[module], **config}))
+    mx.eval(model.parameters())
+    return model

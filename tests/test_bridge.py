@@ -10,7 +10,7 @@ from mlx_lm.models import llama
 import mlx_kvq
 from mlx_kvq import QuantizedKVCache
 from mlx_kvq.bridge import patch
-from helpers import rel_err
+from helpers import rel_err, tiny
 
 
 @pytest.fixture(scope="module")
@@ -216,19 +216,6 @@ def test_save_trim_load_real_model(smollm, tmp_path):
 def test_max_kv_size_must_be_a_positive_count(model, size):
     with pytest.raises(ValueError, match="max_kv_size"):
         mlx_kvq.make_prompt_cache(model, kv_bits=4, max_kv_size=size)
-
-
-def tiny(module, **config):
-    """A tiny float32 model of an mlx-lm architecture (``benchmarks/architectures.py`` sizes)."""
-    from benchmarks.architectures import CONFIGS
-    from mlx_lm.models import cache as _  # noqa: F401
-    import importlib
-
-    arch = importlib.import_module(f"mlx_lm.models.{module}")
-    mx.random.seed(0)
-    model = arch.Model(arch.ModelArgs.from_dict({**CONFIGS[module], **config}))
-    mx.eval(model.parameters())
-    return model
 
 
 def test_cache_list_members_are_quantized():

@@ -1,16 +1,20 @@
 """Decode time of one MLA attention layer (DeepSeek-V3 shapes: 128 heads, a 512-wide latent
 and 64 RoPE dims cached per token) over a long cache: mlx-lm's fp16 ``KVCache``; mlx-kvq's
 cache as mlx-kvq runs it (``arrays``: MLA layers call ``sdpa(q, latent, latent)``, which the
-bridge answers over the dequantized latent, a transient copy per step); and ``latent``:
-attention over the packed latent itself (``keys_as_values`` below routed to
-``quantized_sdpa``, no copy), with the dispatch path it took.
+bridge answers with ``attention/latent.py``: the latent dequantized as stored, a transient copy
+per step, rotated queries); ``copy``: the latent dequantized and rotated back token by token
+(the route before it); ``latent``: the packed latent itself routed to ``quantized_sdpa``
+(``keys_as_values`` below, no copy), with the dispatch path it took; ``qmm``:
+``mx.quantized_matmul`` over the packed latent, every head a row of one product.
 
     python3 benchmarks/lab/mla_latent.py --context 4096,32768,131072 --bits 4,8 [--group 64]
+        [--routes arrays,copy,latent,qmm] [--chain 8]
 
 The cache is filled with random latents (no prefill through the layer), then ``--steps``
 decode steps run through ``DeepseekV3Attention`` (random weights, the model's dtype:
-float16 on a GPU, float32 on the CPU), each evaluated; the median step is reported.
-Result (H200, MLX CUDA): ``results/mla_latent_h200.txt``.
+float16 on a GPU, float32 on the CPU), each evaluated (``--chain N``: N steps per evaluation,
+GPU-bound); the median step is reported. Results: ``results/mla_latent_h200.txt`` (H200, MLX
+CUDA), ``results/mla_latent_cpu.txt``.
 """
 
 import argparse
@@ -49,6 +53,63 @@ def keys_as_values(view):
 
 
 PATHS_TAKEN = {}
+
+
+def latent_qmm(queries, view, scale, mask, dtype):
+    """Decode over the packed latent as keys and values with ``mx.quantized_matmul`` in
+    ``dtype`` (every head a row of one product), the window and sinks dense; no copy."""
+    from mlx_kvq.rotation import rotate
+    f = view.format
+    k, _, n = view.packed
+    sk, wk = view.sinks[0], view.window[0]
+    B, Hq, L, D = queries.shape
+    q = rotate(queries.astype(mx.float32)) if f.rotate else queries.astype(mx.float32)
+    qc = (q * scale).astype(dtype).reshape(B, 1, Hq * L, D)
+    qmm = lambda x, t: mx.quantized_matmul(x, *(a[:, :, :n] for a in k), transpose=t,
+                                          group_size=f.group_size, bits=f.k_bits, mode=f.mode)
+    parts = []
+    if sk is not None and sk.shape[2]:
+        parts.append(qc @ sk.astype(dtype).swapaxes(-1, -2))
+    if n:
+        parts.append(qmm(qc, True))
+    if wk is not None and wk.shape[2]:
+        parts.append(qc @ wk.astype(dtype).swapaxes(-1, -2))
+    scores = mx.concatenate(parts, axis=-1).astype(mx.float32).reshape(B, Hq, L, -1)
+    if mask is not None and not isinstance(mask, str):
+        scores = scores + mask.astype(mx.float32)
+    p = mx.softmax(scores, axis=-1, precise=True).astype(dtype).reshape(B, 1, Hq * L, -1)
+    s = 0 if sk is None else sk.shape[2]
+    out = 0
+    if s:
+        out = p[..., :s] @ sk.astype(dtype)
+    if n:
+        out = out + qmm(p[..., s:s + n], False)
+    if wk is not None and wk.shape[2]:
+        out = out + p[..., s + n:] @ wk.astype(dtype)
+    out = out.reshape(B, Hq, L, -1)
+    if f.rotate:
+        out = rotate(out.astype(mx.float32), inverse=True)
+    return out[..., :view.k_dim].astype(dtype)
+
+
+def copy_route(original):
+    """Before ``attention/latent.py``: the latent dequantized and rotated back, every token."""
+    def sdpa(queries, keys, values, cache=None, scale=1.0, mask=None, sinks=None):
+        if values is keys and getattr(keys, "part", None) == "keys":
+            PATHS_TAKEN["copy"] = PATHS_TAKEN.get("copy", 0) + 1
+            k = keys.array
+            return original.mlx_kvq_original(queries, k, k, cache=cache, scale=scale, mask=mask, sinks=sinks)
+        return original(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
+    return sdpa
+
+
+def qmm_route(original):
+    def sdpa(queries, keys, values, cache=None, scale=1.0, mask=None, sinks=None):
+        if values is keys and getattr(keys, "part", None) == "keys" and queries.shape[2] == 1:
+            PATHS_TAKEN["qmm"] = PATHS_TAKEN.get("qmm", 0) + 1
+            return latent_qmm(queries, keys, scale, mask, queries.dtype)
+        return original(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
+    return sdpa
 
 
 def latent_route(original):
@@ -91,14 +152,18 @@ def filled(cache, n, args, dtype, chunk=4096):
     return cache
 
 
+CHAIN = 1
+
+
 def step_ms(attn, cache, steps, hidden, dtype):
+    """Median ms per step; with ``CHAIN`` > 1, that many steps in one evaluation (GPU-bound)."""
     times = []
     for _ in range(steps):
-        x = mx.random.normal((1, 1, hidden)).astype(dtype)
-        mx.eval(x)
+        xs = [mx.random.normal((1, 1, hidden)).astype(dtype) for _ in range(CHAIN)]
+        mx.eval(xs)
         t = time.perf_counter()
-        mx.eval(attn(x, cache=cache))
-        times.append(time.perf_counter() - t)
+        mx.eval([attn(x, cache=cache) for x in xs])
+        times.append((time.perf_counter() - t) / CHAIN)
     return 1e3 * statistics.median(times[2:])
 
 
@@ -109,25 +174,36 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--heads", type=int, default=128)
     p.add_argument("--group", type=int, default=None, help="kvq's group size (default: its own)")
+    p.add_argument("--chain", type=int, default=1, help="steps per evaluation (GPU-bound timing)")
+    p.add_argument("--routes", default="arrays,latent,qmm")
     p.add_argument("--check", action="store_true", help="the latent route against fp32 attention first")
     a = p.parse_args(argv)
+    global CHAIN
+    CHAIN = a.chain
     dtype = mx.float32 if mx.default_device() == mx.cpu else mx.float16
     attn, args = layer(dtype, a.heads)
-    print(f"# {mx.default_device()}, {a.heads} heads, {dtype}, median of {a.steps - 2} decode steps (ms)")
-    routed, latent = deepseek_v3.scaled_dot_product_attention, latent_route(deepseek_v3.scaled_dot_product_attention)
+    print(f"# {mx.default_device()}, {a.heads} heads, {dtype}, median of {a.steps - 2} decode steps (ms)"
+          + (f", {a.chain} steps per evaluation" if a.chain > 1 else ""))
+    routed = deepseek_v3.scaled_dot_product_attention
+    routes = {"arrays": routed, "latent": latent_route(routed), "qmm": qmm_route(routed),
+              "copy": copy_route(routed)}
+    names = a.routes.split(",")
+    latent = routes["latent"]
     if a.check:
-        check(attn, args, dtype, [int(x) for x in a.bits.split(",")], a.group, latent)
-    print("| tokens | fp16 | " + " | ".join(f"kvq-{b} arrays | kvq-{b} latent (path)" for b in a.bits.split(",")) + " |")
+        for r in names[1:]:
+            print(f"# route {r}")
+            check(attn, args, dtype, [int(x) for x in a.bits.split(",")], a.group, routes[r])
+    print("| tokens | fp16 | " + " | ".join(f"kvq-{b} {r}" for b in a.bits.split(",") for r in names) + " |")
     for n in (int(x) for x in a.context.split(",")):
         row = [f"{step_ms(attn, filled(lm_cache.KVCache(), n, args, dtype), a.steps, args.hidden_size, dtype):.2f}"]
         for b in (int(x) for x in a.bits.split(",")):
-            for route in (routed, latent):
+            for route in (routes[r] for r in names):
                 deepseek_v3.scaled_dot_product_attention = route
                 PATHS_TAKEN.clear()
                 kw = {} if a.group is None else {"group_size": a.group}
                 t = step_ms(attn, filled(mlx_kvq.QuantizedKVCache(b, **kw), n, args, dtype), a.steps,
                             args.hidden_size, dtype)
-                row.append(f"{t:.2f}" + (f" ({', '.join(PATHS_TAKEN)})" if route is latent else ""))
+                row.append(f"{t:.2f}" + (f" ({', '.join(PATHS_TAKEN)})" if route is not routed else ""))
             deepseek_v3.scaled_dot_product_attention = routed
         print(f"| {n} | " + " | ".join(row) + " |", flush=True)
 
@@ -145,7 +221,7 @@ def check(attn, args, dtype, bits, group, latent):
         out = attn(x, cache=cache).astype(mx.float32)
         deepseek_v3.scaled_dot_product_attention = routed
         err = (mx.sqrt(mx.mean((out - ref) ** 2)) / mx.sqrt(mx.mean(ref**2))).item()
-        print(f"# check kvq-{b}: latent route vs fp16 cache, relative RMS error {err:.4f}")
+        print(f"# check kvq-{b}: route vs fp16 cache, relative RMS error {err:.4f}")
 
 
 if __name__ == "__main__":

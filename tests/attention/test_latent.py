@@ -1,0 +1,84 @@
+"""attention/latent.py: attention over one cached part standing for keys and values (MLA
+decode), against fp32 attention over the tokens that part stands for; and through the bridge, a
+tiny DeepSeek-V3 against the same model over the part dequantized and rotated back."""
+
+import mlx.core as mx
+import pytest
+
+import mlx_kvq
+from helpers import plain_attention, rel_err, tiny
+from mlx_kvq.attention import latent_sdpa
+
+
+def fp32_attention(q, x, scale, mask):
+    return plain_attention(q, x, x, scale, mask)
+
+
+# relative error; float32 products on CUDA may run in TF32 (a float16-sized mantissa)
+TOL = 1e-5 if mx.default_device() == mx.cpu else 2e-3
+
+
+def mlx_attention(q, k, v, scale, mask=None, sinks=None):
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask, sinks=sinks)
+
+
+def filled_view(bits, rotate, dim, tokens, dtype=mx.float32, part="keys"):
+    mx.random.seed(3)
+    c = mlx_kvq.QuantizedKVCache(bits, group_size=32, rotate=rotate, window=8, sinks=2)
+    for n in (tokens - 1, 1):
+        k, v = c.update_and_fetch(mx.random.normal((1, 1, n, dim)).astype(dtype),
+                                  mx.random.normal((1, 1, n, 32)).astype(dtype))
+    return k if part == "keys" else v
+
+
+@pytest.mark.parametrize("bits,rotate", [(4, "kv"), (4, "k"), (8, None), (3, "kv")])
+@pytest.mark.parametrize("dim", [64, 72])  # 72: zero-padded to the group size, 96
+def test_matches_fp32_attention_over_the_part(bits, rotate, dim):
+    view = filled_view(bits, rotate, dim, 100)
+    assert view.packed[2] > 0  # most tokens packed, sinks and window too
+    q = mx.random.normal((1, 8, 1, dim))
+    mask = mx.random.normal((1, 8, 1, 100))  # MLA's RoPE scores
+    scale = dim**-0.5
+    out = latent_sdpa(q, view, mlx_attention, scale=scale, mask=mask)
+    ref = fp32_attention(q, view.array, scale, mask)
+    assert out.shape == (1, 8, 1, dim) and out.dtype == q.dtype
+    assert rel_err(out, ref) < TOL
+
+
+def test_values_part_and_prefill_queries():
+    view = filled_view(4, "kv", 64, 60, part="values").for_queries(5)
+    q = mx.random.normal((1, 4, 5, 32))
+    out = latent_sdpa(q, view, mlx_attention, scale=0.25, mask="causal")
+    x = view.array.astype(mx.float32)
+    causal = mx.where(mx.arange(60)[None] <= mx.arange(55, 60)[:, None], 0.0, -mx.inf)
+    assert rel_err(out, fp32_attention(q, x, 0.25, causal)) < TOL
+
+
+def test_float16_stays_finite_near_the_float16_maximum():
+    """Rotated queries beyond float16 saturate instead of becoming inf."""
+    view = filled_view(4, "kv", 64, 50, dtype=mx.float16)
+    q = mx.full((1, 2, 1, 64), 60000.0, mx.float16)  # q R has an entry of 60000 * 8
+    out = latent_sdpa(q, view, mlx_attention, scale=1e-6, mask=None)
+    assert out.dtype == mx.float16 and mx.all(mx.isfinite(out)).item()
+
+
+def test_deepseek_v3_decode_takes_the_rotated_latent(monkeypatch):
+    from mlx_kvq.attention import latent as latent_module
+
+    model = tiny("deepseek_v3")
+    prompt = mx.array([[1, 5, 9, 2, 7, 3] * 8])
+    calls = []
+    real = latent_module.rotated_part
+    monkeypatch.setattr(latent_module, "rotated_part", lambda v: calls.append(1) or real(v))
+
+    def run():
+        cache = mlx_kvq.make_prompt_cache(model, kv_bits=4, kv_group_size=32, window=8)
+        model(prompt, cache=cache)
+        return model(mx.array([[4]]), cache=cache)
+
+    out = run()
+    assert calls, "decode did not take latent_sdpa"
+    # the same model over the latent dequantized and rotated back for every token (view.array)
+    monkeypatch.setattr(latent_module, "rotated_part", lambda v: False)
+    ref = run()
+    assert rel_err(out, ref) < 10 * TOL
