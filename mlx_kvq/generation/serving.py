@@ -85,7 +85,34 @@ class ModelProvider(server.ModelProvider):
         prepare_model(self.model, self.dtype)
         if self.kv_kwargs is not None:
             serve_caches(self.model, **self.kv_kwargs)
-            self.is_batchable = self.draft_model is None and all(hasattr(c, "merge") for c in self.model.make_cache())
+            self.is_batchable = batchable(self.model, self.draft_model, self.is_distributed)
+
+
+def batchable(model, draft_model=None, distributed=False):
+    """Whether requests for ``model`` (with our caches) batch continuously: no draft model,
+    caches that merge, and (in one process) a model that runs on the batch caches."""
+    if draft_model is not None or not all(hasattr(c, "merge") for c in model.make_cache()):
+        return False
+    if not distributed and not rows_batchable(model):
+        logging.warning("The model uses its cached keys and values itself (MLA's latent, or "
+                        "its own attention): requests are served one at a time.")
+        return False
+    return True
+
+
+def rows_batchable(model):
+    """Whether ``model`` runs on batch caches of its quantized caches (``RowsKVCache``:
+    attention row by row): a two-row, two-token step through fresh caches. Models that use
+    what the cache fetched other than in mlx-lm's attention helper (MLA's RoPE keys, models
+    that compute attention themselves) do not. Under mlx.launch no probe runs (a rank that
+    fails alone would leave the others waiting)."""
+    caches = [model.make_cache() for _ in range(2)]
+    batch = [type(a).merge([a, b]) for a, b in zip(*caches)]
+    try:
+        mx.eval(model(mx.array([[1, 2], [3, 4]]), cache=batch))
+    except Exception:  # noqa: BLE001 (any failure: serve one at a time, as mlx-lm does)
+        return False
+    return True
 
 
 class PromptCache(server.LRUPromptCache):

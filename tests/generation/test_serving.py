@@ -12,6 +12,8 @@ from types import SimpleNamespace
 import mlx.core as mx
 import pytest
 
+from helpers import tiny
+from mlx_kvq.bridge import serve_caches
 from mlx_kvq.generation import distributed, serving
 from mlx_kvq.generation.distributed import by_rank_line
 from mlx_kvq.generation.serving import ResponseGenerator, server
@@ -179,3 +181,15 @@ def test_ints_and_line_by_rank():
     assert by_rank_line("KV cache", [3 << 20, 1 << 20]) == "KV cache per rank: 3.00, 1.00 MiB; total 4.00 MiB over 2 ranks"
     assert by_rank_line("Prompt cache", [18432, 18432]) == (
         "Prompt cache per rank: 18.00, 18.00 KiB; total 36.00 KiB over 2 ranks")
+
+
+@pytest.mark.parametrize("name,batched", [("llama", True), ("gemma3_text", True), ("deepseek_v3", False),
+                                          ("mistral4", False), ("gemma2", False), ("phi", False)])
+def test_models_that_use_their_cached_arrays_are_served_one_at_a_time(name, batched):
+    """MLA models (RoPE keys through ``swapaxes``), models that compute attention themselves or
+    cast what they fetched cannot run on ``RowsKVCache`` rows: one request at a time, as mlx-lm
+    serves quantized caches, instead of a failed batch."""
+    model = serve_caches(tiny(name), kv_group_size=32)
+    assert serving.batchable(model) is batched
+    assert serving.batchable(model, draft_model=object()) is False
+    assert serving.batchable(model, distributed=True) is True  # no probe under mlx.launch
