@@ -1,0 +1,82 @@
+"""Prompt processing as ``mlx_kvq.server`` runs it: mlx-lm's ``BatchGenerator`` over the
+embedded model with mlx-kvq's 4-bit caches (``--fp16``: mlx-lm's), ``N`` prompts of ``T``
+random tokens, ``--new`` tokens each; time to each first token, the median decode step and
+peak memory, per ``prefill_batch_size`` (mlx-lm's ``--prompt-concurrency``) and
+``prefill_step_size``. One config per process (peak RSS). Results:
+``results/server_prefill_cpu.txt``, ``results/server_h200_16x2048.txt``.
+
+    python3 benchmarks/lab/server_prefill.py --prompts 4 --tokens 2048 --batch 8 --step 2048
+"""
+
+import argparse
+import resource
+import sys
+import time
+from pathlib import Path
+
+if not __package__:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import mlx_kvq  # noqa: E402,F401  (OpenBLAS before mlx.core)
+import mlx.core as mx  # noqa: E402
+
+from mlx_kvq.bridge import mlx_lm_batch_generator, serve_caches  # noqa: E402
+from mlx_kvq.models import default_model_path, load, prepare_model  # noqa: E402
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--prompts", type=int, default=4)
+    p.add_argument("--tokens", type=int, default=2048)
+    p.add_argument("--batch", type=int, default=8, help="prefill_batch_size")
+    p.add_argument("--step", type=int, default=2048, help="prefill_step_size")
+    p.add_argument("--fp16", action="store_true", help="mlx-lm's own caches")
+    p.add_argument("--new", type=int, default=1, help="tokens generated per prompt")
+    p.add_argument("--vary", type=int, default=0, help="prompt i is tokens - (i * 7) % (vary + 1) long")
+    p.add_argument("--profile", action="store_true", help="cProfile's top functions (cumulative)")
+    a = p.parse_args(argv)
+    model, tok = load(default_model_path())
+    prepare_model(model)  # float32 weights on the CPU, as the server loads them
+    if not a.fp16:
+        serve_caches(model)
+    mx.random.seed(0)
+    prompts = mx.random.randint(100, 40000, (a.prompts, a.tokens)).tolist()
+    prompts = [p[: a.tokens - (i * 7) % (a.vary + 1)] for i, p in enumerate(prompts)]
+    gen = mlx_lm_batch_generator()(model, max_tokens=a.new, prefill_batch_size=a.batch,
+                                   prefill_step_size=a.step, completion_batch_size=32)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    mx.reset_peak_memory()
+    tic = time.perf_counter()
+    if a.profile:
+        import cProfile
+        prof = cProfile.Profile()
+        prof.enable()
+    gen.insert(prompts, max_tokens=[a.new] * a.prompts)
+    firsts, done, steps = [], 0, []
+    while done < a.prompts:
+        t = time.perf_counter()
+        rs = gen.next_generated()
+        for r in rs:
+            if r.finish_reason:
+                done += 1
+        if len(firsts) < a.prompts:
+            firsts.extend([time.perf_counter() - tic] * min(len(rs), a.prompts - len(firsts)))
+        else:
+            steps.append(time.perf_counter() - t)
+    wall = time.perf_counter() - tic
+    if a.profile:
+        prof.disable()
+        import pstats
+        pstats.Stats(prof).sort_stats("cumulative").print_stats(30)
+    if steps:
+        print(f"decode steps: median {1e3 * sorted(steps)[len(steps) // 2]:.1f} ms over {len(steps)}")
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"{'fp16' if a.fp16 else 'kvq-4'} prompts {a.prompts}x{a.tokens} batch {a.batch} step {a.step}: "
+          f"{wall:.1f} s ({a.prompts * a.tokens / wall:.1f} prompt tok/s), first tokens at "
+          f"{', '.join(f'{t:.0f}' for t in sorted(firsts))} s, MLX peak {mx.get_peak_memory() / 2**20:.0f} MiB, "
+          f"RSS before {rss0:.0f} / peak {rss:.0f} MiB", flush=True)
+    gen.close()
+
+
+if __name__ == "__main__":
+    main()
