@@ -34,33 +34,66 @@ def main(argv=None):
     p.add_argument("--new", type=int, default=1, help="tokens generated per prompt")
     p.add_argument("--vary", type=int, default=0, help="prompt i is tokens - (i * 7) % (vary + 1) long")
     p.add_argument("--profile", action="store_true", help="cProfile's top functions (cumulative)")
+    p.add_argument("--thread", action="store_true",
+                   help="the generator in a thread of its own, on that thread's stream (as the server runs it)")
+    p.add_argument("--random", action="store_true",
+                   help="a random-weight llama of SmolLM2-135M's shape instead of the embedded model")
     a = p.parse_args(argv)
-    model, tok = load(default_model_path())
-    prepare_model(model)  # float32 weights on the CPU, as the server loads them
+    if a.random:
+        from mlx_lm.models import llama
+        model = llama.Model(llama.ModelArgs(
+            model_type="llama", hidden_size=576, num_hidden_layers=30, intermediate_size=1536,
+            num_attention_heads=9, num_key_value_heads=3, rms_norm_eps=1e-5, vocab_size=49152,
+            rope_theta=100000.0, tie_word_embeddings=True))
+        model.set_dtype(mx.float32 if mx.default_device() == mx.cpu else mx.float16)
+        mx.eval(model.parameters())
+    else:
+        model, _ = load(default_model_path())
+        prepare_model(model)  # float32 weights on the CPU, as the server loads them
     if not a.fp16:
         serve_caches(model)
     mx.random.seed(0)
     prompts = mx.random.randint(100, 40000, (a.prompts, a.tokens)).tolist()
     prompts = [p[: a.tokens - (i * 7) % (a.vary + 1)] for i, p in enumerate(prompts)]
-    gen = mlx_lm_batch_generator()(model, max_tokens=a.new, prefill_batch_size=a.batch,
-                                   prefill_step_size=a.step, completion_batch_size=32)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out = {}
+    if a.thread:
+        import threading
+        t = threading.Thread(target=lambda: out.update(run(model, prompts, a, mx.default_stream(mx.default_device()))))
+        t.start()
+        t.join()
+    else:
+        out.update(run(model, prompts, a))
+    wall, firsts, steps = out["wall"], out["firsts"], out["steps"]
+    if steps:
+        print(f"decode steps: median {1e3 * sorted(steps)[len(steps) // 2]:.1f} ms over {len(steps)}")
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"{'fp16' if a.fp16 else 'kvq-4'} prompts {a.prompts}x{a.tokens} batch {a.batch} step {a.step}"
+          f"{' (thread)' if a.thread else ''}: "
+          f"{wall:.1f} s ({a.prompts * a.tokens / wall:.1f} prompt tok/s), first tokens at "
+          f"{', '.join(f'{t:.0f}' for t in sorted(firsts))} s, MLX peak {mx.get_peak_memory() / 2**20:.0f} MiB, "
+          f"RSS before {rss0:.0f} / peak {rss:.0f} MiB", flush=True)
+
+
+def run(model, prompts, a, stream=None):
+    """Insert ``prompts`` and generate until each is done: wall time, first-token times, decode steps."""
+    kw = {} if stream is None else {"stream": stream}
+    gen = mlx_lm_batch_generator()(model, max_tokens=a.new, prefill_batch_size=a.batch,
+                                   prefill_step_size=a.step, completion_batch_size=32, **kw)
     mx.reset_peak_memory()
     tic = time.perf_counter()
     if a.profile:
         import cProfile
         prof = cProfile.Profile()
         prof.enable()
-    gen.insert(prompts, max_tokens=[a.new] * a.prompts)
+    gen.insert(prompts, max_tokens=[a.new] * len(prompts))
     firsts, done, steps = [], 0, []
-    while done < a.prompts:
+    while done < len(prompts):
         t = time.perf_counter()
         rs = gen.next_generated()
-        for r in rs:
-            if r.finish_reason:
-                done += 1
-        if len(firsts) < a.prompts:
-            firsts.extend([time.perf_counter() - tic] * min(len(rs), a.prompts - len(firsts)))
+        done += sum(1 for r in rs if r.finish_reason)
+        if len(firsts) < len(prompts):
+            firsts.extend([time.perf_counter() - tic] * min(len(rs), len(prompts) - len(firsts)))
         else:
             steps.append(time.perf_counter() - t)
     wall = time.perf_counter() - tic
@@ -68,14 +101,8 @@ def main(argv=None):
         prof.disable()
         import pstats
         pstats.Stats(prof).sort_stats("cumulative").print_stats(30)
-    if steps:
-        print(f"decode steps: median {1e3 * sorted(steps)[len(steps) // 2]:.1f} ms over {len(steps)}")
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"{'fp16' if a.fp16 else 'kvq-4'} prompts {a.prompts}x{a.tokens} batch {a.batch} step {a.step}: "
-          f"{wall:.1f} s ({a.prompts * a.tokens / wall:.1f} prompt tok/s), first tokens at "
-          f"{', '.join(f'{t:.0f}' for t in sorted(firsts))} s, MLX peak {mx.get_peak_memory() / 2**20:.0f} MiB, "
-          f"RSS before {rss0:.0f} / peak {rss:.0f} MiB", flush=True)
     gen.close()
+    return dict(wall=wall, firsts=firsts, steps=steps)
 
 
 if __name__ == "__main__":
