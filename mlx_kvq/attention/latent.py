@@ -24,11 +24,10 @@ def latent_sdpa(queries, view, attend, scale, mask=None, sinks=None):
     """``attend(q, x, x, scale=, mask=, sinks=)`` (MLX's attention) with ``x`` the part
     ``view`` stands for, in the model's dtype; ``queries``: (B, Hq, L, D) with D the
     part's head dim."""
-    dtype = view.model_dtype or queries.dtype
-    x = view.stored(view.part, dtype)
-    d = view.k_dim if view.part == "keys" else view.v_dim
-    if x is None or not rotated_part(view):
+    x = view.stored(view.part, view.model_dtype or queries.dtype) if rotated_part(view) else None
+    if x is None:  # stored unrotated (or empty): the arrays themselves
         return attend(queries, view.array, view.array, scale=scale, mask=mask, sinks=sinks)
+    d = view.k_dim if view.part == "keys" else view.v_dim
     q = queries
     if x.shape[-1] != q.shape[-1]:
         q = mx.pad(q, [(0, 0)] * 3 + [(0, x.shape[-1] - q.shape[-1])])

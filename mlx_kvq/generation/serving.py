@@ -90,7 +90,8 @@ class ModelProvider(server.ModelProvider):
 
 def batchable(model, draft_model=None, distributed=False):
     """Whether requests for ``model`` (with our caches) batch continuously: no draft model,
-    caches that merge, and (in one process) a model that runs on the batch caches."""
+    caches that merge, and a model that runs on the batch caches (``rows_batchable``; not
+    probed under mlx.launch, where a rank that fails alone would leave the others waiting)."""
     if draft_model is not None or not all(hasattr(c, "merge") for c in model.make_cache()):
         return False
     if not distributed and not rows_batchable(model):
@@ -104,8 +105,7 @@ def rows_batchable(model):
     """Whether ``model`` runs on batch caches of its quantized caches (``RowsKVCache``:
     attention row by row): a two-row, two-token step through fresh caches. Models that use
     what the cache fetched other than in mlx-lm's attention helper (MLA's RoPE keys, models
-    that compute attention themselves) do not. Under mlx.launch no probe runs (a rank that
-    fails alone would leave the others waiting)."""
+    that compute attention themselves) do not."""
     caches = [model.make_cache() for _ in range(2)]
     batch = [type(a).merge([a, b]) for a, b in zip(*caches)]
     try:

@@ -10,10 +10,6 @@ from helpers import plain_attention, rel_err, tiny
 from mlx_kvq.attention import latent_sdpa
 
 
-def fp32_attention(q, x, scale, mask):
-    return plain_attention(q, x, x, scale, mask)
-
-
 # relative error; float32 products on CUDA may run in TF32 (a float16-sized mantissa)
 TOL = 1e-5 if mx.default_device() == mx.cpu else 2e-3
 
@@ -40,7 +36,7 @@ def test_matches_fp32_attention_over_the_part(bits, rotate, dim):
     mask = mx.random.normal((1, 8, 1, 100))  # MLA's RoPE scores
     scale = dim**-0.5
     out = latent_sdpa(q, view, mlx_attention, scale=scale, mask=mask)
-    ref = fp32_attention(q, view.array, scale, mask)
+    ref = plain_attention(q, view.array, view.array, scale, mask)
     assert out.shape == (1, 8, 1, dim) and out.dtype == q.dtype
     assert rel_err(out, ref) < TOL
 
@@ -51,7 +47,7 @@ def test_values_part_and_prefill_queries():
     out = latent_sdpa(q, view, mlx_attention, scale=0.25, mask="causal")
     x = view.array.astype(mx.float32)
     causal = mx.where(mx.arange(60)[None] <= mx.arange(55, 60)[:, None], 0.0, -mx.inf)
-    assert rel_err(out, fp32_attention(q, x, 0.25, causal)) < TOL
+    assert rel_err(out, plain_attention(q, x, x, 0.25, causal)) < TOL
 
 
 def test_float16_stays_finite_near_the_float16_maximum():
