@@ -72,9 +72,9 @@ def _route(original):
         if isinstance(keys, KVView) and values is keys:  # MLA models: the latent as keys and values
             attend = lambda q, k, v, **kw: original(q, k, v, cache=cache, **kw)
             return latent_sdpa(queries, keys, attend, scale=scale, mask=mask, sinks=sinks)
-        # anything else (models that cast what they fetched): the arrays the views stand
-        # for, MLX's attention
-        keys, values = plain(keys), plain(values)
+        # anything else (models that cast what they fetched, batch rows used as arrays): the
+        # arrays the views and masks stand for, MLX's attention
+        keys, values, mask = plain(keys), plain(values), plain(mask)
         return original(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
 
     scaled_dot_product_attention.mlx_kvq_original = original
@@ -86,8 +86,11 @@ def _pair(keys, values):
     part = getattr(keys, "part", None)
     if part is None:  # a view type of another cache: it stands for both
         return values is keys
-    return part == "keys" and getattr(values, "part", None) == "values" and values.packed is keys.packed \
-        and values.offset == keys.offset
+    if part != "keys" or getattr(values, "part", None) != "values":
+        return False
+    if isinstance(keys, RowsView):
+        return values.takes is keys.takes
+    return values.packed is keys.packed and values.offset == keys.offset
 
 
 # model modules that use what a cache fetches in ways a view cannot stand in for (mx.*

@@ -20,9 +20,19 @@ def rows_sdpa(queries, view, scale, mask=None, sinks=None):
         if n == 0:
             outs.append(None)
             continue
+        if isinstance(m, mx.array) and not isinstance(mask, RowsMask):
+            m = _row_mask(m, b, n, v.offset)
         o = quantized_sdpa(queries[b : b + 1, :, :n], v, scale=scale, mask=m, sinks=sinks)
         if n < L:
             o = mx.concatenate([o, mx.zeros(o.shape[:2] + (L - n,) + o.shape[3:], o.dtype)], axis=2)
         outs.append(o)
     ref = next(o for o in outs if o is not None)
     return mx.concatenate([mx.zeros_like(ref) if o is None else o for o in outs], axis=0)
+
+
+def _row_mask(mask, b, n, keys):
+    """Row ``b``'s part of a batch mask (.., L, T) over keys left-padded to T (as
+    ``RowsView`` gives them): its own ``n`` queries over its own last ``keys`` columns."""
+    if mask.ndim == 4 and mask.shape[0] > 1:
+        mask = mask[b : b + 1]
+    return mask[..., :n, mask.shape[-1] - keys :]

@@ -16,21 +16,72 @@ only its own tokens), ``filter``, ``extend``, ``extract``, a per-row ``offset`` 
 
 import mlx.core as mx
 
+from .view import StandsForArray
 
-class RowsView:
-    """What ``RowsKVCache.update_and_fetch`` returns: each row's view and how many of
-    this update's queries are that row's own tokens (the rest are right padding)."""
 
-    def __init__(self, views, takes):
+class RowsView(StandsForArray):
+    """What ``RowsKVCache.update_and_fetch`` returns, for the keys and for the values
+    (``part``): each row's view and how many of this update's queries are that row's own
+    tokens (the rest are right padding). Used as an array (models that compute with what
+    they fetched: MLA's RoPE keys, casts, their own attention) it is the rows' keys (or
+    values) left-padded with zeros to the longest row, as mlx-lm's ``BatchKVCache`` returns
+    them; ``RowsMask`` hides the padding."""
+
+    def __init__(self, views, takes, part="keys"):
         self.views = views
         self.takes = takes
+        self.part = part
+        self._array = None
+
+    def values_view(self):
+        """The same step standing for the values."""
+        return RowsView([v.values_view() for v in self.views], self.takes, "values")
+
+    @property
+    def array(self):
+        if self._array is None:
+            rows = [v.array for v in self.views]
+            T = max(r.shape[2] for r in rows)
+            self._array = mx.concatenate([left_padded(r, T) for r in rows], axis=0)
+        return self._array
 
 
-class RowsMask:
-    """Each row's own mask, as its cache alone would make it for its own queries."""
+def left_padded(x, T):
+    """``x`` (1, H, n, D) with ``T - n`` tokens of zeros before its ``n``."""
+    n = x.shape[2]
+    if n == T:
+        return x
+    return mx.concatenate([mx.zeros(x.shape[:2] + (T - n,) + x.shape[3:], x.dtype), x], axis=2)
 
-    def __init__(self, masks):
+
+class RowsMask(StandsForArray):
+    """Each row's own mask, as its cache alone would make it for its own queries. As an
+    array (models that apply the mask themselves): (B, 1, N, T) bool, each row's own mask
+    over its own keys, left-padded with hidden keys as ``RowsView`` pads them."""
+
+    def __init__(self, masks, arrays, n):
         self.masks = masks
+        self._arrays = arrays  # each row's ((N_b, T_b) bool mask or None: all visible, T_b)
+        self._n = n
+        self._array = None
+
+    @property
+    def dtype(self):
+        return mx.bool_
+
+    @property
+    def array(self):
+        if self._array is None:
+            T = max(w for _, w in self._arrays)
+            rows = []
+            for m, width in self._arrays:
+                m = mx.ones((self._n, width), mx.bool_) if not isinstance(m, mx.array) else m
+                if m.shape[0] < self._n:  # right padding queries: they see what the last query sees
+                    m = mx.concatenate([m, mx.repeat(m[-1:], self._n - m.shape[0], axis=0)])
+                pad = mx.zeros((self._n, T - width), mx.bool_)
+                rows.append(mx.concatenate([pad, m], axis=1) if T > width else m)
+            self._array = mx.stack(rows)[:, None]
+        return self._array
 
 
 class RowsKVCache:
@@ -39,6 +90,7 @@ class RowsKVCache:
     def __init__(self, rows):
         self.rows = list(rows)
         self._pending = None  # a right-padded prefill: each row's own tokens still to come
+        self._last_takes = None  # each row's own tokens in the last update
 
     @classmethod
     def merge(cls, caches):
@@ -65,18 +117,38 @@ class RowsKVCache:
         takes = self._takes(keys.shape[2])
         if self._pending is not None:
             self._pending = [p - t for p, t in zip(self._pending, takes)]
-        views = [
-            r.update_and_fetch(keys[b : b + 1, :, :n], values[b : b + 1, :, :n])[0]
+        fetched = [
+            r.update_and_fetch(keys[b : b + 1, :, :n], values[b : b + 1, :, :n])
             for b, (r, n) in enumerate(zip(self.rows, takes))
         ]
-        view = RowsView(views, takes)
-        return view, view
+        self._last_takes = takes
+        if isinstance(fetched[0][0], mx.array):  # caches that fetch arrays (``fetch_arrays``)
+            T = max(k.shape[2] for k, _ in fetched)
+            return tuple(mx.concatenate([left_padded(f[i], T) for f in fetched], axis=0) for i in (0, 1))
+        view = RowsView([k for k, _ in fetched], takes)
+        return view, view.values_view()
+
+    def keys_and_values(self):
+        """The rows' key and value views of everything held, for layers that reuse this
+        layer's cache (their queries: this step's, as the last update took them)."""
+        views = [r.keys_and_values() for r in self.rows]
+        if isinstance(views[0][0], mx.array):
+            T = max(k.shape[2] for k, _ in views)
+            return tuple(mx.concatenate([left_padded(f[i], T) for f in views], axis=0) for i in (0, 1))
+        view = RowsView([k for k, _ in views], self._last_takes)
+        return view, view.values_view()
 
     def make_mask(self, N, return_array=False, window_size=None):
-        return RowsMask([
-            r.make_mask(n, return_array=return_array, window_size=window_size) if n else None
-            for r, n in zip(self.rows, self._takes(N))
-        ])
+        takes = self._takes(N)
+        masks = [r.make_mask(n, return_array=return_array, window_size=window_size) if n else None
+                 for r, n in zip(self.rows, takes)]
+        # for models that apply the mask themselves: each row's array mask (None: every key
+        # visible) and how many keys the row returns once updated
+        arrays = []
+        for r, n in zip(self.rows, takes):
+            m = r.make_mask(max(n, 1), return_array=True, window_size=window_size)
+            arrays.append((m, m.shape[-1] if isinstance(m, mx.array) else r.offset + max(n, 1)))
+        return RowsMask(masks, arrays, N)
 
     def prepare(self, *, left_padding=None, lengths=None, right_padding=None):
         """A prefill whose rows are right-padded to one length: row b stores only its
@@ -163,5 +235,7 @@ def own_copy(cache):
         return x
 
     copy = type(cache).from_state(tuple(own(x) for x in cache.state))
+    if getattr(cache, "fetch_arrays", False):  # a model that needs arrays (bridge.arrays_reason)
+        copy.fetch_arrays = True
     mx.eval(copy.state)
     return copy

@@ -34,7 +34,44 @@ class KVFormat(NamedTuple):
         return -(-d // self.group_size) * self.group_size
 
 
-class KVView:
+class StandsForArray:
+    """The array protocol of an object that stands for an array (its ``array`` property,
+    built on first use): ``shape``, ``dtype``, indexing, operators, ``__mlx_array__`` for
+    ``mx.*`` functions, and any other attribute of the array."""
+
+    _LOCAL = ("_array", "part", "packed", "sinks", "window_buffers", "views", "takes")
+
+    def __mlx_array__(self):
+        return self.array
+
+    @property
+    def shape(self):
+        return self.array.shape
+
+    @property
+    def dtype(self):
+        return self.array.dtype
+
+    @property
+    def ndim(self):
+        return 4
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getattr__(self, name):
+        if name.startswith("__") or name in StandsForArray._LOCAL:
+            raise AttributeError(name)
+        return getattr(self.array, name)
+
+    def __getitem__(self, index):
+        return self.array[index]
+
+    def __iter__(self):
+        return iter(self.array)
+
+
+class KVView(StandsForArray):
     """The cache's runs for this step's attention.
 
     Attributes: ``format`` (:class:`KVFormat`), ``k_dim``/``v_dim`` (the model's key and value
@@ -144,41 +181,15 @@ class KVView:
             self._array = x
         return self._array
 
+    @property
+    def dtype(self):
+        return self.model_dtype
+
     def _batch_heads(self):
         for x in (self.sinks[0], self.window_buffers[0], self.packed[0] and self.packed[0][0]):
             if x is not None:
                 return tuple(x.shape[:2])
         return (1, 1)
-
-    # -- the array protocol, by the dequantized copy ---------------------------
-    def __mlx_array__(self):
-        return self.array
-
-    @property
-    def shape(self):
-        return self.array.shape
-
-    @property
-    def dtype(self):
-        return self.model_dtype
-
-    @property
-    def ndim(self):
-        return 4
-
-    def __len__(self):
-        return self.shape[0]
-
-    def __getattr__(self, name):
-        if name.startswith("__") or name in ("_array", "part", "packed", "sinks", "window_buffers"):
-            raise AttributeError(name)
-        return getattr(self.array, name)
-
-    def __getitem__(self, index):
-        return self.array[index]
-
-    def __iter__(self):
-        return iter(self.array)
 
 
 def _delegate(name):
@@ -193,15 +204,15 @@ def _rdelegate(name):
 
 def plain(x):
     """``x``, or the array a view stands for."""
-    return x.array if isinstance(x, KVView) else x
+    return x.array if isinstance(x, StandsForArray) else x
 
 
 for _name in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul",
               "lt", "le", "gt", "ge", "eq", "ne", "neg", "abs"):
-    setattr(KVView, f"__{_name}__", _delegate(_name))
+    setattr(StandsForArray, f"__{_name}__", _delegate(_name))
 for _name in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul"):
-    setattr(KVView, f"__r{_name}__", _rdelegate(_name))
-KVView.__hash__ = object.__hash__
+    setattr(StandsForArray, f"__r{_name}__", _rdelegate(_name))
+StandsForArray.__hash__ = object.__hash__
 
 
 def fetch(cache, query_len, offset):

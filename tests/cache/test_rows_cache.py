@@ -169,3 +169,26 @@ def test_prompt_cache_copies_are_independent():
     for a, b in zip(c.state[3:], d.state[3:]):
         a, b = (a, b) if isinstance(a, tuple) else ((a,), (b,))
         assert all(mx.array_equal(x, y) for x, y in zip(a, b))
+
+
+# the architectures that use what they fetch as arrays and batch (``serving.rows_batchable``)
+ARRAY_MODELS = ["bailing_hybrid", "bailing_moe_v3", "deepseek_v3", "gemma3n", "glm4_moe_lite", "kimi_k25",
+                "kimi_k3", "kimi_linear", "kimi_vl", "longcat_flash", "mistral4", "phi", "phixtral", "plamo",
+                "stablelm"]
+
+
+@pytest.mark.parametrize("name", ARRAY_MODELS)
+def test_models_that_compute_with_what_they_fetch_batch_as_alone(name):
+    """Models that use the fetched keys and values as arrays (MLA's RoPE keys and latent,
+    casts, ``mx.tile``, their own attention, another layer's cache) get the rows' arrays
+    left-padded with the padding hidden by the batch mask, as mlx-lm's ``BatchKVCache``
+    gives them: every request's tokens equal its run alone."""
+    from helpers import tiny
+
+    kv = dict(kv_bits=4, kv_group_size=32, window=8)
+    model = serve_caches(tiny(name), **kv)
+    prompts = [[t % 64 for t in prompt(n, s)] for s, n in enumerate([45, 9, 70, 33, 52])]
+    gen, rows = joining_and_leaving(model, prompts, 12, 16)
+    for toks, p in zip(rows, prompts):
+        if toks is not None:
+            assert_as_alone(toks, model, p, 12, kv, 16)

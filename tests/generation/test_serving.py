@@ -183,13 +183,21 @@ def test_ints_and_line_by_rank():
         "Prompt cache per rank: 18.00, 18.00 KiB; total 36.00 KiB over 2 ranks")
 
 
-@pytest.mark.parametrize("name,batched", [("llama", True), ("gemma3_text", True), ("deepseek_v3", False),
-                                          ("mistral4", False), ("gemma2", False), ("phi", False)])
-def test_models_that_use_their_cached_arrays_are_served_one_at_a_time(name, batched):
-    """MLA models (RoPE keys through ``swapaxes``), models that compute attention themselves or
-    cast what they fetched cannot run on ``RowsKVCache`` rows: one request at a time, as mlx-lm
-    serves quantized caches, instead of a failed batch."""
+@pytest.mark.parametrize("name,batched", [("llama", True), ("gemma3_text", True), ("deepseek_v3", True),
+                                          ("phi", True), ("gemma2", False), ("afm7", False), ("llama4", False),
+                                          ("deepseek_v32", False), ("longcat_flash_ngram", False)])
+def test_models_whose_batched_step_differs_are_served_one_at_a_time(name, batched):
+    """A model batches when its batched step gives its rows' logits alone: MLA models and
+    models that cast what they fetch do (the rows' arrays left-padded, ``RowsMask`` as the
+    array mask); gemma2 (its own attention adds a (B, 1, L, T) mask to (B, kv, rep, L, T)
+    scores) and afm7 (its reused-cache layers take RoPE positions from the longest row) do
+    not, nor does llama4 (its chunked caches); deepseek_v32 and longcat_flash_ngram differ past
+    what the probe sees. They are named in ``serving.UNBATCHED`` and served one request at a
+    time, as mlx-lm serves quantized caches; the probe refuses gemma2, afm7 and llama4 itself."""
     model = serve_caches(tiny(name), kv_group_size=32)
     assert serving.batchable(model) is batched
+    if name in ("gemma2", "afm7", "llama4"):
+        assert not serving.rows_batchable(model)
     assert serving.batchable(model, draft_model=object()) is False
-    assert serving.batchable(model, distributed=True) is True  # no probe under mlx.launch
+    # no probe under mlx.launch: the modules named in UNBATCHED stay one at a time there too
+    assert serving.batchable(model, distributed=True) is (name not in serving.UNBATCHED)
