@@ -69,9 +69,12 @@ def _route(original):
             fn = next((f for t, f in ROUTES.items() if isinstance(keys, t)), None)
         if fn is not None and _pair(keys, values):
             return fn(queries, keys, scale=scale, mask=mask, sinks=sinks)
-        if isinstance(keys, KVView) and values is keys:  # MLA models: the latent as keys and values
+        if isinstance(keys, (KVView, RowsView)) and values is keys:  # MLA: the latent as keys and values
             attend = lambda q, k, v, **kw: original(q, k, v, cache=cache, **kw)
-            return latent_sdpa(queries, keys, attend, scale=scale, mask=mask, sinks=sinks)
+            latent = lambda q, view, **kw: latent_sdpa(q, view, attend, **kw)
+            if isinstance(keys, RowsView):
+                return rows_sdpa(queries, keys, scale=scale, mask=mask, sinks=sinks, attend=latent)
+            return latent(queries, keys, scale=scale, mask=mask, sinks=sinks)
         # anything else (models that cast what they fetched, batch rows used as arrays): the
         # arrays the views and masks stand for, MLX's attention
         keys, values, mask = plain(keys), plain(values), plain(mask)

@@ -8,9 +8,10 @@ from ..cache import RowsMask
 from .dispatch import quantized_sdpa
 
 
-def rows_sdpa(queries, view, scale, mask=None, sinks=None):
-    """``quantized_sdpa`` row by row. ``queries``: (B, Hq, L, D) with one row per view;
-    ``mask``: a ``RowsMask`` (each row's own) or one mask for every row."""
+def rows_sdpa(queries, view, scale, mask=None, sinks=None, attend=quantized_sdpa):
+    """``attend`` (``quantized_sdpa``) row by row. ``queries``: (B, Hq, L, D) with one row per
+    view; ``mask``: a ``RowsMask`` (each row's own), a batch array over the rows' keys
+    left-padded (as ``RowsView`` gives them), or one mask for every row."""
     B, L = queries.shape[0], queries.shape[2]
     if B != len(view.views):
         raise ValueError(f"{B} query rows for a batch cache of {len(view.views)} rows.")
@@ -22,7 +23,7 @@ def rows_sdpa(queries, view, scale, mask=None, sinks=None):
             continue
         if isinstance(m, mx.array) and not isinstance(mask, RowsMask):
             m = _row_mask(m, b, n, v.offset)
-        o = quantized_sdpa(queries[b : b + 1, :, :n], v, scale=scale, mask=m, sinks=sinks)
+        o = attend(queries[b : b + 1, :, :n], v, scale=scale, mask=m, sinks=sinks)
         if n < L:
             o = mx.concatenate([o, mx.zeros(o.shape[:2] + (L - n,) + o.shape[3:], o.dtype)], axis=2)
         outs.append(o)

@@ -78,3 +78,27 @@ def test_deepseek_v3_decode_takes_the_rotated_latent(monkeypatch):
     monkeypatch.setattr(latent_module, "rotated_part", lambda v: False)
     ref = run()
     assert rel_err(out, ref) < 10 * TOL
+
+
+def test_batch_rows_take_the_rotated_latent_row_by_row(monkeypatch):
+    """In a batch (``RowsKVCache``, the server's), each row's latent goes through
+    ``latent_sdpa`` with its own slice of the model's RoPE-score mask, and each row's logits
+    are its logits alone."""
+    from mlx_kvq.attention import latent as latent_module
+    from mlx_kvq.bridge import serve_caches
+
+    model = serve_caches(tiny("deepseek_v3"), kv_bits=4, kv_group_size=32, window=8)
+    prompts = ([1, 5, 9, 2, 7, 3] * 4, [4, 2, 8])  # the first past its window: packed tokens
+    alone, rows = [], []
+    for p in prompts:
+        for keep in (alone, rows):
+            keep.append(model.make_cache())
+            model(mx.array([p]), cache=keep[-1])
+    ref = mx.concatenate([model(mx.array([[6]]), cache=c) for c in alone])
+    calls = []
+    real = latent_module.rotated_part
+    monkeypatch.setattr(latent_module, "rotated_part", lambda v: calls.append(1) or real(v))
+    batch = [type(a).merge([a, b]) for a, b in zip(*rows)]
+    got = model(mx.array([[6], [6]]), cache=batch)
+    assert len(calls) == 2 * len(model.layers)  # every layer, row by row
+    assert rel_err(got, ref) < 10 * TOL
