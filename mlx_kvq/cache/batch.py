@@ -21,6 +21,7 @@ import mlx.core as mx
 from .. import format as fmt
 from .defaults import init_kwargs
 from .quantized import QuantizedKVCache
+from .rows import left_padded
 
 
 class BatchQuantizedKVCache:
@@ -88,15 +89,9 @@ class BatchQuantizedKVCache:
 
 
 def _rows(arrays, n, length, take):
-    """Row arrays ``take(a)`` (1, H, n, ...) left-padded with zeros to ``length`` tokens."""
-    out = []
-    for a in arrays:
-        a = take(a)
-        if length > n:
-            pad = mx.zeros(a.shape[:2] + (length - n,) + a.shape[3:], a.dtype)
-            a = mx.concatenate([pad, a], axis=2) if n else pad
-        out.append(a)
-    return out
+    """Row arrays ``take(a)`` (1, H, n, ...) left-padded with zeros to ``length`` tokens
+    (``take(a)`` of a row with ``n == 0`` may stand in for its shape only)."""
+    return [left_padded(take(a) if n else take(a)[:, :, :0], length) for a in arrays]
 
 
 def merge(caches):

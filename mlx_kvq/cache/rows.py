@@ -122,32 +122,25 @@ class RowsKVCache:
             for b, (r, n) in enumerate(zip(self.rows, takes))
         ]
         self._last_takes = takes
-        if isinstance(fetched[0][0], mx.array):  # caches that fetch arrays (``fetch_arrays``)
-            T = max(k.shape[2] for k, _ in fetched)
-            return tuple(mx.concatenate([left_padded(f[i], T) for f in fetched], axis=0) for i in (0, 1))
-        view = RowsView([k for k, _ in fetched], takes)
-        return view, view.values_view()
+        return _batched(fetched, takes)
 
     def keys_and_values(self):
         """The rows' key and value views of everything held, for layers that reuse this
         layer's cache (their queries: this step's, as the last update took them)."""
-        views = [r.keys_and_values() for r in self.rows]
-        if isinstance(views[0][0], mx.array):
-            T = max(k.shape[2] for k, _ in views)
-            return tuple(mx.concatenate([left_padded(f[i], T) for f in views], axis=0) for i in (0, 1))
-        view = RowsView([k for k, _ in views], self._last_takes)
-        return view, view.values_view()
+        return _batched([r.keys_and_values() for r in self.rows], self._last_takes)
 
     def make_mask(self, N, return_array=False, window_size=None):
         takes = self._takes(N)
-        masks = [r.make_mask(n, return_array=return_array, window_size=window_size) if n else None
-                 for r, n in zip(self.rows, takes)]
         # for models that apply the mask themselves: each row's array mask (None: every key
         # visible) and how many keys the row returns once updated
         arrays = []
         for r, n in zip(self.rows, takes):
             m = r.make_mask(max(n, 1), return_array=True, window_size=window_size)
             arrays.append((m, m.shape[-1] if isinstance(m, mx.array) else r.offset + max(n, 1)))
+        if return_array:  # the rows' own masks are those arrays
+            masks = [m if n else None for (m, _), n in zip(arrays, takes)]
+        else:
+            masks = [r.make_mask(n, window_size=window_size) if n else None for r, n in zip(self.rows, takes)]
         return RowsMask(masks, arrays, N)
 
     def prepare(self, *, left_padding=None, lengths=None, right_padding=None):
@@ -222,6 +215,16 @@ class RowsKVCache:
 
     def __bool__(self):  # mlx-lm's ``if cache`` asks whether there is a cache, not whether it has rows
         return True
+
+
+def _batched(fetched, takes):
+    """Each row's ``(keys, values)`` as one batch: left-padded arrays where the rows'
+    caches fetch arrays (``fetch_arrays``), else the key and value ``RowsView``."""
+    if isinstance(fetched[0][0], mx.array):
+        T = max(k.shape[2] for k, _ in fetched)
+        return tuple(mx.concatenate([left_padded(f[i], T) for f in fetched], axis=0) for i in (0, 1))
+    view = RowsView([k for k, _ in fetched], takes)
+    return view, view.values_view()
 
 
 def own_copy(cache):
