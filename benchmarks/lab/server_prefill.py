@@ -14,8 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-if not __package__:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+if not __package__:  # after $PYTHONPATH: another copy of the package can be timed
+    sys.path.append(str(Path(__file__).resolve().parents[2]))
 
 import mlx_kvq  # noqa: E402,F401  (OpenBLAS before mlx.core)
 import mlx.core as mx  # noqa: E402

@@ -156,34 +156,64 @@ def _fused_decode(q, view, scale, mask, rotate=None, out_dtype=mx.float32):
     """(out, lse) from the one-launch decode kernel over the whole view, None where it
     does not apply (prefill, formats it lacks, no GPU, MLX_KVQ_REFERENCE=1), ``DISABLED``
     where its configuration failed its self-check.
-    ``rotate``: the kernels rotate ``q`` (and, for ``"kv"``, rotate the output back)."""
+    ``rotate``: the kernels rotate ``q`` (and, for ``"kv"``, rotate the output back).
+    The kernel's setup (or None: it does not apply) is kept in the cache's ``decode_setups``
+    per this step's shapes, so that the next step of the same shapes goes straight to the
+    launch (a decode step asks for every layer and batch row: host time)."""
     if not kernels.is_decode(q.shape[2]) or not kernels.enabled():
         return None
     causal, mask = _split_mask(mask)
-    f = view.format
     k, v, n = view.packed
     if not (n > 0 and k is not None):
         k = v = None
-    present = lambda run: run if run[0] is not None and run[0].shape[2] else None
-    sinks = present(view.sinks)
+    sinks = view.sinks
+    if sinks[0] is None or not sinks[0].shape[2]:
+        sinks = None
     wk, wv, nw, nwv = view.window_buffers
     if wk is not None and nw and nw == nwv:
         window = (wk, wv)  # the whole buffers: the kernel reads their first nw rows
     else:
-        window = present(view.window)
+        window = view.window
+        window = None if window[0] is None or not window[0].shape[2] else window
         nw = 0 if window is None else window[0].shape[2]
-    dense = sinks or window
-    if k is None and dense is None:
+    if k is None and sinks is None and window is None:
         return None
-    fmt = dict(k_bits=f.k_bits, v_bits=f.v_bits, group_size=f.group_size)
-    dense_dtype = dense[0].dtype if dense else None
-    if not kernels.decode_supports(q, k, v, dense_dtype, mode=f.mode, mask=mask, **fmt):
+    launch = kernels.launcher()
+    key = (launch, kernels.decode_body(launch), view.format, q.shape, q.dtype, n,
+           None if k is None else (k[0].shape, k[1].dtype, v[0].shape, v[1].dtype),
+           None if sinks is None else (sinks[0].shape, sinks[0].dtype),
+           None if window is None else (window[0].shape, window[0].dtype, nw > 0),
+           None if mask is None else (mask.shape, mask.dtype), causal, scale, rotate, out_dtype)
+    setups = getattr(view, "decode_setups", None)
+    if setups is None:
+        setups = {}
+    st = setups.get(key, _UNSET)
+    if st is _UNSET:
+        st = _decode_setup(q, view, k, v, n, sinks, window, nw, scale, causal, mask, rotate, out_dtype, launch)
+        if len(setups) > 64:  # packed runs grow: keep it bounded
+            setups.clear()
+        setups[key] = st
+    if st is None:
         return None
-    out = kernels.decode_attention(  # None where it failed its self-check
-        q, k, v, n, sinks, window, nw=nw, scale=scale, q_start=view.q_start, causal=causal, mask=mask,
-        rotate_q=bool(rotate), rotate_out=rotate == "kv", out_dtype=out_dtype, **fmt
-    )
+    out = kernels.decode_run(  # None where it failed its self-check
+        launch, st, q, k, v, n, sinks, window, nw, view.q_start, mask, check=True,
+        rotate_out=rotate == "kv", out_dtype=out_dtype)
     return DISABLED if out is None else out
+
+
+_UNSET = object()
+
+
+def _decode_setup(q, view, k, v, n, sinks, window, nw, scale, causal, mask, rotate, out_dtype, launch):
+    """The decode kernel's setup for these shapes, None where it does not apply."""
+    f = view.format
+    fmt = dict(k_bits=f.k_bits, v_bits=f.v_bits, group_size=f.group_size)
+    dense = sinks or window
+    if not kernels.decode_supports(q, k, v, dense[0].dtype if dense else None, mode=f.mode, mask=mask, **fmt):
+        return None
+    return kernels.decode_launch(
+        launch, q, k, v, n, sinks, window, nw=nw, scale=scale, q_start=view.q_start, causal=causal, mask=mask,
+        rotate_q=bool(rotate), rotate_out=rotate == "kv", out_dtype=out_dtype, setup_only=True, **fmt)
 
 
 def _segment_parts(q, view, scale, mask, use_kernels=True):

@@ -16,6 +16,8 @@ def rows_sdpa(queries, view, scale, mask=None, sinks=None, attend=quantized_sdpa
     if B != len(view.views):
         raise ValueError(f"{B} query rows for a batch cache of {len(view.views)} rows.")
     masks = mask.masks if isinstance(mask, RowsMask) else [mask] * B
+    whole = all(n == L for n in view.takes)
+    qs = mx.split(queries, B, axis=0) if whole else None  # one op, not B slices
     outs = []
     for b, (v, n, m) in enumerate(zip(view.views, view.takes, masks)):
         if n == 0:
@@ -23,7 +25,7 @@ def rows_sdpa(queries, view, scale, mask=None, sinks=None, attend=quantized_sdpa
             continue
         if isinstance(m, mx.array) and not isinstance(mask, RowsMask):
             m = _row_mask(m, b, n, v.offset)
-        o = attend(queries[b : b + 1, :, :n], v, scale=scale, mask=m, sinks=sinks)
+        o = attend(qs[b] if whole else queries[b : b + 1, :, :n], v, scale=scale, mask=m, sinks=sinks)
         if n < L:
             o = mx.concatenate([o, mx.zeros(o.shape[:2] + (L - n,) + o.shape[3:], o.dtype)], axis=2)
         outs.append(o)

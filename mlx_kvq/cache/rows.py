@@ -117,10 +117,13 @@ class RowsKVCache:
         takes = self._takes(keys.shape[2])
         if self._pending is not None:
             self._pending = [p - t for p, t in zip(self._pending, takes)]
-        fetched = [
-            r.update_and_fetch(keys[b : b + 1, :, :n], values[b : b + 1, :, :n])
-            for b, (r, n) in enumerate(zip(self.rows, takes))
-        ]
+        L = keys.shape[2]
+        if all(n == L for n in takes):  # every row takes the whole update: one split op, not B slices
+            ks, vs = mx.split(keys, len(self.rows), axis=0), mx.split(values, len(self.rows), axis=0)
+        else:
+            ks = [keys[b : b + 1, :, :n] for b, n in enumerate(takes)]
+            vs = [values[b : b + 1, :, :n] for b, n in enumerate(takes)]
+        fetched = [r.update_and_fetch(k, v) for r, k, v in zip(self.rows, ks, vs)]
         self._last_takes = takes
         return _batched(fetched, takes)
 

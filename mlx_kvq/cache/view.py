@@ -98,6 +98,8 @@ class KVView(StandsForArray):
         # the decode kernel reads the window buffers as they are: slicing costs an op per step
         self.window_buffers = cache.window_buffers()
         self._window = None
+        # the decode kernel's setups per step shapes (attention.dispatch), kept by the cache
+        self.decode_setups = cache.__dict__.setdefault("_decode_setups", {})
 
     @property
     def window(self):

@@ -39,7 +39,9 @@ from .decode import (
     WARPS_PER_CORE,
     decode_attention,
     decode_launch,
+    decode_body,
     decode_plan,
+    decode_run,
     decode_supports,
     is_decode,
 )

@@ -73,8 +73,7 @@ def decode_supports(q, k_packed, v_packed, dense_dtype, k_bits, v_bits, group_si
     cache view) handles these shapes and formats; others take :func:`packed_attention`.
     The answer is remembered per shapes and formats (it is asked every decode step)."""
     try:
-        sig = lambda t: None if t is None else tuple((a.shape, a.dtype) for a in t)
-        key = (q.shape, q.dtype, sig(k_packed), sig(v_packed), dense_dtype, k_bits, v_bits,
+        key = (q.shape, q.dtype, _packed_sig(k_packed), _packed_sig(v_packed), dense_dtype, k_bits, v_bits,
                group_size, mode, None if mask is None else (mask.shape, mask.dtype))
     except Exception:
         return False
@@ -85,6 +84,13 @@ def decode_supports(q, k_packed, v_packed, dense_dtype, k_bits, v_bits, group_si
         ok = _SUPPORTED[key] = _decode_supports(
             q, k_packed, v_packed, dense_dtype, k_bits, v_bits, group_size, mode, mask)
     return ok
+
+
+def _packed_sig(t):
+    """Shapes and dtypes of a packed run ``(words, scales[, biases])`` (None: none)."""
+    if t is None:
+        return None
+    return (len(t), t[0].shape, t[0].dtype, t[1].shape, t[1].dtype, t[-1].shape, t[-1].dtype)
 
 
 def _decode_supports(q, k_packed, v_packed, dense_dtype, k_bits, v_bits, group_size, mode, mask):
@@ -134,7 +140,7 @@ def decode_launch(
     launch, q, k_packed, v_packed, n, sinks, window, *, k_bits, v_bits, group_size,
     scale, q_start, causal, mask=None, nsplit=None, nsg=4, merge=True, pf=None,
     rotate_q=False, rotate_out=False, out_dtype=mx.float32, nw=None, warps_per_core=WARPS_PER_CORE, body=None,
-    ku=None, dpl=None, check=False,
+    ku=None, dpl=None, check=False, setup_only=False,
 ):
     """The kernel sequence of :func:`decode_attention` on ``launch`` (``merge=False``:
     the per-threadgroup partials (out (T, rows, D), lse (T, rows)), for benchmarks).
@@ -142,7 +148,8 @@ def decode_launch(
     "simd" (:func:`decode_body`); ``ku``, ``pf``: the simd body's keys per lane group and
     loop step, and whether the next step's are loaded ahead (default ``SIMD_KU``); ``dpl``: its
     dims per lane (8 or 16, default by :func:`simd_tile`). ``check``: None where this
-    instantiation fails its self-check (:mod:`.selfcheck`)."""
+    instantiation fails its self-check (:mod:`.selfcheck`). ``setup_only``: the setup
+    :func:`decode_run` takes, no launch."""
     body = decode_body(launch, body)
     n = int(n) if k_packed is not None else 0
     ns = 0 if sinks is None else sinks[0].shape[2]
@@ -167,6 +174,19 @@ def decode_launch(
         st = _DECODE_SETUPS[key] = _decode_setup(
             q, k_packed, v_packed, n, sinks, window, ns, nw, k_bits, v_bits, group_size, scale, causal, mask,
             nsplit, nsg, pf, rotate_q, rotate_out, out_dtype, warps_per_core, body, ku, dpl)
+    if setup_only:
+        return st
+    return decode_run(launch, st, q, k_packed, v_packed, n, sinks, window, nw, q_start, mask, merge=merge,
+                      check=check, rotate_out=rotate_out, out_dtype=out_dtype)
+
+
+def decode_run(launch, st, q, k_packed, v_packed, n, sinks, window, nw, q_start, mask=None, *, merge=True,
+               check=False, rotate_out=False, out_dtype=mx.float32):
+    """The launches of a setup :func:`decode_launch` made (``st``, kept by callers that
+    see the same shapes every decode step) for this step's arrays and integers."""
+    n = int(n) if k_packed is not None else 0
+    ns = 0 if sinks is None else sinks[0].shape[2]
+    nw = 0 if window is None else nw
     if st.P is None:  # nothing to attend to
         B, Hq, L, D = q.shape
         return mx.zeros((B, Hq, L, D), dtype=out_dtype), mx.full((B, Hq, L), -math.inf, dtype=mx.float32)

@@ -11,17 +11,32 @@ from .selfcheck import window_ok
 def window_append_supports(buf_k, buf_v, keys, values, nw, rotate_k, rotate_v):
     """Whether :func:`window_append` takes these: a GPU, room in the buffers, head
     dims a multiple of 32 (a power of two >= 32 where a rotation is applied), and a
-    configuration that passed its self-check (:mod:`.selfcheck`)."""
+    configuration that passed its self-check (:mod:`.selfcheck`). Asked every decode step
+    and layer: the shape checks are remembered per shapes and dtypes."""
     if not enabled() or buf_k is None or buf_v is None:
         return False
+    key = (buf_k.shape, buf_k.dtype, buf_v.shape, buf_v.dtype, keys.shape, keys.dtype, values.shape, values.dtype,
+           bool(rotate_k), bool(rotate_v))
+    ok = _SHAPES_OK.get(key)
+    if ok is None:
+        if len(_SHAPES_OK) > 4096:
+            _SHAPES_OK.clear()
+        ok = _SHAPES_OK[key] = _shapes_ok(buf_k, buf_v, keys, values, rotate_k, rotate_v)
+    if not ok or nw + keys.shape[2] > buf_k.shape[2]:
+        return False
+    return window_ok(launcher(), window_append_launch, keys.dtype, buf_k.dtype, buf_k.shape[3], rotate_k, rotate_v)
+
+
+_SHAPES_OK = {}
+
+
+def _shapes_ok(buf_k, buf_v, keys, values, rotate_k, rotate_v):
     B, H, C, D = buf_k.shape
     if buf_v.shape != buf_k.shape or buf_v.dtype != buf_k.dtype or buf_k.dtype not in fmt.FLOATS:
         return False
     if keys.shape != values.shape or keys.shape[:2] != (B, H) or keys.shape[3] != D or keys.dtype not in fmt.FLOATS:
         return False
-    if D % 32 or nw + keys.shape[2] > C or ((rotate_k or rotate_v) and not rotates_in_kernel(D)):
-        return False
-    return window_ok(launcher(), window_append_launch, keys.dtype, buf_k.dtype, D, rotate_k, rotate_v)  # its self-check
+    return not (D % 32 or ((rotate_k or rotate_v) and not rotates_in_kernel(D)))
 
 
 def window_append_launch(launch, buf_k, buf_v, keys, values, nw, rotate_k=False, rotate_v=False):
