@@ -339,6 +339,10 @@ class QuantizedKVCache:
     def size(self):
         return self.offset
 
+    def keys_after(self, n):
+        """How many keys the next update of ``n`` tokens returns (its mask's width)."""
+        return self.offset + n
+
     def empty(self):
         return self.offset == 0
 

@@ -66,6 +66,15 @@ class QuantizedRotatingKVCache(QuantizedKVCache):
         super().update_and_fetch(keys, values)
         return fetch(self, keys.shape[2], self.held())  # positions count the tokens held
 
+    def keys_after(self, n):
+        """How many keys the next update of ``n`` tokens returns: those held that a query
+        from ``offset`` on can see (``_drop``), and the new ones."""
+        if self.empty():
+            return n
+        sinks = 0 if self.sink_keys is None else self.sink_keys.shape[2]
+        rest = self.n_packed + self._recent()
+        return sinks + min(rest, max(0, self.offset - self._first_visible(self.offset))) + n
+
     def make_mask(self, N, return_array=False, window_size=None):
         """The mask over the tokens held after the next update of ``N`` tokens. A
         ``window_size`` wider than the cache's window widens it over the tokens held, as

@@ -139,7 +139,7 @@ class RowsKVCache:
         arrays = []
         for r, n in zip(self.rows, takes):
             m = r.make_mask(max(n, 1), return_array=True, window_size=window_size)
-            arrays.append((m, m.shape[-1] if isinstance(m, mx.array) else r.offset + max(n, 1)))
+            arrays.append((m, m.shape[-1] if isinstance(m, mx.array) else r.keys_after(max(n, 1))))
         if return_array:  # the rows' own masks are those arrays
             masks = [m if n else None for (m, _), n in zip(arrays, takes)]
         else:

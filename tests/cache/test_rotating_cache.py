@@ -152,3 +152,16 @@ def test_mask_wider_than_the_window_as_mlx_lm(chunks):
         want = mx.fast.scaled_dot_product_attention(q, kr, vr, scale=0.2, mask=mask_ref)
         got = mlx_kvq.quantized_sdpa(q, kq, scale=0.2, mask=mask)
         assert rel_err(got, want) < 2e-3, (n, rel_err(got, want))
+
+
+@pytest.mark.parametrize("chunks", [[30, 1, 1, 1], [5, 3, 1, 20, 1, 1], [1] * 30, [3, 30, 2], [2, 1, 12, 1]])
+@pytest.mark.parametrize("keep", [0, 4])
+def test_keys_after_is_what_the_update_returns(chunks, keep):
+    """``keys_after(n)`` (the width of a batch row's mask, asked before the update) is the
+    number of keys the update of ``n`` tokens then returns."""
+    mx.random.seed(3)
+    c = QuantizedRotatingKVCache(bits=4, group_size=32, max_size=24, keep=keep, window=8)
+    for n in chunks:
+        want = c.keys_after(n)
+        k, _ = c.update_and_fetch(mx.random.normal((1, 2, n, 64)), mx.random.normal((1, 2, n, 64)))
+        assert k.array.shape[2] == want

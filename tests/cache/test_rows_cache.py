@@ -183,9 +183,20 @@ def test_models_that_compute_with_what_they_fetch_batch_as_alone(name):
     casts, ``mx.tile``, their own attention, another layer's cache) get the rows' arrays
     left-padded with the padding hidden by the batch mask, as mlx-lm's ``BatchKVCache``
     gives them: every request's tokens equal its run alone."""
+    batch_as_alone(name)
+
+
+@pytest.mark.parametrize("name", ["deepseek_v3", "mistral4", "stablelm"])
+def test_rotating_rows_of_models_that_compute_with_what_they_fetch_batch_as_alone(name):
+    """The same with sliding-window caches (``max_kv_size``): each row's array mask is as wide
+    as the keys its cache returns (kept and visible tokens), not as its position."""
+    batch_as_alone(name, max_kv_size=24)
+
+
+def batch_as_alone(name, **extra):
     from helpers import tiny
 
-    kv = dict(kv_bits=4, kv_group_size=32, window=8)
+    kv = dict(kv_bits=4, kv_group_size=32, window=8, **extra)
     model = serve_caches(tiny(name), **kv)
     prompts = [[t % 64 for t in prompt(n, s)] for s, n in enumerate([45, 9, 70, 33, 52])]
     gen, rows = joining_and_leaving(model, prompts, 12, 16)
