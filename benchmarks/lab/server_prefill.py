@@ -21,6 +21,7 @@ import mlx_kvq  # noqa: E402,F401  (OpenBLAS before mlx.core)
 import mlx.core as mx  # noqa: E402
 
 from mlx_kvq.bridge import mlx_lm_batch_generator, serve_caches  # noqa: E402
+from mlx_kvq.generation import serving  # noqa: E402
 from mlx_kvq.models import default_model_path, load, prepare_model  # noqa: E402
 
 
@@ -38,6 +39,7 @@ def main(argv=None):
                    help="the generator in a thread of its own, on that thread's stream (as the server runs it)")
     p.add_argument("--random", action="store_true",
                    help="a random-weight llama of SmolLM2-135M's shape instead of the embedded model")
+    p.add_argument("--warm-up", action="store_true", help="serving.warm_up before the requests, as the server loads")
     a = p.parse_args(argv)
     if a.random:
         from mlx_lm.models import llama
@@ -52,6 +54,8 @@ def main(argv=None):
         prepare_model(model)  # float32 weights on the CPU, as the server loads them
     if not a.fp16:
         serve_caches(model)
+        if a.warm_up:  # as the server does at load (serving.warm_up)
+            print(f"warm-up: {serving.warm_up(model)} s", flush=True)
     mx.random.seed(0)
     prompts = mx.random.randint(100, 40000, (a.prompts, a.tokens)).tolist()
     prompts = [p[: a.tokens - (i * 7) % (a.vary + 1)] for i, p in enumerate(prompts)]

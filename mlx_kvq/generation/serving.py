@@ -23,12 +23,15 @@ the same entries (``PromptCache``), and rank 0 logs every rank's prompt-cache by
 import gc
 import json
 import logging
+import os
+import time
 from collections import deque
 from pathlib import Path
 from queue import Empty as QueueEmpty
 
 import mlx.core as mx
 
+from .. import kernels
 from ..bridge import mlx_lm_server, serve_caches
 from ..models import default_model_path, float_dtype, load, load_sharded, prepare_model, reads_gguf
 from ..models.memory import kv_bytes
@@ -86,6 +89,8 @@ class ModelProvider(server.ModelProvider):
         if self.kv_kwargs is not None:
             serve_caches(self.model, **self.kv_kwargs)
             self.is_batchable = batchable(self.model, self.draft_model, self.is_distributed)
+            if not self.is_distributed:  # as the probe: a rank failing alone would leave the others waiting
+                warm_up(self.model, self.is_batchable)
 
 
 def batchable(model, draft_model=None, distributed=False):
@@ -147,6 +152,31 @@ def rows_batchable(model):
     except Exception:  # noqa: BLE001 (any failure: serve one at a time, as mlx-lm does)
         return False
     return err <= PROBE_TOLERANCE * size
+
+
+WARM_UP = (300, 40)  # prompt lengths of the warm-up rows: past the unquantized window, packed
+
+
+def warm_up(model, batched=True):
+    """Run once what the first requests run (prefills that pack, decode steps, of two rows
+    together when ``batched``), so that the kernels they launch are compiled at load rather than
+    while the first client waits (MLX's JIT on CUDA, ``metal_kernel`` pipelines on Metal):
+    on GPUs only (on the CPU nothing is compiled), unless ``MLX_KVQ_WARM_UP=0``. Returns the
+    seconds it took, or None where it did not run."""
+    if os.environ.get("MLX_KVQ_WARM_UP", "1") in ("", "0") or not kernels.enabled():
+        return None
+    t0 = time.perf_counter()
+    rows = []
+    for n in WARM_UP:
+        rows.append(model.make_cache())
+        mx.eval(model(mx.arange(n)[None] % 64, cache=rows[-1]))
+    caches = [type(a).merge([a, b]) for a, b in zip(*rows)] if batched else rows[0]
+    y = mx.zeros((len(WARM_UP) if batched else 1, 1), mx.int32)
+    for _ in range(3):
+        mx.eval(model(y, cache=caches))
+    seconds = time.perf_counter() - t0
+    logging.info(f"Kernels warmed up in {seconds:.1f} s (MLX_KVQ_WARM_UP=0 skips this).")
+    return seconds
 
 
 PROBE_TOLERANCE = 0.02  # of the largest logit: batched products round differently in half precision

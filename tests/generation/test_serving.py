@@ -201,3 +201,31 @@ def test_models_whose_batched_step_differs_are_served_one_at_a_time(name, batche
     assert serving.batchable(model, draft_model=object()) is False
     # no probe under mlx.launch: the modules named in UNBATCHED stay one at a time there too
     assert serving.batchable(model, distributed=True) is (name not in serving.UNBATCHED)
+
+
+class Recording:
+    """A launcher that records the kernels launched and returns zeros of their output shapes."""
+
+    def __init__(self):
+        self.names = set()
+
+    def __call__(self, name, inputs, template, grid, threadgroup, shapes, dtypes):
+        self.names.add(name)
+        return [mx.zeros(s, d) for s, d in zip(shapes, dtypes)]
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_warm_up_launches_the_first_requests_kernels(run_kernels_on, monkeypatch, batched):
+    """At load the server runs once what its first requests run on a GPU: prefills that pack,
+    decode steps over a packed run (the decode kernel) that write the window (its kernel); on
+    the CPU and with MLX_KVQ_WARM_UP=0, nothing."""
+    model = serve_caches(tiny("llama", hidden_size=256), kv_bits=4, kv_group_size=32)  # head dim 64
+    assert serving.warm_up(model, batched) is None  # the CPU: nothing to compile
+    launch = Recording()
+    run_kernels_on(launch)
+    monkeypatch.setenv("MLX_KVQ_WARM_UP", "0")
+    assert serving.warm_up(model, batched) is None and not launch.names
+    monkeypatch.delenv("MLX_KVQ_WARM_UP")
+    assert serving.warm_up(model, batched) > 0
+    assert any(n.startswith("sdpa_decode") for n in launch.names), launch.names
+    assert "window_append" in launch.names, launch.names
