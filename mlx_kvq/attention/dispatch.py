@@ -189,7 +189,7 @@ def _fused_decode(q, view, scale, mask, rotate=None, out_dtype=mx.float32):
         setups = {}
     st = setups.get(key, _UNSET)
     if st is _UNSET:
-        st = _decode_setup(q, view, k, v, n, sinks, window, nw, scale, causal, mask, rotate, out_dtype, launch)
+        st = _kernel_setup(q, view, k, v, n, sinks, window, nw, scale, causal, mask, rotate, out_dtype, launch)
         if len(setups) > 64:  # packed runs grow: keep it bounded
             setups.clear()
         setups[key] = st
@@ -204,7 +204,7 @@ def _fused_decode(q, view, scale, mask, rotate=None, out_dtype=mx.float32):
 _UNSET = object()
 
 
-def _decode_setup(q, view, k, v, n, sinks, window, nw, scale, causal, mask, rotate, out_dtype, launch):
+def _kernel_setup(q, view, k, v, n, sinks, window, nw, scale, causal, mask, rotate, out_dtype, launch):
     """The decode kernel's setup for these shapes, None where it does not apply."""
     f = view.format
     fmt = dict(k_bits=f.k_bits, v_bits=f.v_bits, group_size=f.group_size)
