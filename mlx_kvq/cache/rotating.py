@@ -55,10 +55,14 @@ class QuantizedRotatingKVCache(QuantizedKVCache):
         """Position of the oldest non-kept token a query at ``offset`` can see."""
         return max(self.keep, offset - (self.span - 1))
 
+    def _to_drop(self):
+        """How many of the oldest non-kept tokens no query from ``offset`` on can see (<= 0: none)."""
+        held = self.n_packed + self._recent()
+        return min(held, self._first_visible(self.offset) - (self.offset - held))
+
     def _drop(self):
         """Drop the oldest non-kept tokens that no query from ``offset`` on can see."""
-        held = self.n_packed + self._recent()
-        drop_front(self, min(held, self._first_visible(self.offset) - (self.offset - held)))
+        drop_front(self, self._to_drop())
 
     def update_and_fetch(self, keys, values):
         if not self.empty():
@@ -68,12 +72,8 @@ class QuantizedRotatingKVCache(QuantizedKVCache):
 
     def keys_after(self, n):
         """How many keys the next update of ``n`` tokens returns: those held that a query
-        from ``offset`` on can see (``_drop``), and the new ones."""
-        if self.empty():
-            return n
-        sinks = 0 if self.sink_keys is None else self.sink_keys.shape[2]
-        rest = self.n_packed + self._recent()
-        return sinks + min(rest, max(0, self.offset - self._first_visible(self.offset))) + n
+        from ``offset`` on can see (what ``_drop`` leaves), and the new ones."""
+        return self.held() - max(0, self._to_drop()) + n
 
     def make_mask(self, N, return_array=False, window_size=None):
         """The mask over the tokens held after the next update of ``N`` tokens. A
