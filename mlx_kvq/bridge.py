@@ -37,7 +37,7 @@ from mlx_lm.utils import sharded_load  # noqa: F401  (models split over mlx.laun
 
 from .attention import latent_sdpa, quantized_sdpa, rows_sdpa
 from .cache import (KVView, QuantizedChunkedKVCache, QuantizedKVCache, QuantizedRotatingKVCache, RowsView,
-                    cache_options, plain, whole)
+                    cache_options, plain, whole, with_holes)
 
 stream_generate = mlx_lm.stream_generate
 load_mlx_lm = mlx_lm.load
@@ -64,6 +64,7 @@ def add_route(view_type, fn):
 
 def _route(original):
     def scaled_dot_product_attention(queries, keys, values, cache=None, scale=1.0, mask=None, sinks=None):
+        mask = with_holes(mask, keys)  # batch rows in one buffer: each row's own keys only
         fn = ROUTES.get(type(keys))
         if fn is None:
             fn = next((f for t, f in ROUTES.items() if isinstance(keys, t)), None)

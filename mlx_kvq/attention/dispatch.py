@@ -183,7 +183,7 @@ def _fused_decode(q, view, scale, mask, rotate=None, out_dtype=mx.float32):
            None if k is None else (k[0].shape, k[1].dtype, v[0].shape, v[1].dtype),
            None if sinks is None else (sinks[0].shape, sinks[0].dtype),
            None if window is None else (window[0].shape, window[0].dtype, nw > 0),
-           None if mask is None else (mask.shape, mask.dtype), causal, scale, rotate, out_dtype)
+           kernels.mask_sig(mask), causal, scale, rotate, out_dtype)
     setups = getattr(view, "decode_setups", None)
     if setups is None:
         setups = {}

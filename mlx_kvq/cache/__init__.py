@@ -8,4 +8,5 @@ from .defaults import MAX_TOKENS, ROTATE, cache_options, default_options, init_k
 from .quantized import QuantizedKVCache, causal_mask, compact
 from .rotating import QuantizedRotatingKVCache
 from .rows import RowsKVCache, RowsMask, RowsView
+from .rows_buffer import RowsBuffer, with_holes
 from .view import KVFormat, KVView, fetch, first_tokens, plain

@@ -21,6 +21,8 @@ class QuantizedChunkedKVCache(QuantizedKVCache):
     Other arguments are ``QuantizedKVCache``'s (``sinks`` must be 0 or None).
     """
 
+    one_buffer = False  # rows drop tokens on their own: each keeps its own buffers
+
     def __init__(self, chunk_size, bits=4, group_size=None, *, sinks=None, **kwargs):
         if sinks:
             raise ValueError(f"A chunked cache drops its first tokens like the others: sinks={sinks} cannot be kept.")

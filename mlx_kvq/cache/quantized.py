@@ -55,6 +55,7 @@ class QuantizedKVCache:
     step = 256
     flush_block = 32  # decode: the window is packed every flush_block steps
     max_log = 2 * flush_block  # updates an exact trim can go back (``trim``)
+    one_buffer = True  # batch rows of this cache can share one buffer in decode (``RowsBuffer``)
 
     def __init__(
         self,

@@ -25,6 +25,8 @@ class QuantizedRotatingKVCache(QuantizedKVCache):
     Other arguments are ``QuantizedKVCache``'s; its ``sinks`` are the ``keep`` tokens.
     """
 
+    one_buffer = False  # rows drop tokens on their own: each keeps its own buffers
+
     def __init__(self, bits=4, group_size=None, *, max_size=None, keep=None, sinks=None, **kwargs):
         if keep is not None and sinks is not None and sinks != keep:
             raise ValueError(f"A rotating cache keeps its first keep={keep} tokens as sinks, not {sinks}.")

@@ -16,6 +16,7 @@ only its own tokens), ``filter``, ``extend``, ``extract``, a per-row ``offset`` 
 
 import mlx.core as mx
 
+from .rows_buffer import RowsBuffer
 from .view import StandsForArray
 
 
@@ -88,9 +89,32 @@ class RowsKVCache:
     """Single-row caches updated and attended to row by row, decoded as one batch."""
 
     def __init__(self, rows):
-        self.rows = list(rows)
+        self._rows = list(rows)
+        self._buffer = None  # in decode: the rows in one ``RowsBuffer`` (None: in ``_rows``)
+        self._apart = False  # the rows cannot share a buffer (asked again when they change)
         self._pending = None  # a right-padded prefill: each row's own tokens still to come
         self._last_takes = None  # each row's own tokens in the last update
+
+    @property
+    def rows(self):
+        """The single-row caches (taken out of the shared buffer where they are in one)."""
+        if self._buffer is not None:
+            self._rows, self._buffer = self._buffer.rows(), None
+        return self._rows
+
+    @rows.setter
+    def rows(self, rows):
+        self._rows, self._buffer, self._apart = list(rows), None, False
+
+    def _shared(self, n):
+        """The rows' ``RowsBuffer`` for a decode step of ``n`` tokens per row, None where
+        they stay apart (prefill, a padded prefill, rows that cannot share one)."""
+        if self._buffer is None and (n != 1 or self._pending is not None or self._apart):
+            return None
+        if self._buffer is None:
+            self._buffer = RowsBuffer.gather(self._rows)
+            self._apart = self._buffer is None
+        return self._buffer
 
     @classmethod
     def merge(cls, caches):
@@ -109,11 +133,17 @@ class RowsKVCache:
     @property
     def offset(self):
         """Each row's position (a (B,) array, as mlx-lm's ``BatchKVCache``: RoPE takes it)."""
+        if self._buffer is not None:
+            return mx.array(self._buffer.offsets)
         return mx.array([r.offset for r in self.rows])
 
     def update_and_fetch(self, keys, values):
-        if keys.ndim != 4 or keys.shape[0] != len(self.rows):
-            raise ValueError(f"keys {keys.shape} do not have one row for each of the cache's {len(self.rows)} rows.")
+        if keys.ndim != 4 or keys.shape[0] != len(self):
+            raise ValueError(f"keys {keys.shape} do not have one row for each of the cache's {len(self)} rows.")
+        shared = self._shared(keys.shape[2])
+        if shared is not None:
+            self._last_takes = [1] * len(shared)
+            return shared.step(keys, values)
         takes = self._takes(keys.shape[2])
         if self._pending is not None:
             self._pending = [p - t for p, t in zip(self._pending, takes)]
@@ -130,9 +160,14 @@ class RowsKVCache:
     def keys_and_values(self):
         """The rows' key and value views of everything held, for layers that reuse this
         layer's cache (their queries: this step's, as the last update took them)."""
+        if self._buffer is not None:
+            return self._buffer.view()
         return _batched([r.keys_and_values() for r in self.rows], self._last_takes)
 
     def make_mask(self, N, return_array=False, window_size=None):
+        shared = self._shared(N)
+        if shared is not None:  # an array over the rows' keys in the buffer
+            return shared.mask_after(window_size)
         takes = self._takes(N)
         # for models that apply the mask themselves: each row's array mask (None: every key
         # visible) and how many keys the row returns once updated
@@ -163,7 +198,10 @@ class RowsKVCache:
     def filter(self, batch_indices):
         """Keep only the rows ``batch_indices`` (the others are freed)."""
         keep = [int(i) for i in batch_indices]
-        self.rows = [self.rows[i] for i in keep]
+        if self._buffer is not None and len(keep) > 1:
+            self._buffer.take(keep)
+        else:
+            self.rows = [self.rows[i] for i in keep]
         if self._pending is not None:
             self._pending = [self._pending[i] for i in keep]
 
@@ -171,16 +209,22 @@ class RowsKVCache:
         """Append the rows of ``other``."""
         if self._pending is not None or other._pending is not None:
             raise ValueError("Batch caches cannot be joined in the middle of a padded prefill.")
-        self.rows.extend(other.rows)
+        self.rows = self.rows + other.rows
 
     def extract(self, idx):
         """A copy of row ``idx`` holding only its tokens (for mlx-lm's prompt cache)."""
+        if self._buffer is not None:
+            r = self._buffer.row(idx)
+            mx.eval(r.state)
+            return r
         return own_copy(self.rows[idx])
 
     @property
     def keys(self):
         """An array of a row's state (None while every row is empty): mlx-lm's pipeline
         contract, as ``QuantizedKVCache.keys``."""
+        if self._buffer is not None:
+            return self._buffer.arrays()[0]
         return next((k for k in (r.keys for r in self.rows) if k is not None), None)
 
     @keys.setter
@@ -195,26 +239,35 @@ class RowsKVCache:
 
     @property
     def state(self):
+        """Each row's state; in decode, while the rows share a buffer, its arrays (what
+        ``mx.eval(cache.state)`` evaluates, without taking the rows out of it)."""
+        if self._buffer is not None:
+            return self._buffer.arrays()
         return [r.state for r in self.rows]
 
     @property
     def nbytes(self):
+        if self._buffer is not None:
+            return self._buffer.nbytes
         return sum(r.nbytes for r in self.rows)
 
     def size(self):
+        if self._buffer is not None:
+            return max(self._buffer.offsets)
         return max((r.size() for r in self.rows), default=0)
 
     def empty(self):
-        return all(r.empty() for r in self.rows)
+        return self._buffer is None and all(r.empty() for r in self.rows)
 
     def is_trimmable(self):
         return False
 
     def __deepcopy__(self, memo):
-        return RowsKVCache([own_copy(r) for r in self.rows])
+        rows = self._buffer.rows() if self._buffer is not None else self.rows
+        return RowsKVCache([own_copy(r) for r in rows])
 
     def __len__(self):
-        return len(self.rows)
+        return len(self._buffer) if self._buffer is not None else len(self._rows)
 
     def __bool__(self):  # mlx-lm's ``if cache`` asks whether there is a cache, not whether it has rows
         return True

@@ -39,7 +39,7 @@ class StandsForArray:
     built on first use): ``shape``, ``dtype``, indexing, operators, ``__mlx_array__`` for
     ``mx.*`` functions, and any other attribute of the array."""
 
-    _LOCAL = ("_array", "part", "packed", "sinks", "window_buffers", "views", "takes")
+    _LOCAL = ("_array", "part", "packed", "sinks", "window_buffers", "views", "takes", "holes")
 
     def __mlx_array__(self):
         return self.array
@@ -83,6 +83,8 @@ class KVView(StandsForArray):
     preallocated packed buffers and the tokens in use), ``window_buffers`` ``(keys,
     values, n_keys, n_values)`` (the window's preallocated buffers and the rows in use).
     """
+
+    holes = None  # rows in one buffer: the (B, 1, 1, keys) mask of each row's own keys (``RowsBuffer``)
 
     def __init__(self, cache, query_len, offset, part="keys"):
         self.format = cache.format

@@ -31,7 +31,7 @@ another launcher, e.g. the tests' emulator), ``backend_name()``, ``num_cores()``
 ``pf``, ``warps_per_core``, ...), with the module constants as defaults.
 """
 
-from .args import param_array, rotates_in_kernel
+from .args import mask_sig, param_array, rotates_in_kernel
 from .backend import MLXLauncher, backend_name, enabled, launcher, num_cores, on_gpu, use_launcher
 from .decode import (
     DECODE_BITS,

@@ -67,6 +67,12 @@ def rotates_in_kernel(D):
     return D >= 32 and D & (D - 1) == 0
 
 
+def mask_sig(mask):
+    """What the decode kernel's setup depends on in a mask: all but its width (the keys,
+    which grow every step; the kernel reads the mask's shape and strides at launch)."""
+    return None if mask is None else (mask.shape[:-1], mask.dtype)
+
+
 def mask_ok(mask, B, Hq, L, n):
     if mask is None:
         return True

@@ -8,7 +8,7 @@ import os
 import mlx.core as mx
 
 from .. import format as fmt
-from .args import MIN_KERNEL_WORDS, const, mask_arg, mask_ok, pair_ok, rotates_in_kernel, rotation_args
+from .args import MIN_KERNEL_WORDS, const, mask_arg, mask_ok, mask_sig, pair_ok, rotates_in_kernel, rotation_args
 from .backend import launcher, num_cores
 from .merge import merge_args
 from .selfcheck import applies, decode_ok
@@ -74,7 +74,7 @@ def decode_supports(q, k_packed, v_packed, dense_dtype, k_bits, v_bits, group_si
     The answer is remembered per shapes and formats (it is asked every decode step)."""
     try:
         key = (q.shape, q.dtype, _packed_sig(k_packed), _packed_sig(v_packed), dense_dtype, k_bits, v_bits,
-               group_size, mode, None if mask is None else (mask.shape, mask.dtype))
+               group_size, mode, mask_sig(mask))
     except Exception:
         return False
     ok = _SUPPORTED.get(key)
@@ -164,7 +164,7 @@ def decode_launch(
     key = (
         q.shape, q.dtype, None if k_packed is None else (k_packed[0].shape, k_packed[1].dtype, v_packed[0].shape),
         n, ns, None if sinks is None else sinks[0].dtype, None if window is None else (window[0].shape, window[0].dtype),
-        nw > 0, None if mask is None else (mask.shape, mask.dtype), k_bits, v_bits, group_size, float(scale),
+        nw > 0, mask_sig(mask), k_bits, v_bits, group_size, float(scale),
         bool(causal), nsplit, warps_per_core, nsg, pf, bool(rotate_q), bool(rotate_out), out_dtype, body, ku, dpl,
     )
     st = _DECODE_SETUPS.get(key)

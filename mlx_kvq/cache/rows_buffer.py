@@ -1,0 +1,297 @@
+"""RowsBuffer: the rows of a ``RowsKVCache`` in one set of buffers for its decode steps,
+each row still packing on its own schedule.
+
+Row b of a B-row ``QuantizedKVCache`` (``cache``) holds its sinks, then its ``n[b]``
+packed tokens left-aligned in the shared packed buffers (the buffers hold ``max(n)``),
+then its ``w[b]`` window tokens ending at the window's shared column ``c``:
+
+    [0, s)                   sinks                       every row
+    [s, s + n[b])            packed run                  hidden: [s + n[b], s + max(n))
+    [.., s + max(n) + c)     window, its last w[b]       hidden: the columns before them
+
+A decode step writes every row's token at column ``c`` (one write for all rows), then
+packs, for each row whose own schedule packs on this step, that row's oldest window
+tokens into its packed run (``QuantizedKVCache.update_and_fetch``'s schedule, counted per
+row). Attention is one call over the B-row view with a (B, 1, 1, keys) mask of the
+holes (``holes``, which ``make_mask`` returns and ``with_holes`` adds to any other mask).
+Attention does not depend on the order of the keys (RoPE is in them), so each row
+attends to the keys it would alone, in another order: equal up to float rounding.
+The window is moved back to its first columns when the hidden columns before the
+longest row's window reach ``flush_block``.
+"""
+
+import mlx.core as mx
+
+from .. import format as fmt
+from .defaults import init_kwargs
+from .view import KVView
+
+
+class RowsBuffer:
+    """Single-row caches' tokens in one B-row cache (``gather``), decoded a step at a time."""
+
+    def __init__(self, cache, n, w, offsets, steps, logs):
+        self.cache = cache  # B rows; n_packed: max(n); window buffers in use: the first c columns
+        self.n, self.w = n, w
+        self.offsets, self.steps, self.logs = offsets, steps, logs
+        self.row_type = None
+
+    # -- in and out ------------------------------------------------------------
+    @classmethod
+    def gather(cls, rows):
+        """The rows in one buffer, or None where they cannot share one: caches of another
+        kind (sliding-window, chunked, returning arrays), of different configs or models,
+        a float32 model's (its scales widen per row), rows that do not hold all their
+        sinks, or rows so unequal that one buffer would hold more than 1.5x their tokens
+        (its packed run holds the longest row's for every row)."""
+        first = rows[0]
+        if len(rows) < 2 or not all(_shareable(r, first) for r in rows):
+            return None
+        held = [r.offset for r in rows]  # what each row's packed run grows to
+        if len(rows) * max(held) > 1.5 * sum(held) + len(rows) * first.step:
+            return None
+        n = [r.n_packed for r in rows]
+        P, step = max(n), first.step
+        w = [r._wn for r in rows]
+        c = max(w)
+        out = type(first)(**init_kwargs(first.config))
+        out.k_dim, out.v_dim, out.dtype, out._wide = first.k_dim, first.v_dim, first.dtype, first._wide
+        out.kv_heads = first.kv_heads * len(rows)
+        cat = lambda xs: mx.concatenate(xs, axis=0)
+        if first.sinks:
+            out.sink_keys = cat([r.sink_keys for r in rows])
+            out.sink_values = cat([r.sink_values for r in rows])
+        if P:
+            cap = -(-P // step) * step
+            like = next(r for r in rows if r.n_packed)
+            for name in ("packed_keys", "packed_values"):
+                parts = [_packed_rows(getattr(r, name), getattr(like, name), r.n_packed, cap) for r in rows]
+                setattr(out, name, tuple(cat(list(p)) for p in zip(*parts)))
+        out.n_packed = P
+        room = c + first.flush_block + 1
+        dims = (out.padded_dim(first.k_dim), out.padded_dim(first.v_dim))
+        for name, d in zip(("window_keys", "window_values"), dims):
+            parts = [_window_row(getattr(r, name), wb, c, room, (1, first.kv_heads, d), first.dense_dtype)
+                     for r, wb in zip(rows, w)]
+            setattr(out, name, cat(parts))
+        out._wn = out._wvn = c
+        out.offset = out.sinks + P + c
+        buf = cls(out, n, w, [r.offset for r in rows], [r._steps for r in rows], [list(r._log) for r in rows])
+        buf.row_type = type(first)
+        return buf
+
+    def row(self, b):
+        """Row ``b`` as the single-row cache it would be alone (arrays of its own)."""
+        src = self.cache
+        r = self.row_type(**init_kwargs(src.config))
+        r.k_dim, r.v_dim, r.dtype, r._wide = src.k_dim, src.v_dim, src.dtype, src._wide
+        r.kv_heads = src.kv_heads // len(self.n)
+        own = lambda a: mx.contiguous(a[b : b + 1])
+        if src.sink_keys is not None:
+            r.sink_keys, r.sink_values = own(src.sink_keys), own(src.sink_values)
+        n, w, c = self.n[b], self.w[b], src._wn
+        if n:
+            r.packed_keys = tuple(own(a[:, :, :n]) for a in src.packed_keys)
+            r.packed_values = tuple(own(a[:, :, :n]) for a in src.packed_values)
+        r.n_packed = n
+        if w:
+            r.window_keys, r.window_values = own(src._wk[:, :, c - w : c]), own(src._wv[:, :, c - w : c])
+        r.offset, r._steps, r._log = self.offsets[b], self.steps[b], list(self.logs[b])
+        return r
+
+    def rows(self):
+        out = [self.row(b) for b in range(len(self.n))]
+        mx.eval([r.state for r in out])
+        return out
+
+    def take(self, keep):
+        """Only the rows ``keep`` (indices)."""
+        idx = mx.array(keep)
+        c = self.cache
+        pick = lambda a: None if a is None else mx.take(a, idx, axis=0)
+        c.sink_keys, c.sink_values = pick(c.sink_keys), pick(c.sink_values)
+        c._wk, c._wv = pick(c._wk), pick(c._wv)
+        if c.packed_keys is not None:
+            c.packed_keys = tuple(pick(a) for a in c.packed_keys)
+            c.packed_values = tuple(pick(a) for a in c.packed_values)
+        c.kv_heads = c.kv_heads // len(self.n) * len(keep)
+        for name in ("n", "w", "offsets", "steps", "logs"):
+            setattr(self, name, [getattr(self, name)[i] for i in keep])
+        c.n_packed = max(self.n)
+        c._decode_setups = {}
+
+    # -- a decode step -----------------------------------------------------------
+    def _plan(self):
+        """This step's plan from the rows' schedules: whether the window moves back first,
+        the column written, each row's tokens to pack, and ``n``, ``w`` after the step."""
+        c, W = self.cache._wn, max(self.w)
+        fb, cfg = self.cache.flush_block, self.cache.config
+        move = c == self.cache._wk.shape[2] or c - W >= fb
+        col = W if move else c
+        packs, n, w = [], [], []
+        for nb, wb, o, st in zip(self.n, self.w, self.offsets, self.steps):
+            wb += 1
+            extra = wb - cfg["window"] if st % fb == 0 and o + 1 >= cfg["start"] else 0
+            extra = max(extra, 0)
+            packs.append(extra)
+            n.append(nb + extra)
+            w.append(wb - extra)
+        return move, col, packs, n, w
+
+    def mask_after(self, window_size=None):
+        """The (B, 1, 1, keys) bool mask of the view the next step returns: each row's own
+        keys (``holes``), within the last ``window_size`` positions where given."""
+        _, col, _, n, w = self._plan()
+        m = holes(self.cache.sinks, n, w, col + 1)
+        if window_size is None:
+            return m
+        # key positions: the sinks' and packed columns' are their columns; the window's
+        # last column is the row's new token
+        s, P = self.cache.sinks, max(n)
+        j = mx.arange(s + P + col + 1)
+        q = mx.array(self.offsets)[:, None]
+        pos = mx.where(j < s + P, j, j - (s + P + col) + q)
+        return m & (q - pos < window_size).reshape(m.shape)
+
+    def step(self, keys, values):
+        """Store one token per row (``keys``/``values`` (B, H, 1, D)); the step's views."""
+        move, col, packs, n, w = self._plan()
+        c = self.cache
+        if move:
+            W = max(self.w)
+            room = W + c.flush_block + 1
+            c._wk = _window_row(c._wk[:, :, c._wn - W : c._wn], W, W, room)
+            c._wv = _window_row(c._wv[:, :, c._wn - W : c._wn], W, W, room)
+            c._wn = c._wvn = W
+        if not c._window_append_kernel(keys, values):
+            k = fmt.fit(c._rotated(keys, c.rotate), c.dense_dtype)
+            v = fmt.fit(c._rotated(values, c.rotate == "kv"), c.dense_dtype)
+            c._window_append(k, v)
+        end = c._wn
+        for b, extra in enumerate(packs):
+            if extra:
+                lo = end - (w[b] + extra)
+                self._pack(b, c._wk[b : b + 1, :, lo : lo + extra], c._wv[b : b + 1, :, lo : lo + extra])
+        self.n, self.w = n, w
+        self.offsets = [o + 1 for o in self.offsets]
+        self.steps = [s + 1 for s in self.steps]
+        for b, log in enumerate(self.logs):
+            if packs[b]:
+                log.clear()
+            log.append((self.offsets[b], self.steps[b]))
+            del log[: -c.max_log]
+        c.n_packed = max(n)
+        c.offset = c.sinks + c.n_packed + end
+        return self.view()
+
+    def view(self):
+        """The key and value views of what the rows hold (``holes`` hides the others)."""
+        c = self.cache
+        view = KVView(c, 1, c.offset)
+        view.holes = holes(c.sinks, self.n, self.w, c._wn)
+        return view, view.values_view()
+
+    def _pack(self, b, keys, values):
+        """Row ``b``'s ``keys``/``values`` (its oldest window tokens) packed after its run."""
+        c, nb, m = self.cache, self.n[b], keys.shape[2]
+        need = nb + m
+        if c.packed_keys is None or need > c.packed_keys[0].shape[2]:
+            grow = -(-need // c.step) * c.step
+            c.packed_keys = _grown(c.packed_keys, keys, c.k_bits, c)
+            c.packed_values = _grown(c.packed_values, values, c.v_bits, c)
+            c.packed_keys = _to(c.packed_keys, grow)
+            c.packed_values = _to(c.packed_values, grow)
+        for name, x, bits in (("packed_keys", keys, c.k_bits), ("packed_values", values, c.v_bits)):
+            new = fmt.quantize(fmt.fit(x, c.store_dtype), bits, c.group_size, c.mode)
+            bufs = getattr(c, name)
+            for buf, part in zip(bufs, new):
+                buf[b : b + 1, :, nb:need] = part
+            setattr(c, name, bufs)
+
+    def arrays(self):
+        c = self.cache
+        out = [c.sink_keys, c.sink_values, c._wk, c._wv, *(c.packed_keys or ()), *(c.packed_values or ())]
+        return [a for a in out if a is not None]
+
+    @property
+    def nbytes(self):
+        return self.cache.nbytes
+
+    def __len__(self):
+        return len(self.n)
+
+
+def holes(sinks, n, w, c):
+    """(B, 1, 1, sinks + max(n) + c) bool: row b sees its sinks, its first ``n[b]`` packed
+    columns and the last ``w[b]`` of the ``c`` window columns. Kept for the last few
+    layouts: every layer of a step has the same one, so they share one array."""
+    key = (sinks, tuple(n), tuple(w), c)
+    m = _HOLES.get(key)
+    if m is None:
+        P = max(n)
+        j = mx.arange(sinks + P + c)
+        nb = mx.array([sinks + x for x in n])[:, None]
+        lo = mx.array([sinks + P + c - x for x in w])[:, None]
+        m = ((j < nb) | (j >= lo)).reshape(len(n), 1, 1, -1)
+        if len(_HOLES) >= 4:
+            _HOLES.pop(next(iter(_HOLES)))
+        _HOLES[key] = m
+    return m
+
+
+_HOLES = {}
+
+
+def with_holes(mask, view):
+    """``mask`` (None, ``"causal"`` or an array a model made) with ``view``'s holes hidden
+    too (a view from ``RowsBuffer``; others: ``mask`` itself)."""
+    h = getattr(view, "holes", None)
+    if h is None or mask is h:
+        return mask
+    if mask is None or isinstance(mask, str):  # one query per row: causal hides nothing
+        return h
+    if mask.dtype == mx.bool_:
+        return mask & h
+    return mx.where(h, mask, mx.array(mx.finfo(mask.dtype).min, mask.dtype))
+
+
+def _shareable(r, first):
+    return (
+        getattr(type(r), "one_buffer", False) and type(r) is type(first)
+        and not getattr(r, "fetch_arrays", False) and r.left_padding is None
+        and r.config == first.config and r.kv_heads is not None
+        and (r.kv_heads, r.k_dim, r.v_dim, r.dtype, r._wide) == (first.kv_heads, first.k_dim, first.v_dim,
+                                                                  first.dtype, first._wide)
+        and r.store_dtype == r.dense_dtype and r._wn == r._wvn
+        and (0 if r.sink_keys is None else r.sink_keys.shape[2]) == r.sinks
+    )
+
+
+def _packed_rows(parts, like, n, cap):
+    """A row's packed arrays, its ``n`` tokens then zeros up to ``cap``."""
+    out = []
+    for i, ref in enumerate(like):
+        a = parts[i][:, :, :n] if n else mx.zeros(ref.shape[:2] + (0,) + ref.shape[3:], ref.dtype)
+        out.append(mx.pad(a, [(0, 0), (0, 0), (0, cap - n), (0, 0)]))
+    return out
+
+
+def _window_row(x, w, c, room, shape=None, dtype=None):
+    """``x`` (its ``w`` tokens; None: none) right-aligned at column ``c`` of ``room`` columns."""
+    if x is None or not w:
+        return mx.zeros(shape[:2] + (room,) + shape[2:], dtype)
+    return mx.pad(x[:, :, x.shape[2] - w :], [(0, 0), (0, 0), (c - w, room - c), (0, 0)])
+
+
+def _grown(bufs, x, bits, c):
+    """The packed buffers, or empty ones in ``x``'s format (a row's tokens) where there are none."""
+    if bufs is not None:
+        return bufs
+    z = mx.zeros(x.shape[:2] + (1,) + x.shape[3:], c.store_dtype)
+    B = c.kv_heads // x.shape[1]
+    return tuple(mx.zeros((B, x.shape[1], 0, a.shape[-1]), a.dtype) for a in fmt.quantize(z, bits, c.group_size, c.mode))
+
+
+def _to(bufs, cap):
+    """Packed buffers padded with zeros to ``cap`` tokens."""
+    return tuple(mx.pad(a, [(0, 0), (0, 0), (0, cap - a.shape[2]), (0, 0)]) for a in bufs)

@@ -1,0 +1,183 @@
+"""RowsBuffer: a RowsKVCache's rows in one buffer in decode steps, each row packing on its
+own schedule: every row's visible keys are the ones its cache alone holds, in the same order,
+and requests batch as alone (float16 models: a float32 model's rows stay apart)."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from test_rows_cache import alone, assert_as_alone, joining_and_leaving, prompt, tiny_model
+
+from mlx_kvq.bridge import serve_caches
+from mlx_kvq.cache import QuantizedKVCache, RowsBuffer, RowsKVCache, with_holes
+from mlx_kvq.cache.quantized import causal_mask
+
+
+def kv(n, seed, H=2, D=64):
+    k = mx.random.normal((1, H, n, D), key=mx.random.key(seed)).astype(mx.float16)
+    return k, (k * 0.5 + 1).astype(mx.float16)
+
+
+def visible(view, part, b, mask):
+    """Row ``b``'s keys (or values) the mask shows, in column order (numpy)."""
+    x = (view if part == "keys" else view.values_view()).array
+    return np.array(x[b].astype(mx.float32))[:, np.array(mask[b, 0, 0])]
+
+
+def rows_and_alone(lengths, **config):
+    rows, ref = [], []
+    for i, n in enumerate(lengths):
+        for out in (rows, ref):
+            c = QuantizedKVCache(**config)
+            c.update_and_fetch(*kv(n, i))
+            out.append(c)
+    return RowsKVCache.merge(rows), ref
+
+
+CONFIGS = [dict(bits=4), dict(bits=2, window=16), dict(bits=4, sinks=0, start=60), dict(bits=8, rotate=False)]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_each_row_sees_what_its_cache_alone_holds(config):
+    """40 decode steps (a flush block and more; rows whose windows pack on different steps):
+    at each step, each row's keys and values that the step's mask shows are exactly the
+    ones its cache alone returns, in the same order; the mask ``make_mask`` gives is the
+    view's; the rows taken out (``extract``) hold the same state as alone."""
+    rows, ref = rows_and_alone([45, 9, 70], **config)
+    ref[1].update_and_fetch(*kv(1, 99))  # row 1 packs one step later than the others
+    rows.rows[1].update_and_fetch(*kv(1, 99))
+    for t in range(40):
+        mask = rows.make_mask(1)
+        step = [kv(1, 1000 + 10 * t + b) for b in range(3)]
+        view, values = rows.update_and_fetch(*(mx.concatenate([s[i] for s in step]) for i in (0, 1)))
+        assert rows._buffer is not None and view.holes is mask
+        for b, (c, s) in enumerate(zip(ref, step)):
+            alone_view, _ = c.update_and_fetch(*s)
+            for part in ("keys", "values"):
+                want = np.array((alone_view if part == "keys" else alone_view.values_view()).array[0].astype(mx.float32))
+                np.testing.assert_array_equal(visible(view, part, b, mask), want)
+        assert rows.offset.tolist() == [c.offset for c in ref]
+    assert rows._buffer.n != [rows._buffer.n[0]] * 3 or rows._buffer.w != [rows._buffer.w[0]] * 3
+    for b, c in enumerate(ref):
+        got = rows.extract(b)
+        assert (got.offset, got.n_packed, got._steps, got._log) == (c.offset, c.n_packed, c._steps, c._log)
+        for a, e in zip(got.state[3:], c.state[3:]):
+            a, e = (a, e) if isinstance(a, tuple) else ((a,), (e,))
+            assert all(x is y is None or mx.array_equal(x, y) for x, y in zip(a, e))
+
+
+def test_rows_leave_and_join_the_buffer():
+    """``filter`` keeps the buffer (its rows' keys as before); ``extend`` takes the rows out,
+    and the next decode step puts them all back in one."""
+    rows, ref = rows_and_alone([40, 50, 60], bits=4)
+    for t in range(3):
+        step = [kv(1, 50 + 10 * t + b) for b in range(3)]
+        rows.update_and_fetch(*(mx.concatenate([s[i] for s in step]) for i in (0, 1)))
+        for c, s in zip(ref, step):
+            c.update_and_fetch(*s)
+    rows.filter([2, 0])
+    assert rows._buffer is not None and len(rows) == 2
+    new, new_ref = rows_and_alone([30], bits=4)
+    new._rows[0].update_and_fetch(*kv(1, 7))
+    new_ref[0].update_and_fetch(*kv(1, 7))
+    rows.extend(new)
+    ref = [ref[2], ref[0], new_ref[0]]
+    mask = rows.make_mask(1)
+    step = [kv(1, 300 + b) for b in range(3)]
+    view, _ = rows.update_and_fetch(*(mx.concatenate([s[i] for s in step]) for i in (0, 1)))
+    assert rows._buffer is not None and rows.offset.tolist() == [c.offset + 1 for c in ref]
+    for b, (c, s) in enumerate(zip(ref, step)):
+        want = np.array(c.update_and_fetch(*s)[0].array[0].astype(mx.float32))
+        np.testing.assert_array_equal(visible(view, "keys", b, mask), want)
+
+
+def test_sliding_window_mask_is_each_rows_own():
+    """``make_mask(1, window_size=w)`` shows each row the keys its cache alone shows."""
+    rows, ref = rows_and_alone([45, 9, 70], bits=4)
+    for t in range(5):
+        mask = rows.make_mask(1, window_size=20)
+        step = [kv(1, 70 + 10 * t + b) for b in range(3)]
+        rows.update_and_fetch(*(mx.concatenate([s[i] for s in step]) for i in (0, 1)))
+        holes = rows._buffer.view()[0].holes
+        for b, (c, s) in enumerate(zip(ref, step)):
+            want = causal_mask(1, c.offset, 20)[0]  # over the row's own keys, in order
+            c.update_and_fetch(*s)
+            assert np.array(mask[b, 0, 0])[np.array(holes[b, 0, 0])].tolist() == want.tolist()
+
+
+def test_other_masks_get_the_holes():
+    rows, _ = rows_and_alone([20, 40], bits=4)
+    rows.update_and_fetch(*(mx.concatenate([kv(1, b)[i] for b in range(2)]) for i in (0, 1)))
+    view, _ = rows._buffer.view()
+    h = view.holes
+    assert with_holes(None, view) is h and with_holes("causal", view) is h and with_holes(h, view) is h
+    ones = mx.ones(h.shape, mx.bool_)
+    assert mx.array_equal(with_holes(ones, view), h)
+    additive = with_holes(mx.zeros(h.shape, mx.float16), view)
+    assert mx.array_equal(additive == 0, h) and bool(mx.all(mx.isfinite(additive)))
+
+
+def test_rows_that_cannot_share_stay_apart():
+    """Float32 models (scales widen per row), unequal packed runs, fewer sinks than asked."""
+    f32 = [QuantizedKVCache(bits=4) for _ in range(2)]
+    for i, c in enumerate(f32):
+        c.update_and_fetch(*(x.astype(mx.float32) for x in kv(40, i)))
+    assert RowsBuffer.gather(f32) is None
+    long_short, _ = rows_and_alone([3000, 40], bits=4)
+    assert RowsBuffer.gather(long_short.rows) is None
+    few_sinks, _ = rows_and_alone([2, 40], bits=4, sinks=4)
+    assert RowsBuffer.gather(few_sinks.rows) is None
+    ok, _ = rows_and_alone([300, 200], bits=4)
+    assert RowsBuffer.gather(ok.rows) is not None
+
+
+KV = {
+    "4bit": dict(kv_bits=4),
+    "2bit-window16": dict(kv_bits=2, window=16),
+    "4bit-start40": dict(kv_bits=4, quantized_kv_start=40, sinks=0),
+}
+
+
+@pytest.mark.parametrize("kv_", KV.values(), ids=KV.keys())
+def test_requests_joining_and_leaving_a_buffer_match_alone(kv_, monkeypatch):
+    """mlx-lm's BatchGenerator with a float16 model: the rows decode in one buffer, requests
+    join and leave it, and every request's greedy tokens equal its run alone."""
+    steps = []
+    step = RowsBuffer.step
+    monkeypatch.setattr(RowsBuffer, "step", lambda self, k, v: steps.append(len(self)) or step(self, k, v))
+    m = tiny_model()
+    m.set_dtype(mx.float16)
+    model = serve_caches(m, **kv_)
+    n_new, chunk = QuantizedKVCache.flush_block + 10, 16
+    prompts = [prompt(n, s) for s, n in enumerate([45, 9, 70, 33, 52])]
+    _, got = joining_and_leaving(model, prompts, n_new, chunk)
+    assert max(steps) >= 3 and len(steps) > 40
+    for toks, p in zip(got, prompts):
+        if toks is not None:
+            assert_as_alone(toks, model, p, n_new, kv_, chunk)
+
+
+@pytest.mark.parametrize("name", ["deepseek_v2", "minicpm3", "phi", "stablelm", "gemma3n"])
+def test_models_that_compute_with_what_they_fetch_in_one_buffer(name, monkeypatch):
+    """MLA (key and value head dims that differ), casts, another layer's cache: the rows'
+    arrays include the buffer's holes, which the step's mask hides."""
+    from helpers import tiny
+
+    steps = []
+    step = RowsBuffer.step
+    monkeypatch.setattr(RowsBuffer, "step", lambda self, k, v: steps.append(len(self)) or step(self, k, v))
+    m = tiny(name)
+    m.set_dtype(mx.float16)
+    kv_ = dict(kv_bits=4, kv_group_size=32, window=8)
+    model = serve_caches(m, **kv_)
+    prompts = [[t % 64 for t in prompt(n, s)] for s, n in enumerate([45, 9, 70, 33, 52])]
+    _, got = joining_and_leaving(model, prompts, 12, 16)
+    assert steps
+    for toks, p in zip(got, prompts):
+        if toks is not None:
+            assert_as_alone(toks, model, p, 12, kv_, 16)
+
+
+def test_alone_is_the_reference():
+    """The helper the tests above compare with runs a single-row cache (no buffer)."""
+    model = serve_caches(tiny_model(), kv_bits=4)
+    assert len(alone(model, prompt(20, 1), 3, dict(kv_bits=4), 16)) == 3
