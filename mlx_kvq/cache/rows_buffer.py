@@ -35,6 +35,7 @@ class RowsBuffer:
         self.n, self.w = n, w
         self.offsets, self.steps, self.logs = offsets, steps, logs
         self.row_type = None
+        self.packed = [False] * len(n)  # rows that packed for this step before it (``gather``)
 
     # -- in and out ------------------------------------------------------------
     @classmethod
@@ -50,6 +51,14 @@ class RowsBuffer:
         held = [r.offset for r in rows]  # what each row's packed run grows to
         if len(rows) * max(held) > 1.5 * sum(held) + len(rows) * first.step:
             return None
+        # what each row's next step packs, packed now (less the token that step adds): the
+        # buffer then takes each row's window, not its last prefill chunk
+        packed = []
+        for r in rows:
+            before = r.n_packed
+            if r._steps % r.flush_block == 0 and r.offset + 1 >= r.start:
+                r.pack_all_but(max(r.window - 1, 0))
+            packed.append(r.n_packed != before)
         n = [r.n_packed for r in rows]
         P, step = max(n), first.step
         w = [r._wn for r in rows]
@@ -77,7 +86,7 @@ class RowsBuffer:
         out._wn = out._wvn = c
         out.offset = out.sinks + P + c
         buf = cls(out, n, w, [r.offset for r in rows], [r._steps for r in rows], [list(r._log) for r in rows])
-        buf.row_type = type(first)
+        buf.row_type, buf.packed = type(first), packed
         return buf
 
     def row(self, b):
@@ -115,7 +124,7 @@ class RowsBuffer:
             c.packed_keys = tuple(pick(a) for a in c.packed_keys)
             c.packed_values = tuple(pick(a) for a in c.packed_values)
         c.kv_heads = c.kv_heads // len(self.n) * len(keep)
-        for name in ("n", "w", "offsets", "steps", "logs"):
+        for name in ("n", "w", "offsets", "steps", "logs", "packed"):
             setattr(self, name, [getattr(self, name)[i] for i in keep])
         c.n_packed = max(self.n)
         c._decode_setups = {}
@@ -172,11 +181,11 @@ class RowsBuffer:
             if extra:
                 lo = end - (w[b] + extra)
                 self._pack(b, c._wk[b : b + 1, :, lo : lo + extra], c._wv[b : b + 1, :, lo : lo + extra])
-        self.n, self.w = n, w
+        self.n, self.w, self.packed = n, w, [False] * len(n)
         self.offsets = [o + 1 for o in self.offsets]
         self.steps = [s + 1 for s in self.steps]
         for b, log in enumerate(self.logs):
-            if packs[b]:
+            if packs[b] or self.packed[b]:
                 log.clear()
             log.append((self.offsets[b], self.steps[b]))
             del log[: -c.max_log]
