@@ -14,10 +14,14 @@ packs, for each row whose own schedule packs on this step, that row's oldest win
 tokens into its packed run (``QuantizedKVCache.update_and_fetch``'s schedule, counted per
 row). Attention is one call over the B-row view with a (B, 1, 1, keys) mask of the
 holes (``holes``, which ``make_mask`` returns and ``with_holes`` adds to any other mask).
-Attention does not depend on the order of the keys (RoPE is in them), so each row
-attends to the keys it would alone, in another order: equal up to float rounding.
-The window is moved back to its first columns when the hidden columns before the
-longest row's window reach ``flush_block``.
+Each row attends to the keys its cache alone holds, in the same order, with hidden
+columns between them: equal to its run alone up to the rounding of longer sums (on the
+CPU the tests see the same greedy tokens). The window is moved back to its first columns
+when the hidden columns before the longest row's window reach ``flush_block``.
+
+A float32 model's packed scales are float16 until a token to pack would overflow it
+(``QuantizedKVCache._widen``); in one buffer they widen for every row at once, so rows
+packed after a row's token of 65504 or more use float32 scales where alone they would not.
 """
 
 import mlx.core as mx
@@ -41,8 +45,8 @@ class RowsBuffer:
     @classmethod
     def gather(cls, rows):
         """The rows in one buffer, or None where they cannot share one: caches of another
-        kind (sliding-window, chunked, returning arrays), of different configs or models,
-        a float32 model's (its scales widen per row), rows that do not hold all their
+        kind (sliding-window, chunked, returning arrays), of different configs or models
+        (or float32 models' whose scales did not widen alike), rows that do not hold all their
         sinks, or rows so unequal that one buffer would hold more than 1.5x their tokens
         (its packed run holds the longest row's for every row)."""
         first = rows[0]
@@ -177,10 +181,12 @@ class RowsBuffer:
             v = fmt.fit(c._rotated(values, c.rotate == "kv"), c.dense_dtype)
             c._window_append(k, v)
         end = c._wn
-        for b, extra in enumerate(packs):
-            if extra:
-                lo = end - (w[b] + extra)
-                self._pack(b, c._wk[b : b + 1, :, lo : lo + extra], c._wv[b : b + 1, :, lo : lo + extra])
+        runs = [(b, end - (w[b] + extra), extra) for b, extra in enumerate(packs) if extra]
+        tokens = [(b, c._wk[b : b + 1, :, lo : lo + e], c._wv[b : b + 1, :, lo : lo + e]) for b, lo, e in runs]
+        if tokens:  # a float32 model's scales widen for all rows at once (one check per step that packs)
+            c._widen(*(mx.concatenate([t[i] for t in tokens], axis=2) for i in (1, 2)))
+        for b, k, v in tokens:
+            self._pack(b, k, v)
         self.n, self.w, self.packed = n, w, [False] * len(n)
         self.offsets = [o + 1 for o in self.offsets]
         self.steps = [s + 1 for s in self.steps]
@@ -271,7 +277,7 @@ def _shareable(r, first):
         and r.config == first.config and r.kv_heads is not None
         and (r.kv_heads, r.k_dim, r.v_dim, r.dtype, r._wide) == (first.kv_heads, first.k_dim, first.v_dim,
                                                                   first.dtype, first._wide)
-        and r.store_dtype == r.dense_dtype and r._wn == r._wvn
+        and r._wn == r._wvn
         and (0 if r.sink_keys is None else r.sink_keys.shape[2]) == r.sinks
     )
 

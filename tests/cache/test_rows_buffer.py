@@ -117,11 +117,13 @@ def test_other_masks_get_the_holes():
 
 
 def test_rows_that_cannot_share_stay_apart():
-    """Float32 models (scales widen per row), unequal packed runs, fewer sinks than asked."""
+    """Float32 rows whose scales widened and rows whose did not, unequal lengths, fewer sinks
+    than asked."""
     f32 = [QuantizedKVCache(bits=4) for _ in range(2)]
     for i, c in enumerate(f32):
-        c.update_and_fetch(*(x.astype(mx.float32) for x in kv(40, i)))
-    assert RowsBuffer.gather(f32) is None
+        c.update_and_fetch(*(x.astype(mx.float32) * (1e5 if i else 1) for x in kv(40, i)))
+        c.update_and_fetch(*(x.astype(mx.float32) for x in kv(1, i)))
+    assert [c._wide for c in f32] == [False, True] and RowsBuffer.gather(f32) is None
     long_short, _ = rows_and_alone([3000, 40], bits=4)
     assert RowsBuffer.gather(long_short.rows) is None
     few_sinks, _ = rows_and_alone([2, 40], bits=4, sinks=4)
@@ -181,3 +183,32 @@ def test_alone_is_the_reference():
     """The helper the tests above compare with runs a single-row cache (no buffer)."""
     model = serve_caches(tiny_model(), kv_bits=4)
     assert len(alone(model, prompt(20, 1), 3, dict(kv_bits=4), 16)) == 3
+
+
+def test_float32_rows_widen_together():
+    """A float32 model's row packs a token past float16's range: the buffer's scales widen
+    for every row; that row's keys equal its run alone, the others' differ from theirs only
+    where a value rounds to the next level, and nothing is non-finite."""
+    rows, ref = [], []
+    for i, n in enumerate([40, 50]):
+        for out in (rows, ref):
+            c = QuantizedKVCache(bits=4)
+            c.update_and_fetch(*(x.astype(mx.float32) for x in kv(n, i)))
+            out.append(c)
+    rows = RowsKVCache.merge(rows)
+    for t in range(40):
+        step = [tuple(x.astype(mx.float32) * (1e5 if (t, b) == (0, 0) else 1) for x in kv(1, 500 + 10 * t + b))
+                for b in range(2)]
+        mask = rows.make_mask(1)
+        view, _ = rows.update_and_fetch(*(mx.concatenate([s[i] for s in step]) for i in (0, 1)))
+        alone_views = [c.update_and_fetch(*s)[0] for c, s in zip(ref, step)]
+    assert rows._buffer.cache._wide and [c._wide for c in ref] == [True, False]
+    for b, a in enumerate(alone_views):
+        want = np.array(a.array[0])
+        got = visible(view, "keys", b, mask)
+        assert np.isfinite(got).all()
+        if b == 0:
+            np.testing.assert_array_equal(got, want)
+        else:  # a value at a rounding boundary may take the next level: one 4-bit step at most
+            diff = np.abs(got - want)
+            assert diff.max() < 0.5 and diff.mean() < 1e-3, (diff.max(), diff.mean())
