@@ -34,6 +34,11 @@ from .view import KVView
 class RowsBuffer:
     """Single-row caches' tokens in one B-row cache (``gather``), decoded a step at a time."""
 
+    # the most a buffer may hold for its rows, as a multiple of their tokens (plus a packed
+    # step each): every row takes the longest row's packed run (``mlx_kvq.server`` sets 1.0
+    # under ``--max-kv-memory``, which sizes each request alone)
+    spread = 1.5
+
     def __init__(self, cache, n, w, offsets, steps, logs):
         self.cache = cache  # B rows; n_packed: max(n); window buffers in use: the first c columns
         self.n, self.w = n, w
@@ -47,13 +52,13 @@ class RowsBuffer:
         """The rows in one buffer, or None where they cannot share one: caches of another
         kind (sliding-window, chunked, returning arrays), of different configs or models
         (or float32 models' whose scales did not widen alike), rows that do not hold all their
-        sinks, or rows so unequal that one buffer would hold more than 1.5x their tokens
-        (its packed run holds the longest row's for every row)."""
+        sinks, or rows so unequal that one buffer would hold more than ``spread`` times
+        their tokens (its packed run holds the longest row's for every row)."""
         first = rows[0]
         if len(rows) < 2 or not all(_shareable(r, first) for r in rows):
             return None
         held = [r.offset for r in rows]  # what each row's packed run grows to
-        if len(rows) * max(held) > 1.5 * sum(held) + len(rows) * first.step:
+        if len(rows) * max(held) > cls.spread * sum(held) + len(rows) * first.step:
             return None
         # what each row's next step packs, packed now (less the token that step adds): the
         # buffer then takes each row's window, not its last prefill chunk

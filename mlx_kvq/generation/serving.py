@@ -33,6 +33,7 @@ import mlx.core as mx
 
 from .. import kernels
 from ..bridge import mlx_lm_server, serve_caches
+from ..cache import RowsBuffer
 from ..models import default_model_path, float_dtype, load, load_sharded, prepare_model, reads_gguf
 from ..models.memory import kv_bytes
 from .distributed import by_rank_line, ints_by_rank
@@ -371,7 +372,10 @@ def run(host, port, model_provider, response_generator=ResponseGenerator, handle
     args = model_provider.cli_args
     max_bytes = args.prompt_cache_bytes if args.prompt_cache_bytes is not None else 1 << 63
     prompt_cache = PromptCache(args.prompt_cache_size, max_bytes)
-    generator = response_generator(model_provider, prompt_cache, getattr(args, "max_kv_memory", None))
+    max_kv = getattr(args, "max_kv_memory", None)
+    if max_kv is not None:  # requests are sized alone: a batch buffer holds no more than their tokens
+        RowsBuffer.spread = 1.0
+    generator = response_generator(model_provider, prompt_cache, max_kv)
     group = mx.distributed.init()
     ranks = f" on {group.size()} ranks ({model_provider.sharding} parallel)" if group.size() > 1 else ""
     logging.info("KV caches: %s%s", model_provider.kv_kwargs or "mlx-lm's (fp16)", ranks)

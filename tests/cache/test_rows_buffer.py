@@ -132,6 +132,16 @@ def test_rows_that_cannot_share_stay_apart():
     assert RowsBuffer.gather(ok.rows) is not None
 
 
+def test_spread_bounds_what_a_buffer_holds(monkeypatch):
+    """Rows of 1000 and 400 tokens share a buffer holding 2x their 1400 tokens' packed run at
+    the default spread (1.5x and a step of 256 each) but not at 1.0 (a server's KV budget)."""
+    rows, _ = rows_and_alone([1000, 400], bits=4)
+    assert RowsBuffer.gather(rows.rows) is not None
+    monkeypatch.setattr(RowsBuffer, "spread", 1.0)
+    rows, _ = rows_and_alone([1000, 400], bits=4)
+    assert RowsBuffer.gather(rows.rows) is None
+
+
 KV = {
     "4bit": dict(kv_bits=4),
     "2bit-window16": dict(kv_bits=2, window=16),
