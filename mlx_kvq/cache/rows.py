@@ -134,7 +134,7 @@ class RowsKVCache:
     def offset(self):
         """Each row's position (a (B,) array, as mlx-lm's ``BatchKVCache``: RoPE takes it)."""
         if self._buffer is not None:
-            return mx.array(self._buffer.offsets)
+            return self._buffer.offset
         return mx.array([r.offset for r in self.rows])
 
     def update_and_fetch(self, keys, values):

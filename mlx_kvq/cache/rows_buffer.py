@@ -39,51 +39,51 @@ class RowsBuffer:
     # under ``--max-kv-memory``, which sizes each request alone)
     spread = 1.5
 
-    def __init__(self, cache, n, w, offsets, steps, logs):
+    def __init__(self, cache, row_type, n, w, offsets, steps, logs, early=None):
         self.cache = cache  # B rows; n_packed: max(n); window buffers in use: the first c columns
+        self.row_type = row_type  # the class of the single-row caches (``row``)
         self.n, self.w = n, w
         self.offsets, self.steps, self.logs = offsets, steps, logs
-        self.row_type = None
-        self.packed = [False] * len(n)  # rows that packed for this step before it (``gather``)
+        self.early = early or [False] * len(n)  # rows whose next step's packing ``gather`` did
+        self._offset_array = None
 
     # -- in and out ------------------------------------------------------------
     @classmethod
     def gather(cls, rows):
         """The rows in one buffer, or None where they cannot share one: caches of another
         kind (sliding-window, chunked, returning arrays), of different configs or models
-        (or float32 models' whose scales did not widen alike), rows that do not hold all their
-        sinks, or rows so unequal that one buffer would hold more than ``spread`` times
-        their tokens (its packed run holds the longest row's for every row)."""
+        (or float32 models' whose scales did not widen alike), rows that do not hold more
+        than their sinks, or rows so unequal that one buffer would hold more than ``spread`` times
+        their tokens (its packed run holds the longest row's for every row). The rows
+        themselves are left as they are."""
         first = rows[0]
         if len(rows) < 2 or not all(_shareable(r, first) for r in rows):
             return None
         held = [r.offset for r in rows]  # what each row's packed run grows to
         if len(rows) * max(held) > cls.spread * sum(held) + len(rows) * first.step:
             return None
-        # what each row's next step packs, packed now (less the token that step adds): the
-        # buffer then takes each row's window, not its last prefill chunk
-        packed = []
-        for r in rows:
-            before = r.n_packed
-            if r._steps % r.flush_block == 0 and r.offset + 1 >= r.start:
-                r.pack_all_but(max(r.window - 1, 0))
-            packed.append(r.n_packed != before)
-        n = [r.n_packed for r in rows]
-        P, step = max(n), first.step
-        w = [r._wn for r in rows]
-        c = max(w)
+        # what each row's next step packs is packed here (less the token that step adds), so
+        # that the buffer takes each row's window, not its last prefill chunk
+        early = [max(r._wn - max(r.window - 1, 0), 0) if r._steps % r.flush_block == 0 and r.offset + 1 >= r.start
+                 else 0 for r in rows]
+        new = [x[:, :, :e] for r, e in zip(rows, early) if e for x in (r.window_keys, r.window_values)]
+        if new and first.store_dtype != first.dense_dtype and fmt.overflows(new, mx.float16):
+            return None  # a float32 model's row whose scales widen on this step: it does so alone
         out = type(first)(**init_kwargs(first.config))
         out.k_dim, out.v_dim, out.dtype, out._wide = first.k_dim, first.v_dim, first.dtype, first._wide
         out.kv_heads = first.kv_heads * len(rows)
+        n = [r.n_packed + e for r, e in zip(rows, early)]
+        w = [r._wn - e for r, e in zip(rows, early)]
+        P, c, step = max(n), max(w), first.step
         cat = lambda xs: mx.concatenate(xs, axis=0)
         if first.sinks:
             out.sink_keys = cat([r.sink_keys for r in rows])
             out.sink_values = cat([r.sink_values for r in rows])
         if P:
             cap = -(-P // step) * step
-            like = next(r for r in rows if r.n_packed)
-            for name in ("packed_keys", "packed_values"):
-                parts = [_packed_rows(getattr(r, name), getattr(like, name), r.n_packed, cap) for r in rows]
+            for name, window, bits in (("packed_keys", "window_keys", out.k_bits),
+                                       ("packed_values", "window_values", out.v_bits)):
+                parts = [_packed_row(r, getattr(r, name), getattr(r, window), e, bits, cap) for r, e in zip(rows, early)]
                 setattr(out, name, tuple(cat(list(p)) for p in zip(*parts)))
         out.n_packed = P
         room = c + first.flush_block + 1
@@ -94,9 +94,15 @@ class RowsBuffer:
             setattr(out, name, cat(parts))
         out._wn = out._wvn = c
         out.offset = out.sinks + P + c
-        buf = cls(out, n, w, [r.offset for r in rows], [r._steps for r in rows], [list(r._log) for r in rows])
-        buf.row_type, buf.packed = type(first), packed
-        return buf
+        return cls(out, type(first), n, w, held, [r._steps for r in rows], [list(r._log) for r in rows],
+                   [e > 0 for e in early])
+
+    @property
+    def offset(self):
+        """Each row's position, a (B,) array (RoPE: asked by every layer)."""
+        if self._offset_array is None:
+            self._offset_array = mx.array(self.offsets)
+        return self._offset_array
 
     def row(self, b):
         """Row ``b`` as the single-row cache it would be alone (arrays of its own)."""
@@ -133,8 +139,9 @@ class RowsBuffer:
             c.packed_keys = tuple(pick(a) for a in c.packed_keys)
             c.packed_values = tuple(pick(a) for a in c.packed_values)
         c.kv_heads = c.kv_heads // len(self.n) * len(keep)
-        for name in ("n", "w", "offsets", "steps", "logs", "packed"):
+        for name in ("n", "w", "offsets", "steps", "logs", "early"):
             setattr(self, name, [getattr(self, name)[i] for i in keep])
+        self._offset_array = None
         c.n_packed = max(self.n)
         c._decode_setups = {}
 
@@ -178,8 +185,8 @@ class RowsBuffer:
         if move:
             W = max(self.w)
             room = W + c.flush_block + 1
-            c._wk = _window_row(c._wk[:, :, c._wn - W : c._wn], W, W, room)
-            c._wv = _window_row(c._wv[:, :, c._wn - W : c._wn], W, W, room)
+            moved = lambda buf: mx.pad(buf[:, :, c._wn - W : c._wn], [(0, 0), (0, 0), (0, room - W), (0, 0)])
+            c._wk, c._wv = moved(c._wk), moved(c._wv)
             c._wn = c._wvn = W
         if not c._window_append_kernel(keys, values):
             k = fmt.fit(c._rotated(keys, c.rotate), c.dense_dtype)
@@ -192,11 +199,12 @@ class RowsBuffer:
             c._widen(*(mx.concatenate([t[i] for t in tokens], axis=2) for i in (1, 2)))
         for b, k, v in tokens:
             self._pack(b, k, v)
-        self.n, self.w, self.packed = n, w, [False] * len(n)
+        self.n, self.w, self.early = n, w, [False] * len(n)
         self.offsets = [o + 1 for o in self.offsets]
+        self._offset_array = None
         self.steps = [s + 1 for s in self.steps]
         for b, log in enumerate(self.logs):
-            if packs[b] or self.packed[b]:
+            if packs[b] or self.early[b]:
                 log.clear()
             log.append((self.offsets[b], self.steps[b]))
             del log[: -c.max_log]
@@ -283,21 +291,26 @@ def _shareable(r, first):
         and (r.kv_heads, r.k_dim, r.v_dim, r.dtype, r._wide) == (first.kv_heads, first.k_dim, first.v_dim,
                                                                   first.dtype, first._wide)
         and r._wn == r._wvn
-        and (0 if r.sink_keys is None else r.sink_keys.shape[2]) == r.sinks
+        and (0 if r.sink_keys is None else r.sink_keys.shape[2]) == r.sinks and r.offset > r.sinks
     )
 
 
-def _packed_rows(parts, like, n, cap):
-    """A row's packed arrays, its ``n`` tokens then zeros up to ``cap``."""
-    out = []
-    for i, ref in enumerate(like):
-        a = parts[i][:, :, :n] if n else mx.zeros(ref.shape[:2] + (0,) + ref.shape[3:], ref.dtype)
-        out.append(mx.pad(a, [(0, 0), (0, 0), (0, cap - n), (0, 0)]))
-    return out
+def _packed_row(r, parts, window, e, bits, cap):
+    """Row ``r``'s packed run (``parts``, its ``n_packed`` tokens), then the first ``e``
+    tokens of its ``window`` packed, then zeros up to ``cap`` tokens."""
+    n = r.n_packed
+    runs = [tuple(a[:, :, :n] for a in parts)] if n else []
+    if e or not runs:  # a row with nothing packed: a token of zeros gives the arrays' shapes
+        x = window[:, :, :e] if e else mx.zeros(window.shape[:2] + (1,) + window.shape[3:], window.dtype)
+        q = fmt.quantize(fmt.fit(x, r.store_dtype), bits, r.group_size, r.mode)
+        runs.append(tuple(a[:, :, :e] for a in q))
+    return [mx.pad(mx.concatenate(p, axis=2) if len(p) > 1 else p[0], [(0, 0), (0, 0), (0, cap - n - e), (0, 0)])
+            for p in zip(*runs)]
 
 
-def _window_row(x, w, c, room, shape=None, dtype=None):
-    """``x`` (its ``w`` tokens; None: none) right-aligned at column ``c`` of ``room`` columns."""
+def _window_row(x, w, c, room, shape, dtype):
+    """``x`` (its ``w`` tokens; None: none) right-aligned at column ``c`` of ``room`` columns
+    (``shape``: (1, heads, dim) and ``dtype`` of a row that has none)."""
     if x is None or not w:
         return mx.zeros(shape[:2] + (room,) + shape[2:], dtype)
     return mx.pad(x[:, :, x.shape[2] - w :], [(0, 0), (0, 0), (c - w, room - c), (0, 0)])

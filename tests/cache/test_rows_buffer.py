@@ -33,7 +33,8 @@ def rows_and_alone(lengths, **config):
     return RowsKVCache.merge(rows), ref
 
 
-CONFIGS = [dict(bits=4), dict(bits=2, window=16), dict(bits=4, sinks=0, start=60), dict(bits=8, rotate=False)]
+CONFIGS = [dict(bits=4), dict(bits=2, window=16), dict(bits=4, sinks=0, start=60), dict(bits=8, rotate=False),
+           dict(bits=4, window=0)]
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
@@ -117,17 +118,22 @@ def test_other_masks_get_the_holes():
 
 
 def test_rows_that_cannot_share_stay_apart():
-    """Float32 rows whose scales widened and rows whose did not, unequal lengths, fewer sinks
-    than asked."""
+    """Float32 rows whose scales widened and rows whose did not (or would on the next step),
+    unequal lengths, rows that hold no more than their sinks."""
     f32 = [QuantizedKVCache(bits=4) for _ in range(2)]
     for i, c in enumerate(f32):
         c.update_and_fetch(*(x.astype(mx.float32) * (1e5 if i else 1) for x in kv(40, i)))
         c.update_and_fetch(*(x.astype(mx.float32) for x in kv(1, i)))
     assert [c._wide for c in f32] == [False, True] and RowsBuffer.gather(f32) is None
+    fresh = [QuantizedKVCache(bits=4) for _ in range(2)]  # row 1's first step would widen its scales
+    for i, c in enumerate(fresh):
+        c.update_and_fetch(*(x.astype(mx.float32) * (1e5 if i else 1) for x in kv(40, i)))
+    assert RowsBuffer.gather(fresh) is None and RowsBuffer.gather(fresh[:1] * 2) is not None
     long_short, _ = rows_and_alone([3000, 40], bits=4)
     assert RowsBuffer.gather(long_short.rows) is None
-    few_sinks, _ = rows_and_alone([2, 40], bits=4, sinks=4)
-    assert RowsBuffer.gather(few_sinks.rows) is None
+    for short in (2, 4):  # fewer tokens than the sinks asked for, or only those
+        few, _ = rows_and_alone([short, 40], bits=4, sinks=4)
+        assert RowsBuffer.gather(few.rows) is None
     ok, _ = rows_and_alone([300, 200], bits=4)
     assert RowsBuffer.gather(ok.rows) is not None
 
