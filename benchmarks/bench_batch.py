@@ -36,6 +36,7 @@ import time
 
 import mlx.core as mx
 
+from mlx_kvq.cache import RowsKVCache
 from mlx_kvq.generation import batch_generate
 from mlx_kvq.models import prepare_model
 from mlx_kvq.models import load
@@ -71,28 +72,33 @@ def _size(arrays, as_fp16):
     return sum(a.nbytes // 2 if half(a) else a.nbytes for a in arrays if a is not None)
 
 
-def kv_bytes(caches, as_fp16=False):
-    """``(used, allocated)`` bytes of a batch prompt cache.
+def _arrays(x):
+    """The arrays in a (nested) cache state."""
+    if isinstance(x, mx.array):
+        return [x]
+    return [a for y in x for a in _arrays(y)] if isinstance(x, (tuple, list)) else []
 
-    ``as_fp16``: what the same cache takes for a float16 model (float32 keys, values,
-    scales and biases at half the bytes; packed words unchanged).
-    """
-    used = alloc = 0
+
+def kv_bytes(caches):
+    """``(used, allocated, used16, allocated16)`` bytes of a batch prompt cache; the last two:
+    what the same cache takes for a float16 model (float32 keys, values, scales and biases at
+    half the bytes; packed words unchanged)."""
+    out = [0, 0, 0, 0]
     for c in caches:
-        if hasattr(c, "cache"):  # BatchQuantizedKVCache
-            q, n = c.cache, c.cache.n_packed
-            sinks = [q.sink_keys, q.sink_values]
-            packed = list(q.keys or ()) + list(q.values or ())
-            used += _size(sinks + [q.window_keys, q.window_values] + [a[:, :, :n] for a in packed], as_fp16)
-            # the window's buffers (spare room included): what ``nbytes`` counts beyond the rest;
-            # stored in ``store_dtype`` (float16 for a float32 model since the cache has one)
-            window = q.nbytes - _size(sinks + packed, False)
-            wide = getattr(q, "store_dtype", q.dtype) == mx.float32
-            alloc += _size(sinks + packed, as_fp16) + (window // 2 if as_fp16 and wide else window)
+        if isinstance(c, RowsKVCache):
+            held = _arrays(c.state)  # in decode: the rows' shared buffer (before the rows leave it)
+            used = []
+            for r in c.rows:  # each row's own arrays (taken out of the buffer)
+                n = r.n_packed
+                used += [a[:, :, :n] for a in (r.packed_keys or ()) + (r.packed_values or ())]
+                used += [r.sink_keys, r.sink_values, r.window_keys, r.window_values]
         else:  # mlx-lm BatchKVCache
-            used += _size([c.keys[..., : c.size(), :], c.values[..., : c.size(), :]], as_fp16)
-            alloc += _size([c.keys, c.values], as_fp16)
-    return used, alloc
+            used = [c.keys[..., : c.size(), :], c.values[..., : c.size(), :]]
+            held = [c.keys, c.values]
+        for i, half in enumerate((False, True)):
+            out[2 * i] += _size(used, half)
+            out[2 * i + 1] += _size(held, half)
+    return tuple(out)
 
 
 def parse_config(spec):
@@ -126,8 +132,7 @@ def run(model, tokenizer, prompts, bits, max_tokens, verify=0):
     mx.reset_peak_memory()
     tic = time.perf_counter()
     r = batch_generate(model, tokenizer, prompts, max_tokens=max_tokens, **kv)
-    used, alloc = kv_bytes(r.caches)
-    used16, alloc16 = kv_bytes(r.caches, as_fp16=True)
+    used, alloc, used16, alloc16 = kv_bytes(r.caches)
     name = bits if bits == "fp16" else f"{bits.split('w')[0]}-bit" + (f" window {bits.split('w')[1]}" if "w" in bits else "")
     row = dict(
         cache=name, prompts=len(prompts), tokens=r.caches[0].size(), used=used, alloc=alloc,

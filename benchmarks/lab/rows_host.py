@@ -27,7 +27,7 @@ from mlx_lm.models import cache as lm_cache  # noqa: E402
 from mlx_lm.models import llama  # noqa: E402
 
 from mlx_kvq.bridge import make_prompt_cache  # noqa: E402
-from mlx_kvq.cache import BatchQuantizedKVCache, RowsKVCache  # noqa: E402
+from mlx_kvq.cache import RowsKVCache  # noqa: E402
 from mlx_kvq.kernels import backend, decode, selfcheck  # noqa: E402
 
 
@@ -59,10 +59,8 @@ def model_of_smollm2_shape(layers):
     return m
 
 
-def batch(model, B, prompt, kvq, one_buffer=False):
-    """B rows merged into the batch cache; B = 0: one row in the single-row cache.
-    ``one_buffer``: the rows merged into one B-row cache (``BatchQuantizedKVCache``, what
-    ``mlx_kvq.generate`` batches fixed prompts with: one launch per layer for all rows)."""
+def batch(model, B, prompt, kvq):
+    """B rows merged into the batch cache; B = 0: one row in the single-row cache."""
     rows = []
     for b in range(max(B, 1)):
         c = make_prompt_cache(model, 4) if kvq else lm_cache.make_prompt_cache(model)
@@ -71,7 +69,7 @@ def batch(model, B, prompt, kvq, one_buffer=False):
         rows.append(c)
     if B == 0:
         return rows[0]
-    merge = (BatchQuantizedKVCache.merge if one_buffer else RowsKVCache.merge) if kvq else lambda cs: type(cs[0]).merge(cs)
+    merge = RowsKVCache.merge if kvq else lambda cs: type(cs[0]).merge(cs)
     return [merge([r[i] for r in rows]) for i in range(len(rows[0]))]
 
 
@@ -103,23 +101,17 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=24)
     p.add_argument("--stand-in", action="store_true")
     p.add_argument("--profile", action="store_true")
-    p.add_argument("--one-buffer", action="store_true",
-                   help="also the rows in one B-row cache (BatchQuantizedKVCache): one launch per layer")
     a = p.parse_args(argv)
     if a.stand_in:
         stand_in()
     model = model_of_smollm2_shape(a.layers)
     print(f"# mlx_kvq from {Path(mlx_kvq.__file__).parent}; {mx.default_device()}{' (stand-in launcher)' if a.stand_in else ''}, {a.layers} layers, "
           f"prompts {a.prompt}+7b, median of {a.steps - 2} decode steps (ms)")
-    print("| rows | fp16 build | fp16 step | kvq-4 build | kvq-4 step | kvq-4 build per row-layer (us) |"
-          + (" one buffer build | one buffer step |" if a.one_buffer else ""))
+    print("| rows | fp16 build | fp16 step | kvq-4 build | kvq-4 step | kvq-4 build per row-layer (us) |")
     for B in (int(x) for x in a.rows.split(",")):
         fb, fs = steps(model, batch(model, B, a.prompt, False), B, a.steps)
         kb, ks = steps(model, batch(model, B, a.prompt, True), B, a.steps, a.profile)
         row = f"| {B or 'single'} | {fb:.2f} | {fs:.2f} | {kb:.2f} | {ks:.2f} | {(kb - fb) * 1e3 / (max(B, 1) * a.layers):.1f} |"
-        if a.one_buffer and B > 1:
-            ob, os_ = steps(model, batch(model, B, a.prompt, True, one_buffer=True), B, a.steps)
-            row += f" {ob:.2f} | {os_:.2f} |"
         print(row, flush=True)
 
 

@@ -12,8 +12,7 @@ next update, so the window never holds more than ``window`` + one chunk). In dec
 the window is packed down to ``window`` tokens on the 1st, ``flush_block + 1``-th, ...
 decode step after a prefill chunk, so the packing costs one launch per ``flush_block``
 tokens and at least ``window`` recent tokens are always unquantized. The schedule
-counts steps, not tokens held, so rows of different lengths decoded together in one
-batch cache pack exactly the tokens they would pack alone (``batch.merge``). The window
+counts steps, not tokens held (rows decoded together keep one each: ``RowsKVCache``). The window
 lives in a preallocated buffer that decoded tokens are written into in place.
 Keys (and optionally values) can be rotated by a fixed orthogonal (Hadamard)
 matrix before they are stored; attention rotates queries to match.
@@ -101,9 +100,6 @@ class QuantizedKVCache:
         # (offset, steps) after each update since the last one that packed tokens: the
         # states an exact trim can return to (``trim``)
         self._log = []
-        # Optional (B,) int array: row b's padding is the ``left_padding[b]`` positions
-        # right after the sink run (at the very start when the cache keeps no sinks).
-        self.left_padding = None
         self._after = None  # what ``state`` depends on (see ``keys``)
 
     # -- configuration -------------------------------------------------------
@@ -393,8 +389,6 @@ class QuantizedKVCache:
             [self.offset] if self.offset else [])
 
     def make_mask(self, N, return_array=False, window_size=None):
-        if self.left_padding is not None:
-            return self._padding_mask(causal_mask(N, self.offset, window_size))
         # as mlx-lm's caches: no mask for a single query without a window, even for
         # return_array (deepseek_v32 gathers the mask's columns when it is an array)
         if window_size is not None:
@@ -402,13 +396,6 @@ class QuantizedKVCache:
         if N == 1:
             return None
         return causal_mask(N, self.offset) if return_array else "causal"
-
-    def _padding_mask(self, mask):
-        """``mask`` (N, T) as (B, 1, N, T), hiding each row's padding (see ``left_padding``)."""
-        pad = self.left_padding.reshape(-1, 1, 1, 1)
-        k = mx.arange(mask.shape[-1])
-        hidden = (k >= self.sinks) & (k < self.sinks + pad)
-        return mask & ~hidden
 
     @property
     def nbytes(self):

@@ -231,6 +231,9 @@ class RowsKVCache:
     def keys(self, x):
         """Every row that holds tokens depends on ``x`` (``mx.depends(cache.keys, h)``), so
         evaluating the batch's state evaluates ``x``."""
+        if self._buffer is not None:
+            self._buffer.after = x
+            return
         held = [r for r in self.rows if r.keys is not None]
         if not held:
             raise ValueError("An empty batch cache's state holds no array to depend on: update it first.")
@@ -250,6 +253,12 @@ class RowsKVCache:
         if self._buffer is not None:
             return self._buffer.nbytes
         return sum(r.nbytes for r in self.rows)
+
+    def used_nbytes(self):
+        """Bytes the rows' tokens take (no spare room)."""
+        if self._buffer is not None:
+            return self._buffer.used_nbytes()
+        return sum(r.used_nbytes() for r in self.rows)
 
     def size(self):
         if self._buffer is not None:

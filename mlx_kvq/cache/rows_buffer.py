@@ -46,6 +46,7 @@ class RowsBuffer:
         self.offsets, self.steps, self.logs = offsets, steps, logs
         self.early = early or [False] * len(n)  # rows whose next step's packing ``gather`` did
         self._offset_array = None
+        self.after = None  # what the state depends on (mlx-lm's pipeline: ``RowsKVCache.keys``)
 
     # -- in and out ------------------------------------------------------------
     @classmethod
@@ -121,6 +122,8 @@ class RowsBuffer:
         if w:
             r.window_keys, r.window_values = own(src._wk[:, :, c - w : c]), own(src._wv[:, :, c - w : c])
         r.offset, r._steps, r._log = self.offsets[b], self.steps[b], list(self.logs[b])
+        if self.after is not None and r.keys is not None:  # as ``RowsKVCache.keys`` sets each row's
+            r.keys = self.after
         return r
 
     def rows(self):
@@ -239,11 +242,22 @@ class RowsBuffer:
     def arrays(self):
         c = self.cache
         out = [c.sink_keys, c.sink_values, c._wk, c._wv, *(c.packed_keys or ()), *(c.packed_values or ())]
-        return [a for a in out if a is not None]
+        out = [a for a in out if a is not None]
+        if self.after is not None:
+            out[0] = mx.depends(out[0], self.after)
+        return out
 
     @property
     def nbytes(self):
         return self.cache.nbytes
+
+    def used_nbytes(self):
+        """Bytes the rows' tokens take (``QuantizedKVCache.used_nbytes`` of each row, summed)."""
+        c, B = self.cache, len(self.n)
+        per_token = lambda a: a.nbytes // (B * a.shape[2])  # one row's token
+        used = sum(a.nbytes for a in (c.sink_keys, c.sink_values) if a is not None)
+        used += sum(per_token(a) * sum(self.n) for a in (c.packed_keys or ()) + (c.packed_values or ()))
+        return used + sum(per_token(a) * sum(self.w) for a in (c._wk, c._wv))
 
     def __len__(self):
         return len(self.n)
@@ -286,7 +300,7 @@ def with_holes(mask, view):
 def _shareable(r, first):
     return (
         getattr(type(r), "one_buffer", False) and type(r) is type(first)
-        and not getattr(r, "fetch_arrays", False) and r.left_padding is None
+        and not getattr(r, "fetch_arrays", False)
         and r.config == first.config and r.kv_heads is not None
         and (r.kv_heads, r.k_dim, r.v_dim, r.dtype, r._wide) == (first.kv_heads, first.k_dim, first.v_dim,
                                                                   first.dtype, first._wide)

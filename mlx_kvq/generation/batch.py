@@ -2,8 +2,8 @@
 
 Each prompt is prefilled alone, exactly as ``mlx_lm.stream_generate`` would do it
 (fp16 caches: in left-padded batches through mlx-lm's ``BatchKVCache``), then the
-per-prompt caches are merged into one batch cache (``mlx_kvq.cache.batch``) and decoded
-together. Outputs equal single runs up to the rounding of batched matrix products (as
+per-prompt caches are merged into one batch cache (``mlx_kvq.cache.RowsKVCache``) and
+decoded together. Outputs equal single runs up to the rounding of batched matrix products (as
 with mlx-lm's own batched fp16 generation).
 """
 
@@ -21,19 +21,19 @@ from ..bridge import (
     make_prompt_cache,
     merge_mlx_lm_caches,
 )
-from ..cache import BatchQuantizedKVCache, QuantizedKVCache
+from ..cache import QuantizedKVCache, RowsKVCache
 from .prefill import prefill
 from .prompts import encode_prompt
 
 
 def merge_caches(layer_caches):
-    """Per-prompt prompt caches (lists over layers) -> one batch prompt cache."""
+    """Per-prompt prompt caches (lists over layers) -> one batch prompt cache: our layers'
+    rows in a ``RowsKVCache`` (each row packing as alone; decoded in one buffer where the
+    rows can share one), mlx-lm's through its own ``merge``."""
     merged = []
     for rows in zip(*layer_caches):
         if isinstance(rows[0], QuantizedKVCache):
-            if type(rows[0]) is not QuantizedKVCache:
-                raise ValueError(f"{type(rows[0]).__name__} layers cannot be batched yet.")
-            merged.append(BatchQuantizedKVCache.merge(list(rows)))
+            merged.append(RowsKVCache.merge(list(rows)))
         else:
             merged.append(merge_mlx_lm_caches(list(rows)))
     return merged

@@ -7,7 +7,7 @@ import io
 import mlx.core as mx
 import pytest
 
-from mlx_kvq.cache import BatchQuantizedKVCache, QuantizedKVCache, QuantizedRotatingKVCache, RowsKVCache, merge
+from mlx_kvq.cache import QuantizedKVCache, QuantizedRotatingKVCache, RowsKVCache
 
 
 def graph(arrays):
@@ -37,8 +37,7 @@ def fill(cache, n, seed=0, rows=1):
 CACHES = {
     "plain": lambda: QuantizedKVCache(4),
     "rotating": lambda: QuantizedRotatingKVCache(4, max_size=48, keep=4),
-    "batch": lambda: BatchQuantizedKVCache(merge([fill(QuantizedKVCache(8), 40, s) for s in (1, 3)])),
-    # the server's continuous batch: the rows are the single-row caches
+    # the server's continuous batch: the rows are the single-row caches (in decode: in one buffer)
     "rows": lambda: RowsKVCache.merge([fill(QuantizedKVCache(4), 40, s) for s in (1, 3)]),
 }
 
@@ -47,17 +46,19 @@ CACHES = {
 @pytest.mark.parametrize("tokens", [40, 1, 3])  # a prefill chunk; a first token that the sinks hold
 def test_state_depends_on_what_keys_is_assigned(kind, tokens):
     cache = CACHES[kind]()
-    if kind not in ("batch", "rows"):
+    if kind != "rows":
         fill(cache, tokens)
     for step in range(3):  # the first forward pass on, prefill and decode steps
         if step:
-            fill(cache, 1, seed=10 + step, rows=2 if kind in ("batch", "rows") else 1)
+            fill(cache, 1, seed=10 + step, rows=2 if kind == "rows" else 1)
         keys = cache.keys
         assert isinstance(keys, mx.array)
         h = mx.erf(mx.arange(4.0))  # stands for the sent hidden state: Erf is nowhere else
         cache.keys = mx.depends(keys, h)
         assert "Erf" in graph(state_arrays(cache))
         mx.eval(state_arrays(cache))
+        if kind == "rows" and step:  # decode steps: the rows stay in their buffer
+            assert cache._buffer is not None
 
 
 def test_the_tokens_and_the_saved_state_are_unchanged():
@@ -75,6 +76,11 @@ def test_every_row_of_a_batch_depends_on_what_keys_is_assigned():
     cache.keys = mx.depends(cache.keys, mx.erf(mx.arange(4.0)))
     for row in cache.rows:
         assert "Erf" in graph(state_arrays(row))
+    fill(cache, 1, seed=7, rows=2)  # a decode step: the rows go into one buffer
+    cache.keys = mx.depends(cache.keys, mx.erf(mx.arange(5.0)))
+    assert cache._buffer is not None and "Erf" in graph(state_arrays(cache))
+    row = cache._buffer.row(0)  # a row taken out before the state is evaluated
+    assert "Erf" in graph(state_arrays(row))
     empty = RowsKVCache([QuantizedKVCache(4), QuantizedKVCache(4)])
     assert empty.keys is None
     with pytest.raises(ValueError, match="empty batch cache"):

@@ -58,6 +58,7 @@ def test_each_row_sees_what_its_cache_alone_holds(config):
                 np.testing.assert_array_equal(visible(view, part, b, mask), want)
         assert rows.offset.tolist() == [c.offset for c in ref]
     assert rows._buffer.n != [rows._buffer.n[0]] * 3 or rows._buffer.w != [rows._buffer.w[0]] * 3
+    assert rows.used_nbytes() == sum(c.used_nbytes() for c in ref) < rows.nbytes
     for b, c in enumerate(ref):
         got = rows.extract(b)
         assert (got.offset, got.n_packed, got._steps, got._log) == (c.offset, c.n_packed, c._steps, c._log)

@@ -1,15 +1,11 @@
 """Batched generation: each row's greedy output equals running its prompt alone."""
 
-import mlx.core as mx
 import pytest
 from mlx_lm import stream_generate
 
 import mlx_kvq
-from helpers import rel_err
-from mlx_kvq.attention import quantized_sdpa
-from mlx_kvq.cache import BatchQuantizedKVCache, merge
 from mlx_kvq.generation import batch_generate
-from mlx_kvq.cache import QuantizedKVCache
+from mlx_kvq.cache import QuantizedKVCache, RowsKVCache
 from mlx_kvq.generation import encode_prompt
 
 PROMPTS = [
@@ -60,88 +56,25 @@ def test_batch_matches_single_on_prompts_that_pack(fast_smollm, kv):
         assert tokenizer.decode(ids) == alone(model, tokenizer, prompt, max_tokens=n, **kv)
 
 
-def _prefilled(n, seed, config, H=2, D=64):
-    """A cache right after a one-chunk prefill of ``n`` random tokens."""
-    mx.random.seed(seed)
-    c = QuantizedKVCache(**config)
-    c.update_and_fetch(mx.random.normal((1, H, n, D)), mx.random.normal((1, H, n, D)))
-    return c
-
-
-@pytest.mark.parametrize("config", [dict(bits=4, window=8), dict(bits=4, sinks=0, window=8)])
-def test_merged_rows_pack_and_attend_as_alone(config):
-    """Decode a merged batch and each row alone for 2 * flush_block + 2 steps: the same
-    tokens are packed on the same steps, so attention agrees to rounding every step."""
-    lengths = [70, 23, 9]
-    alone_rows = [_prefilled(n, s, config) for s, n in enumerate(lengths)]
-    batch = merge([_prefilled(n, s, config) for s, n in enumerate(lengths)])
-    for step in range(2 * QuantizedKVCache.flush_block + 2):
-        mx.random.seed(100 + step)
-        q, k, v = (mx.random.normal((3, 2, 1, 64)) for _ in range(3))
-        mask = batch.make_mask(1)
-        view, _ = batch.update_and_fetch(k, v)
-        out = quantized_sdpa(q, view, scale=0.125, mask=mask)
-        for i, row in enumerate(alone_rows):
-            rview, _ = row.update_and_fetch(k[i : i + 1], v[i : i + 1])
-            ref = quantized_sdpa(q[i : i + 1], rview, scale=0.125)
-            assert rel_err(out[i : i + 1], ref) < 1e-5, (step, i)
-            # the batch's packed run holds the row's padding, then its packed tokens
-            assert row.n_packed == max(0, batch.n_packed - batch.left_padding[i].item())
-
-
 def test_batch_positions_are_per_row(fast_smollm):
     model, tokenizer = fast_smollm
     got = batch_generate(model, tokenizer, PROMPTS[:2], max_tokens=1)
     layer = got.caches[0]
-    assert isinstance(layer, BatchQuantizedKVCache)
+    assert isinstance(layer, RowsKVCache) and len(layer) == 2
     lengths = [len(encode_prompt(tokenizer, p)) for p in PROMPTS[:2]]
     assert layer.offset.tolist() == lengths  # each row's own position, for RoPE
-    assert layer.left_padding.tolist() == [max(lengths) - n for n in lengths]
 
 
-def _filled(n, seed, config, H=2, D=64):
-    mx.random.seed(seed)
-    c = QuantizedKVCache(**config)
-    k, v = mx.random.normal((1, H, n, D)), mx.random.normal((1, H, n, D))
-    c.update_and_fetch(k, v)
-    c.flush()
-    return c
-
-
-@pytest.mark.parametrize("config", [dict(bits=4), dict(bits=4, sinks=0), dict(bits=2, window=8)])
-@pytest.mark.parametrize("N", [1, 3])
-def test_left_padding_mask_hides_padding(config, N):
-    """Attention of a merged (padded) batch equals each row's attention alone, N == 1 too."""
-    rows = [_filled(n, s, config) for s, n in enumerate([20, 13, 7])]
-    batch = merge(rows)
-    assert batch.left_padding.tolist() == [0, 7, 13]
-    mx.random.seed(5)
-    q, k, v = (mx.random.normal((3, 2, N, 64)) for _ in range(3))
-    mask = batch.make_mask(N)
-    assert mask.shape == (3, 1, N, batch.offset + N)
-    view, _ = batch.update_and_fetch(k, v)
-    out = quantized_sdpa(q, view, scale=0.125, mask=mask)
-    for i, row in enumerate(rows):
-        m = row.make_mask(N, return_array=True)
-        rview, _ = row.update_and_fetch(k[i : i + 1], v[i : i + 1])
-        ref = quantized_sdpa(q[i : i + 1], rview, scale=0.125, mask=m)
-        assert rel_err(out[i : i + 1], ref) < 1e-5
-
-
-def test_left_padding_none_keeps_masks():
-    c = _filled(10, 0, dict(bits=4))
-    assert c.left_padding is None
-    assert c.make_mask(1) is None and c.make_mask(4) == "causal"
-    assert c.make_mask(2, return_array=True).shape == (2, 12)
-
-
-def test_merge_rejects_short_prompts_and_mixed_configs():
-    with pytest.raises(ValueError, match="too short"):
-        merge([_filled(10, 0, dict(bits=4)), _filled(3, 1, dict(bits=4))])
-    with pytest.raises(ValueError, match="one config"):
-        merge([_filled(10, 0, dict(bits=4)), _filled(10, 1, dict(bits=8))])
-    with pytest.raises(ValueError, match="quantized_kv_start"):
-        merge([_prefilled(20, 0, dict(bits=4, start=64)), _prefilled(12, 1, dict(bits=4, start=64))])
+@pytest.mark.parametrize("kv", [dict(kv_bits=4, quantized_kv_start=40, sinks=0), dict(kv_bits=4, max_kv_size=48),
+                                dict(kv_bits=4, sinks=64)], ids=["start", "rotating", "sinks-past-a-prompt"])
+def test_batch_matches_single_where_rows_pack_apart(fast_smollm, kv):
+    """Prompts whose rows start packing on different steps (shorter than quantized_kv_start),
+    sliding-window caches, a prompt shorter than the sinks: every row packs as alone."""
+    model, tokenizer = fast_smollm
+    prompts = ["Hi", f"Summarize: {LONG * 2} Who wrote the ships down?"]
+    got = batch_generate(model, tokenizer, prompts, max_tokens=10, **kv)
+    for prompt, ids in zip(prompts, got.token_ids):
+        assert tokenizer.decode(ids) == alone(model, tokenizer, prompt, max_tokens=10, **kv)
 
 
 def test_batch_generate_errors(fast_smollm):
