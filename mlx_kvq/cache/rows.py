@@ -1,11 +1,13 @@
 """RowsKVCache: single-row quantized caches decoded together, for continuous batching
-(mlx-lm's ``BatchGenerator``, which ``mlx_kvq.server`` runs).
+(mlx-lm's ``BatchGenerator``, which ``mlx_kvq.server`` runs) and ``batch_generate``.
 
-Every row keeps its own ``QuantizedKVCache`` (or ``QuantizedRotatingKVCache``) and every
+Every row is its own ``QuantizedKVCache`` (or ``QuantizedRotatingKVCache``) and every
 update goes to each row as that row's own update, so a row packs the same tokens on the
-same steps as when it runs alone, whenever it joins or leaves the batch. Attention runs
-row by row over each row's own view (``attention.rows_sdpa``); everything else in the
-model runs batched.
+same steps as when it runs alone, whenever it joins or leaves the batch. Prefill chunks
+attend row by row over each row's own view (``attention.rows_sdpa``). Decode steps go to
+one ``RowsBuffer`` holding all rows, which keeps each row's schedule (one window write
+and one attention call per layer), where the rows can share one; rows that cannot
+(``RowsBuffer.gather``) decode row by row. Everything else in the model runs batched.
 
 It implements what ``BatchGenerator`` asks of a batch cache: ``merge`` (single-row
 caches to a batch), ``prepare``/``finalize`` (a right-padded prefill: each row stores
@@ -86,7 +88,8 @@ class RowsMask(StandsForArray):
 
 
 class RowsKVCache:
-    """Single-row caches updated and attended to row by row, decoded as one batch."""
+    """Single-row caches decoded as one batch: in one ``RowsBuffer`` in decode steps where
+    they can share one, else updated and attended to row by row."""
 
     def __init__(self, rows):
         self._rows = list(rows)

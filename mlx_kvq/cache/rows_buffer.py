@@ -185,12 +185,11 @@ class RowsBuffer:
         """Store one token per row (``keys``/``values`` (B, H, 1, D)); the step's views."""
         move, col, packs, n, w = self._plan()
         c = self.cache
-        if move:
-            W = max(self.w)
-            room = W + c.flush_block + 1
-            moved = lambda buf: mx.pad(buf[:, :, c._wn - W : c._wn], [(0, 0), (0, 0), (0, room - W), (0, 0)])
+        if move:  # the longest row's window (``col`` tokens) back to the first columns
+            room = col + c.flush_block + 1
+            moved = lambda buf: mx.pad(buf[:, :, c._wn - col : c._wn], [(0, 0), (0, 0), (0, room - col), (0, 0)])
             c._wk, c._wv = moved(c._wk), moved(c._wv)
-            c._wn = c._wvn = W
+            c._wn = c._wvn = col
         if not c._window_append_kernel(keys, values):
             k = fmt.fit(c._rotated(keys, c.rotate), c.dense_dtype)
             v = fmt.fit(c._rotated(values, c.rotate == "kv"), c.dense_dtype)
@@ -227,11 +226,9 @@ class RowsBuffer:
         c, nb, m = self.cache, self.n[b], keys.shape[2]
         need = nb + m
         if c.packed_keys is None or need > c.packed_keys[0].shape[2]:
-            grow = -(-need // c.step) * c.step
-            c.packed_keys = _grown(c.packed_keys, keys, c.k_bits, c)
-            c.packed_values = _grown(c.packed_values, values, c.v_bits, c)
-            c.packed_keys = _to(c.packed_keys, grow)
-            c.packed_values = _to(c.packed_values, grow)
+            cap = -(-need // c.step) * c.step
+            c.packed_keys = _to(_grown(c.packed_keys, keys, c.k_bits, c), cap)
+            c.packed_values = _to(_grown(c.packed_values, values, c.v_bits, c), cap)
         for name, x, bits in (("packed_keys", keys, c.k_bits), ("packed_values", values, c.v_bits)):
             new = fmt.quantize(fmt.fit(x, c.store_dtype), bits, c.group_size, c.mode)
             bufs = getattr(c, name)
@@ -240,6 +237,7 @@ class RowsBuffer:
             setattr(c, name, bufs)
 
     def arrays(self):
+        """The buffer's arrays (the first depending on ``after`` where it is set)."""
         c = self.cache
         out = [c.sink_keys, c.sink_values, c._wk, c._wv, *(c.packed_keys or ()), *(c.packed_values or ())]
         out = [a for a in out if a is not None]
