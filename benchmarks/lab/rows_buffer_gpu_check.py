@@ -12,10 +12,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT / "tests" / "cache"), str(ROOT / "tests"), str(ROOT)]
 
 import mlx.core as mx  # noqa: E402
-from helpers import tiny  # noqa: E402
-from test_rows_cache import alone, joining_and_leaving, prompt  # noqa: E402
+from test_rows_cache import alone, batch_run  # noqa: E402
 
-from mlx_kvq.bridge import serve_caches  # noqa: E402
 from mlx_kvq.cache import RowsBuffer  # noqa: E402
 
 
@@ -24,12 +22,7 @@ def run(name, apart):
     if apart:
         RowsBuffer.gather = classmethod(lambda cls, rows: None)
     try:
-        m = tiny(name)
-        m.set_dtype(mx.float16)
-        kv = dict(kv_bits=4, kv_group_size=32, window=8)
-        model = serve_caches(m, **kv)
-        prompts = [[t % 64 for t in prompt(n, s)] for s, n in enumerate([45, 9, 70, 33, 52])]
-        _, got = joining_and_leaving(model, prompts, 12, 16)
+        model, kv, prompts, got = batch_run(name, mx.float16)
         for i, (toks, p) in enumerate(zip(got, prompts)):
             if toks is None:
                 continue

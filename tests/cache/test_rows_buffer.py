@@ -5,7 +5,7 @@ and requests batch as alone (float16 models: a float32 model's rows stay apart).
 import mlx.core as mx
 import numpy as np
 import pytest
-from test_rows_cache import alone, assert_as_alone, joining_and_leaving, prompt, tiny_model
+from test_rows_cache import assert_as_alone, batch_as_alone, joining_and_leaving, prompt, tiny_model
 
 from mlx_kvq.bridge import serve_caches
 from mlx_kvq.cache import QuantizedKVCache, RowsBuffer, RowsKVCache, with_holes
@@ -15,6 +15,11 @@ from mlx_kvq.cache.quantized import causal_mask
 def kv(n, seed, H=2, D=64):
     k = mx.random.normal((1, H, n, D), key=mx.random.key(seed)).astype(mx.float16)
     return k, (k * 0.5 + 1).astype(mx.float16)
+
+
+def stacked(step):
+    """Each row's ``(keys, values)`` of one step as the batch's."""
+    return tuple(mx.concatenate([s[i] for s in step]) for i in (0, 1))
 
 
 def visible(view, part, b, mask):
@@ -49,7 +54,7 @@ def test_each_row_sees_what_its_cache_alone_holds(config):
     for t in range(40):
         mask = rows.make_mask(1)
         step = [kv(1, 1000 + 10 * t + b) for b in range(3)]
-        view, values = rows.update_and_fetch(*(mx.concatenate([s[i] for s in step]) for i in (0, 1)))
+        view, values = rows.update_and_fetch(*stacked(step))
         assert rows._buffer is not None and view.holes is mask
         for b, (c, s) in enumerate(zip(ref, step)):
             alone_view, _ = c.update_and_fetch(*s)
@@ -73,7 +78,7 @@ def test_rows_leave_and_join_the_buffer():
     rows, ref = rows_and_alone([40, 50, 60], bits=4)
     for t in range(3):
         step = [kv(1, 50 + 10 * t + b) for b in range(3)]
-        rows.update_and_fetch(*(mx.concatenate([s[i] for s in step]) for i in (0, 1)))
+        rows.update_and_fetch(*stacked(step))
         for c, s in zip(ref, step):
             c.update_and_fetch(*s)
     rows.filter([2, 0])
@@ -85,7 +90,7 @@ def test_rows_leave_and_join_the_buffer():
     ref = [ref[2], ref[0], new_ref[0]]
     mask = rows.make_mask(1)
     step = [kv(1, 300 + b) for b in range(3)]
-    view, _ = rows.update_and_fetch(*(mx.concatenate([s[i] for s in step]) for i in (0, 1)))
+    view, _ = rows.update_and_fetch(*stacked(step))
     assert rows._buffer is not None and rows.offset.tolist() == [c.offset + 1 for c in ref]
     for b, (c, s) in enumerate(zip(ref, step)):
         want = np.array(c.update_and_fetch(*s)[0].array[0].astype(mx.float32))
@@ -98,7 +103,7 @@ def test_sliding_window_mask_is_each_rows_own():
     for t in range(5):
         mask = rows.make_mask(1, window_size=20)
         step = [kv(1, 70 + 10 * t + b) for b in range(3)]
-        rows.update_and_fetch(*(mx.concatenate([s[i] for s in step]) for i in (0, 1)))
+        rows.update_and_fetch(*stacked(step))
         holes = rows._buffer.view()[0].holes
         for b, (c, s) in enumerate(zip(ref, step)):
             want = causal_mask(1, c.offset, 20)[0]  # over the row's own keys, in order
@@ -108,7 +113,7 @@ def test_sliding_window_mask_is_each_rows_own():
 
 def test_other_masks_get_the_holes():
     rows, _ = rows_and_alone([20, 40], bits=4)
-    rows.update_and_fetch(*(mx.concatenate([kv(1, b)[i] for b in range(2)]) for i in (0, 1)))
+    rows.update_and_fetch(*stacked([kv(1, b) for b in range(2)]))
     view, _ = rows._buffer.view()
     h = view.holes
     assert with_holes(None, view) is h and with_holes("causal", view) is h and with_holes(h, view) is h
@@ -156,13 +161,20 @@ KV = {
 }
 
 
-@pytest.mark.parametrize("kv_", KV.values(), ids=KV.keys())
-def test_requests_joining_and_leaving_a_buffer_match_alone(kv_, monkeypatch):
-    """mlx-lm's BatchGenerator with a float16 model: the rows decode in one buffer, requests
-    join and leave it, and every request's greedy tokens equal its run alone."""
+@pytest.fixture
+def buffer_steps(monkeypatch):
+    """The rows in each ``RowsBuffer.step`` of the test, one entry per step and layer."""
     steps = []
     step = RowsBuffer.step
     monkeypatch.setattr(RowsBuffer, "step", lambda self, k, v: steps.append(len(self)) or step(self, k, v))
+    return steps
+
+
+@pytest.mark.parametrize("kv_", KV.values(), ids=KV.keys())
+def test_requests_joining_and_leaving_a_buffer_match_alone(kv_, buffer_steps):
+    """mlx-lm's BatchGenerator with a float16 model: the rows decode in one buffer, requests
+    join and leave it, and every request's greedy tokens equal its run alone."""
+    steps = buffer_steps
     m = tiny_model()
     m.set_dtype(mx.float16)
     model = serve_caches(m, **kv_)
@@ -176,30 +188,11 @@ def test_requests_joining_and_leaving_a_buffer_match_alone(kv_, monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["deepseek_v2", "minicpm3", "phi", "stablelm", "gemma3n"])
-def test_models_that_compute_with_what_they_fetch_in_one_buffer(name, monkeypatch):
+def test_models_that_compute_with_what_they_fetch_in_one_buffer(name, buffer_steps):
     """MLA (key and value head dims that differ), casts, another layer's cache: the rows'
     arrays include the buffer's holes, which the step's mask hides."""
-    from helpers import tiny
-
-    steps = []
-    step = RowsBuffer.step
-    monkeypatch.setattr(RowsBuffer, "step", lambda self, k, v: steps.append(len(self)) or step(self, k, v))
-    m = tiny(name)
-    m.set_dtype(mx.float16)
-    kv_ = dict(kv_bits=4, kv_group_size=32, window=8)
-    model = serve_caches(m, **kv_)
-    prompts = [[t % 64 for t in prompt(n, s)] for s, n in enumerate([45, 9, 70, 33, 52])]
-    _, got = joining_and_leaving(model, prompts, 12, 16)
-    assert steps
-    for toks, p in zip(got, prompts):
-        if toks is not None:
-            assert_as_alone(toks, model, p, 12, kv_, 16)
-
-
-def test_alone_is_the_reference():
-    """The helper the tests above compare with runs a single-row cache (no buffer)."""
-    model = serve_caches(tiny_model(), kv_bits=4)
-    assert len(alone(model, prompt(20, 1), 3, dict(kv_bits=4), 16)) == 3
+    batch_as_alone(name, mx.float16)
+    assert buffer_steps
 
 
 def test_float32_rows_widen_together():
@@ -217,7 +210,7 @@ def test_float32_rows_widen_together():
         step = [tuple(x.astype(mx.float32) * (1e5 if (t, b) == (0, 0) else 1) for x in kv(1, 500 + 10 * t + b))
                 for b in range(2)]
         mask = rows.make_mask(1)
-        view, _ = rows.update_and_fetch(*(mx.concatenate([s[i] for s in step]) for i in (0, 1)))
+        view, _ = rows.update_and_fetch(*stacked(step))
         alone_views = [c.update_and_fetch(*s)[0] for c, s in zip(ref, step)]
     assert rows._buffer.cache._wide and [c._wide for c in ref] == [True, False]
     for b, a in enumerate(alone_views):

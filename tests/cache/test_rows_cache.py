@@ -193,13 +193,23 @@ def test_rotating_rows_of_models_that_compute_with_what_they_fetch_batch_as_alon
     batch_as_alone(name, max_kv_size=24)
 
 
-def batch_as_alone(name, **extra):
+def batch_run(name, dtype=None, **extra):
+    """A tiny ``name`` model (in ``dtype``) serving requests that join and leave a batch:
+    ``(model, kv, prompts, each prompt's greedy tokens or None)``; 12 new tokens, chunks of 16."""
     from helpers import tiny
 
     kv = dict(kv_bits=4, kv_group_size=32, window=8, **extra)
-    model = serve_caches(tiny(name), **kv)
+    m = tiny(name)
+    if dtype is not None:
+        m.set_dtype(dtype)
+    model = serve_caches(m, **kv)
     prompts = [[t % 64 for t in prompt(n, s)] for s, n in enumerate([45, 9, 70, 33, 52])]
-    gen, rows = joining_and_leaving(model, prompts, 12, 16)
+    _, rows = joining_and_leaving(model, prompts, 12, 16)
+    return model, kv, prompts, rows
+
+
+def batch_as_alone(name, dtype=None, **extra):
+    model, kv, prompts, rows = batch_run(name, dtype, **extra)
     for toks, p in zip(rows, prompts):
         if toks is not None:
             assert_as_alone(toks, model, p, 12, kv, 16)
