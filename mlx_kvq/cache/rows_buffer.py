@@ -65,8 +65,8 @@ class RowsBuffer:
             return None
         # what each row's next step packs is packed here (less the token that step adds), so
         # that the buffer takes each row's window, not its last prefill chunk
-        early = [max(r._wn - max(r.window - 1, 0), 0) if r._steps % r.flush_block == 0 and r.offset + 1 >= r.start
-                 else 0 for r in rows]
+        early = [max(r._wn - max(r.window - 1, 0), 0) if _packs(r._steps, r.offset, r.flush_block, r.start) else 0
+                 for r in rows]
         new = [x[:, :, :e] for r, e in zip(rows, early) if e for x in (r.window_keys, r.window_values)]
         if new and first.store_dtype != first.dense_dtype and fmt.overflows(new, mx.float16):
             return None  # a float32 model's row whose scales widen on this step: it does so alone
@@ -159,8 +159,7 @@ class RowsBuffer:
         packs, n, w = [], [], []
         for nb, wb, o, st in zip(self.n, self.w, self.offsets, self.steps):
             wb += 1
-            extra = wb - cfg["window"] if st % fb == 0 and o + 1 >= cfg["start"] else 0
-            extra = max(extra, 0)
+            extra = max(wb - cfg["window"], 0) if _packs(st, o, fb, cfg["start"]) else 0
             packs.append(extra)
             n.append(nb + extra)
             w.append(wb - extra)
@@ -293,6 +292,12 @@ def with_holes(mask, view):
     if mask.dtype == mx.bool_:
         return mask & h
     return mx.where(h, mask, mx.array(mx.finfo(mask.dtype).min, mask.dtype))
+
+
+def _packs(steps, offset, flush_block, start):
+    """Whether a row's next decode step packs its window (``QuantizedKVCache.update_and_fetch``'s
+    schedule), given its decode steps since its last prefill chunk and its tokens."""
+    return steps % flush_block == 0 and offset + 1 >= start
 
 
 def _shareable(r, first):
