@@ -226,10 +226,12 @@ class RowsBuffer:
         need = nb + m
         if c.packed_keys is None or need > c.packed_keys[0].shape[2]:
             cap = -(-need // c.step) * c.step
-            c.packed_keys = _to(_grown(c.packed_keys, keys, c.k_bits, c), cap)
-            c.packed_values = _to(_grown(c.packed_values, values, c.v_bits, c), cap)
+            B = len(self.n)
+            none = lambda x, bits: _packed(mx.zeros((B,) + x.shape[1:2] + (0,) + x.shape[3:], x.dtype), bits, c)
+            c.packed_keys = _to(c.packed_keys or none(keys, c.k_bits), cap)
+            c.packed_values = _to(c.packed_values or none(values, c.v_bits), cap)
         for name, x, bits in (("packed_keys", keys, c.k_bits), ("packed_values", values, c.v_bits)):
-            new = fmt.quantize(fmt.fit(x, c.store_dtype), bits, c.group_size, c.mode)
+            new = _packed(x, bits, c)
             bufs = getattr(c, name)
             for buf, part in zip(bufs, new):
                 buf[b : b + 1, :, nb:need] = part
@@ -317,12 +319,9 @@ def _packed_row(r, parts, window, e, bits, cap):
     tokens of its ``window`` packed, then zeros up to ``cap`` tokens."""
     n = r.n_packed
     runs = [tuple(a[:, :, :n] for a in parts)] if n else []
-    if e or not runs:  # a row with nothing packed: a token of zeros gives the arrays' shapes
-        x = window[:, :, :e] if e else mx.zeros(window.shape[:2] + (1,) + window.shape[3:], window.dtype)
-        q = fmt.quantize(fmt.fit(x, r.store_dtype), bits, r.group_size, r.mode)
-        runs.append(tuple(a[:, :, :e] for a in q))
-    return [mx.pad(mx.concatenate(p, axis=2) if len(p) > 1 else p[0], [(0, 0), (0, 0), (0, cap - n - e), (0, 0)])
-            for p in zip(*runs)]
+    if e or not runs:  # a row with nothing packed still gives the arrays' shapes
+        runs.append(_packed(window[:, :, :e], bits, r))
+    return _to(tuple(mx.concatenate(p, axis=2) if len(p) > 1 else p[0] for p in zip(*runs)), cap)
 
 
 def _window_row(x, w, c, room, shape, dtype):
@@ -333,13 +332,12 @@ def _window_row(x, w, c, room, shape, dtype):
     return mx.pad(x[:, :, x.shape[2] - w :], [(0, 0), (0, 0), (c - w, room - c), (0, 0)])
 
 
-def _grown(bufs, x, bits, c):
-    """The packed buffers, or empty ones in ``x``'s format (a row's tokens) where there are none."""
-    if bufs is not None:
-        return bufs
-    z = mx.zeros(x.shape[:2] + (1,) + x.shape[3:], c.store_dtype)
-    B = c.kv_heads // x.shape[1]
-    return tuple(mx.zeros((B, x.shape[1], 0, a.shape[-1]), a.dtype) for a in fmt.quantize(z, bits, c.group_size, c.mode))
+def _packed(x, bits, c):
+    """``x`` (B, H, L, D) packed in cache ``c``'s format, scales in its ``store_dtype``; for
+    L = 0 arrays of no tokens in that format."""
+    z = x if x.shape[2] else mx.zeros(x.shape[:2] + (1,) + x.shape[3:], x.dtype)
+    q = fmt.quantize(fmt.fit(z, c.store_dtype), bits, c.group_size, c.mode)
+    return tuple(q) if x.shape[2] else tuple(a[:, :, :0] for a in q)
 
 
 def _to(bufs, cap):
