@@ -275,12 +275,14 @@ inline std::string run_threadgroup(int nthreads, std::mt19937& rng, std::functio
   std::vector<int> order(nthreads);
   for (int i = 0; i < nthreads; i++) order[i] = i;
   int remaining = nthreads;
-  // Each round one simdgroup may be held back (its fibers not resumed) while the others run
-  // on, so that a simdgroup gets ahead of another by several synchronisation points: a
-  // missing barrier between one simdgroup's reads of threadgroup memory and another's
-  // later writes shows up (simdgroups with the same sequence of collectives otherwise move
-  // in step).  A round without progress is run again with none held back.
-  int held = -1;
+  // One simdgroup at a time may be held back (its fibers not resumed) for 1 to 16 rounds
+  // (a hold starts in one round of 8, so about half the rounds hold one) while the others run on, so that a simdgroup gets ahead of another by up to 16
+  // synchronisation points: a missing barrier between one simdgroup's threadgroup-memory
+  // writes and another's reads (or reads and later writes) shows up even where each side
+  // has a dozen collectives of its own in between (simdgroups with the same sequence of
+  // collectives otherwise move in step).  A round without progress is run again with none
+  // held back.
+  int held = -1, hold_rounds = 0;
   while (remaining > 0 && st.error.empty()) {
     std::shuffle(order.begin(), order.end(), rng);
     st.progress = false;
@@ -295,9 +297,17 @@ inline std::string run_threadgroup(int nthreads, std::mt19937& rng, std::functio
     if (!st.progress && remaining > 0 && st.error.empty()) {
       if (held < 0) st.error = "deadlock: a barrier or simd collective was not reached by all threads";
       held = -1;
+      hold_rounds = 0;
       continue;
     }
-    held = (nsg > 1 && rng() % 2) ? int(rng() % nsg) : -1;
+    if (hold_rounds > 0) {
+      hold_rounds--;
+    } else if (nsg > 1 && rng() % 8 == 0) {
+      held = int(rng() % nsg);
+      hold_rounds = int(rng() % 16);
+    } else {
+      held = -1;
+    }
   }
   std::string err = st.error;
   state() = prev;
