@@ -17,6 +17,8 @@ The families, one module each:
 * :mod:`.packed` -- ``packed_attention``: ``(out, lse)`` over one packed run; ``supports``.
 * :mod:`.prefill` -- ``prefill_attention``: a prefill chunk over one packed run with
   ``simdgroup_matrix`` products (Metal's prefill of layers too large to copy); ``prefill_supports``.
+* :mod:`.latent` -- ``latent_attention``: many query heads over one packed run that is both the
+  keys and the values (MLA's latent), ``simdgroup_matrix`` products (Metal); ``latent_supports``.
 * :mod:`.merge` -- ``merge_launch``: split partials merged by log-sum-exp.
 * :mod:`.quantize` -- ``quantize_append``: pack new tokens into the preallocated buffers.
 * :mod:`.window` -- ``window_append``: write decoded tokens into the unquantized window.
@@ -45,6 +47,7 @@ from .decode import (
     decode_supports,
     is_decode,
 )
+from .latent import latent_attention, latent_launch, latent_supports
 from .merge import merge_launch
 from .packed import attention_launch, packed_attention, plan, supports
 from .prefill import prefill_attention, prefill_launch, prefill_supports

@@ -241,6 +241,20 @@ def check_packed(launch, run, q_dtype, s_dtype, D, k_bits, v_bits, gs, mode, rep
     return _attention_mismatch(out, lse, ro, rl)
 
 
+def check_latent(launch, run, q_dtype, s_dtype, D, bits, gs, rep, L, mask_kind, mask_dtype, causal):
+    """sdpa_latent (+ its merge) on a tiny packed run split in two, the keys as values."""
+    rnd = _Rand(11)
+    B, Hkv, n = 1, 1, 40
+    kp, _, kd, _ = _packed_pair(rnd, B, Hkv, n + 8, D, bits, bits, gs, "affine", s_dtype)
+    q = rnd.normal((B, Hkv * rep, L, D)).astype(q_dtype)
+    mask = _mask(rnd, mask_kind, mask_dtype, B, Hkv * rep, L, n)
+    scale = D**-0.5
+    out, lse = run(launch, q, kp, n, bits=bits, group_size=gs, scale=scale, q_start=n - L, k_start=0,
+                   causal=causal, mask=mask, nsplit=2)
+    ro, rl = _dense_reference(q, kd[:, :, :n], kd[:, :, :n], scale, n - L, causal, mask)
+    return _attention_mismatch(out, lse, ro, rl)
+
+
 def check_quantize(launch, run, dtype, D, bits, gs, flavor):
     """quantize_append's kernel against ``mx.quantize``, bit for bit."""
     rnd = _Rand(9)
@@ -325,6 +339,16 @@ def prefill_case(launch, run, q_dtype, s_dtype, D, k_bits, v_bits, group_size, r
                                                    "affine", min(rep, 4), CHECK_QUERIES, 0, None, bool(causal))
 
 
+def latent_case(launch, run, q_dtype, s_dtype, D, bits, group_size, rep, L, mask=None, causal=False):
+    mk = 0 if mask is None else (1 if mask.dtype == mx.bool_ else 2)
+    mdt = None if mask is None else mask.dtype
+    config = (("T", q_dtype), ("S", s_dtype), ("D", D), ("KB", bits), ("GS", group_size), ("MASK", mk),
+              ("MT", mdt), ("CAUSAL", bool(causal)))
+    # up to 20 rows: a whole tile of 16 and a partial one
+    return "latent", config, lambda: check_latent(launch, run, q_dtype, s_dtype, D, bits, group_size,
+                                                  min(rep, 20), min(L, CHECK_QUERIES), mk, mdt, bool(causal))
+
+
 def quantize_case(launch, run, dtype, D, bits, group_size, flavor):
     config = (("T", dtype), ("D", D), ("BITS", bits), ("GS", group_size))
     return "quantize_append", config, lambda: check_quantize(launch, run, dtype, D, bits, group_size, flavor)
@@ -356,6 +380,14 @@ def prefill_ok(launch, run, q, k_packed, k_bits, v_bits, group_size, mode, causa
             bool(causal))
     return _fast(fast, launch, lambda: prefill_case(
         launch, run, q.dtype, k_packed[1].dtype, q.shape[-1], k_bits, v_bits, group_size, rep, causal))
+
+
+def latent_ok(launch, run, q, packed, bits, group_size, mask, causal):
+    rep = q.shape[1] // packed[0].shape[1]
+    fast = ("latent", launch, q.dtype, packed[1].dtype, q.shape[-1], bits, group_size, min(rep, 20),
+            min(q.shape[2], CHECK_QUERIES), None if mask is None else mask.dtype, bool(causal))
+    return _fast(fast, launch, lambda: latent_case(
+        launch, run, q.dtype, packed[1].dtype, q.shape[-1], bits, group_size, rep, q.shape[2], mask, causal))
 
 
 def quantize_ok(launch, run, dtype, D, bits, group_size, flavor):

@@ -25,6 +25,13 @@ KERNELS = {
         ["out", "lse"],
         False,
     ),
+    # keys and values one packed run (MLA's latent), simdgroup_matrix products
+    "sdpa_latent": (
+        "sdpa_latent.metal",
+        ["q", "kw", "ks", "kb", "mask", "carrier", "fparams"],
+        ["out", "lse"],
+        False,
+    ),
     "sdpa_decode": ("sdpa_decode.metal", _DECODE_INPUTS, ["out", "lse"], False),
     # the same body with the merge in the launch (DEFINES): + tile counters; + final out, lse
     "sdpa_decode_fused": ("sdpa_decode.metal", _DECODE_INPUTS + ["counter"], ["out", "lse", "fout", "flse"], False),
