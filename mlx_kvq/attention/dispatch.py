@@ -221,15 +221,21 @@ def _segment_parts(q, view, scale, mask, use_kernels=True):
     causal, array_mask = _split_mask(mask)
     parts = []
     for kind, k, v, k_start, n, pos in view.segments():
-        m = array_mask
-        if m is not None:
-            m = m[..., k_start : k_start + n] if pos is None else mx.take(m, pos, axis=-1)
+        m = segment_mask(array_mask, k_start, n, pos)
         args = dict(scale=scale, q_start=view.q_start, k_start=k_start, causal=causal, mask=m)
         if kind == "packed":
             parts.append(packed_attention(q, k, v, n, view.format, use_kernels, **args))
         else:
             parts.append(dense_attention(q, k, v, k_pos=pos, **args))
     return parts
+
+
+def segment_mask(mask, k_start, n, pos):
+    """The columns of an array ``mask`` (None: none) for the view segment of ``n`` keys from
+    ``k_start``, or at positions ``pos``."""
+    if mask is None:
+        return None
+    return mask[..., k_start : k_start + n] if pos is None else mx.take(mask, pos, axis=-1)
 
 
 def packed_attention(q, k, v, n, fmt, use_kernels=True, **args):

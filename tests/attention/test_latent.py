@@ -102,3 +102,58 @@ def test_batch_rows_take_the_rotated_latent_row_by_row(monkeypatch):
     got = model(mx.array([[6], [6]]), cache=batch)
     assert len(calls) == 2 * len(model.layers)  # every layer, row by row
     assert rel_err(got, ref) < 10 * TOL
+
+
+@pytest.mark.parametrize("bits,rotate,dim", [(4, "kv", 64), (8, None, 64), (4, "k", 72), (2, "kv", 64)])
+def test_latent_kernel_matches_fp32_attention_over_the_part(emu, run_kernels_on, bits, rotate, dim):
+    """The packed run read by the latent kernel (run by the emulator), the sinks and window by
+    the reference, merged; 72 dims: zero-padded to 96."""
+    run_kernels_on(emu)
+    view = filled_view(bits, rotate, dim, 100)
+    q = mx.random.normal((1, 20, 1, dim))
+    mask = mx.random.normal((1, 20, 1, 100))
+    emu.launches.clear()
+    out = latent_sdpa(q, view, mlx_attention, scale=dim**-0.5, mask=mask)
+    assert [name for name, *_ in emu.launches] == ["sdpa_latent"]
+    ref = plain_attention(q, view.array, view.array, dim**-0.5, mask)
+    assert out.shape == (1, 20, 1, dim) and out.dtype == q.dtype
+    assert rel_err(out, ref) < TOL
+
+
+def test_latent_kernel_float16_batch_rows_and_causal_queries(emu, run_kernels_on):
+    """float16 queries and cache, two batch rows with a bool mask each, then prefill queries
+    with the causal mask string: the kernel's output equals the copy route's."""
+    run_kernels_on(emu)
+    view = filled_view(4, "kv", 64, 70, dtype=mx.float16)
+    q = mx.random.normal((1, 16, 1, 64)).astype(mx.float16)
+    keep = mx.arange(70).reshape(1, 1, 1, 70) % 3 != 1
+    emu.launches.clear()
+    out = latent_sdpa(q, view, mlx_attention, scale=0.125, mask=keep)
+    assert emu.launches and emu.launches[0][0] == "sdpa_latent"
+    x = view.array.astype(mx.float32)
+    assert rel_err(out, plain_attention(q.astype(mx.float32), x, x, 0.125, keep)) < 2e-3  # a float16 output
+    view = view.for_queries(4)
+    q = mx.random.normal((1, 4, 4, 64)).astype(mx.float16)
+    out = latent_sdpa(q, view, mlx_attention, scale=0.125, mask="causal")
+    causal = mx.where(mx.arange(70)[None] <= mx.arange(66, 70)[:, None], 0.0, -mx.inf)
+    assert rel_err(out, plain_attention(q.astype(mx.float32), x, x, 0.125, causal)) < 2e-3
+
+
+def test_deepseek_v3_decode_with_the_latent_kernel(emu, run_kernels_on):
+    """A tiny DeepSeek-V3's decode logits with the latent kernel (emulator) equal those over
+    the dequantized latent (the CPU's route)."""
+    model = tiny("deepseek_v3")
+    prompt = mx.array([[1, 5, 9, 2, 7, 3] * 8])
+
+    def run():
+        cache = mlx_kvq.make_prompt_cache(model, kv_bits=4, kv_group_size=32, window=8)
+        model(prompt, cache=cache)
+        return [model(mx.array([[t]]), cache=cache) for t in (4, 8, 1)]
+
+    ref = run()
+    run_kernels_on(emu)
+    emu.launches.clear()
+    got = run()
+    assert sum(name == "sdpa_latent" for name, *_ in emu.launches) >= 3 * len(model.model.layers)
+    for g, r in zip(got, ref):
+        assert rel_err(g, r) < 10 * TOL
