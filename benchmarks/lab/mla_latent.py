@@ -5,10 +5,12 @@ bridge answers with ``attention/latent.py``: the latent dequantized as stored, a
 per step, rotated queries); ``copy``: the latent dequantized and rotated back token by token
 (the route before it); ``latent``: the packed latent itself routed to ``quantized_sdpa``
 (``keys_as_values`` below, no copy), with the dispatch path it took; ``qmm``:
-``mx.quantized_matmul`` over the packed latent, every head a row of one product.
+``mx.quantized_matmul`` over the packed latent, every head a row of one product; ``kernel``:
+``arrays`` with the latent kernel (``kernels/latent.py``, Metal's route) run on this backend
+too (on CUDA its ``simdgroup_matrix`` products are warp shuffles).
 
     python3 benchmarks/lab/mla_latent.py --context 4096,32768,131072 --bits 4,8 [--group 64]
-        [--routes arrays,copy,latent,qmm] [--chain 8]
+        [--routes arrays,copy,latent,qmm,kernel] [--chain 8]
 
 The cache is filled with random latents (no prefill through the layer), then ``--steps``
 decode steps run through ``DeepseekV3Attention`` (random weights, the model's dtype:
@@ -33,6 +35,8 @@ from mlx_lm.models import deepseek_v3  # noqa: E402
 
 from mlx_kvq import bridge  # noqa: E402
 from mlx_kvq.attention import dispatch, quantized_sdpa  # noqa: E402
+from mlx_kvq.attention import latent as latent_attention  # noqa: E402
+from mlx_kvq.kernels import latent as latent_kernel  # noqa: E402
 from mlx_kvq.cache import KVView  # noqa: E402
 
 DEEPSEEK_V3 = dict(model_type="deepseek_v3", hidden_size=7168, num_attention_heads=128,
@@ -131,6 +135,7 @@ def _traced(path):
 
 
 dispatch.PATHS = tuple(_traced(p) for p in dispatch.PATHS)
+latent_attention.latent_kernel = _traced(latent_attention.latent_kernel)
 
 
 def layer(dtype, heads):
@@ -186,24 +191,28 @@ def main(argv=None):
           + (f", {a.chain} steps per evaluation" if a.chain > 1 else ""))
     routed = deepseek_v3.scaled_dot_product_attention
     routes = {"arrays": routed, "latent": latent_route(routed), "qmm": qmm_route(routed),
-              "copy": copy_route(routed)}
+              "copy": copy_route(routed), "kernel": routed}
     names = a.routes.split(",")
     latent = routes["latent"]
     if a.check:
         for r in names[1:]:
             print(f"# route {r}")
+            latent_kernel.NATIVE = ("metal", "cuda") if r == "kernel" else ("metal",)
             check(attn, args, dtype, [int(x) for x in a.bits.split(",")], a.group, routes[r])
+        latent_kernel.NATIVE = ("metal",)
     print("| tokens | fp16 | " + " | ".join(f"kvq-{b} {r}" for b in a.bits.split(",") for r in names) + " |")
     for n in (int(x) for x in a.context.split(",")):
         row = [f"{step_ms(attn, filled(lm_cache.KVCache(), n, args, dtype), a.steps, args.hidden_size, dtype):.2f}"]
         for b in (int(x) for x in a.bits.split(",")):
-            for route in (routes[r] for r in names):
+            for r in names:
+                route = routes[r]
                 deepseek_v3.scaled_dot_product_attention = route
+                latent_kernel.NATIVE = ("metal", "cuda") if r == "kernel" else ("metal",)
                 PATHS_TAKEN.clear()
                 kw = {} if a.group is None else {"group_size": a.group}
                 t = step_ms(attn, filled(mlx_kvq.QuantizedKVCache(b, **kw), n, args, dtype), a.steps,
                             args.hidden_size, dtype)
-                row.append(f"{t:.2f}" + (f" ({', '.join(PATHS_TAKEN)})" if route is not routed else ""))
+                row.append(f"{t:.2f}" + (f" ({', '.join(PATHS_TAKEN)})" if PATHS_TAKEN else ""))
             deepseek_v3.scaled_dot_product_attention = routed
         print(f"| {n} | " + " | ".join(row) + " |", flush=True)
 
