@@ -209,7 +209,9 @@ def _kernel_setup(q, view, k, v, n, sinks, window, nw, scale, causal, mask, rota
     f = view.format
     fmt = dict(k_bits=f.k_bits, v_bits=f.v_bits, group_size=f.group_size)
     dense = sinks or window
-    if not kernels.decode_supports(q, k, v, dense[0].dtype if dense else None, mode=f.mode, mask=mask, **fmt):
+    dims = (dense[0].shape[-1], dense[1].shape[-1]) if dense else None
+    if not kernels.decode_supports(q, k, v, dense[0].dtype if dense else None, mode=f.mode, mask=mask,
+                                   dense_dims=dims, **fmt):
         return None
     return kernels.decode_launch(
         launch, q, k, v, n, sinks, window, nw=nw, scale=scale, q_start=view.q_start, causal=causal, mask=mask,

@@ -68,13 +68,15 @@ def simd_tile(R, D, dpl=None):
 _SUPPORTED = {}
 
 
-def decode_supports(q, k_packed, v_packed, dense_dtype, k_bits, v_bits, group_size, mode, mask):
+def decode_supports(q, k_packed, v_packed, dense_dtype, k_bits, v_bits, group_size, mode, mask, dense_dims=None):
     """Whether :func:`decode_attention` (the tensor-core decode kernel over a whole
     cache view) handles these shapes and formats; others take :func:`packed_attention`.
-    The answer is remembered per shapes and formats (it is asked every decode step)."""
+    ``dense_dims``: the (key, value) head dims of the unquantized runs (sinks, window), which
+    must be the queries' (the kernel reads one head dim). The answer is remembered per
+    shapes and formats (it is asked every decode step)."""
     try:
         key = (q.shape, q.dtype, _packed_sig(k_packed), _packed_sig(v_packed), dense_dtype, k_bits, v_bits,
-               group_size, mode, mask_sig(mask))
+               group_size, mode, mask_sig(mask), dense_dims)
     except Exception:
         return False
     ok = _SUPPORTED.get(key)
@@ -82,7 +84,8 @@ def decode_supports(q, k_packed, v_packed, dense_dtype, k_bits, v_bits, group_si
         if len(_SUPPORTED) > 4096:  # packed capacities grow in steps: keep it bounded
             _SUPPORTED.clear()
         ok = _SUPPORTED[key] = _decode_supports(
-            q, k_packed, v_packed, dense_dtype, k_bits, v_bits, group_size, mode, mask)
+            q, k_packed, v_packed, dense_dtype, k_bits, v_bits, group_size, mode, mask) and (
+            dense_dims is None or all(d == q.shape[-1] for d in dense_dims))
     return ok
 
 
@@ -235,6 +238,10 @@ def _decode_setup(q, k_packed, v_packed, n, sinks, window, ns, nw, k_bits, v_bit
     st.checked = {}  # launcher -> its self-check verdict
     B, Hq, L, D = q.shape
     dense = [x for x in (sinks, window) if x is not None]
+    for name, run in (("sinks", sinks), ("window", window)):
+        if run is not None and any(x.shape[-1] != D for x in run):
+            raise ValueError(f"the {name}' keys and values have head dims {run[0].shape[-1]} and "
+                             f"{run[1].shape[-1]}; the decode kernels take the queries' {D} for both")
     Hkv = (k_packed[0] if k_packed is not None else dense[0][0]).shape[1]
     rep = Hq // Hkv
     if body == "simd":

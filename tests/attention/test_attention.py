@@ -108,6 +108,29 @@ def test_decode_through_the_kernels_matches_plain_attention(run_kernels_on, monk
         assert rel_err(out, ref) < 4e-3
 
 
+@pytest.mark.parametrize("window", [8, 0])
+def test_kernels_with_value_dims_unlike_the_keys(run_kernels_on, emu, window):
+    """Keys of 64 dims and values of 32 (deepseek_v2, minicpm3): a chunk of 8 queries (a
+    decode-kernel chunk) over the sinks and window alone, then decode steps, equal plain
+    attention. The decode kernels read one head dim for both; given the values' 32-dim rows
+    they read past them (NaN or wrong outputs on the H200 and here), so such views take the
+    other paths."""
+    run_kernels_on(emu)
+    mx.random.seed(5)
+    cache = QuantizedKVCache(4, group_size=32, window=window)
+    for L in (8, 1, 1):
+        k = mx.random.normal((1, 2, L, 64)).astype(mx.float16)
+        view, values = cache.update_and_fetch(k, mx.random.normal((1, 2, L, 32)).astype(mx.float16))
+        q = mx.random.normal((1, 4, L, 64)).astype(mx.float16)
+        out = quantized_sdpa(q, view, scale=0.2, mask="causal" if L > 1 else None)
+        T = cache.offset
+        causal = mx.where(mx.arange(T)[None] <= mx.arange(T - L, T)[:, None], 0.0, -mx.inf)
+        ref = plain_attention(q.astype(mx.float32), view.array.astype(mx.float32),
+                              values.array.astype(mx.float32), 0.2, causal)
+        assert out.shape == (1, 4, L, 32) and mx.all(mx.isfinite(out)).item()
+        assert rel_err(out, ref) < 4e-3
+
+
 def test_blocks_bound_memory_and_agree_with_one_block(monkeypatch):
     cache = filled(dict(bits=4, group_size=64, sinks=0, window=0), 1, 2, 64, [1000, 1])
     q = mx.random.normal((1, 4, 1, 64))

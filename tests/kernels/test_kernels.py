@@ -927,7 +927,7 @@ def test_decode_view_beyond_fp16_in_some_blocks(emu, kb, vb, gs):
     assert [x[1]["WIDE"] for x in emu.launches if x[0] == "sdpa_decode"][-1:] == [True]
 
 
-def test_decode_view_unsupported_formats():
+def test_decode_view_unsupported_formats(emu):
     q = mx.zeros((1, 4, 1, 96), mx.float16)
     assert not kernels.decode_supports(q, None, None, mx.float16, 4, 4, 32, "affine", None)  # D/8 = 12
     q = mx.zeros((1, 4, 1, 128), mx.float16)
@@ -936,6 +936,13 @@ def test_decode_view_unsupported_formats():
     assert kernels.decode_supports(q, None, None, mx.float16, 4, 8, 64, "affine", None)
     q = mx.zeros((1, 4, 9, 128), mx.float16)
     assert not kernels.decode_supports(q, None, None, mx.float16, 4, 4, 64, "affine", None)
+    q = mx.zeros((1, 4, 1, 128), mx.float16)  # values of 64 dims in the sinks and window
+    assert not kernels.decode_supports(q, None, None, mx.float16, 4, 4, 64, "affine", None, dense_dims=(128, 64))
+    assert kernels.decode_supports(q, None, None, mx.float16, 4, 4, 64, "affine", None, dense_dims=(128, 128))
+    dense = (mx.zeros((1, 1, 4, 128), mx.float16), mx.zeros((1, 1, 4, 64), mx.float16))
+    with pytest.raises(ValueError, match="head dims 128 and 64"):
+        kernels.decode_launch(emu, q, None, None, 0, None, dense, k_bits=4, v_bits=4,
+                              group_size=64, scale=1.0, q_start=3, causal=False)
 
 
 @gpu
