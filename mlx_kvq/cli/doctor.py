@@ -37,6 +37,7 @@ GPU_PREFILL, CPU_PREFILL = (2048, 16384), (512, 2048)  # (chunk, cache tokens)
 DECODE_CONFIGS = [(b, g, dt, d) for b in BITS for g in (64, 32) for dt in ("float16", "bfloat16") for d in (64, 128)]
 QUANTIZE_CONFIGS = [(b, g, dt, 128) for b in BITS for g in (64, 32) for dt in ("float16", "bfloat16")]
 WINDOW_CONFIGS = [(dt, d, rot) for dt in ("float16", "bfloat16") for d in (64, 128) for rot in (None, "kv")]
+LATENT_CONFIGS = [(b, 64, dt, 512) for b in (4, 8) for dt in ("float16", "bfloat16")]  # MLA's 512-wide latent
 
 
 def _version(dist):
@@ -115,6 +116,11 @@ def self_checks():
             q_dtype = mx.float32 if rot else _dtype(dt)  # rotated queries are float32
             add(f"prefill {bits}-bit g{gs} {dt} D{d}", selfcheck.prefill_case(
                 launch, kernels.prefill_launch, q_dtype, _dtype(dt), d, bits, bits, gs, HQ // HKV, True))
+    if getattr(launch, "backend", "metal") in kernels.latent.NATIVE:  # MLA decode over the latent
+        for bits, gs, dt, d in LATENT_CONFIGS:  # float32 queries (rotated), the model's additive RoPE scores
+            add(f"latent {bits}-bit g{gs} {dt} D{d}", selfcheck.latent_case(
+                launch, kernels.latent_launch, mx.float32, _dtype(dt), d, bits, gs, 128, 1,
+                mx.zeros((1, 1, 1, 1), _dtype(dt))))
     for bits, gs, dt, d in QUANTIZE_CONFIGS:
         add(f"quantize_append {bits}-bit g{gs} {dt} D{d}", selfcheck.quantize_case(
             launch, kernels.quantize_launch, _dtype(dt), d, bits, gs, kernels.quantize_flavor()))

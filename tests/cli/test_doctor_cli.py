@@ -48,6 +48,7 @@ def few_configs(monkeypatch):
     monkeypatch.setattr(doctor, "DECODE_CONFIGS", [(8, 64, "float16", 128), (2, 32, "float16", 64)])
     monkeypatch.setattr(doctor, "QUANTIZE_CONFIGS", [(4, 64, "float16", 128)])
     monkeypatch.setattr(doctor, "WINDOW_CONFIGS", [("float16", 64, None)])
+    monkeypatch.setattr(doctor, "LATENT_CONFIGS", [(4, 64, "float16", 512)])
 
 
 def test_self_checks_pass_on_the_emulator(few_configs, run_kernels_on, emu, capsys):
@@ -56,11 +57,11 @@ def test_self_checks_pass_on_the_emulator(few_configs, run_kernels_on, emu, caps
     rows = rep["self_checks"]
     assert [r["what"] for r in rows] == [
         "decode 8-bit g64 float16 D128", "decode 2-bit g32 float16 D64 rotate=kv (packed kernel)",
-        "prefill 8-bit g64 float16 D128", "prefill 2-bit g32 float16 D64",
+        "prefill 8-bit g64 float16 D128", "prefill 2-bit g32 float16 D64", "latent 4-bit g64 float16 D512",
         "quantize_append 4-bit g64 float16 D128", "window_append float16 D64"]
     assert all(r["ok"] for r in rows), rows
     text = capsys.readouterr().out
-    assert text.count("pass ") == 6 and "FAIL" not in text
+    assert text.count("pass ") == 7 and "FAIL" not in text
 
 
 def test_self_checks_show_a_failing_configuration(few_configs, run_kernels_on, emu, capsys):
