@@ -112,7 +112,11 @@ class RowsKVCache:
     def _shared(self, n):
         """The rows' ``RowsBuffer`` for a decode step of ``n`` tokens per row, None where
         they stay apart (prefill, a padded prefill, rows that cannot share one)."""
-        if self._buffer is None and (n != 1 or self._pending is not None or self._apart):
+        if n != 1 or self._pending is not None:
+            if self._buffer is not None:  # a chunk after decode steps: the rows take it apart
+                self._rows, self._buffer = self._buffer.rows(), None
+            return None
+        if self._buffer is None and self._apart:
             return None
         if self._buffer is None:
             self._buffer = RowsBuffer.gather(self._rows)
@@ -209,9 +213,14 @@ class RowsKVCache:
             self._pending = [self._pending[i] for i in keep]
 
     def extend(self, other):
-        """Append the rows of ``other``."""
+        """Append the rows of ``other``: into this batch's buffer where they can share it
+        (``RowsBuffer.join``), else all rows apart until the next decode step."""
         if self._pending is not None or other._pending is not None:
             raise ValueError("Batch caches cannot be joined in the middle of a padded prefill.")
+        if self._buffer is not None:
+            theirs = other._buffer if other._buffer is not None else RowsBuffer.gather(other._rows, least=1)
+            if theirs is not None and self._buffer.join(theirs):
+                return
         self.rows = self.rows + other.rows
 
     def extract(self, idx):

@@ -50,18 +50,18 @@ class RowsBuffer:
 
     # -- in and out ------------------------------------------------------------
     @classmethod
-    def gather(cls, rows):
-        """The rows in one buffer, or None where they cannot share one: caches of another
-        kind (sliding-window, chunked, returning arrays), of different configs or models
-        (or float32 models' whose scales did not widen alike), rows that do not hold more
-        than their sinks, or rows so unequal that one buffer would hold more than ``spread`` times
-        their tokens (its packed run holds the longest row's for every row). The rows
-        themselves are left as they are."""
-        first = rows[0]
-        if len(rows) < 2 or not all(_shareable(r, first) for r in rows):
+    def gather(cls, rows, least=2):
+        """The rows in one buffer, or None where they cannot share one: fewer than ``least``
+        rows, caches of another kind (sliding-window, chunked, returning arrays), of different
+        configs or models (or float32 models' whose scales did not widen alike), rows that do
+        not hold more than their sinks, or rows so unequal that one buffer would hold more than
+        ``spread`` times their tokens (its packed run holds the longest row's for every row).
+        The rows themselves are left as they are."""
+        first = rows[0] if rows else None
+        if len(rows) < least or not all(_shareable(r, first) for r in rows):
             return None
         held = [r.offset for r in rows]  # what each row's packed run grows to
-        if len(rows) * max(held) > cls.spread * sum(held) + len(rows) * first.step:
+        if not cls._within_spread(held, first.step):
             return None
         # what each row's next step packs is packed here (less the token that step adds), so
         # that the buffer takes each row's window, not its last prefill chunk
@@ -97,6 +97,47 @@ class RowsBuffer:
         out.offset = out.sinks + P + c
         return cls(out, type(first), n, w, held, [r._steps for r in rows], [list(r._log) for r in rows],
                    [e > 0 for e in early])
+
+    @classmethod
+    def _within_spread(cls, held, step):
+        """Whether rows holding ``held`` tokens may share a buffer (``spread``)."""
+        return len(held) * max(held) <= cls.spread * sum(held) + len(held) * step
+
+    def join(self, other):
+        """Buffer ``other``'s rows after this one's, in place (a request joining a running
+        batch: no row is taken out): True, or False where the rows of both cannot share one
+        buffer (``gather``'s conditions), leaving both as they were. Packed runs stay
+        left-aligned (the shorter buffer padded to the longer's capacity); windows stay
+        right-aligned at one column (the buffer whose window ends earlier gets hidden
+        columns before it)."""
+        a, b = self.cache, other.cache
+        same = lambda c, rows: (c.k_dim, c.v_dim, c.dtype, c._wide, c.kv_heads // rows, c.sinks)
+        if (type(a) is not type(b) or self.row_type is not other.row_type or a.config != b.config
+                or same(a, len(self)) != same(b, len(other))):
+            return False
+        if not self._within_spread(self.offsets + other.offsets, a.step):
+            return False
+        cat = lambda x, y: mx.concatenate([x, y], axis=0)
+        if a.sink_keys is not None:
+            a.sink_keys, a.sink_values = cat(a.sink_keys, b.sink_keys), cat(a.sink_values, b.sink_values)
+        if a.packed_keys is not None or b.packed_keys is not None:
+            cap = max(c.packed_keys[0].shape[2] for c in (a, b) if c.packed_keys is not None)
+            for name, window, bits in (("packed_keys", "_wk", a.k_bits), ("packed_values", "_wv", a.v_bits)):
+                runs = [getattr(c, name) or _packed(getattr(c, window)[:, :, :0], bits, c) for c in (a, b)]
+                setattr(a, name, tuple(cat(x, y) for x, y in zip(*(_to(r, cap) for r in runs))))
+        col = max(a._wn, b._wn)
+        room = max(c._wk.shape[2] - c._wn for c in (a, b))  # free columns after the window
+        moved = lambda c, buf: mx.pad(buf, [(0, 0), (0, 0), (col - c._wn, room - (buf.shape[2] - c._wn)), (0, 0)])
+        a._wk, a._wv = cat(moved(a, a._wk), moved(b, b._wk)), cat(moved(a, a._wv), moved(b, b._wv))
+        a._wn = a._wvn = col
+        a.kv_heads += b.kv_heads
+        a.n_packed = max(a.n_packed, b.n_packed)
+        a.offset = a.sinks + a.n_packed + col
+        a._decode_setups = {}
+        for name in ("n", "w", "offsets", "steps", "logs", "early"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self._offset_array = None
+        return True
 
     @property
     def offset(self):

@@ -73,8 +73,8 @@ def test_each_row_sees_what_its_cache_alone_holds(config):
 
 
 def test_rows_leave_and_join_the_buffer():
-    """``filter`` keeps the buffer (its rows' keys as before); ``extend`` takes the rows out,
-    and the next decode step puts them all back in one."""
+    """``filter`` keeps the buffer (its rows' keys as before); ``extend`` joins the newcomer
+    into it."""
     rows, ref = rows_and_alone([40, 50, 60], bits=4)
     for t in range(3):
         step = [kv(1, 50 + 10 * t + b) for b in range(3)]
@@ -86,7 +86,9 @@ def test_rows_leave_and_join_the_buffer():
     new, new_ref = rows_and_alone([30], bits=4)
     new._rows[0].update_and_fetch(*kv(1, 7))
     new_ref[0].update_and_fetch(*kv(1, 7))
+    buffer = rows._buffer
     rows.extend(new)
+    assert rows._buffer is buffer and len(buffer) == 3
     ref = [ref[2], ref[0], new_ref[0]]
     mask = rows.make_mask(1)
     step = [kv(1, 300 + b) for b in range(3)]
@@ -95,6 +97,79 @@ def test_rows_leave_and_join_the_buffer():
     for b, (c, s) in enumerate(zip(ref, step)):
         want = np.array(c.update_and_fetch(*s)[0].array[0].astype(mx.float32))
         np.testing.assert_array_equal(visible(view, "keys", b, mask), want)
+
+
+def decode(rows, ref, steps, seed):
+    """``steps`` decode steps of the batch ``rows`` and of each row's cache alone (``ref``):
+    at each, each row's keys and values the mask shows equal its cache's alone."""
+    for t in range(steps):
+        mask = rows.make_mask(1)
+        step = [kv(1, seed + 10 * t + b) for b in range(len(ref))]
+        view, _ = rows.update_and_fetch(*stacked(step))
+        for b, (c, s) in enumerate(zip(ref, step)):
+            alone, _ = c.update_and_fetch(*s)
+            for part in ("keys", "values"):
+                want = np.array((alone if part == "keys" else alone.values_view()).array[0].astype(mx.float32))
+                np.testing.assert_array_equal(visible(view, part, b, mask), want)
+
+
+@pytest.mark.parametrize("config", [dict(bits=4), dict(bits=2, window=16), dict(bits=4, window=0)],
+                         ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_requests_join_the_buffer_directly(config):
+    """``extend`` puts newcomers into the running buffer without taking its rows out: a
+    request just prefilled, then two that decoded in a buffer of their own (another window
+    column, another packed capacity, one whose window ends later than the batch's); every
+    row's keys and values stay its cache's alone through 40 steps."""
+    rows, ref = rows_and_alone([45, 70], **config)
+    decode(rows, ref, 5, 1000)
+    buffer = rows._buffer
+    new, new_ref = rows_and_alone([9], **config)
+    rows.extend(new)
+    assert rows._buffer is buffer and len(buffer) == 3
+    ref += new_ref
+    decode(rows, ref, 7, 2000)
+    new, new_ref = rows_and_alone([150, 30], **config)
+    decode(new, new_ref, 20, 3000)
+    assert new._buffer.cache._wn != buffer.cache._wn
+    rows.extend(new)
+    assert rows._buffer is buffer and len(buffer) == 5
+    ref += new_ref
+    decode(rows, ref, 40, 4000)
+    assert [c.offset for c in ref] == rows.offset.tolist()
+    for b, c in enumerate(ref):
+        got = rows.extract(b)
+        assert (got.offset, got.n_packed, got._steps, got._log) == (c.offset, c.n_packed, c._steps, c._log)
+
+
+def test_a_newcomer_that_cannot_share_the_buffer_takes_the_rows_apart(monkeypatch):
+    """A join beyond ``spread`` (1.0: the server's under ``--max-kv-memory``) or of another
+    config leaves every row apart, each as its cache alone."""
+    monkeypatch.setattr(RowsBuffer, "spread", 1.0)
+    rows, ref = rows_and_alone([1000, 1010], bits=4)
+    decode(rows, ref, 2, 1000)
+    new, new_ref = rows_and_alone([10], bits=4)
+    rows.extend(new)
+    assert rows._buffer is None and len(rows.rows) == 3
+    decode(rows, ref + new_ref, 2, 2000)
+    other, other_ref = rows_and_alone([320], bits=8)
+    rows.extend(other)
+    assert rows._buffer is None and len(rows) == 4
+    decode(rows, ref + new_ref + other_ref, 2, 3000)
+
+
+def test_a_chunk_after_decode_steps_takes_the_rows_apart():
+    """Updates of more than one token per row after decode steps (a chunk, speculative
+    tokens) go row by row, each as its cache alone takes them."""
+    rows, ref = rows_and_alone([40, 50], bits=4)
+    decode(rows, ref, 3, 1000)
+    assert rows._buffer is not None
+    chunk = [kv(5, 77 + b) for b in range(2)]
+    view, _ = rows.update_and_fetch(*stacked(chunk))
+    assert rows._buffer is None
+    for b, (c, s) in enumerate(zip(ref, chunk)):
+        want = np.array(c.update_and_fetch(*s)[0].array[0].astype(mx.float32))
+        got = np.array(view.views[b].array[0].astype(mx.float32))
+        np.testing.assert_array_equal(got, want)
 
 
 def test_sliding_window_mask_is_each_rows_own():
