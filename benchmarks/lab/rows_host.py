@@ -5,6 +5,11 @@ for B rows of a random-weight llama of SmolLM2-135M's shape, against mlx-lm's fp
 Python with a launcher that returns zeros, so that the CPU shows what a GPU host spends.
 
     python3 benchmarks/lab/rows_host.py --rows 0,1,16 [--stand-in] [--profile]
+    python3 benchmarks/lab/rows_host.py --rows 16 --joins 8 [--stand-in]
+
+``--joins N``: N requests join the running batch one at a time (a prefilled row ``extend``ed
+into it, as ``BatchGenerator`` does), one decode step between joins: the median of a join plus
+the step after it, and of the steps between.
 
 ``--rows 0``: one sequence in the single-row caches (mlx-kvq's ``QuantizedKVCache``, mlx-lm's
 ``KVCache``), as ``mlx_kvq.generate`` decodes.
@@ -93,6 +98,25 @@ def steps(model, cache, B, n, profile=False):
     return statistics.median(builds[2:]) * 1e3, statistics.median(totals[2:]) * 1e3
 
 
+def joins(model, cache, B, n, prompt, kvq):
+    """Median ms of a join (``extend`` of one prefilled row, then the next decode step) and of
+    a decode step between joins, over ``n`` joins into ``B`` running rows."""
+    joined, between = [], []
+    state = lambda: [c.state for c in cache]
+    for i in range(n):
+        t0 = time.perf_counter()
+        mx.eval(model(mx.zeros((B + i, 1), mx.int32), cache=cache), state())
+        between.append(time.perf_counter() - t0)
+        new = batch(model, 1, prompt + 3 * i, kvq)
+        mx.eval([c.state for c in new])
+        t0 = time.perf_counter()
+        for c, nc in zip(cache, new):
+            c.extend(nc)
+        mx.eval(model(mx.zeros((B + i + 1, 1), mx.int32), cache=cache), state())
+        joined.append(time.perf_counter() - t0)
+    return statistics.median(joined) * 1e3, statistics.median(between[1:]) * 1e3
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", default="0,1,16")
@@ -101,12 +125,20 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=24)
     p.add_argument("--stand-in", action="store_true")
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--joins", type=int, default=0, help="requests joining the batch one at a time")
     a = p.parse_args(argv)
     if a.stand_in:
         stand_in()
     model = model_of_smollm2_shape(a.layers)
     print(f"# mlx_kvq from {Path(mlx_kvq.__file__).parent}; {mx.default_device()}{' (stand-in launcher)' if a.stand_in else ''}, {a.layers} layers, "
           f"prompts {a.prompt}+7b, median of {a.steps - 2} decode steps (ms)")
+    if a.joins:
+        print("| rows | fp16 join + step | fp16 step | kvq-4 join + step | kvq-4 step |")
+        for B in (int(x) for x in a.rows.split(",")):
+            fp = joins(model, batch(model, B, a.prompt, False), B, a.joins, a.prompt, False)
+            kv = joins(model, batch(model, B, a.prompt, True), B, a.joins, a.prompt, True)
+            print(f"| {B}+{a.joins} | {fp[0]:.1f} | {fp[1]:.1f} | {kv[0]:.1f} | {kv[1]:.1f} |", flush=True)
+        return
     print("| rows | fp16 build | fp16 step | kvq-4 build | kvq-4 step | kvq-4 build per row-layer (us) |")
     for B in (int(x) for x in a.rows.split(",")):
         fb, fs = steps(model, batch(model, B, a.prompt, False), B, a.steps)
