@@ -101,9 +101,13 @@ class RowsKVCache:
     @property
     def rows(self):
         """The single-row caches (taken out of the shared buffer where they are in one)."""
+        self._take_out()
+        return self._rows
+
+    def _take_out(self):
+        """The rows out of the shared buffer, each its own cache again (none: nothing to do)."""
         if self._buffer is not None:
             self._rows, self._buffer = self._buffer.rows(), None
-        return self._rows
 
     @rows.setter
     def rows(self, rows):
@@ -113,8 +117,7 @@ class RowsKVCache:
         """The rows' ``RowsBuffer`` for a decode step of ``n`` tokens per row, None where
         they stay apart (prefill, a padded prefill, rows that cannot share one)."""
         if n != 1 or self._pending is not None:
-            if self._buffer is not None:  # a chunk after decode steps: the rows take it apart
-                self._rows, self._buffer = self._buffer.rows(), None
+            self._take_out()  # a chunk after decode steps: the rows take it one by one
             return None
         if self._buffer is None and self._apart:
             return None
