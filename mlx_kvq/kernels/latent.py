@@ -10,7 +10,7 @@ import mlx.core as mx
 from .. import format as fmt
 from .args import carrier_view, const, mask_arg, mask_ok, param_array
 from .backend import launcher, num_cores
-from .merge import merge_launch
+from .merge import split_launch
 from .selfcheck import latent_ok
 
 LATENT_BITS = (2, 4, 8)
@@ -69,18 +69,8 @@ def latent_launch(launch, q, packed, n, *, bits, group_size, scale, q_start, k_s
     template = [("T", q.dtype), ("S", ks.dtype), ("MT", marr.dtype), ("D", D), ("KB", bits), ("GS", group_size),
                 ("NSG", nsg), ("MASK", mkind), ("CAUSAL", bool(causal))]
     fparams = const(("scale", float(scale)), lambda: param_array([scale]))
-    out, lse = launch(
-        "sdpa_latent",
-        [q, kw, ks, kb, marr, carrier_view(n, int(q_start) - int(k_start)), fparams],
-        template,
-        (nsplit * nsg * 32, Hkv * tiles, B),
-        (nsg * 32, 1, 1),
-        [(nsplit, B * Hq * L, D), (nsplit, B * Hq * L)],
-        [mx.float32, mx.float32],
-    )
-    if nsplit > 1:
-        return merge_launch(launch, out, lse, (B, Hq, L, D))
-    return out.reshape(B, Hq, L, D), lse.reshape(B, Hq, L)
+    inputs = [q, kw, ks, kb, marr, carrier_view(n, int(q_start) - int(k_start)), fparams]
+    return split_launch(launch, "sdpa_latent", inputs, template, nsplit, nsg * 32, (Hkv * tiles, B), q.shape)
 
 
 def latent_attention(q, packed, n, *, bits, group_size, scale, q_start, k_start, causal, mask=None):

@@ -6,6 +6,19 @@ import mlx.core as mx
 from .args import rotation_args
 
 
+def split_launch(launch, name, inputs, template, nsplit, threads, grid_yz, shape):
+    """Kernel ``name`` writing one partial ``(out, lse)`` per split of the keys (``nsplit``
+    threadgroups of ``threads`` along x, ``grid_yz`` the other two grid dims), then their
+    merge: ``(out, lse)`` float32 of ``shape`` (B, Hq, L, D) / (B, Hq, L)."""
+    B, Hq, L, D = shape
+    rows = B * Hq * L
+    out, lse = launch(name, inputs, template, (nsplit * threads, *grid_yz), (threads, 1, 1),
+                      [(nsplit, rows, D), (nsplit, rows)], [mx.float32, mx.float32])
+    if nsplit > 1:
+        return merge_launch(launch, out, lse, shape)
+    return out.reshape(shape), lse.reshape(shape[:-1])
+
+
 def merge_launch(launch, out, lse, shape, rotate_out=False, out_dtype=mx.float32):
     """sdpa_merge of split partials ``out`` (nsplit, rows, D) / ``lse`` (nsplit, rows) into
     ``(out, lse)`` of ``shape`` (B, Hq, L, D) / (B, Hq, L); ``rotate_out``: times the

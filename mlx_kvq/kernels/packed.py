@@ -11,7 +11,7 @@ from .. import format as fmt
 from .args import carrier_view, const, mask_arg, mask_ok, pair_ok, param_array
 from .backend import launcher, num_cores
 from .decode import is_decode
-from .merge import merge_launch
+from .merge import split_launch
 from .selfcheck import packed_ok
 
 HEAD_DIMS = (64, 80, 96, 128, 256)
@@ -135,19 +135,8 @@ def attention_launch(
         ("VU", DEFAULT_VU if vu is None else vu),
         ("VPF", bool(vpf_ok(v_bits, D) and (DEFAULT_VPF if vpf is None else vpf))),
     ]
-    rows = B * Hq * L
-    out, lse = launch(
-        "sdpa_packed",
-        [q, kw, ks, kb, vw, vs, vb, marr, carrier, fparams],
-        template,
-        (nsplit * NSG * 32, Hkv * tiles, B),
-        (NSG * 32, 1, 1),
-        [(nsplit, rows, D), (nsplit, rows)],
-        [mx.float32, mx.float32],
-    )
-    if nsplit > 1:
-        return merge_launch(launch, out, lse, (B, Hq, L, D))
-    return out.reshape(B, Hq, L, D), lse.reshape(B, Hq, L)
+    inputs = [q, kw, ks, kb, vw, vs, vb, marr, carrier, fparams]
+    return split_launch(launch, "sdpa_packed", inputs, template, nsplit, NSG * 32, (Hkv * tiles, B), q.shape)
 
 
 def packed_attention(

@@ -10,7 +10,7 @@ import mlx.core as mx
 from .args import carrier_view, const, pair_ok, param_array
 from .backend import launcher, num_cores
 from .decode import is_decode
-from .merge import merge_launch
+from .merge import split_launch
 from .selfcheck import prefill_ok
 
 PREFILL_BITS = (2, 4, 8)
@@ -64,18 +64,8 @@ def prefill_launch(launch, q, k_packed, v_packed, n, *, k_bits, v_bits, group_si
     template = [("T", q.dtype), ("S", ks.dtype), ("D", D), ("KB", k_bits), ("VB", v_bits),
                 ("GS", group_size), ("NSG", NSG), ("CAUSAL", bool(causal))]
     fparams = const(("scale", float(scale)), lambda: param_array([scale]))
-    out, lse = launch(
-        "sdpa_prefill",
-        [q, kw, ks, kb, vw, vs, vb, carrier_view(n, int(q_start) - int(k_start)), fparams],
-        template,
-        (nsplit * NSG * 32, Hkv * tiles, B),
-        (NSG * 32, 1, 1),
-        [(nsplit, B * Hq * L, D), (nsplit, B * Hq * L)],
-        [mx.float32, mx.float32],
-    )
-    if nsplit > 1:
-        return merge_launch(launch, out, lse, (B, Hq, L, D))
-    return out.reshape(B, Hq, L, D), lse.reshape(B, Hq, L)
+    inputs = [q, kw, ks, kb, vw, vs, vb, carrier_view(n, int(q_start) - int(k_start)), fparams]
+    return split_launch(launch, "sdpa_prefill", inputs, template, nsplit, NSG * 32, (Hkv * tiles, B), q.shape)
 
 
 def prefill_attention(q, k_packed, v_packed, n, *, k_bits, v_bits, group_size, mode, scale, q_start, k_start,
