@@ -119,9 +119,7 @@ class RowsKVCache:
         if n != 1 or self._pending is not None:
             self._take_out()  # a chunk after decode steps: the rows take it one by one
             return None
-        if self._buffer is None and self._apart:
-            return None
-        if self._buffer is None:
+        if self._buffer is None and not self._apart:
             self._buffer = RowsBuffer.gather(self._rows)
             self._apart = self._buffer is None
         return self._buffer
@@ -287,8 +285,9 @@ class RowsKVCache:
         return False
 
     def __deepcopy__(self, memo):
-        rows = self._buffer.rows() if self._buffer is not None else self.rows
-        return RowsKVCache([own_copy(r) for r in rows])
+        if self._buffer is not None:  # its rows come out as arrays of their own, tokens only (as ``extract``)
+            return RowsKVCache(self._buffer.rows())
+        return RowsKVCache([own_copy(r) for r in self._rows])
 
     def __len__(self):
         return len(self._buffer) if self._buffer is not None else len(self._rows)

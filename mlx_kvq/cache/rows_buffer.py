@@ -111,7 +111,7 @@ class RowsBuffer:
         right-aligned at one column (the buffer whose window ends earlier gets hidden
         columns before it)."""
         a, b = self.cache, other.cache
-        same = lambda c, rows: (c.k_dim, c.v_dim, c.dtype, c._wide, c.kv_heads // rows, c.sinks)
+        same = lambda c, rows: (c.k_dim, c.v_dim, c.dtype, c._wide, c.kv_heads // rows)
         if (type(a) is not type(b) or self.row_type is not other.row_type or a.config != b.config
                 or same(a, len(self)) != same(b, len(other))):
             return False
