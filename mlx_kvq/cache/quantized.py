@@ -269,12 +269,15 @@ class QuantizedKVCache:
             self._wk[:, :, n : n + m] = keys
             self._wv[:, :, n : n + m] = values
         else:
-            # room for a decode run up to the next flush (none for a prefill chunk), at most
-            # ``step`` tokens at a time: a window larger than the tokens held is not allocated
-            spare = min(max(0, self.window + self.flush_block - n - m), self.step) if m == 1 else 0
-            self._wk = _cat_spare(self.window_keys, keys, spare)
-            self._wv = _cat_spare(self.window_values, values, spare)
+            self._wk = _cat_spare(self.window_keys, keys, self._spare(n, m))
+            self._wv = _cat_spare(self.window_values, values, self._spare(n, m))
         self._wn = self._wvn = n + m
+
+    def _spare(self, n, m):
+        """Room past ``m`` new tokens when the window grows: a decode run's up to the next
+        flush (none for a prefill chunk), at most ``step`` tokens at a time, so that a window
+        larger than the tokens held is not allocated."""
+        return min(max(0, self.window + self.flush_block - n - m), self.step) if m == 1 else 0
 
     def _window_append_kernel(self, keys, values):
         """Decode on GPUs: rotate and cast the new rows and write them into the window
@@ -283,6 +286,14 @@ class QuantizedKVCache:
             return False
         if self.padded_dim(keys.shape[-1]) != keys.shape[-1]:
             return False
+        n, m = self._wn, keys.shape[2]
+        if self._wk is not None and n + m > self._wk.shape[2]:
+            # no room (after a prefill or a packing): the window grows as ``_window_append``
+            # grows it, so that every decode token is rotated and cast by the kernel; the
+            # reference's rotation rounds float32 differently (a batch's rows, always in
+            # room, would otherwise differ from the same rows alone: tests/cache/test_rows_buffer.py)
+            self._wk = _cat_spare(self.window_keys, self._wk[:, :, :0], m + self._spare(n, m))
+            self._wv = _cat_spare(self.window_values, self._wv[:, :, :0], m + self._spare(n, m))
         rk, rv = bool(self.rotate), self.rotate == "kv"
         if not kernels.window_append_supports(self._wk, self._wv, keys, values, self._wn, rk, rv):
             return False

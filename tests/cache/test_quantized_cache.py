@@ -256,7 +256,10 @@ def test_sinks_do_not_keep_the_first_chunk_alive():
 def test_window_append_kernel_stores_what_the_host_path_stores(run_kernels_on, monkeypatch, emu, config):
     """Decode steps on GPUs write the window with one kernel (rotation in fp32 by a fast
     Walsh-Hadamard transform, run here by the CPU emulator); the host path rotates with a
-    matmul. Both caches must hold the same tokens."""
+    matmul. Both caches must hold the same tokens. Every decode step goes through the kernel,
+    also the first after a prefill chunk or a packing (the window has no room then, and grows
+    first): the two rotations round float32 differently, so a cache whose path depended on its
+    buffers' room would store a token one way alone and another in a batch buffer."""
     from mlx_kvq import kernels
 
     host, fused = QuantizedKVCache(**config), QuantizedKVCache(**config)
@@ -273,7 +276,7 @@ def test_window_append_kernel_stores_what_the_host_path_stores(run_kernels_on, m
     for k, v in data:
         fused.update_and_fetch(k, v)
         assert fused._wn == fused._wvn and fused.offset <= k_all.shape[2]
-    assert sum(x[0] == "window_append" for x in emu.launches) >= 10
+    assert sum(x[0] == "window_append" for x in emu.launches) == sum(L == 1 for L in chunks)
     hk, hv = cache_contents(host)
     fk, fv = cache_contents(fused)
     ek, ev = expected(fused, k_all, v_all)
