@@ -1,12 +1,16 @@
-import mlx_kvq  # loads OpenBLAS before mlx.core
-
 import os
 import shutil
 
-import pytest
+# Full float32 matmuls on GPUs (MLX's default is TF32 on CUDA and M5 GPUs): the tests that
+# compare a batch's rows with the same requests alone then hold exactly, as on the CPU
+# (benchmarks/lab/results/rows_tf32_h200.txt); before mlx.core is imported
+os.environ.setdefault("MLX_ENABLE_TF32", "0")
 
-from mlx_kvq.models.gguf import load_gguf
-from mlx_kvq.models import default_model_path
+import mlx_kvq  # noqa: E402  (loads OpenBLAS before mlx.core)
+import pytest  # noqa: E402
+
+from mlx_kvq.models.gguf import load_gguf  # noqa: E402
+from mlx_kvq.models import default_model_path  # noqa: E402
 
 
 @pytest.fixture(scope="session")

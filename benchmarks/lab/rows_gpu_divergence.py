@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "cache")]
+sys.path[:0] = [str(ROOT / "tests" / "cache")]
+sys.path.append(str(ROOT))  # after $PYTHONPATH: another copy of the package can be checked
 
 import mlx_kvq  # noqa: E402,F401
 import mlx.core as mx  # noqa: E402
