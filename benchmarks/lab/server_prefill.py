@@ -55,7 +55,7 @@ def main(argv=None):
     if not a.fp16:
         serve_caches(model)
         if a.warm_up:  # as the server does at load (serving.warm_up)
-            print(f"warm-up: {serving.warm_up(model)} s", flush=True)
+            print(f"warm-up: {serving.warm_up(model)} s, done at {time.time():.1f} (epoch)", flush=True)
     mx.random.seed(0)
     prompts = mx.random.randint(100, 40000, (a.prompts, a.tokens)).tolist()
     prompts = [p[: a.tokens - (i * 7) % (a.vary + 1)] for i, p in enumerate(prompts)]

@@ -32,7 +32,7 @@ from queue import Empty as QueueEmpty
 import mlx.core as mx
 
 from .. import kernels
-from ..bridge import mlx_lm_server, serve_caches
+from ..bridge import mlx_lm_batch_generator, mlx_lm_server, serve_caches
 from ..cache import RowsBuffer
 from ..models import default_model_path, float_dtype, load, load_sharded, prepare_model, reads_gguf
 from ..models.memory import kv_bytes
@@ -91,7 +91,8 @@ class ModelProvider(server.ModelProvider):
             serve_caches(self.model, **self.kv_kwargs)
             self.is_batchable = batchable(self.model, self.draft_model, self.is_distributed)
             if not self.is_distributed:  # as the probe: a rank failing alone would leave the others waiting
-                warm_up(self.model, self.is_batchable)
+                a = self.cli_args
+                warm_up(self.model, self.is_batchable, a.prompt_concurrency, a.decode_concurrency, a.prefill_step_size)
 
 
 def batchable(model, draft_model=None, distributed=False):
@@ -155,26 +156,45 @@ def rows_batchable(model):
     return err <= PROBE_TOLERANCE * size
 
 
-WARM_UP = (300, 40)  # prompt lengths of the warm-up rows: past the unquantized window, packed
+WARM_UP = (300, 40)  # prompt lengths of the warm-up rows: past the unquantized window (packed), and short
 
 
-def warm_up(model, batched=True):
-    """Run once what the first requests run (prefills that pack, decode steps, of two rows
-    together when ``batched``), so that the kernels they launch are compiled at load rather than
-    while the first client waits (MLX's JIT on CUDA, ``metal_kernel`` pipelines on Metal):
-    on GPUs only (on the CPU nothing is compiled), unless ``MLX_KVQ_WARM_UP=0``. Returns the
-    seconds it took, or None where it did not run."""
+def warm_up(model, batched=True, prompts=8, rows=16, step=2048):
+    """Run once what the first requests run, so that the kernels they launch are compiled at
+    load rather than while the first client waits (MLX's JIT on CUDA, ``metal_kernel``
+    pipelines on Metal): on GPUs only (on the CPU nothing is compiled), unless
+    ``MLX_KVQ_WARM_UP=0``. Returns the seconds it took, or None where it did not run.
+
+    Batched (``batched``), it runs mlx-lm's ``BatchGenerator`` as the server does (``prompts``:
+    its prompt concurrency, ``step``: its prefill step): ``prompts`` rows prefilled together
+    (one past the unquantized window, so that it packs), then more rows join the running
+    batch (up to ``rows``), and the rows leave one step apart, so that the decode step runs
+    at every batch size from ``rows`` down to 1. MLX's CUDA backend compiles its quantized
+    matmul per tile, chosen by the batch's rows: a warm-up of two rows left the server's
+    first 16 requests ~30 s of compiling on a fresh H200 (BENCHMARKS.md, "The same load on a
+    GPU"). Alone, a prefill that packs and three decode steps."""
     if os.environ.get("MLX_KVQ_WARM_UP", "1") in ("", "0") or not kernels.enabled():
         return None
     t0 = time.perf_counter()
-    rows = []
-    for n in WARM_UP:
-        rows.append(model.make_cache())
-        mx.eval(model(mx.arange(n)[None] % 64, cache=rows[-1]))
-    caches = [type(a).merge([a, b]) for a, b in zip(*rows)] if batched else rows[0]
-    y = mx.zeros((len(WARM_UP) if batched else 1, 1), mx.int32)
-    for _ in range(3):
-        mx.eval(model(y, cache=caches))
+    if batched:
+        gen = mlx_lm_batch_generator()(model, prefill_batch_size=prompts, prefill_step_size=step,
+                                       completion_batch_size=max(rows, prompts))
+        lengths = [WARM_UP[0]] + [WARM_UP[1]] * (max(rows, prompts) - 1)
+        tokens = [[(i + j) % 64 for j in range(n)] for i, n in enumerate(lengths)]
+        # each row one token more than the last, the first outlasting the others' prefill
+        n = [2 * -(-len(tokens) // prompts) + 2 + i for i in range(len(tokens))]
+        gen.insert(tokens[:prompts], max_tokens=n[:prompts])
+        gen.next_generated()
+        gen.insert(tokens[prompts:], max_tokens=n[prompts:])
+        done = 0
+        while done < len(tokens):
+            done += sum(r.finish_reason is not None for r in gen.next_generated())
+        gen.close()
+    else:
+        cache = model.make_cache()
+        mx.eval(model(mx.arange(WARM_UP[0])[None] % 64, cache=cache))
+        for _ in range(3):
+            mx.eval(model(mx.zeros((1, 1), mx.int32), cache=cache))
     seconds = time.perf_counter() - t0
     logging.info(f"Kernels warmed up in {seconds:.1f} s (MLX_KVQ_WARM_UP=0 skips this).")
     return seconds

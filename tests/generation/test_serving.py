@@ -209,17 +209,21 @@ class Recording:
 
     def __init__(self):
         self.names = set()
+        self.decode_rows = set()  # the batch sizes the decode kernel ran at
 
     def __call__(self, name, inputs, template, grid, threadgroup, shapes, dtypes):
         self.names.add(name)
+        if name.startswith("sdpa_decode"):
+            self.decode_rows.add(inputs[0].shape[0])
         return [mx.zeros(s, d) for s, d in zip(shapes, dtypes)]
 
 
 @pytest.mark.parametrize("batched", [True, False])
 def test_warm_up_launches_the_first_requests_kernels(run_kernels_on, monkeypatch, batched):
     """At load the server runs once what its first requests run on a GPU: prefills that pack,
-    decode steps over a packed run (the decode kernel) that write the window (its kernel); on
-    the CPU and with MLX_KVQ_WARM_UP=0, nothing."""
+    decode steps over a packed run (the decode kernel) that write the window (its kernel),
+    batched at every batch size up to the decode concurrency (rows join a running batch and
+    leave one by one); on the CPU and with MLX_KVQ_WARM_UP=0, nothing."""
     model = serve_caches(tiny("llama", hidden_size=256), kv_bits=4, kv_group_size=32)  # head dim 64
     if not kernels.enabled():
         assert serving.warm_up(model, batched) is None  # the CPU: nothing to compile
@@ -228,6 +232,7 @@ def test_warm_up_launches_the_first_requests_kernels(run_kernels_on, monkeypatch
     monkeypatch.setenv("MLX_KVQ_WARM_UP", "0")
     assert serving.warm_up(model, batched) is None and not launch.names
     monkeypatch.delenv("MLX_KVQ_WARM_UP")
-    assert serving.warm_up(model, batched) > 0
+    assert serving.warm_up(model, batched, prompts=2, rows=5) > 0
     assert any(n.startswith("sdpa_decode") for n in launch.names), launch.names
+    assert launch.decode_rows == (set(range(1, 6)) if batched else {1}), launch.decode_rows
     assert "window_append" in launch.names, launch.names
