@@ -85,7 +85,13 @@ def start(config, port):
         if config == "mlx-lm-4bit":
             cmd += ["--kv-bits", "4", "--quantized-kv-start", "0"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
+    return healthy(proc, port, config)
+
+
+def healthy(proc, port, name, seconds=300):
+    """``proc`` once its server on ``port`` answers ``/health``; killed, and an error, if it
+    does not within ``seconds``."""
+    deadline = time.time() + seconds
     while time.time() < deadline and proc.poll() is None:
         try:
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
@@ -95,7 +101,8 @@ def start(config, port):
         except OSError:
             time.sleep(0.5)
     proc.kill()
-    raise RuntimeError(f"{config} server did not start: {proc.stderr.read()[-2000:]}")
+    err = proc.stderr.read()[-2000:] if proc.stderr else ""
+    raise RuntimeError(f"{name} server did not start: {err}")
 
 
 def complete(port, prompt, max_tokens, eos):

@@ -92,19 +92,7 @@ def start(port, out, args):
            *(["--fp16"] if args.fp16 else []), "--", "--port", str(port), "--log-level", "WARNING",
            "--prompt-concurrency", "8", "--decode-concurrency", "32"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, text=True)
-    import http.client
-
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-            conn.request("GET", "/health")
-            if conn.getresponse().status == 200:
-                return proc
-        except OSError:
-            time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError("the server did not start")
+    return bench_server.healthy(proc, port, "the timed", seconds=600)
 
 
 def report(data, t_load, sent):
