@@ -19,12 +19,17 @@ def const(key, make):
     return v
 
 
+def mask_kind(mask):
+    """The kernels' mask kind: 0 none, 1 bool keep-mask, 2 additive."""
+    return 0 if mask is None else (1 if mask.dtype == mx.bool_ else 2)
+
+
 def mask_arg(mask):
-    """(4-D array, kind) for the kernel: kind 0 none, 1 bool keep-mask, 2 additive."""
+    """(4-D array, kind) for the kernel (``mask_kind``)."""
     if mask is None:
         return const("f32", lambda: mx.zeros((1, 1, 1, 1), dtype=mx.float32)), 0
     m = mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape)) if mask.ndim < 4 else mask
-    return m, (1 if m.dtype == mx.bool_ else 2)
+    return m, mask_kind(m)
 
 
 def carrier_view(n, delta):

@@ -29,6 +29,7 @@ import numpy as np
 
 from .. import format as fmt
 from ..rotation import rotate
+from .args import mask_kind
 from .backend import MLXLauncher
 
 ATTENTION_TOL = 2e-2  # relative error of out; the kernels round scores and values to fp16
@@ -320,16 +321,11 @@ def decode_template(q_dtype, D, k_bits, v_bits, group_size, *, scale_dtype=None,
 
 def packed_case(launch, run, q_dtype, s_dtype, D, k_bits, v_bits, group_size, mode, rep, L, mask=None, causal=False):
     rt = min(8, 1 << max(0, (rep * L - 1).bit_length()))
-    mk, mdt = _mask_kind(mask)
+    mk, mdt = mask_kind(mask), None if mask is None else mask.dtype
     config = (("T", q_dtype), ("S", s_dtype), ("D", D), ("KB", k_bits), ("VB", v_bits), ("GS", group_size),
               ("MODE", mode), ("RT", rt), ("MASK", mk), ("MT", mdt), ("CAUSAL", bool(causal)))
     return "packed", config, lambda: check_packed(
         launch, run, q_dtype, s_dtype, D, k_bits, v_bits, group_size, mode, rep, L, mk, mdt, bool(causal))
-
-
-def _mask_kind(mask):
-    """(kind, dtype) of a mask as the kernels take it: 0 none, 1 bool keep-mask, 2 additive."""
-    return (0, None) if mask is None else (1 if mask.dtype == mx.bool_ else 2, mask.dtype)
 
 
 CHECK_QUERIES = 12  # a prefill chunk's check: rows past a tile's end, each row seeing keys
@@ -344,7 +340,7 @@ def prefill_case(launch, run, q_dtype, s_dtype, D, k_bits, v_bits, group_size, r
 
 
 def latent_case(launch, run, q_dtype, s_dtype, D, bits, group_size, rep, L, mask=None, causal=False):
-    mk, mdt = _mask_kind(mask)
+    mk, mdt = mask_kind(mask), None if mask is None else mask.dtype
     config = (("T", q_dtype), ("S", s_dtype), ("D", D), ("KB", bits), ("GS", group_size), ("MASK", mk),
               ("MT", mdt), ("CAUSAL", bool(causal)))
     # up to 20 rows: a whole tile of 16 and a partial one
