@@ -282,7 +282,7 @@ class QuantizedKVCache:
     def _window_append_kernel(self, keys, values):
         """Decode on GPUs: rotate and cast the new rows and write them into the window
         buffers in one launch (``kernels.window_append``); False where it does not apply."""
-        if not kernels.is_decode(keys.shape[2]) or self._wn != self._wvn:
+        if not kernels.is_decode(keys.shape[2]) or self._wn != self._wvn or not kernels.enabled():
             return False
         if self.padded_dim(keys.shape[-1]) != keys.shape[-1]:
             return False
