@@ -269,8 +269,9 @@ class QuantizedKVCache:
             self._wk[:, :, n : n + m] = keys
             self._wv[:, :, n : n + m] = values
         else:
-            self._wk = _cat_spare(self.window_keys, keys, self._spare(n, m))
-            self._wv = _cat_spare(self.window_values, values, self._spare(n, m))
+            spare = self._spare(n, m)
+            self._wk = _cat_spare(self.window_keys, keys, spare)
+            self._wv = _cat_spare(self.window_values, values, spare)
         self._wn = self._wvn = n + m
 
     def _spare(self, n, m):
@@ -292,8 +293,9 @@ class QuantizedKVCache:
             # grows it, so that every decode token is rotated and cast by the kernel; the
             # reference's rotation rounds float32 differently (a batch's rows, always in
             # room, would otherwise differ from the same rows alone: tests/cache/test_rows_buffer.py)
-            self._wk = _cat_spare(self.window_keys, self._wk[:, :, :0], m + self._spare(n, m))
-            self._wv = _cat_spare(self.window_values, self._wv[:, :, :0], m + self._spare(n, m))
+            room = m + self._spare(n, m)
+            self._wk = _cat_spare(self.window_keys, self._wk[:, :, :0], room)
+            self._wv = _cat_spare(self.window_values, self._wv[:, :, :0], room)
         rk, rv = bool(self.rotate), self.rotate == "kv"
         if not kernels.window_append_supports(self._wk, self._wv, keys, values, self._wn, rk, rv):
             return False

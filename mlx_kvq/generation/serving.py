@@ -177,9 +177,10 @@ def warm_up(model, batched=True, prompts=8, rows=16, step=2048):
         return None
     t0 = time.perf_counter()
     if batched:
+        rows = max(rows, prompts)
         gen = mlx_lm_batch_generator()(model, prefill_batch_size=prompts, prefill_step_size=step,
-                                       completion_batch_size=max(rows, prompts))
-        lengths = [WARM_UP[0]] + [WARM_UP[1]] * (max(rows, prompts) - 1)
+                                       completion_batch_size=rows)
+        lengths = [WARM_UP[0]] + [WARM_UP[1]] * (rows - 1)
         tokens = [[(i + j) % 64 for j in range(n)] for i, n in enumerate(lengths)]
         # each row one token more than the last, the first outlasting the others' prefill
         n = [2 * -(-len(tokens) // prompts) + 2 + i for i in range(len(tokens))]
