@@ -220,11 +220,8 @@ def _kernel_setup(q, view, k, v, n, sinks, window, nw, scale, causal, mask, rota
 
 def _segment_parts(q, view, scale, mask, use_kernels=True):
     """Partial (out, lse) per run of the view: packed kernel or reference, dense reference."""
-    causal, array_mask = _split_mask(mask)
     parts = []
-    for kind, k, v, k_start, n, pos in view.segments():
-        m = segment_mask(array_mask, k_start, n, pos)
-        args = dict(scale=scale, q_start=view.q_start, k_start=k_start, causal=causal, mask=m)
+    for kind, k, v, n, pos, args in segment_args(view, scale, mask):
         if kind == "packed":
             parts.append(packed_attention(q, k, v, n, view.format, use_kernels, **args))
         else:
@@ -232,12 +229,16 @@ def _segment_parts(q, view, scale, mask, use_kernels=True):
     return parts
 
 
-def segment_mask(mask, k_start, n, pos):
-    """The columns of an array ``mask`` (None: none) for the view segment of ``n`` keys from
-    ``k_start``, or at positions ``pos``."""
-    if mask is None:
-        return None
-    return mask[..., k_start : k_start + n] if pos is None else mx.take(mask, pos, axis=-1)
+def segment_args(view, scale, mask):
+    """Per run of the view (``view.segments()``): ``(kind, keys, values, n, pos, args)``, with
+    ``args`` the partial attention's keywords (scale, positions, causal, and the columns of
+    an array ``mask`` for that run)."""
+    causal, array_mask = _split_mask(mask)
+    for kind, k, v, k_start, n, pos in view.segments():
+        m = None
+        if array_mask is not None:
+            m = array_mask[..., k_start : k_start + n] if pos is None else mx.take(array_mask, pos, axis=-1)
+        yield kind, k, v, n, pos, dict(scale=scale, q_start=view.q_start, k_start=k_start, causal=causal, mask=m)
 
 
 def packed_attention(q, k, v, n, fmt, use_kernels=True, **args):

@@ -16,7 +16,7 @@ import mlx.core as mx
 from .. import kernels
 from ..format import fit
 from ..rotation import rotate
-from .dispatch import segment_mask
+from .dispatch import segment_args
 from .reference import dense_attention, merge
 
 
@@ -76,14 +76,10 @@ def latent_kernel(queries, view, scale, mask, sinks, rot):
         view = view.for_queries(queries.shape[2])
     bits = f.k_bits if keys else f.v_bits
     q = _queries(queries, packed[0].shape[-1] * 32 // bits, rot, mx.float32)
-    causal = isinstance(mask, str)
-    array_mask = None if causal else mask
     parts = []
-    for kind, sk, sv, k_start, count, pos in view.segments():
-        m = segment_mask(array_mask, k_start, count, pos)
-        args = dict(scale=scale, q_start=view.q_start, k_start=k_start, causal=causal, mask=m)
+    for kind, sk, sv, count, pos, args in segment_args(view, scale, mask):
         if kind == "packed":
-            if not kernels.latent_supports(q, packed, bits, f.group_size, f.mode, m):
+            if not kernels.latent_supports(q, packed, bits, f.group_size, f.mode, args["mask"]):
                 return None
             part = kernels.latent_attention(q, packed, count, bits=bits, group_size=f.group_size, **args)
             if part is None:
