@@ -116,7 +116,7 @@ def self_checks():
             q_dtype = mx.float32 if rot else _dtype(dt)  # rotated queries are float32
             add(f"prefill {bits}-bit g{gs} {dt} D{d}", selfcheck.prefill_case(
                 launch, kernels.prefill_launch, q_dtype, _dtype(dt), d, bits, bits, gs, HQ // HKV, True))
-    if getattr(launch, "backend", "metal") in kernels.latent.NATIVE:  # MLA decode over the latent
+    if kernels.latent.runs_on(launch):  # MLA decode over the latent
         for bits, gs, dt, d in LATENT_CONFIGS:  # float32 queries (rotated), the model's additive RoPE scores
             add(f"latent {bits}-bit g{gs} {dt} D{d}", selfcheck.latent_case(
                 launch, kernels.latent_launch, mx.float32, _dtype(dt), d, bits, gs, 128, 1,

@@ -22,6 +22,11 @@ MAX_DIM = 512  # a block of 8 dequantized keys: 16 KiB of threadgroup memory
 NATIVE = ("metal",)
 
 
+def runs_on(launch):
+    """Whether the library runs sdpa_latent on ``launch`` (``NATIVE``)."""
+    return getattr(launch, "backend", "metal") in NATIVE
+
+
 def latent_nsg(D):
     """Simdgroups per threadgroup: they split the head dim, 8 dims per tile each."""
     return next(s for s in (4, 2, 1) if D % (8 * s) == 0)
@@ -79,7 +84,7 @@ def latent_attention(q, packed, n, *, bits, group_size, scale, q_start, k_start,
     None where the library does not run it (``NATIVE``) and where this configuration failed
     its self-check."""
     launch = launcher()
-    if getattr(launch, "backend", "metal") not in NATIVE:
+    if not runs_on(launch):
         return None
     if not latent_ok(launch, latent_launch, q, packed, bits, group_size, mask, causal):
         return None
