@@ -111,9 +111,8 @@ class RowsBuffer:
         right-aligned at one column (the buffer whose window ends earlier gets hidden
         columns before it)."""
         a, b = self.cache, other.cache
-        same = lambda c, rows: (c.k_dim, c.v_dim, c.dtype, c._wide, c.kv_heads // rows)
         if (type(a) is not type(b) or self.row_type is not other.row_type or a.config != b.config
-                or same(a, len(self)) != same(b, len(other))):
+                or _model(a, len(self)) != _model(b, len(other))):
             return False
         if not self._within_spread(self.offsets + other.offsets, a.step):
             return False
@@ -343,13 +342,18 @@ def _packs(steps, offset, flush_block, start):
     return steps % flush_block == 0 and offset + 1 >= start
 
 
+def _model(c, rows=1):
+    """What a cache of ``rows`` rows takes from its model: one row's KV heads, head dims, dtype,
+    and whether its scales widened (rows must agree on it to share a buffer)."""
+    return c.kv_heads // rows, c.k_dim, c.v_dim, c.dtype, c._wide
+
+
 def _shareable(r, first):
     return (
         getattr(type(r), "one_buffer", False) and type(r) is type(first)
         and not getattr(r, "fetch_arrays", False)
         and r.config == first.config and r.kv_heads is not None
-        and (r.kv_heads, r.k_dim, r.v_dim, r.dtype, r._wide) == (first.kv_heads, first.k_dim, first.v_dim,
-                                                                  first.dtype, first._wide)
+        and _model(r) == _model(first)
         and r._wn == r._wvn
         and (0 if r.sink_keys is None else r.sink_keys.shape[2]) == r.sinks and r.offset > r.sinks
     )
