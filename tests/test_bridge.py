@@ -218,6 +218,25 @@ def test_max_kv_size_must_be_a_positive_count(model, size):
         mlx_kvq.make_prompt_cache(model, kv_bits=4, max_kv_size=size)
 
 
+def test_served_model_reads_its_modules_once(monkeypatch):
+    """``serve_caches``: a server builds caches for every request; the model's modules are read
+    (and the options checked) once, and each request gets caches of its own, as configured."""
+    from mlx_kvq import bridge
+
+    walks = []
+    real = bridge.module_names
+    monkeypatch.setattr(bridge, "module_names", lambda m: walks.append(1) or real(m))
+    model = bridge.serve_caches(tiny("gemma2"), kv_bits=3, kv_group_size=32, window=8)
+    assert len(walks) == 1
+    a, b = model.make_cache(), model.make_cache()
+    assert len(walks) == 1
+    assert all(isinstance(c, QuantizedKVCache) and c.config["k_bits"] == 3 and c.config["window"] == 8 for c in a)
+    assert all(c.fetch_arrays for c in a)  # gemma2 computes attention itself (arrays_reason)
+    assert not any(x is y for x, y in zip(a, b))
+    with pytest.raises(ValueError, match="bits 7"):
+        bridge.serve_caches(tiny("llama"), kv_bits=7)
+
+
 def test_cache_list_members_are_quantized():
     caches = mlx_kvq.make_prompt_cache(tiny("falcon_h1"), kv_bits=8)
     members = [type(m) for c in caches for m in c.caches]

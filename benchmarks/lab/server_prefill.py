@@ -91,10 +91,11 @@ def run(model, prompts, a, stream=None):
         prof = cProfile.Profile()
         prof.enable()
     gen.insert(prompts, max_tokens=[a.new] * len(prompts))
-    firsts, done, steps = [], 0, []
+    firsts, done, steps, calls = [], 0, [], []
     while done < len(prompts):
         t = time.perf_counter()
         rs = gen.next_generated()
+        calls.append((time.perf_counter() - t, len(rs), t - tic))
         done += sum(1 for r in rs if r.finish_reason)
         if len(firsts) < len(prompts):
             firsts.extend([time.perf_counter() - tic] * min(len(rs), len(prompts) - len(firsts)))
@@ -104,8 +105,12 @@ def run(model, prompts, a, stream=None):
     if a.profile:
         prof.disable()
         import pstats
-        pstats.Stats(prof).sort_stats("cumulative").print_stats(30)
+        pstats.Stats(prof).sort_stats("cumulative").print_stats(45)
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
     gen.close()
+    slow = sorted(calls, reverse=True)[:6]
+    print("slowest next_generated calls (s, responses, at s): "
+          + ", ".join(f"{s:.3f} {n} @{at:.2f}" for s, n, at in slow), flush=True)
     return dict(wall=wall, firsts=firsts, steps=steps)
 
 
