@@ -40,7 +40,17 @@ def main(argv=None):
     p.add_argument("--random", action="store_true",
                    help="a random-weight llama of SmolLM2-135M's shape instead of the embedded model")
     p.add_argument("--warm-up", action="store_true", help="serving.warm_up before the requests, as the server loads")
+    p.add_argument("--skip", default="", help="lab only, to time what they cost (outputs may differ): "
+                   "prefill-sync (the per-layer eval before a prefill chunk's attention), "
+                   "widen (the float32 model's overflow check at each packing)")
     a = p.parse_args(argv)
+    skip = set(filter(None, a.skip.split(",")))
+    if "prefill-sync" in skip:
+        from mlx_kvq.attention import prefill
+        prefill.eval_now = lambda *x: None
+    if "widen" in skip:
+        from mlx_kvq.cache.quantized import QuantizedKVCache
+        QuantizedKVCache._widen = lambda self, keys, values: None
     if a.random:
         from mlx_lm.models import llama
         model = llama.Model(llama.ModelArgs(
@@ -72,7 +82,7 @@ def main(argv=None):
     if steps:
         print(f"decode steps: median {1e3 * sorted(steps)[len(steps) // 2]:.1f} ms over {len(steps)}")
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"{'fp16' if a.fp16 else 'kvq-4'} prompts {a.prompts}x{a.tokens} batch {a.batch} step {a.step}"
+    print(f"{'fp16' if a.fp16 else 'kvq-4'}{' skip ' + a.skip if skip else ''} prompts {a.prompts}x{a.tokens} batch {a.batch} step {a.step}"
           f"{' (thread)' if a.thread else ''}: "
           f"{wall:.1f} s ({a.prompts * a.tokens / wall:.1f} prompt tok/s), first tokens at "
           f"{', '.join(f'{t:.0f}' for t in sorted(firsts))} s, MLX peak {mx.get_peak_memory() / 2**20:.0f} MiB, "

@@ -5,7 +5,7 @@ and generation responses), every request's insert, and the prompt-cache work
 (``extract_cache``, ``insert_cache``, ``trim_to``); ``--profile`` adds cProfile's top
 functions of that thread. Then N clients stream completions at once, as ``bench_server.py``.
 
-    python3 benchmarks/lab/server_timeline.py --clients 16 --prompt-tokens 2048 --new-tokens 64 [--fp16]
+    python3 benchmarks/lab/server_timeline.py --clients 16 --prompt-tokens 2048 --new-tokens 64 [--fp16] [--jit /tmp/mlx,~/.nv]
 """
 
 import argparse
@@ -135,6 +135,8 @@ def main():
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--fp16", action="store_true", help="mlx-lm's server classes and caches")
     p.add_argument("--profile", action="store_true", help="cProfile's top functions of the generation thread")
+    p.add_argument("--jit", default="", help="folders of JIT caches (CUDA: /tmp/mlx,~/.nv): list the files "
+                   "written after the warm-up request, i.e. compiled for the load")
     args = p.parse_args()
     from mlx_kvq.models import load
 
@@ -147,7 +149,7 @@ def main():
     proc = start(port, out, args)
     t1 = time.perf_counter()
     bench_server.complete(port, "Warm up:", 2, [])
-    t_load = time.perf_counter()
+    t_load, epoch = time.perf_counter(), time.time()
     print(f"{'mlx-lm fp16' if args.fp16 else 'mlx-kvq'}: up in {t1 - t0:.1f} s, warm-up request {t_load - t1:.1f} s")
     with cf.ThreadPoolExecutor(len(texts)) as ex:
         results = list(ex.map(lambda t: bench_server.complete(port, t, args.new_tokens, eos), texts))
@@ -159,6 +161,10 @@ def main():
     print(f"{args.clients} clients: {tokens} tokens in {wall:.1f} s ({tokens / wall:.2f} tok/s); first tokens at "
           + ", ".join(f"{t:.1f}" for t in ttfts) + " s")
     report(json.loads(Path(out).read_text()), t_load, t_load)
+    for folder in filter(None, args.jit.split(",")):
+        for f in sorted(Path(folder).expanduser().rglob("*"), key=lambda f: f.stat().st_mtime):
+            if f.is_file() and f.stat().st_mtime > epoch:
+                print(f"  JIT file +{f.stat().st_mtime - epoch:.1f} s: {f.name}")
 
 
 if __name__ == "__main__":

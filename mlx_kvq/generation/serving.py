@@ -32,7 +32,7 @@ from queue import Empty as QueueEmpty
 import mlx.core as mx
 
 from .. import kernels
-from ..bridge import mlx_lm_batch_generator, mlx_lm_server, serve_caches
+from ..bridge import make_logits_processors, make_sampler, mlx_lm_batch_generator, mlx_lm_server, serve_caches
 from ..cache import RowsBuffer
 from ..models import default_model_path, float_dtype, load, load_sharded, prepare_model, reads_gguf
 from ..models.memory import kv_bytes
@@ -172,7 +172,9 @@ def warm_up(model, batched=True, prompts=8, rows=16, step=2048):
     at every batch size from ``rows`` down to 1. MLX's CUDA backend compiles its quantized
     matmul per tile, chosen by the batch's rows: a warm-up of two rows left the server's
     first 16 requests ~30 s of compiling on a fresh H200 (BENCHMARKS.md, "The same load on a
-    GPU"). Alone, a prefill that packs and three decode steps."""
+    GPU"). The rows sample as requests do (greedy; temperature and top-p with a logit bias) and
+    their tokens' logprobs are read as the server reads them: MLX's CUDA backend compiles those
+    gathers and scatters too. Alone, a prefill that packs and three decode steps."""
     if os.environ.get("MLX_KVQ_WARM_UP", "1") in ("", "0") or not kernels.enabled():
         return None
     t0 = time.perf_counter()
@@ -184,12 +186,18 @@ def warm_up(model, batched=True, prompts=8, rows=16, step=2048):
         tokens = [[(i + j) % 64 for j in range(n)] for i, n in enumerate(lengths)]
         # each row one token more than the last, the first outlasting the others' prefill
         n = [2 * -(-len(tokens) // prompts) + 2 + i for i in range(len(tokens))]
-        gen.insert(tokens[:prompts], max_tokens=n[:prompts])
-        gen.next_generated()
-        gen.insert(tokens[prompts:], max_tokens=n[prompts:])
+        # the requests' sampling too (greedy; temperature, top-p and a logit bias), as the
+        # server builds it per request, and its read of each token's logprob
+        greedy, sample = make_sampler(0.0), make_sampler(0.7, top_p=0.9)
+        samplers = [sample if i % 2 else greedy for i in range(len(tokens))]
+        biased = [make_logits_processors({1: -100.0}) if i % 2 else [] for i in range(len(tokens))]
+        for lo, hi in ((0, prompts), (prompts, len(tokens))):
+            gen.insert(tokens[lo:hi], max_tokens=n[lo:hi], samplers=samplers[lo:hi], logits_processors=biased[lo:hi])
+            if lo == 0:
+                _served(gen.next_generated())
         done = 0
         while done < len(tokens):
-            done += sum(r.finish_reason is not None for r in gen.next_generated())
+            done += sum(r.finish_reason is not None for r in _served(gen.next_generated()))
         gen.close()
     else:
         cache = model.make_cache()
@@ -199,6 +207,13 @@ def warm_up(model, batched=True, prompts=8, rows=16, step=2048):
     seconds = time.perf_counter() - t0
     logging.info(f"Kernels warmed up in {seconds:.1f} s (MLX_KVQ_WARM_UP=0 skips this).")
     return seconds
+
+
+def _served(responses):
+    """``responses`` after the server's read of each token's logprob."""
+    for r in responses:
+        r.logprobs[r.token].item()
+    return responses
 
 
 PROBE_TOLERANCE = 0.02  # of the largest logit: batched products round differently in half precision

@@ -232,7 +232,21 @@ def test_warm_up_launches_the_first_requests_kernels(run_kernels_on, monkeypatch
     monkeypatch.setenv("MLX_KVQ_WARM_UP", "0")
     assert serving.warm_up(model, batched) is None and not launch.names
     monkeypatch.delenv("MLX_KVQ_WARM_UP")
+    used = set()  # the requests' sampling that ran: (temperature, ...), "logit bias"
+    sampler, processors = serving.make_sampler, serving.make_logits_processors
+    monkeypatch.setattr(serving, "make_sampler", lambda *a, **k: _noting(used, a, sampler(*a, **k)))
+    monkeypatch.setattr(serving, "make_logits_processors", lambda *a, **k: [
+        _noting(used, "logit bias", f) for f in processors(*a, **k)])
     assert serving.warm_up(model, batched, prompts=2, rows=5) > 0
     assert any(n.startswith("sdpa_decode") for n in launch.names), launch.names
     assert launch.decode_rows == (set(range(1, 6)) if batched else {1}), launch.decode_rows
     assert "window_append" in launch.names, launch.names
+    assert used == ({(0.0,), (0.7,), "logit bias"} if batched else set()), used
+
+
+def _noting(used, what, f):
+    """``f``, noting ``what`` in ``used`` when it is called."""
+    def noted(*a):
+        used.add(what)
+        return f(*a)
+    return noted
