@@ -4,7 +4,8 @@
 Every row is its own ``QuantizedKVCache`` (or ``QuantizedRotatingKVCache``) and every
 update goes to each row as that row's own update, so a row packs the same tokens on the
 same steps as when it runs alone, whenever it joins or leaves the batch. Prefill chunks
-attend row by row over each row's own view (``attention.rows_sdpa``). Decode steps go to
+are stored row by row and attend over each row's own view (``attention.rows_sdpa``: on a
+GPU all rows in one attention, each over its own keys). Decode steps go to
 one ``RowsBuffer`` holding all rows, which keeps each row's schedule (one window write
 and one attention call per layer), where the rows can share one; rows that cannot
 (``RowsBuffer.gather``) decode row by row. Everything else in the model runs batched.
