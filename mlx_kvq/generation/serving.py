@@ -191,10 +191,12 @@ def warm_up(model, batched=True, prompts=8, rows=16, step=2048):
         greedy, sample = make_sampler(0.0), make_sampler(0.7, top_p=0.9)
         samplers = [sample if i % 2 else greedy for i in range(len(tokens))]
         biased = [make_logits_processors({1: -100.0}) if i % 2 else [] for i in range(len(tokens))]
-        for lo, hi in ((0, prompts), (prompts, len(tokens))):
-            gen.insert(tokens[lo:hi], max_tokens=n[lo:hi], samplers=samplers[lo:hi], logits_processors=biased[lo:hi])
-            if lo == 0:
-                _served(gen.next_generated())
+        insert = lambda rows: gen.insert([tokens[i] for i in rows], max_tokens=[n[i] for i in rows],
+                                         samplers=[samplers[i] for i in rows],
+                                         logits_processors=[biased[i] for i in rows])
+        insert(range(prompts))
+        _served(gen.next_generated())
+        insert(range(prompts, len(tokens)))
         done = 0
         while done < len(tokens):
             done += sum(r.finish_reason is not None for r in _served(gen.next_generated()))
