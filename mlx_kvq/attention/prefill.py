@@ -26,13 +26,7 @@ def prefill_dequantized(q, view, scale, mask, sinks):
     f = view.format
     if kernels.is_decode(q.shape[2]) or not kernels.enabled():
         return None
-    # Evaluate everything up to this layer's queries first: left lazy, MLX kept every
-    # layer's transients alive at once (32k tokens, 32 layers: 8-10 GiB instead of one
-    # layer's 0.25 GiB; the first chunk, with nothing packed yet, 3.1 GiB instead of
-    # ~0.5; benchmarks/lab/diag_peak.py). One sync per layer and chunk.
-    big = _near_float16_max(view)
-    eval_now(q, *big)
-    dt = mx.float32 if _any_true(big) else view.store_dtype
+    dt = _attend_dtype(q, [view])
     k, v, n = view.packed
     if n:
         B, Hkv = k[0].shape[:2]
@@ -63,9 +57,7 @@ def prefill_dequantized_rows(q, views, takes, masks, scale, sinks):
     if (kernels.is_decode(min(takes)) or not kernels.enabled() or any(v.format != f for v in views)
             or any(not (m is None or (isinstance(m, str) and m == "causal")) for m in masks)):
         return None
-    big = [x for v in views for x in _near_float16_max(v)]
-    eval_now(q, *big)  # as prefill_dequantized: one layer's transients at a time
-    dt = mx.float32 if _any_true(big) else views[0].store_dtype
+    dt = _attend_dtype(q, views)
     keys = [v.stored("keys", dt) for v in views]
     values = [v.stored("values", dt) for v in views]
     if any(k is None or k.shape[2] != v.offset for k, v in zip(keys, views)):
@@ -88,6 +80,17 @@ def prefill_dequantized_rows(q, views, takes, masks, scale, sinks):
         q.astype(dt), keys, values, scale=scale, mask=mask,
         sinks=None if sinks is None else sinks.astype(dt),
     )
+
+
+def _attend_dtype(q, views):
+    """The dtype the views' keys are dequantized to and attended in: the cache's, float32 for
+    a float16 layer near the float16 maximum. Everything up to this layer's queries is
+    evaluated first: left lazy, MLX kept every layer's transients alive at once (32k tokens,
+    32 layers: 8-10 GiB instead of one layer's 0.25 GiB; the first chunk, with nothing packed
+    yet, 3.1 GiB instead of ~0.5; benchmarks/lab/diag_peak.py). One sync per layer and chunk."""
+    big = [x for v in views for x in _near_float16_max(v)]
+    eval_now(q, *big)
+    return mx.float32 if _any_true(big) else views[0].store_dtype
 
 
 def _near_float16_max(view):
