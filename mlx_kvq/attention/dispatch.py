@@ -39,10 +39,7 @@ def quantized_sdpa(queries, view, scale, mask=None, sinks=None):
     _check_queries(queries, view)
     if view.q_start is None:
         view = view.for_queries(queries.shape[2])
-    q = queries
-    d = view.format.padded_dim(q.shape[-1])
-    if d != q.shape[-1]:
-        q = mx.pad(q, [(0, 0)] * 3 + [(0, d - q.shape[-1])])
+    q = _padded(queries, view.format)
     if isinstance(mask, str) and mask != "causal":
         raise ValueError(f"Unsupported mask {mask!r}.")
     for path in PATHS:
@@ -50,6 +47,12 @@ def quantized_sdpa(queries, view, scale, mask=None, sinks=None):
         if out is not None:
             return _finish(out, view.v_dim, queries.dtype)
     raise AssertionError("the partials path always applies")
+
+
+def _padded(q, fmt):
+    """The queries zero-padded to the format's padded head dim (``KVFormat.padded_dim``)."""
+    d = fmt.padded_dim(q.shape[-1])
+    return q if d == q.shape[-1] else mx.pad(q, [(0, 0)] * 3 + [(0, d - q.shape[-1])])
 
 
 def _check_queries(q, view):
@@ -97,10 +100,7 @@ def rows_prefill(queries, views, takes, masks, scale, sinks=None):
     ``prefill_path`` for all rows at once (``prefill_dequantized_rows``); the queries past a
     row's take get zeros. None where it does not apply."""
     f = views[0].format
-    q = queries
-    d = f.padded_dim(q.shape[-1])
-    if d != q.shape[-1]:
-        q = mx.pad(q, [(0, 0)] * 3 + [(0, d - q.shape[-1])])
+    q = _padded(queries, f)
     out = prefill_dequantized_rows(rotate(q) if f.rotate else q, views, takes, masks, scale, sinks)
     if out is None:
         return None
