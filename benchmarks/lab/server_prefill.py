@@ -33,7 +33,7 @@ def main(argv=None):
     p.add_argument("--step", type=int, default=2048, help="prefill_step_size")
     p.add_argument("--fp16", action="store_true", help="mlx-lm's own caches")
     p.add_argument("--new", type=int, default=1, help="tokens generated per prompt")
-    p.add_argument("--vary", type=int, default=0, help="prompt i is tokens - (i * 7) % (vary + 1) long")
+    p.add_argument("--vary", type=int, default=0, help="prompt i is tokens - (i * 7) %% (vary + 1) long")
     p.add_argument("--profile", action="store_true", help="cProfile's top functions (cumulative)")
     p.add_argument("--thread", action="store_true",
                    help="the generator in a thread of its own, on that thread's stream (as the server runs it)")
@@ -85,8 +85,8 @@ def main(argv=None):
     print(f"{'fp16' if a.fp16 else 'kvq-4'}{' skip ' + a.skip if skip else ''} prompts {a.prompts}x{a.tokens} batch {a.batch} step {a.step}"
           f"{' (thread)' if a.thread else ''}: "
           f"{wall:.1f} s ({a.prompts * a.tokens / wall:.1f} prompt tok/s), first tokens at "
-          f"{', '.join(f'{t:.0f}' for t in sorted(firsts))} s, MLX peak {mx.get_peak_memory() / 2**20:.0f} MiB, "
-          f"RSS before {rss0:.0f} / peak {rss:.0f} MiB", flush=True)
+          f"{', '.join(f'{t:.2f}' for t in sorted(firsts))} s, MLX peak {mx.get_peak_memory() / 2**20:.0f} MiB, "
+          f"RSS before {rss0:.0f} / peak {rss:.0f} MiB; package {Path(mlx_kvq.__file__).parent}", flush=True)
 
 
 def run(model, prompts, a, stream=None):
