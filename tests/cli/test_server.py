@@ -8,6 +8,7 @@ import concurrent.futures as cf
 import http.client
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -205,6 +206,20 @@ def test_disconnected_client_frees_its_row(server, client):
     assert idle < 0.5 * busy, (idle, busy)
     r = client.completions.create(model="default_model", prompt="Hello", max_tokens=3)
     assert r.choices[0].finish_reason in ("length", "stop")
+
+
+def test_interrupt_stops_the_server_cleanly(server):
+    """Ctrl-C after requests: mlx-lm's shutdown, exit status 0, no abort (the generation
+    thread's compile cache freed while the interpreter finalized aborted the process)."""
+    port, proc = server
+    proc.send_signal(signal.SIGINT)
+    try:
+        rc = proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("the server did not stop within 60 s of SIGINT")
+    err = proc.stderr.read()
+    assert rc == 0 and "terminate called" not in err, (rc, err[-2000:])
 
 
 def test_flags_are_mlx_lms_plus_the_kv_flags():
