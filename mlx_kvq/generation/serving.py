@@ -356,6 +356,9 @@ class _Reservation:
 class APIHandler(server.APIHandler):
     """mlx-lm's handler, refusing with a 400 the requests its generation thread would die on."""
 
+    # parameters that reach the logits: NaN or infinity there samples a wrong token
+    FINITE = ("temperature", "top_p", "min_p", "repetition_penalty", "xtc_probability", "xtc_threshold")
+
     def validate_model_parameters(self):
         super().validate_model_parameters()
         stop = self.body.get("stop")
@@ -363,6 +366,28 @@ class APIHandler(server.APIHandler):
             isinstance(stop, list) and all(isinstance(s, str) for s in stop)
         ):
             raise ValueError("stop must be a string or a list of strings")
+        for name in self.FINITE:  # the logits are float32 at most
+            value = getattr(self, name, None)
+            if isinstance(value, (int, float)) and not abs(value) <= FLOAT32_MAX:
+                raise ValueError(f"{name} must be a finite float32 number, got {value}")
+        if 0 < self.temperature < 1e-30:  # the sampler scales by 1 / temperature
+            raise ValueError(f"temperature must be 0 (greedy) or at least 1e-30, got {self.temperature}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name} must be between -2 and 2 (OpenAI's range), got {getattr(self, name)}")
+        if self.seed is not None and not 0 <= self.seed < 2**64:  # mx.random.seed's uint64
+            raise ValueError(f"seed must be in [0, 2**64), got {self.seed}")
+        if self.stream_options is not None and not isinstance(self.stream_options, dict):
+            raise ValueError("stream_options must be an object")
+        if self.logit_bias:
+            vocab = vocabulary(self.response_generator.model_provider)
+            for token, bias in self.logit_bias.items():
+                if token < 0 or (vocab and token >= vocab):
+                    ids = f"token ids 0 to {vocab - 1}" if vocab else "token ids from 0"
+                    raise ValueError(f"logit_bias token {token} is not in the model's vocabulary ({ids})")
+                if not -100 <= bias <= 100:
+                    raise ValueError(f"logit_bias of token {token} must be between -100 and 100 (OpenAI's range), "
+                                     f"got {bias}")
 
     def handle_text_completions(self):
         prompt = self.body.get("prompt")
@@ -376,6 +401,11 @@ class APIHandler(server.APIHandler):
             isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages
         ):
             raise ValueError("messages must be a non-empty list of objects with a 'role'")
+        for m in messages:
+            content = m.get("content")
+            if content is not None and not isinstance(content, (str, list)):
+                raise ValueError(f"a message's content must be a string or a list of parts, "
+                                 f"got {type(content).__name__}")
         return super().handle_chat_completions()
 
     def handle_models_request(self):
@@ -399,6 +429,20 @@ class APIHandler(server.APIHandler):
         self.end_headers()
         self.wfile.write(body)
         self.wfile.flush()
+
+
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def vocabulary(provider):
+    """How many token ids ``provider``'s model scores (its config's ``vocab_size``, or its
+    tokenizer's tokens with the added ones, whichever is larger); None before it loads."""
+    model, tokenizer = getattr(provider, "model", None), getattr(provider, "tokenizer", None)
+    sizes = [getattr(getattr(model, "args", None), "vocab_size", None)]
+    hf = getattr(tokenizer, "_tokenizer", None)
+    sizes.append(len(hf) if hf is not None else None)
+    sizes = [n for n in sizes if isinstance(n, int)]
+    return max(sizes) if sizes else None
 
 
 def run(host, port, model_provider, response_generator=ResponseGenerator, handler=APIHandler):

@@ -7,6 +7,7 @@ server for the module."""
 import concurrent.futures as cf
 import http.client
 import json
+import math
 import os
 import signal
 import socket
@@ -151,13 +152,39 @@ def test_prompt_cache_hit(client):
     {"prompt": ""},
     {"prompt": "Hi", "stop": 5},
     {"max_tokens": 4},
-], ids=["bad-json", "max-tokens", "temperature", "messages", "empty-prompt", "stop", "no-messages"])
+    b'{"prompt": "Hi", "temperature": NaN}',
+    {"prompt": "Hi", "temperature": 1e-39},
+    {"prompt": "Hi", "top_p": 1e39},
+    {"prompt": "Hi", "seed": -1},
+    {"prompt": "Hi", "logit_bias": {"49152": -100}},
+    {"prompt": "Hi", "logit_bias": {"-3": -100}},
+    {"prompt": "Hi", "logit_bias": {"5": 1e39}},
+    {"prompt": "Hi", "presence_penalty": -1e40},
+    {"messages": [{"role": "user", "content": 5}]},
+    {"messages": [{"role": "user", "content": "Hi"}], "stream": True, "stream_options": 5},
+], ids=["bad-json", "max-tokens", "temperature", "messages", "empty-prompt", "stop", "no-messages",
+        "temperature-nan", "temperature-tiny", "top-p-inf", "seed", "bias-past-vocab", "bias-negative-id",
+        "bias-inf", "presence-inf", "content", "stream-options"])
 def test_malformed_requests_get_400_and_the_server_lives(server, client, body):
     port = server[0]
     path = "/v1/completions" if isinstance(body, dict) and "prompt" in body else "/v1/chat/completions"
-    status, out = _request(port, "POST", path, raw=body if isinstance(body, bytes) else json.dumps(body).encode())
-    assert status == 400 and "error" in json.loads(out)
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    if isinstance(body, bytes) and b"prompt" in body:
+        path = "/v1/completions"
+    status, out = _request(port, "POST", path, raw=raw)
+    assert status == 400 and "error" in json.loads(out), (status, out)
     assert _request(port, "GET", "/health")[0] == 200
+
+
+def test_sampling_parameters_at_their_limits_are_served(client):
+    """The bounds above refuse only what would sample from NaN logits: the last token id,
+    OpenAI's extreme biases and penalties and a tiny temperature are served."""
+    r = client.chat.completions.create(model="default_model", messages=[{"role": "user", "content": "Hi"}],
+                                       max_tokens=3, temperature=1e-30, presence_penalty=-2, frequency_penalty=2,
+                                       logit_bias={"49151": -100, "5": 100}, logprobs=True)
+    tokens = r.choices[0].logprobs.content
+    assert [t.id for t in tokens] == [5] * 3, tokens  # biased by 100
+    assert all(math.isfinite(t.logprob) for t in tokens)
 
 
 def test_openai_client_sees_bad_request(client):

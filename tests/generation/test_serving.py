@@ -250,3 +250,14 @@ def _noting(used, what, f):
         used.add(what)
         return f(*a)
     return noted
+
+
+def test_vocabulary_counts_the_tokenizers_added_tokens():
+    """A logit bias may name any token the model scores: Llama 3's config says 128256 and
+    its tokenizer's vocab_size 128000 (the added special tokens after it)."""
+    provider = SimpleNamespace(model=SimpleNamespace(args=SimpleNamespace(vocab_size=10)),
+                               tokenizer=SimpleNamespace(_tokenizer=[0] * 12, vocab_size=8))
+    assert serving.vocabulary(provider) == 12
+    provider.tokenizer = SimpleNamespace(_tokenizer=[0] * 6)
+    assert serving.vocabulary(provider) == 10
+    assert serving.vocabulary(SimpleNamespace(model=None, tokenizer=None)) is None
