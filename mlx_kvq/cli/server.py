@@ -51,7 +51,17 @@ def setup_arg_parser():
     for a in p._actions:
         if a.dest == "model":
             a.help = "local path, Hugging Face repo or .gguf file (default: embedded SmolLM2-135M-Instruct)"
+        if a.dest in RANGES:  # mlx-lm takes any number: out of range, requests hang or fail
+            a.type = ranged(*RANGES[a.dest])
     return p
+
+
+# mlx-lm's numeric flags and their ranges (a request's own sampling values have the same)
+RANGES = {
+    "port": (int, 0, 65535), "num_draft_tokens": (int, 0), "temp": (float, 0), "top_p": (float, 0, 1),
+    "top_k": (int, 0), "min_p": (float, 0, 1), "max_tokens": (int, 1), "decode_concurrency": (int, 1),
+    "prompt_concurrency": (int, 1), "prefill_step_size": (int, 1), "prompt_cache_size": (int, 0),
+}
 
 
 def check_distributed(args):

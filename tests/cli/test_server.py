@@ -259,3 +259,18 @@ def test_flags_are_mlx_lms_plus_the_kv_flags():
     assert (kv["kv_bits"], kv["kv_group_size"], kv["quantized_kv_start"], args.model) == (4, None, 0, None)
     with pytest.raises(SystemExit, match="Unsupported key bits 7"):
         main(["--kv-bits", "7"])
+
+
+@pytest.mark.parametrize("flag", ["--prefill-step-size=0", "--prompt-concurrency=0", "--decode-concurrency=0",
+                                  "--max-tokens=0", "--port=99999", "--temp=-1", "--temp=nan", "--top-p=5",
+                                  "--min-p=-0.1", "--top-k=-2", "--prompt-cache-size=-1"])
+def test_out_of_range_flags_stop_at_start(flag, capsys):
+    """mlx-lm's numeric flags out of range: with mlx-lm's parser the server starts and then
+    hangs its requests (a prefill step or prompt concurrency of 0) or fails each of them."""
+    from mlx_kvq.cli.server import setup_arg_parser
+
+    name, value = flag.split("=")
+    with pytest.raises(SystemExit):
+        setup_arg_parser().parse_args([flag])
+    err = capsys.readouterr().err
+    assert f"argument {name}: must be" in err and f"got {value}" in err, err
