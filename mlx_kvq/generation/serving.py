@@ -354,7 +354,8 @@ class _Reservation:
 
 
 class APIHandler(server.APIHandler):
-    """mlx-lm's handler, refusing with a 400 the requests its generation thread would die on."""
+    """mlx-lm's handler, refusing with a 400 the requests its generation thread would die on
+    or sample wrong tokens for."""
 
     # parameters that reach the logits: NaN or infinity there samples a wrong token
     FINITE = ("temperature", "top_p", "min_p", "repetition_penalty", "xtc_probability", "xtc_threshold")
@@ -435,14 +436,13 @@ FLOAT32_MAX = 3.4028234663852886e38
 
 
 def vocabulary(provider):
-    """How many token ids ``provider``'s model scores (its config's ``vocab_size``, or its
-    tokenizer's tokens with the added ones, whichever is larger); None before it loads."""
-    model, tokenizer = getattr(provider, "model", None), getattr(provider, "tokenizer", None)
-    sizes = [getattr(getattr(model, "args", None), "vocab_size", None)]
-    hf = getattr(tokenizer, "_tokenizer", None)
-    sizes.append(len(hf) if hf is not None else None)
-    sizes = [n for n in sizes if isinstance(n, int)]
-    return max(sizes) if sizes else None
+    """How many token ids ``provider``'s model scores: its config's ``vocab_size`` (the
+    logits' size), else its tokenizer's tokens with the added ones; None before it loads."""
+    n = getattr(getattr(getattr(provider, "model", None), "args", None), "vocab_size", None)
+    if isinstance(n, int):
+        return n
+    hf = getattr(getattr(provider, "tokenizer", None), "_tokenizer", None)
+    return len(hf) if hf is not None else None
 
 
 def run(host, port, model_provider, response_generator=ResponseGenerator, handler=APIHandler):

@@ -252,12 +252,13 @@ def _noting(used, what, f):
     return noted
 
 
-def test_vocabulary_counts_the_tokenizers_added_tokens():
-    """A logit bias may name any token the model scores: Llama 3's config says 128256 and
-    its tokenizer's vocab_size 128000 (the added special tokens after it)."""
-    provider = SimpleNamespace(model=SimpleNamespace(args=SimpleNamespace(vocab_size=10)),
-                               tokenizer=SimpleNamespace(_tokenizer=[0] * 12, vocab_size=8))
+def test_vocabulary_is_the_logits_size():
+    """A logit bias may name any token the model scores: its config's vocab_size (Llama 3:
+    128256, where its tokenizer's vocab_size, 128000, leaves out the added special tokens),
+    else the tokenizer's tokens with the added ones."""
+    model = SimpleNamespace(args=SimpleNamespace(vocab_size=12))
+    provider = SimpleNamespace(model=model, tokenizer=SimpleNamespace(_tokenizer=[0] * 14, vocab_size=8))
     assert serving.vocabulary(provider) == 12
-    provider.tokenizer = SimpleNamespace(_tokenizer=[0] * 6)
-    assert serving.vocabulary(provider) == 10
+    provider.model = SimpleNamespace()  # no config
+    assert serving.vocabulary(provider) == 14
     assert serving.vocabulary(SimpleNamespace(model=None, tokenizer=None)) is None
