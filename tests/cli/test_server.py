@@ -167,10 +167,8 @@ def test_prompt_cache_hit(client):
         "bias-inf", "presence-inf", "content", "stream-options"])
 def test_malformed_requests_get_400_and_the_server_lives(server, client, body):
     port = server[0]
-    path = "/v1/completions" if isinstance(body, dict) and "prompt" in body else "/v1/chat/completions"
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-    if isinstance(body, bytes) and b"prompt" in body:
-        path = "/v1/completions"
+    path = "/v1/completions" if b'"prompt"' in raw else "/v1/chat/completions"
     status, out = _request(port, "POST", path, raw=raw)
     assert status == 400 and "error" in json.loads(out), (status, out)
     assert _request(port, "GET", "/health")[0] == 200
@@ -237,7 +235,8 @@ def test_disconnected_client_frees_its_row(server, client):
 
 def test_interrupt_stops_the_server_cleanly(server):
     """Ctrl-C after requests: mlx-lm's shutdown, exit status 0, no abort (the generation
-    thread's compile cache freed while the interpreter finalized aborted the process)."""
+    thread's compile cache freed while the interpreter finalized aborted the process).
+    It stops the module's server: the last test to use it."""
     port, proc = server
     proc.send_signal(signal.SIGINT)
     try:
