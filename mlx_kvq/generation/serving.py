@@ -369,7 +369,7 @@ class APIHandler(server.APIHandler):
             raise ValueError("stop must be a string or a list of strings")
         for name in self.FINITE:  # the logits are float32 at most
             value = getattr(self, name, None)
-            if isinstance(value, (int, float)) and not abs(value) <= FLOAT32_MAX:
+            if isinstance(value, (int, float)) and not abs(value) <= mx.finfo(mx.float32).max:
                 raise ValueError(f"{name} must be a finite float32 number, got {value}")
         if 0 < self.temperature < 1e-30:  # the sampler scales by 1 / temperature
             raise ValueError(f"temperature must be 0 (greedy) or at least 1e-30, got {self.temperature}")
@@ -430,9 +430,6 @@ class APIHandler(server.APIHandler):
         self.end_headers()
         self.wfile.write(body)
         self.wfile.flush()
-
-
-FLOAT32_MAX = 3.4028234663852886e38
 
 
 def vocabulary(provider):
