@@ -7,7 +7,9 @@ import mlx.core as mx
 
 from .. import format, kernels
 from ..rotation import rotate
-from .reference import BLOCK_ELEMENTS
+from .softmax import softmax
+
+ONE_PASS_ELEMENTS = 1 << 23  # the most float32 scores a step takes in one softmax
 
 
 def on_cpu():
@@ -26,7 +28,7 @@ def decode_one_pass(q, view, scale, mask, sinks, dtype):
 
 def one_pass_attention(q, view, scale, mask, sinks, dtype):
     """The attention output of decode queries ``q`` (B, Hq, L, D) over ``view``, or None
-    where it does not apply (prefill, scores over ``BLOCK_ELEMENTS``). It is also what a
+    where it does not apply (prefill, scores over ``ONE_PASS_ELEMENTS``). It is also what a
     decode step takes when its kernel configuration failed its self-check."""
     B, Hq, L, D = q.shape
     if not kernels.is_decode(L):
@@ -37,7 +39,7 @@ def one_pass_attention(q, view, scale, mask, sinks, dtype):
     s = 0 if sk is None else sk.shape[2]
     w = 0 if wk is None else wk.shape[2]
     total = s + n + w
-    if total == 0 or B * Hq * L * (total + 1) > BLOCK_ELEMENTS:
+    if total == 0 or B * Hq * L * (total + 1) > ONE_PASS_ELEMENTS:
         return None
     Hkv = (k[0] if n else sk if s else wk).shape[1]
     rot = f.rotate
@@ -62,10 +64,7 @@ def one_pass_attention(q, view, scale, mask, sinks, dtype):
         scores = mx.where(visible, scores, -mx.inf)
     elif mask is not None:
         scores = mx.where(mask, scores, -mx.inf) if mask.dtype == mx.bool_ else scores + mask.astype(mx.float32)
-    if sinks is None and not isinstance(mask, mx.array):  # every row sees a key: one op
-        p = mx.softmax(scores, axis=-1, precise=True).reshape(B, Hkv, rows, total)
-    else:
-        p = _softmax_hiding(scores, sinks).reshape(B, Hkv, rows, total)
+    p = softmax(scores, sinks).reshape(B, Hkv, rows, total)
     out = 0
     if s:
         out = out + p[..., :s] @ sv.astype(mx.float32)
@@ -92,17 +91,3 @@ def _unpacks(f, n, words_shape, bits):
     B, H, _, words = words_shape
     return (f.mode == "affine" and bits in (2, 4, 8) and n >= UNPACK_MIN_KEYS
             and B * H * n * (words * 32 // bits) <= UNPACK_ELEMENTS)
-
-
-def _softmax_hiding(scores, sinks):
-    """Softmax over the last axis where a row may see no key (its weights are 0), with
-    ``sinks``' per-head logits (or None) in every denominator."""
-    m = scores.max(axis=-1, keepdims=True)
-    if sinks is not None:
-        m = mx.maximum(m, sinks.astype(mx.float32).reshape(1, -1, 1, 1))
-    m = mx.where(m > -mx.inf, m, 0.0)
-    p = mx.exp(scores - m)
-    l = p.sum(axis=-1, keepdims=True)
-    if sinks is not None:
-        l = l + mx.exp(sinks.astype(mx.float32).reshape(1, -1, 1, 1) - m)
-    return p / mx.where(l > 0, l, 1.0)

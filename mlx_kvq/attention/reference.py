@@ -6,9 +6,11 @@ bounded by ``BLOCK_ELEMENTS`` whatever the context length."""
 import mlx.core as mx
 
 from .. import format
+from .softmax import exp
 
-BLOCK_ELEMENTS = 1 << 23  # float32 elements of scores + dequantized K/V per block (CPU)
+BLOCK_ELEMENTS = 1 << 19  # float32 elements of scores + dequantized K/V per block (CPU)
 GPU_BLOCK_ELEMENTS = 1 << 25  # fewer, larger blocks on GPUs: launches cost more than bytes there
+BLOCK_KEYS = 512  # keys per block where the queries are tiled to fit the budget
 
 
 def merge(parts):
@@ -35,8 +37,8 @@ def packed_reference(q, k, v, n, fmt, **args):
     )
     dims = (k[0].shape[1], format.unpacked_dim(k[0].shape[-1], fmt.k_bits),
             format.unpacked_dim(v[0].shape[-1], fmt.v_bits))
-    return blocked_attention(q, _dense_qk(lambda a, b: deq(k, fmt.k_bits, a, b)),
-                             _dense_pv(lambda a, b: deq(v, fmt.v_bits, a, b)), n, dims, **args)
+    block = lambda a, b: _dense_products(deq(k, fmt.k_bits, a, b), deq(v, fmt.v_bits, a, b))
+    return blocked_attention(q, block, n, dims, **args)
 
 
 def packed_quantized_matmul(q, k, v, n, fmt, **args):
@@ -49,34 +51,37 @@ def packed_quantized_matmul(q, k, v, n, fmt, **args):
         x, *(y[:, :, None, a:b] for y in p), transpose=t, group_size=fmt.group_size, bits=bits, mode=fmt.mode)
     dims = (k[0].shape[1], format.unpacked_dim(k[0].shape[-1], fmt.k_bits),
             format.unpacked_dim(v[0].shape[-1], fmt.v_bits))
-    return blocked_attention(q, lambda qf, a, b: qmm(qf, k, fmt.k_bits, a, b, True),
-                             lambda p, a, b: qmm(p, v, fmt.v_bits, a, b, False), n, dims, **args)
+    block = lambda a, b: (lambda qf: qmm(qf, k, fmt.k_bits, a, b, True),
+                          lambda p: qmm(p, v, fmt.v_bits, a, b, False))
+    return blocked_attention(q, block, n, dims, **args)
 
 
 def dense_attention(q, k, v, **args):
     """Partial attention over unquantized keys/values (B, Hkv, n, D)."""
-    qk = _dense_qk(lambda a, b: k[:, :, a:b].astype(mx.float32))
-    pv = _dense_pv(lambda a, b: v[:, :, a:b].astype(mx.float32))
-    return blocked_attention(q, qk, pv, k.shape[2], (k.shape[1], k.shape[-1], v.shape[-1]), **args)
+    block = lambda a, b: _dense_products(k[:, :, a:b].astype(mx.float32), v[:, :, a:b].astype(mx.float32))
+    return blocked_attention(q, block, k.shape[2], (k.shape[1], k.shape[-1], v.shape[-1]), **args)
 
 
-def _dense_qk(get_k):
-    """Scores of (B, Hkv, rep, L, D) queries against keys ``get_k(a, b)`` (B, Hkv, b - a, D)."""
-    return lambda qf, a, b: qf @ get_k(a, b)[:, :, None].swapaxes(-1, -2)
+def _dense_products(k, v):
+    """``(qk, pv)`` over a block's float32 keys and values (B, Hkv, b - a, D): the scores of
+    (B, Hkv, rep, L, D) queries, and weights (B, Hkv, rep, L, b - a) times the values."""
+    return lambda qf: qf @ k[:, :, None].swapaxes(-1, -2), lambda p: p @ v[:, :, None]
 
 
-def _dense_pv(get_v):
-    """Weights (B, Hkv, rep, L, b - a) times values ``get_v(a, b)`` (B, Hkv, b - a, Dv)."""
-    return lambda p, a, b: p @ get_v(a, b)[:, :, None]
-
-
-def blocked_attention(q, qk, pv, n, dims, *, scale, q_start, k_start, causal, mask, k_pos=None):
+def blocked_attention(q, block, n, dims, *, scale, q_start, k_start, causal, mask, k_pos=None):
     """Reference partial attention: keys in blocks, online softmax in float32.
 
-    ``qk(qf, a, b)`` gives the scores (B, Hkv, rep, L, b - a) of the scaled float32
-    queries ``qf`` (B, Hkv, rep, L, D) against keys a..b; ``pv(p, a, b)`` the weights ``p``
-    of that shape times values a..b, (B, Hkv, rep, L, Dv). ``dims`` is ``(Hkv, Dk, Dv)``.
-    Key j sits at position ``k_start + j``, or ``k_pos[j]``.
+    ``block(a, b)`` gives the products over keys a..b, computed once for all queries:
+    ``(qk, pv)``, ``qk(qf)`` the scores (B, Hkv, rep, Lt, b - a) of scaled float32 queries
+    ``qf`` (B, Hkv, rep, Lt, D), ``pv(p)`` the weights ``p`` of that shape times the values,
+    (B, Hkv, rep, Lt, Dv). ``dims`` is ``(Hkv, Dk, Dv)``. Key j sits at position
+    ``k_start + j``, or ``k_pos[j]``.
+
+    A block's scores stay within the backend's budget (``BLOCK_ELEMENTS`` on the CPU, where
+    larger arrays cost a page fault per 4 KiB each time MLX allocates them): a chunk's queries
+    go in tiles where they would not fit beside ``BLOCK_KEYS`` keys. With a causal mask over
+    keys in order a tile skips the blocks after its last query and masks only the blocks that
+    cross it (a 2048-token chunk computes about half of its scores).
 
     Returns ``out`` (B, Hq, L, Dv) float32 normalized over visible keys and ``lse``
     (B, Hq, L); rows with no visible key get ``out = 0`` and ``lse = -inf``.
@@ -85,37 +90,54 @@ def blocked_attention(q, qk, pv, n, dims, *, scale, q_start, k_start, causal, ma
     Hkv, Dk, Dv = dims
     rep = Hq // Hkv
     budget = GPU_BLOCK_ELEMENTS if mx.default_device() == mx.gpu else BLOCK_ELEMENTS
-    block = max(64, budget // max(1, B * (Hq * L + Hkv * (Dk + Dv))))
+    tile = L if B * Hq * L * BLOCK_KEYS <= budget else max(16, budget // (B * Hq * BLOCK_KEYS))
+    tile = -(-L // -(-L // tile))  # tiles of (nearly) equal size
+    keys = max(64, budget // max(1, B * (Hq * tile + Hkv * (Dk + Dv))))
+    keys = -(-n // -(-n // keys)) if n else keys  # blocks likewise
     qf = (q.astype(mx.float32) * scale).reshape(B, Hkv, rep, L, D)
-    q_pos = mx.arange(q_start, q_start + L)[:, None]
+    tiles = [(i, min(L, i + tile)) for i in range(0, L, tile)]
+    qfs = [qf[..., i:j, :] for i, j in tiles] if len(tiles) > 1 else [qf]
     mask5 = _mask5(mask, Hkv, rep)
+    ordered = causal and k_pos is None  # key positions rise with j: whole blocks seen or hidden
 
-    result = None
-    for a in range(0, n, block):
-        b = min(n, a + block)
-        s = qk(qf, a, b)  # (B, Hkv, rep, L, b - a)
-        if causal:
-            kp = mx.arange(k_start + a, k_start + b) if k_pos is None else k_pos[a:b]
-            s = mx.where(kp[None] <= q_pos, s, -mx.inf)
-        if mask5 is not None:
-            mb = mask5[..., a:b]
-            s = mx.where(mb, s, -mx.inf) if mb.dtype == mx.bool_ else s + mb.astype(mx.float32)
-        # Each block is a self-contained softmax merged by log-sum-exp: its scores are
-        # dead once its small (out, lse) exist.
-        m = s.max(axis=-1, keepdims=True)
-        m = mx.where(m > -mx.inf, m, 0.0)
-        p = mx.exp(s - m)
-        l = p.sum(axis=-1)
-        seen = l > 0
-        out = pv(p, a, b) / mx.where(seen, l, 1.0)[..., None]
-        lse = mx.where(seen, m[..., 0] + mx.log(mx.where(seen, l, 1.0)), -mx.inf)
-        result = (out, lse) if result is None else merge([result, (out, lse)])
+    results = [None] * len(tiles)
+    for a in range(0, n, keys):
+        b = min(n, a + keys)
+        qk, pv = block(a, b)
+        for t, (i, j) in enumerate(tiles):
+            first, last = q_start + i, q_start + j - 1  # the tile's query positions
+            if ordered and k_start + a > last:
+                continue  # every key of the block after every query of the tile
+            s = qk(qfs[t])  # (B, Hkv, rep, Lt, b - a)
+            if causal and not (ordered and k_start + b - 1 <= first):
+                kp = mx.arange(k_start + a, k_start + b) if k_pos is None else k_pos[a:b]
+                s = mx.where(kp[None] <= mx.arange(first, last + 1)[:, None], s, -mx.inf)
+            if mask5 is not None:
+                mb = mask5[..., a:b] if mask5.shape[-2] == 1 else mask5[..., i:j, a:b]
+                s = mx.where(mb, s, -mx.inf) if mb.dtype == mx.bool_ else s + mb.astype(mx.float32)
+            part = _block_part(s, pv)
+            results[t] = part if results[t] is None else merge([results[t], part])
         if b < n:  # schedule block by block, so one block's scores are alive at a time
-            mx.async_eval(result)
-    if result is None:
-        return mx.zeros((B, Hq, L, Dv)), mx.full((B, Hq, L), -mx.inf)
-    out, lse = result
+            mx.async_eval([r for r in results if r is not None])
+    for t, (i, j) in enumerate(tiles):
+        if results[t] is None:  # no key visible to the tile
+            results[t] = mx.zeros((B, Hkv, rep, j - i, Dv)), mx.full((B, Hkv, rep, j - i), -mx.inf)
+    out = mx.concatenate([o for o, _ in results], axis=-2) if len(results) > 1 else results[0][0]
+    lse = mx.concatenate([l for _, l in results], axis=-1) if len(results) > 1 else results[0][1]
     return out.reshape(B, Hq, L, Dv), lse.reshape(B, Hq, L)
+
+
+def _block_part(s, pv):
+    """``(out, lse)`` of one block's scores ``s``: a self-contained softmax merged by
+    log-sum-exp, so the scores are dead once these small results exist."""
+    m = s.max(axis=-1, keepdims=True)
+    m = mx.where(m > -mx.inf, m, 0.0)
+    p = exp(s - m)
+    l = p.sum(axis=-1)
+    seen = l > 0
+    out = pv(p) / mx.where(seen, l, 1.0)[..., None]
+    lse = mx.where(seen, m[..., 0] + mx.log(mx.where(seen, l, 1.0)), -mx.inf)
+    return out, lse
 
 
 def _mask5(mask, Hkv, rep):

@@ -68,7 +68,7 @@ def test_the_cpu_decode_takes_it_and_long_views_do_not(monkeypatch):
     _, view, q = _decode_view(dict(bits=4))
     quantized_sdpa(q, view, scale=0.125)
     assert calls
-    monkeypatch.setattr(one_pass, "BLOCK_ELEMENTS", 100)  # scores over the budget: the partials
+    monkeypatch.setattr(one_pass, "ONE_PASS_ELEMENTS", 100)  # scores over the budget: the partials
     assert one_pass.decode_one_pass(q, view, 0.125, None, None, q.dtype) is None
 
 

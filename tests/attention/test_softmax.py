@@ -1,0 +1,45 @@
+"""The softmax of the MLX-op attention paths against float64 NumPy."""
+
+import numpy as np
+
+import mlx.core as mx
+
+from mlx_kvq.attention.softmax import exp, softmax
+
+
+def test_exp_matches_float64_over_the_shifted_range():
+    """Softmax's shifted scores: every float32 step from -100 to 0 (and beyond, to -inf)."""
+    x = np.concatenate([np.linspace(-100, 0, 1_000_001, dtype=np.float32), [-1e30, -np.inf, 0.0, -88.5]])
+    with mx.stream(mx.cpu):
+        got = np.array(exp(mx.array(x)), dtype=np.float64)
+    want = np.exp(x.astype(np.float64))
+    normal = want > np.finfo(np.float32).tiny
+    assert (np.abs(got[normal] - want[normal]) / want[normal]).max() < 2e-7
+    assert np.all(got[~normal] <= np.finfo(np.float32).tiny) and got[-3] == 0.0
+    assert got[-2] == 1.0
+
+
+def test_exp_keeps_nan_and_other_dtypes():
+    with mx.stream(mx.cpu):
+        assert np.isnan(np.array(exp(mx.array([np.nan, -1.0])))[0])
+        h = exp(mx.array([-1.0, 0.0], mx.float16))
+    assert h.dtype == mx.float16 and np.allclose(np.array(h), np.exp([-1.0, 0.0]), rtol=1e-3)
+
+
+def test_softmax_rows_that_see_no_key_and_sinks():
+    rng = np.random.default_rng(0)
+    s = rng.normal(size=(1, 2, 3, 7)).astype(np.float32) * 5
+    s[0, 0, 1] = -np.inf  # a row that sees no key
+    sinks = np.array([0.5, -2.0], np.float32)
+    for with_sinks in (False, True):
+        got = np.array(softmax(mx.array(s), mx.array(sinks) if with_sinks else None))
+        x = s.astype(np.float64)
+        m = np.max(x, axis=-1, keepdims=True)
+        if with_sinks:
+            m = np.maximum(m, sinks.reshape(1, -1, 1, 1))
+        m = np.where(np.isfinite(m), m, 0.0)
+        p = np.exp(x - m)
+        l = p.sum(axis=-1, keepdims=True) + (np.exp(sinks.reshape(1, -1, 1, 1) - m) if with_sinks else 0)
+        want = p / np.where(l > 0, l, 1.0)
+        assert np.abs(got - want).max() < 1e-6
+        assert np.all(got[0, 0, 1] == 0)
