@@ -105,6 +105,25 @@ def test_causal_chunk_skips_the_blocks_after_its_queries(monkeypatch):
     assert len(computed) > 4 and sum(computed) < 0.6 * L * L
 
 
+def test_causal_blocks_start_at_each_tiles_first_query(monkeypatch):
+    """Tiles of 48 queries and blocks of at most 64 keys: a key block starts at each tile's
+    first query, so a tile computes exactly the keys up to its last query (the block after
+    its first query is its own square) and the blocks past it are skipped."""
+    small_blocks(monkeypatch, 48 * 64, keys=64)
+    mx.random.seed(5)
+    L, D = 240, 8
+    q, k = mx.random.normal((1, 1, L, D)), mx.random.normal((1, 1, L, D))
+    computed = []
+
+    def block(a, b):
+        qk, pv = reference._dense_products(k[:, :, a:b], k[:, :, a:b])
+        return (lambda qf: computed.append(qf.shape[-2] * (b - a)) or qk(qf)), pv
+
+    got = blocked_attention(q, block, L, (1, D, D), scale=0.3, q_start=0, k_start=0, causal=True, mask=None)
+    check(got, numpy_attention(q, k, k, 0.3, np.arange(L)[None] <= np.arange(L)[:, None]))
+    assert sum(computed) == sum(48 * j for j in range(48, L + 1, 48))
+
+
 def test_a_tiles_last_query_sees_the_first_key_of_the_next_block(monkeypatch):
     """Tiles of 16 queries at positions 17..64 and blocks of 64 keys: the last tile's last
     query sits at the second block's first key, which it sees."""
