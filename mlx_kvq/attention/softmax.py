@@ -1,12 +1,15 @@
 """The softmax of the attention paths written with MLX ops (the CPU's, and the GPUs' reference).
 
-On the CPU MLX's ``mx.exp`` takes ~14.5 ns a float32 element (the Linux wheel on a 2-core
-AMD EPYC), most of a prefill's attention there. ``exp`` computes it as a compiled polynomial
-in 3.3-4.3 ns for arrays up to 1M elements, with a relative error of 8e-8 against float64
-(``mx.exp``'s: 3.9e-6): ``python3 benchmarks/lab/cpu_exp.py``. GPUs keep ``mx.exp``."""
+On the CPU MLX's ``mx.exp`` takes 14.5-25 ns a float32 element (the Linux wheel on a 2-core
+AMD EPYC, two runs), most of a prefill's attention there. ``exp`` computes it as a compiled
+polynomial in 3.3-6.9 ns for arrays up to 1M elements, with a relative error of 8e-8 against float64
+(``mx.exp``'s: 3.9e-6): ``python3 benchmarks/lab/cpu_exp.py``. From 2M elements on it is
+slower than ``mx.exp`` (24-31 ns against 16-20: its intermediate arrays fault their pages
+in), so larger arrays and GPUs keep ``mx.exp``."""
 
 import mlx.core as mx
 
+EXP_ELEMENTS = 1 << 20  # the largest array the polynomial takes
 LOG2E = 1.4426950408889634
 LN2_HI, LN2_LO = 0.693359375, -2.12194440e-4  # ln 2 in two parts: x - n ln 2 exact for |n| < 2**9
 # e**r - 1 - r over |r| <= ln 2 / 2, divided by r**2 (Cephes' expf)
@@ -31,8 +34,8 @@ _compiled_parts = mx.compile(_exp_parts, shapeless=True)  # a bit cast cannot be
 
 def exp(x):
     """``e**x`` for softmax's shifted float32 scores (``x <= 0``, or -inf): the polynomial on
-    the CPU, ``mx.exp`` elsewhere and for other dtypes. NaN stays NaN."""
-    if x.dtype != mx.float32 or mx.default_device() != mx.cpu:
+    the CPU up to ``EXP_ELEMENTS``, ``mx.exp`` elsewhere and for other dtypes. NaN stays NaN."""
+    if x.dtype != mx.float32 or x.size > EXP_ELEMENTS or mx.default_device() != mx.cpu:
         return mx.exp(x)
     p, bits = _compiled_parts(x)
     return p * bits.view(mx.float32)

@@ -4,6 +4,7 @@ import numpy as np
 
 import mlx.core as mx
 
+from mlx_kvq.attention import softmax as softmax_module
 from mlx_kvq.attention.softmax import exp, softmax
 
 
@@ -17,6 +18,15 @@ def test_exp_matches_float64_over_the_shifted_range():
     assert (np.abs(got[normal] - want[normal]) / want[normal]).max() < 2e-7
     assert np.all(got[~normal] <= np.finfo(np.float32).tiny) and got[-3] == 0.0
     assert got[-2] == 1.0
+
+
+def test_exp_of_arrays_beyond_the_polynomials_size_is_mx_exp(monkeypatch):
+    """Above ``EXP_ELEMENTS`` the CPU takes ``mx.exp`` (faster there); up to it the polynomial."""
+    monkeypatch.setattr(softmax_module, "EXP_ELEMENTS", 1000)
+    x = mx.array(np.linspace(-30, 0, 1001, dtype=np.float32))
+    with mx.stream(mx.cpu):
+        assert mx.array_equal(exp(x), mx.exp(x)).item()
+        assert not mx.array_equal(exp(x[:1000]), mx.exp(x[:1000])).item()  # the polynomial rounds otherwise
 
 
 def test_exp_keeps_nan_and_other_dtypes():
