@@ -242,7 +242,7 @@ def _kernel_setup(q, view, k, v, n, sinks, window, nw, scale, causal, mask, rota
 def _segment_parts(q, view, scale, mask, use_kernels=True):
     """Partial (out, lse) per run of the view: packed kernel or reference, dense reference."""
     parts = []
-    for kind, k, v, n, pos, args in segment_args(view, scale, mask):
+    for kind, k, v, n, pos, args in segment_args(view, scale, mask, split=q.shape[2] > 1):
         if kind == "packed":
             parts.append(packed_attention(q, k, v, n, view.format, use_kernels, **args))
         else:
@@ -250,12 +250,12 @@ def _segment_parts(q, view, scale, mask, use_kernels=True):
     return parts
 
 
-def segment_args(view, scale, mask):
-    """Per run of the view (``view.segments()``): ``(kind, keys, values, n, pos, args)``, with
-    ``args`` the partial attention's keywords (scale, positions, causal, and the columns of
-    an array ``mask`` for that run)."""
+def segment_args(view, scale, mask, split=False):
+    """Per run of the view (``view.segments(split)``): ``(kind, keys, values, n, pos, args)``,
+    with ``args`` the partial attention's keywords (scale, positions, causal, and the columns
+    of an array ``mask`` for that run)."""
     causal, array_mask = _split_mask(mask)
-    for kind, k, v, k_start, n, pos in view.segments():
+    for kind, k, v, k_start, n, pos in view.segments(split):
         m = None
         if array_mask is not None:
             m = array_mask[..., k_start : k_start + n] if pos is None else mx.take(array_mask, pos, axis=-1)

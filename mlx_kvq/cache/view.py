@@ -111,12 +111,15 @@ class KVView(StandsForArray):
             self._window = (first_tokens(wk, n), first_tokens(wv, nv))
         return self._window
 
-    def segments(self):
+    def segments(self, split=False):
         """``(kind, keys, values, k_start, n, positions)`` for each non-empty part.
 
         The packed run holds the contiguous positions ``k_start .. k_start + n``
         (``positions`` None); the unquantized tokens, sinks and recent window
-        together, are one ``"dense"`` part whose ``positions`` array says where each sits.
+        together, are one ``"dense"`` part, whose ``positions`` array says where each
+        sits when a packed run lies between them. With ``split`` they are two parts in
+        that case, each contiguous, so that a causal prefill chunk skips the keys after
+        its queries (``attention.reference``); decode steps keep one part, fewer ops.
         """
         sk, sv = self.sinks
         k, v, n = self.packed
@@ -124,8 +127,10 @@ class KVView(StandsForArray):
         s = 0 if sk is None else sk.shape[2]
         w = 0 if wk is None else wk.shape[2]
         out = [("packed", k, v, s, n, None)] if n else []
-        if s and w:
-            pos = mx.concatenate([mx.arange(s), mx.arange(s + n, s + n + w)])
+        if s and w and n and split:
+            out += [("dense", sk, sv, 0, s, None), ("dense", wk, wv, s + n, w, None)]
+        elif s and w:
+            pos = mx.concatenate([mx.arange(s), mx.arange(s + n, s + n + w)]) if n else None
             out.append(("dense", mx.concatenate([sk, wk], axis=2), mx.concatenate([sv, wv], axis=2), 0, s + w, pos))
         elif s or w:
             k_start = 0 if s else s + n

@@ -51,3 +51,26 @@ def test_key_and_value_dims_differ_float32_model():
     assert k.shape[-1] == 80 and v.shape[-1] == 32 and k.dtype == mx.float32
     assert rel_err(mx.array(k), rk) < 0.1 and rel_err(mx.array(v), rv) < 0.1
     assert bool(mx.all(mx.isfinite(mx.array(k))).item())
+
+
+def test_segments_sinks_and_window_in_position_order():
+    """The unquantized tokens as dense parts of the view: a first chunk, not yet packed, is one
+    run of positions 0.. (no positions array); with a packed run between sinks and window,
+    one part with their positions, or (``split``, for prefill chunks) two contiguous parts.
+    Each part holds the tokens stored at its positions."""
+    mx.random.seed(3)
+    cache = QuantizedKVCache(8, 32, window=8, sinks=2)
+    k, v = mx.random.normal((1, 2, 40, 32)), mx.random.normal((1, 2, 40, 32))
+    (kind, pk, _, start, n, pos), = cache.update_and_fetch(k, v)[0].segments()
+    assert (kind, start, n, pos) == ("dense", 0, 40, None) and mx.array_equal(pk, k).item()
+    k2, v2 = mx.random.normal((1, 2, 24, 32)), mx.random.normal((1, 2, 24, 32))
+    view = cache.update_and_fetch(k2, v2)[0]
+    every = mx.concatenate([k, k2], axis=2)
+    (packed, *_, n_packed, _), dense = view.segments()
+    assert packed == "packed" and n_packed > 0 and dense[4] == 64 - n_packed
+    assert mx.array_equal(dense[5], mx.concatenate([mx.arange(2), mx.arange(2 + n_packed, 64)])).item()
+    assert mx.array_equal(dense[1], every[:, :, mx.array(dense[5])]).item()
+    sinks, window = view.segments(split=True)[1:]
+    assert (sinks[3], sinks[4], sinks[5]) == (0, 2, None) and (window[3], window[4], window[5]) == (2 + n_packed, 64 - 2 - n_packed, None)
+    for _, keys, _, start, n, _ in (sinks, window):
+        assert mx.array_equal(keys, every[:, :, start : start + n]).item()
