@@ -5,7 +5,10 @@ median milliseconds. On the CPU the cache's prefill takes the blocked reference 
 bounded by a block). Tried and not kept: MLX's sdpa over the dequantized layer for chunks
 whose float32 scores fit 256 MiB; on the idle 2-core machine it was no faster (first 2048:
 681 against 671 ms; 512 after it: 260 against 223 ms; MLX's sdpa over float32 keys 607 / 188,
-``benchmarks/lab/results/cpu_prefill_layer.txt``):
+``benchmarks/lab/results/cpu_prefill_layer.txt``). With the reference's query tiles, causal
+skip and polynomial exp (147a7e8), on a slower day of the same machine: first 2048 493 ms
+against MLX's float32 sdpa 987 (the package before: 1020); 512 after it 183 against 255
+(before: 404), same file:
 
     python3 benchmarks/lab/cpu_prefill_layer.py --chunk 2048 --next 512
 """
