@@ -42,16 +42,12 @@ def main(argv=None):
     p.add_argument("--warm-up", action="store_true", help="serving.warm_up before the requests, as the server loads")
     p.add_argument("--skip", default="", help="lab only, to time what they cost (outputs may differ): "
                    "prefill-sync (the per-layer eval before a prefill chunk's attention), "
-                   "widen (the float32 model's overflow check at each packing), "
-                   "rows-prefill (a prefill chunk's rows attend one by one, not in one attention)")
+                   "widen (the float32 model's overflow check at each packing)")
     a = p.parse_args(argv)
     skip = set(filter(None, a.skip.split(",")))
     if "prefill-sync" in skip:
         from mlx_kvq.attention import prefill
         prefill.eval_now = lambda *x: None
-    if "rows-prefill" in skip:
-        from mlx_kvq.attention import prefill
-        prefill.ROWS_PADDING = 0
     if "widen" in skip:
         from mlx_kvq.cache.quantized import QuantizedKVCache
         QuantizedKVCache._widen = lambda self, keys, values: None

@@ -25,7 +25,7 @@ import mlx.core as mx
 from .. import kernels
 from ..rotation import rotate
 from .one_pass import decode_one_pass, on_cpu, one_pass_attention
-from .prefill import prefill_dequantized, prefill_dequantized_rows
+from .prefill import prefill_dequantized
 from .reference import dense_attention, merge, packed_quantized_matmul, packed_reference
 
 
@@ -93,24 +93,6 @@ def prefill_path(q, view, scale, mask, sinks, dtype):
     if out is None:
         return None
     return rotate(out, inverse=True) if rot == "kv" else out
-
-
-def rows_prefill(queries, views, takes, masks, scale, sinks=None):
-    """A prefill chunk of a batch cache's rows (``rows_sdpa``) on a GPU as one attention:
-    ``prefill_path`` for all rows at once (``prefill_dequantized_rows``); the queries past a
-    row's take get zeros. None where it does not apply."""
-    f = views[0].format
-    q = _padded(queries, f)
-    out = prefill_dequantized_rows(rotate(q) if f.rotate else q, views, takes, masks, scale, sinks)
-    if out is None:
-        return None
-    if f.rotate == "kv":
-        out = rotate(out, inverse=True)
-    out = _finish(out, views[0].v_dim, queries.dtype)
-    if min(takes) < q.shape[2]:
-        own = mx.arange(q.shape[2])[None, :] < mx.array(takes)[:, None]
-        out = mx.where(own[:, None, :, None], out, mx.zeros((), out.dtype))
-    return out
 
 
 def partials(q, view, scale, mask, sinks, dtype, use_kernels=True):

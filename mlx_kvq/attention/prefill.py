@@ -26,7 +26,7 @@ def prefill_dequantized(q, view, scale, mask, sinks):
     f = view.format
     if kernels.is_decode(q.shape[2]) or not kernels.enabled():
         return None
-    dt = _attend_dtype(q, [view])
+    dt = _attend_dtype(q, view)
     k, v, n = view.packed
     if n:
         B, Hkv = k[0].shape[:2]
@@ -40,57 +40,15 @@ def prefill_dequantized(q, view, scale, mask, sinks):
     )
 
 
-# the most a batched prefill pads its rows' keys to: (rows x the longest) / (all rows' keys)
-ROWS_PADDING = 2
-
-
-def prefill_dequantized_rows(q, views, takes, masks, scale, sinks):
-    """``prefill_dequantized`` for the rows of a batch cache (``RowsKVCache``) in one go: each
-    row's stored run dequantized as ``prefill_dequantized`` dequantizes it, right-padded to
-    the longest, and one fused attention over all rows, each row's first ``takes[b]`` queries
-    seeing that row's keys as its own mask (``masks[b]``: ``"causal"`` or None) lets them alone.
-    Row by row this was one transient copy, one attention and one sync per row and layer
-    (BENCHMARKS.md, "What the remaining gap is"). The queries past a row's take get that
-    row's keys too and are left to the caller. None where it does not apply (then row by row):
-    rows of very different lengths (``ROWS_PADDING``), over ``PREFILL_COPY_BYTES``."""
-    f = views[0].format
-    if (kernels.is_decode(min(takes)) or not kernels.enabled() or any(v.format != f for v in views)
-            or any(not (m is None or (isinstance(m, str) and m == "causal")) for m in masks)):
-        return None
-    dt = _attend_dtype(q, views)
-    keys = [v.stored("keys", dt) for v in views]
-    values = [v.stored("values", dt) for v in views]
-    if any(k is None or k.shape[2] != v.offset for k, v in zip(keys, views)):
-        return None
-    T = max(k.shape[2] for k in keys)
-    if len(views) * T > ROWS_PADDING * sum(k.shape[2] for k in keys):
-        return None  # rows of very different lengths: padding would multiply the work
-    H, d = keys[0].shape[1], keys[0].shape[-1] + values[0].shape[-1]
-    if len(views) * H * T * d * dt.size > PREFILL_COPY_BYTES.get(kernels.backend_name(), 1 << 30):
-        return None
-    pad = lambda x: mx.pad(x, [(0, 0), (0, 0), (0, T - x.shape[2]), (0, 0)]) if x.shape[2] < T else x
-    keys, values = mx.concatenate([pad(k) for k in keys]), mx.concatenate([pad(v) for v in values])
-    # row b's keys are its first T_b columns; its query i sits at position T_b - n_b + i
-    Tb = mx.array([v.offset for v in views])[:, None, None]
-    first = Tb - mx.array(takes)[:, None, None]
-    causal = mx.array([m is not None for m in masks])[:, None, None]
-    i, j = mx.arange(q.shape[2])[None, :, None], mx.arange(T)[None, None, :]
-    mask = ((j < Tb) & (~causal | (j <= first + i)))[:, None]
-    return mx.fast.scaled_dot_product_attention(
-        q.astype(dt), keys, values, scale=scale, mask=mask,
-        sinks=None if sinks is None else sinks.astype(dt),
-    )
-
-
-def _attend_dtype(q, views):
-    """The dtype the views' keys are dequantized to and attended in: the cache's, float32 for
+def _attend_dtype(q, view):
+    """The dtype the view's keys are dequantized to and attended in: the cache's, float32 for
     a float16 layer near the float16 maximum. Everything up to this layer's queries is
     evaluated first: left lazy, MLX kept every layer's transients alive at once (32k tokens,
     32 layers: 8-10 GiB instead of one layer's 0.25 GiB; the first chunk, with nothing packed
     yet, 3.1 GiB instead of ~0.5; benchmarks/lab/diag_peak.py). One sync per layer and chunk."""
-    big = [x for v in views for x in _near_float16_max(v)]
+    big = _near_float16_max(view)
     eval_now(q, *big)
-    return mx.float32 if _any_true(big) else views[0].store_dtype
+    return mx.float32 if _any_true(big) else view.store_dtype
 
 
 def _near_float16_max(view):

@@ -1,12 +1,13 @@
 """Attention over a ``RowsView`` (``cache.rows``): each row's own queries over that row's
 own view, as the row alone would attend; the right-padding queries of a padded prefill
-get zeros (no later step reads them). A prefill chunk on a GPU is one attention over all
-rows (``dispatch.rows_prefill``), else row by row."""
+get zeros (no later step reads them). A prefill chunk attends row by row: on an H200 one
+fused attention over all rows' padded keys took 1.1-1.6x the time to first tokens at 1.9x
+the MLX peak memory (``benchmarks/lab/results/rows_prefill_h200.txt``)."""
 
 import mlx.core as mx
 
 from ..cache import RowsMask
-from .dispatch import quantized_sdpa, rows_prefill
+from .dispatch import quantized_sdpa
 
 
 def rows_sdpa(queries, view, scale, mask=None, sinks=None, attend=quantized_sdpa):
@@ -17,10 +18,6 @@ def rows_sdpa(queries, view, scale, mask=None, sinks=None, attend=quantized_sdpa
     if B != len(view.views):
         raise ValueError(f"{B} query rows for a batch cache of {len(view.views)} rows.")
     masks = mask.masks if isinstance(mask, RowsMask) else [mask] * B
-    if attend is quantized_sdpa:  # a prefill chunk on a GPU: all rows in one attention
-        out = rows_prefill(queries, view.views, view.takes, masks, scale, sinks)
-        if out is not None:
-            return out
     whole = all(n == L for n in view.takes)
     qs = mx.split(queries, B, axis=0) if whole else None  # one op, not B slices
     outs = []

@@ -4,11 +4,11 @@
 Every row is its own ``QuantizedKVCache`` (or ``QuantizedRotatingKVCache``) and every
 update goes to each row as that row's own update, so a row packs the same tokens on the
 same steps as when it runs alone, whenever it joins or leaves the batch. Prefill chunks
-are stored row by row and attend over each row's own view (``attention.rows_sdpa``: on a
-GPU all rows in one attention, each over its own keys). Decode steps go to
-one ``RowsBuffer`` holding all rows, which keeps each row's schedule (one window write
-and one attention call per layer), where the rows can share one; rows that cannot
-(``RowsBuffer.gather``) decode row by row. Everything else in the model runs batched.
+are stored and attend row by row, each over its own view (``attention.rows_sdpa``).
+Decode steps go to one ``RowsBuffer`` holding all rows, which keeps each row's schedule
+(one window write and one attention call per layer), where the rows can share one; rows
+that cannot (``RowsBuffer.gather``) decode row by row. Everything else in the model runs
+batched.
 
 It implements what ``BatchGenerator`` asks of a batch cache: ``merge`` (single-row
 caches to a batch), ``prepare``/``finalize`` (a right-padded prefill: each row stores
