@@ -34,11 +34,13 @@ def chunk(dtype, rotate, rows=HELD, takes=TAKES):
     return caches, view, mx.random.normal((len(rows), HQ, L, D)).astype(dtype), mask
 
 
-@pytest.mark.parametrize("rotate", ["kv", "k", None])
-@pytest.mark.parametrize("dtype,tol", [(mx.float32, 2e-3), (mx.float16, 2e-3)])
-@pytest.mark.parametrize("held,takes", [(HELD, TAKES), (HELD, (12, 3, 9)), ((0, 400, 0), TAKES)],
-                         ids=["prefill", "a decode-sized take", "lengths far apart"])
-def test_a_prefill_chunk_attends_each_row_as_alone(run_kernels_on, emu, dtype, tol, rotate, held, takes):
+CASES = [(dt, rot, HELD, TAKES) for dt in (mx.float32, mx.float16) for rot in ("kv", "k", None)]
+CASES += [(mx.float32, "kv", HELD, (12, 3, 9)), (mx.float16, "kv", (0, 400, 0), TAKES)]  # a decode-sized
+# take (its row takes the decode path, as alone), lengths far apart
+
+
+@pytest.mark.parametrize("dtype,rotate,held,takes", CASES)
+def test_a_prefill_chunk_attends_each_row_as_alone(run_kernels_on, emu, dtype, rotate, held, takes):
     run_kernels_on(emu)
     caches, view, q, mask = chunk(dtype, rotate, held, takes)
     out = rows_sdpa(q, view, D**-0.5, mask=mask)
@@ -47,5 +49,5 @@ def test_a_prefill_chunk_attends_each_row_as_alone(run_kernels_on, emu, dtype, t
         T = c.offset
         causal = (mx.arange(T)[None] <= mx.arange(T - n, T)[:, None])[None, None]
         ref = reference_over_cache(c, q[b : b + 1, :, :n], D**-0.5, causal)
-        assert rel_err(out[b : b + 1, :, :n], ref) < tol, b
+        assert rel_err(out[b : b + 1, :, :n], ref) < 2e-3, b  # float16 rows attend in float16
         assert not mx.any(out[b, :, n:]).item()
