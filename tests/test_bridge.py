@@ -181,7 +181,7 @@ def greedy(model, tokenizer, prompt, cache, n=32, margins=False):
     return [t for t, _ in out], [abs(a - b) for a, b in (top2(lp) for _, lp in out)]
 
 
-@pytest.mark.parametrize("prompt", PROMPTS)
+@pytest.mark.parametrize("prompt", PROMPTS[:2])  # 20 s a prompt on a 2-core CPU
 def test_8bit_greedy_matches_fp16_for_32_tokens(smollm, prompt):
     model, tokenizer = smollm
     ref, margin = greedy(model, tokenizer, prompt, lm_cache.make_prompt_cache(model), margins=True)
