@@ -86,6 +86,17 @@ def test_array_masks_per_query_row(monkeypatch, budget, kind):
     check(got, numpy_attention(q, k, v, 0.4, np.broadcast_to(visible, (B, 1, L, n))))
 
 
+def counted_blocks(k, computed):
+    """``blocked_attention``'s ``block`` over keys (and values) ``k``, appending to ``computed``
+    the number of scores each call of its ``qk`` computes."""
+
+    def block(a, b):
+        qk, pv = reference._dense_products(k[:, :, a:b], k[:, :, a:b])
+        return (lambda qf: computed.append(qf.shape[-2] * (b - a)) or qk(qf)), pv
+
+    return block
+
+
 def test_causal_chunk_skips_the_blocks_after_its_queries(monkeypatch):
     """A first chunk of 512 queries (causal, keys in order) in tiles: the blocks after a tile's
     last query are not computed, so about half the scores are, and the result is unchanged."""
@@ -94,12 +105,7 @@ def test_causal_chunk_skips_the_blocks_after_its_queries(monkeypatch):
     L, D = 512, 8
     q, k = mx.random.normal((1, 2, L, D)), mx.random.normal((1, 1, L, D))
     computed = []
-
-    def block(a, b):
-        qk, pv = reference._dense_products(k[:, :, a:b], k[:, :, a:b])
-        return (lambda qf: computed.append(qf.shape[-2] * (b - a)) or qk(qf)), pv
-
-    got = blocked_attention(q, block, L, (1, D, D), scale=0.3, q_start=0, k_start=0, causal=True, mask=None)
+    got = blocked_attention(q, counted_blocks(k, computed), L, (1, D, D), scale=0.3, q_start=0, k_start=0, causal=True, mask=None)
     visible = np.arange(L)[None] <= np.arange(L)[:, None]
     check(got, numpy_attention(q, k, k, 0.3, visible))
     assert len(computed) > 4 and sum(computed) < 0.6 * L * L
@@ -114,12 +120,7 @@ def test_causal_blocks_start_at_each_tiles_first_query(monkeypatch):
     L, D = 240, 8
     q, k = mx.random.normal((1, 1, L, D)), mx.random.normal((1, 1, L, D))
     computed = []
-
-    def block(a, b):
-        qk, pv = reference._dense_products(k[:, :, a:b], k[:, :, a:b])
-        return (lambda qf: computed.append(qf.shape[-2] * (b - a)) or qk(qf)), pv
-
-    got = blocked_attention(q, block, L, (1, D, D), scale=0.3, q_start=0, k_start=0, causal=True, mask=None)
+    got = blocked_attention(q, counted_blocks(k, computed), L, (1, D, D), scale=0.3, q_start=0, k_start=0, causal=True, mask=None)
     check(got, numpy_attention(q, k, k, 0.3, np.arange(L)[None] <= np.arange(L)[:, None]))
     assert sum(computed) == sum(48 * j for j in range(48, L + 1, 48))
 
