@@ -105,7 +105,8 @@ def test_causal_chunk_skips_the_blocks_after_its_queries(monkeypatch):
     L, D = 512, 8
     q, k = mx.random.normal((1, 2, L, D)), mx.random.normal((1, 1, L, D))
     computed = []
-    got = blocked_attention(q, counted_blocks(k, computed), L, (1, D, D), scale=0.3, q_start=0, k_start=0, causal=True, mask=None)
+    got = blocked_attention(q, counted_blocks(k, computed), L, (1, D, D),
+                            scale=0.3, q_start=0, k_start=0, causal=True, mask=None)
     visible = np.arange(L)[None] <= np.arange(L)[:, None]
     check(got, numpy_attention(q, k, k, 0.3, visible))
     assert len(computed) > 4 and sum(computed) < 0.6 * L * L
@@ -120,7 +121,8 @@ def test_causal_blocks_start_at_each_tiles_first_query(monkeypatch):
     L, D = 240, 8
     q, k = mx.random.normal((1, 1, L, D)), mx.random.normal((1, 1, L, D))
     computed = []
-    got = blocked_attention(q, counted_blocks(k, computed), L, (1, D, D), scale=0.3, q_start=0, k_start=0, causal=True, mask=None)
+    got = blocked_attention(q, counted_blocks(k, computed), L, (1, D, D),
+                            scale=0.3, q_start=0, k_start=0, causal=True, mask=None)
     check(got, numpy_attention(q, k, k, 0.3, np.arange(L)[None] <= np.arange(L)[:, None]))
     assert sum(computed) == sum(48 * j for j in range(48, L + 1, 48))
 

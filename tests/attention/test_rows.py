@@ -35,8 +35,10 @@ def chunk(dtype, rotate, rows=HELD, takes=TAKES):
 
 
 CASES = [(dt, rot, HELD, TAKES) for dt in (mx.float32, mx.float16) for rot in ("kv", "k", None)]
-CASES += [(mx.float32, "kv", HELD, (12, 3, 9)), (mx.float16, "kv", (0, 150, 0), TAKES)]  # a decode-sized
-# take (its row takes the decode path, as alone), lengths far apart
+CASES += [
+    (mx.float32, "kv", HELD, (12, 3, 9)),  # a decode-sized take: that row takes the decode path, as alone
+    (mx.float16, "kv", (0, 150, 0), TAKES),  # rows' lengths far apart
+]
 
 
 @pytest.mark.parametrize("dtype,rotate,held,takes", CASES)
