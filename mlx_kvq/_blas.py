@@ -5,6 +5,7 @@ than it should be. Loading OpenBLAS globally *before* ``mlx.core`` is imported
 makes MLX resolve its BLAS symbols to it. Set ``MLX_KVQ_NO_OPENBLAS=1`` to skip.
 """
 
+import contextlib
 import ctypes
 import os
 import sys
@@ -28,6 +29,23 @@ def load_openblas():
 
 
 OPENBLAS = load_openblas()
+_LIB = ctypes.CDLL(OPENBLAS) if OPENBLAS else None
+
+
+@contextlib.contextmanager
+def single_threaded():
+    """OpenBLAS on one thread inside the block (nothing where it is not loaded): for
+    callers that run BLAS from several CPU streams at once. Call it with no BLAS work in
+    flight (OpenBLAS's thread count is process-wide)."""
+    if _LIB is None:
+        yield
+        return
+    before = _LIB.openblas_get_num_threads()
+    _LIB.openblas_set_num_threads(1)
+    try:
+        yield
+    finally:
+        _LIB.openblas_set_num_threads(before)
 
 INSTALL = (
     "Debian/Ubuntu: sudo apt-get install libopenblas0; Fedora: sudo dnf install openblas; "

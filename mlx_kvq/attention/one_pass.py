@@ -8,6 +8,7 @@ import mlx.core as mx
 from .. import format, kernels
 from ..rotation import rotate
 from .softmax import softmax
+from .streams import on, spread, streams_for
 
 ONE_PASS_ELEMENTS = 1 << 23  # the most float32 scores a step takes in one softmax
 
@@ -23,7 +24,22 @@ def decode_one_pass(q, view, scale, mask, sinks, dtype):
     """The path: :func:`one_pass_attention` on the CPU, where the kernels do not run."""
     if kernels.enabled() or not on_cpu():
         return None
-    return one_pass_attention(q, view, scale, mask, sinks, dtype)
+    B = q.shape[0]
+    arrays = isinstance(mask, mx.array)
+    streams = streams_for(B, q, view.sinks, view.packed[:2], view.window, mask if arrays else ()) \
+        if B > 1 and kernels.is_decode(q.shape[2]) else None
+    if not streams:
+        return one_pass_attention(q, view, scale, mask, sinks, dtype)
+    outs, size = [], -(-B // len(streams))  # the rows in groups, a stream each
+    with spread(streams, outs):
+        for i, a in enumerate(range(0, B, size)):
+            b = min(B, a + size)
+            m = mask[a:b] if arrays and mask.ndim == 4 and mask.shape[0] == B else mask
+            with on(streams, i):
+                outs.append(one_pass_attention(q[a:b], view.rows(a, b), scale, m, sinks, dtype))
+            if outs[-1] is None:  # over the one-pass budget: partial results over the whole batch
+                return None
+    return mx.concatenate(outs, axis=0)
 
 
 def one_pass_attention(q, view, scale, mask, sinks, dtype):

@@ -7,6 +7,7 @@ import mlx.core as mx
 
 from .. import format
 from .softmax import exp
+from .streams import on, spread, streams_for
 
 BLOCK_ELEMENTS = 1 << 19  # float32 elements of scores + dequantized K/V per block (CPU)
 GPU_BLOCK_ELEMENTS = 1 << 25  # fewer, larger blocks on GPUs: launches cost more than bytes there
@@ -100,24 +101,27 @@ def blocked_attention(q, block, n, dims, *, scale, q_start, k_start, causal, mas
     ordered = causal and k_pos is None  # key positions rise with j: whole blocks seen or hidden
     cuts = [q_start + i - k_start for i, _ in tiles] if ordered else []
 
+    streams = streams_for(len(tiles), q)  # the CPU's cores: a tile per stream in turn
     results = [None] * len(tiles)
-    for a, b in _key_blocks(n, keys, cuts):
-        qk, pv = block(a, b)
-        for t, (i, j) in enumerate(tiles):
-            first, last = q_start + i, q_start + j - 1  # the tile's query positions
-            if ordered and k_start + a > last:
-                continue  # every key of the block after every query of the tile
-            s = qk(qfs[t])  # (B, Hkv, rep, Lt, b - a)
-            if causal and not (ordered and k_start + b - 1 <= first):
-                kp = mx.arange(k_start + a, k_start + b) if k_pos is None else k_pos[a:b]
-                s = mx.where(kp[None] <= mx.arange(first, last + 1)[:, None], s, -mx.inf)
-            if mask5 is not None:
-                mb = mask5[..., a:b] if mask5.shape[-2] == 1 else mask5[..., i:j, a:b]
-                s = mx.where(mb, s, -mx.inf) if mb.dtype == mx.bool_ else s + mb.astype(mx.float32)
-            part = _block_part(s, pv)
-            results[t] = part if results[t] is None else merge([results[t], part])
-        if b < n:  # schedule block by block, so one block's scores are alive at a time
-            mx.async_eval([r for r in results if r is not None])
+    with spread(streams, results):
+        for a, b in _key_blocks(n, keys, cuts):
+            qk, pv = block(a, b)
+            for t, (i, j) in enumerate(tiles):
+                first, last = q_start + i, q_start + j - 1  # the tile's query positions
+                if ordered and k_start + a > last:
+                    continue  # every key of the block after every query of the tile
+                with on(streams, t):
+                    s = qk(qfs[t])  # (B, Hkv, rep, Lt, b - a)
+                    if causal and not (ordered and k_start + b - 1 <= first):
+                        kp = mx.arange(k_start + a, k_start + b) if k_pos is None else k_pos[a:b]
+                        s = mx.where(kp[None] <= mx.arange(first, last + 1)[:, None], s, -mx.inf)
+                    if mask5 is not None:
+                        mb = mask5[..., a:b] if mask5.shape[-2] == 1 else mask5[..., i:j, a:b]
+                        s = mx.where(mb, s, -mx.inf) if mb.dtype == mx.bool_ else s + mb.astype(mx.float32)
+                    part = _block_part(s, pv)
+                    results[t] = part if results[t] is None else merge([results[t], part])
+            if b < n:  # schedule block by block, so one block's scores are alive at a time
+                mx.async_eval([r for r in results if r is not None])
     for t, (i, j) in enumerate(tiles):
         if results[t] is None:  # no key visible to the tile
             results[t] = mx.zeros((B, Hkv, rep, j - i, Dv)), mx.full((B, Hkv, rep, j - i), -mx.inf)

@@ -145,6 +145,21 @@ class KVView(StandsForArray):
         other.__dict__.update(self.__dict__, q_start=self.offset - n)
         return other
 
+    def rows(self, a, b):
+        """This view over batch rows ``a .. b`` only (each row's keys as they are)."""
+        B = self._batch_heads()[0]
+        cut = lambda x: x if x is None else tuple(y[a:b] for y in x) if isinstance(x, tuple) else x[a:b]
+        k, v, n = self.packed
+        wk, wv, nk, nv = self.window_buffers
+        other = KVView.__new__(KVView)
+        other.__dict__.update(
+            self.__dict__, _array=None, _window=None, sinks=tuple(cut(x) for x in self.sinks),
+            packed=(cut(k), cut(v), n), window_buffers=(cut(wk), cut(wv), nk, nv),
+            kv_heads=None if self.kv_heads is None else self.kv_heads // B * (b - a))
+        if self.holes is not None:
+            other.holes = self.holes[a:b]
+        return other
+
     def values_view(self):
         """The same step's view standing for the values (``part="values"``)."""
         other = KVView.__new__(KVView)

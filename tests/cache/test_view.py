@@ -74,3 +74,18 @@ def test_segments_sinks_and_window_in_position_order():
     assert (sinks[3], sinks[4], sinks[5]) == (0, 2, None) and (window[3], window[4], window[5]) == (2 + n_packed, 64 - 2 - n_packed, None)
     for _, keys, _, start, n, _ in (sinks, window):
         assert mx.array_equal(keys, every[:, :, start : start + n]).item()
+
+
+def test_rows_of_a_view_are_those_rows():
+    """``KVView.rows``: the keys and values of rows a..b (sinks, packed run, window)."""
+    mx.random.seed(3)
+    cache = QuantizedKVCache(4, 32, window=8, sinks=2)
+    for n in (40, 1):
+        view, values = cache.update_and_fetch(mx.random.normal((4, 2, n, 64)), mx.random.normal((4, 2, n, 32)))
+    assert view.packed[2] and view.window[0].shape[2] and view.sinks[0].shape[2]
+    for a, b in [(0, 2), (1, 4), (3, 4)]:
+        part = view.rows(a, b)
+        assert part.kv_heads == (b - a) * 2 and part.q_start == view.q_start and part.offset == view.offset
+        assert mx.array_equal(part.stored("keys", mx.float32), view.stored("keys", mx.float32)[a:b]).item()
+        assert mx.array_equal(part.values_view().stored("values", mx.float32),
+                              values.stored("values", mx.float32)[a:b]).item()

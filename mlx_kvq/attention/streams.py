@@ -1,0 +1,67 @@
+"""The CPU's cores for attention: a prefill chunk's query tiles, or a decode step's batch
+rows, spread over CPU streams.
+
+MLX runs a stream's element-wise ops and its ``mx.quantized_matmul`` on one thread, and
+they are most of the attention's time on the CPU (the softmax of every score, the products
+over packed keys). On Linux the work goes round-robin to one CPU stream per core, with
+OpenBLAS on one thread meanwhile (OpenBLAS's threads and the streams on the same cores were
+slower than one stream). On a 2-core AMD EPYC, SmolLM2-135M: a 2048-token prompt's attention
+6.6-7.7 s against 9.0-11.1 s (``benchmarks/lab/cpu_prefill_attention.py``); a decode step of
+16 rows over 2k keys 15.0 against 28.3 ms per layer (``benchmarks/lab/cpu_decode_rows.py``).
+Elsewhere (GPUs, macOS, where MLX's BLAS is not ours to set, one core) one stream does it all.
+"""
+
+import contextlib
+import os
+import sys
+
+import mlx.core as mx
+
+from .. import _blas
+
+_POOL = []
+
+
+def cores():
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+MAX_STREAMS = cores()
+
+
+def streams_for(n, *inputs):
+    """CPU streams for ``n`` independent pieces of work (None: one stream does it all),
+    with ``inputs`` evaluated first, so that the streams share no BLAS work with what came
+    before. None on GPUs, off Linux, for one piece or one core, and inside ``mx.compile`` or
+    a transform (nothing can be evaluated there)."""
+    n = min(n, MAX_STREAMS)
+    if n < 2 or sys.platform != "linux" or mx.default_device() != mx.cpu:
+        return None
+    try:
+        mx.eval(*inputs)
+    except ValueError:  # inside mx.compile / a transform
+        return None
+    while len(_POOL) < n:
+        _POOL.append(mx.new_stream(mx.cpu))
+    return _POOL[:n]
+
+
+def on(streams, i):
+    """The context in which piece ``i`` computes: its stream, or the current one."""
+    return mx.stream(streams[i % len(streams)]) if streams else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def spread(streams, results):
+    """Around the work on ``streams``: OpenBLAS on one thread, and ``results`` (a list,
+    filled inside) evaluated before it leaves; nothing without streams."""
+    if not streams:
+        yield
+        return
+    with _blas.single_threaded():
+        yield
+        mx.eval([r for r in results if r is not None])

@@ -1,0 +1,104 @@
+"""attention/streams.py: a prefill chunk's tiles and a decode step's rows spread over CPU
+streams give what one stream gives and what plain attention gives; OpenBLAS is on one thread
+only meanwhile; no streams inside ``mx.compile``."""
+
+import numpy as np
+import pytest
+
+import mlx.core as mx
+
+from mlx_kvq import QuantizedKVCache, _blas
+from mlx_kvq.attention import dispatch, one_pass, reference, streams
+from mlx_kvq.attention.reference import dense_attention
+from helpers import reference_over_cache, rel_err
+from test_reference import check, numpy_attention
+
+
+@pytest.fixture(autouse=True)
+def on_the_cpu(monkeypatch):
+    """Streams on the CPU of Linux, 3 of them whatever the machine's cores; the streams each
+    piece of work took recorded, with OpenBLAS's threads at that moment."""
+    previous = mx.default_device()
+    mx.set_default_device(mx.cpu)
+    monkeypatch.setattr(streams, "MAX_STREAMS", 3)
+    monkeypatch.setattr(streams.sys, "platform", "linux")
+    used = []
+    real = streams.on
+
+    def on(s, i):
+        if s:
+            used.append((s[i % len(s)], _blas._LIB.openblas_get_num_threads() if _blas._LIB else None))
+        return real(s, i)
+
+    for module in (reference, one_pass):
+        monkeypatch.setattr(module, "on", on)
+    yield used
+    mx.set_default_device(previous)
+
+
+def one_stream(monkeypatch):
+    monkeypatch.setattr(streams, "MAX_STREAMS", 1)
+
+
+@pytest.mark.parametrize("q_start,k_start,used", [(64, 0, 3), (10, 40, 1)])  # (10, 40): one tile sees keys
+def test_prefill_tiles_on_streams_match_float64_and_one_stream(monkeypatch, on_the_cpu, q_start, k_start, used):
+    monkeypatch.setattr(reference, "BLOCK_ELEMENTS", 1 << 10)
+    monkeypatch.setattr(reference, "BLOCK_KEYS", 8)
+    mx.random.seed(0)
+    B, Hq, Hkv, L, n, D = 2, 6, 2, 37, 101, 16
+    q, k, v = mx.random.normal((B, Hq, L, D)), mx.random.normal((B, Hkv, n, D)), mx.random.normal((B, Hkv, n, D))
+    args = dict(scale=0.3, q_start=q_start, k_start=k_start, causal=True, mask=None)
+    threads = _blas._LIB.openblas_get_num_threads() if _blas._LIB else None
+    got = dense_attention(q, k, v, **args)
+    assert len({s for s, _ in on_the_cpu}) == used  # the tiles went to 3 streams
+    assert {t for _, t in on_the_cpu} == {1 if _blas._LIB else None}  # OpenBLAS on one thread meanwhile
+    assert (_blas._LIB.openblas_get_num_threads() if _blas._LIB else None) == threads  # and as before after
+    visible = np.arange(k_start, k_start + n)[None] <= np.arange(q_start, q_start + L)[:, None]
+    check(got, numpy_attention(q, k, v, 0.3, visible))
+    one_stream(monkeypatch)
+    want = dense_attention(q, k, v, **args)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(np.array(a), np.array(b), rtol=0, atol=1e-6)
+
+
+def test_no_streams_inside_compile(monkeypatch, on_the_cpu):
+    monkeypatch.setattr(reference, "BLOCK_ELEMENTS", 1 << 10)
+    monkeypatch.setattr(reference, "BLOCK_KEYS", 8)
+    mx.random.seed(1)
+    q, k = mx.random.normal((1, 4, 30, 16)), mx.random.normal((1, 2, 30, 16))
+    f = lambda q, k: dense_attention(q, k, k, scale=0.25, q_start=0, k_start=0, causal=True, mask=None)[0]
+    got = mx.compile(f)(q, k)
+    assert not on_the_cpu
+    visible = np.arange(30)[None] <= np.arange(30)[:, None]
+    assert np.abs(np.array(got) - numpy_attention(q, k, k, 0.25, visible)[0]).max() < 2e-5
+
+
+def _decode(B, config, seed=0, past=300):
+    mx.random.seed(seed)
+    cache = QuantizedKVCache(**config)
+    cache.update_and_fetch(*(mx.random.normal((B, 2, past, 64)) for _ in range(2)))
+    k = mx.random.normal((B, 2, 1, 64))
+    view, _ = cache.update_and_fetch(k, k)
+    return cache, view, mx.random.normal((B, 8, 1, 64))
+
+
+@pytest.mark.parametrize("config", [dict(bits=4), dict(bits=2, group_size=32, sinks=4, window=16, rotate="kv")],
+                         ids=str)
+@pytest.mark.parametrize("B", [2, 5])
+def test_decode_rows_on_streams_match_fp32_and_one_stream(monkeypatch, on_the_cpu, config, B):
+    cache, view, q = _decode(B, config, seed=B)
+    mask = mx.random.uniform(shape=(B, 1, 1, cache.offset)) > 0.3  # each row its own keys (as RowsBuffer's holes)
+    got = dispatch.quantized_sdpa(q, view, scale=0.125, mask=mask)
+    assert len({s for s, _ in on_the_cpu}) == min(B, 3)
+    ref = reference_over_cache(cache, q, 0.125, mask)
+    assert rel_err(got, ref) < 4e-3
+    one_stream(monkeypatch)
+    want = dispatch.quantized_sdpa(q, view, scale=0.125, mask=mask)
+    assert rel_err(got, want) < 1e-5  # the same ops over fewer rows: BLAS may round them otherwise
+
+
+def test_decode_one_row_takes_one_stream(on_the_cpu):
+    cache, view, q = _decode(1, dict(bits=4))
+    got = dispatch.quantized_sdpa(q, view, scale=0.125)
+    assert not on_the_cpu
+    assert rel_err(got, reference_over_cache(cache, q, 0.125)) < 4e-3
