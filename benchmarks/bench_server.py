@@ -16,6 +16,10 @@ to float32 on the CPU as ``mlx_kvq.server`` does with ``--dtype auto``):
   fp16); mlx-lm serves it one request at a time. mlx-lm's caches of a float32 model hold
   float32 keys and values.
 
+Each server runs with its own defaults: mlx-lm's prefill 8 prompts together and decode up to
+32 requests at once; ``mlx_kvq.server`` decodes 32 too and prefills 8 prompts together on
+GPUs, one at a time on the CPU.
+
 Every prompt begins with a different word followed by a different slice of *Northanger
 Abbey*, so no request reuses another's prompt cache. The end-of-sequence token gets a
 logit bias of -100 in every request (every server), so each client gets M tokens.
@@ -77,7 +81,7 @@ def _mem_mb(pid, field):
 
 def start(config, port):
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    common = ["--port", str(port), "--log-level", "WARNING", "--prompt-concurrency", "8", "--decode-concurrency", "32"]
+    common = ["--port", str(port), "--log-level", "WARNING"]  # each server's defaults
     if config == "mlx-kvq":
         cmd = [sys.executable, "-m", "mlx_kvq.cli.server", *common]
     else:

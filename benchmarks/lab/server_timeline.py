@@ -90,7 +90,7 @@ def start(port, out, args):
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, __file__, "--serve", out, *(["--profile"] if args.profile else []),
            *(["--fp16"] if args.fp16 else []), "--", "--port", str(port), "--log-level", "WARNING",
-           "--prompt-concurrency", "8", "--decode-concurrency", "32"]
+           *([] if args.prompt_concurrency is None else ["--prompt-concurrency", str(args.prompt_concurrency)])]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, text=True)
     return bench_server.healthy(proc, port, "the timed", seconds=600)
 
@@ -134,6 +134,7 @@ def main():
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--fp16", action="store_true", help="mlx-lm's server classes and caches")
+    p.add_argument("--prompt-concurrency", type=int, help="the servers' flag (default: each server's own)")
     p.add_argument("--profile", action="store_true", help="cProfile's top functions of the generation thread")
     p.add_argument("--jit", default="", help="folders of JIT caches (CUDA: /tmp/mlx,~/.nv): list the files "
                    "written after the warm-up request, i.e. compiled for the load")

@@ -15,6 +15,8 @@ import logging
 import os
 import sys
 
+import mlx.core as mx
+
 from ..bridge import mlx_lm_server_parser
 from ..generation.serving import ModelProvider, run
 from ..models import reads_gguf
@@ -53,7 +55,19 @@ def setup_arg_parser():
             a.help = "local path, Hugging Face repo or .gguf file (default: embedded SmolLM2-135M-Instruct)"
         if a.dest in RANGES:  # mlx-lm takes any number: out of range, requests hang or fail
             a.type = ranged(*RANGES[a.dest])
+        if a.dest == "prompt_concurrency":
+            a.default = None
+            a.help = (f"prompts prefilled together (default: {PROMPT_CONCURRENCY['gpu']} on a GPU, "
+                      f"{PROMPT_CONCURRENCY['cpu']} on the CPU)")
     return p
+
+
+# Prompts prefilled together, per device. On the CPU prefill is compute-bound: a batch of
+# prompts is no faster than one at a time, and mlx-lm's prompt batch right-pads its rows to
+# the longest chunk (a row with a few tokens left computes a whole step); one at a time, the
+# issue's load (16 clients, 2k-token prompts, 64 new tokens, 2 cores) ran in 244 s against 273 s,
+# first tokens at 115 s on average against 200 (benchmarks/lab/server_timeline.py).
+PROMPT_CONCURRENCY = {"gpu": 8, "cpu": 1}
 
 
 # mlx-lm's numeric flags and their ranges (a request's own sampling values have the same)
@@ -62,6 +76,13 @@ RANGES = {
     "top_k": (int, 0), "min_p": (float, 0, 1), "max_tokens": (int, 1), "decode_concurrency": (int, 1),
     "prompt_concurrency": (int, 1), "prefill_step_size": (int, 1), "prompt_cache_size": (int, 0),
 }
+
+
+def device_defaults(args):
+    """Fill in the flags whose default depends on the device (``--prompt-concurrency``)."""
+    if args.prompt_concurrency is None:
+        args.prompt_concurrency = PROMPT_CONCURRENCY["gpu" if mx.default_device() == mx.gpu else "cpu"]
+    return args
 
 
 def check_distributed(args):
@@ -82,6 +103,7 @@ def main(argv=None):
     except ValueError as e:
         sys.exit(f"mlx_kvq.server: error: {e}")
     args.kv_bits = None  # mlx-lm's own KV quantization stays off: the caches are ours
+    device_defaults(args)
     rank, size = world()
     if size > 1:
         try:

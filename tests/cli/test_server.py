@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 import mlx_kvq
+import mlx.core as mx
 from mlx_kvq.bridge import stream_generate
 
 openai = pytest.importorskip("openai")
@@ -42,7 +43,7 @@ def server():
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlx_kvq.cli.server", "--port", str(port), "--max-tokens", "12",
-         "--log-level", "WARNING", "--max-kv-memory", "1GB"],
+         "--log-level", "WARNING", "--max-kv-memory", "1GB", "--prompt-concurrency", "3"],  # rows prefilled together
         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     deadline = time.time() + 180
@@ -258,6 +259,22 @@ def test_flags_are_mlx_lms_plus_the_kv_flags():
     assert (kv["kv_bits"], kv["kv_group_size"], kv["quantized_kv_start"], args.model) == (4, None, 0, None)
     with pytest.raises(SystemExit, match="Unsupported key bits 7"):
         main(["--kv-bits", "7"])
+
+
+def test_prompt_concurrency_defaults_to_the_devices():
+    """mlx-lm's 8 prompts prefilled together on GPUs, one at a time on the CPU; a flag wins."""
+    from mlx_kvq.cli.server import device_defaults, setup_arg_parser
+
+    previous = mx.default_device()
+    try:
+        for device, n in [(mx.cpu, 1), (mx.gpu, 8)]:
+            if device == mx.gpu and not mx.is_available(mx.gpu):
+                continue
+            mx.set_default_device(device)
+            assert device_defaults(setup_arg_parser().parse_args([])).prompt_concurrency == n
+            assert device_defaults(setup_arg_parser().parse_args(["--prompt-concurrency", "5"])).prompt_concurrency == 5
+    finally:
+        mx.set_default_device(previous)
 
 
 @pytest.mark.parametrize("flag", ["--prefill-step-size=0", "--prompt-concurrency=0", "--decode-concurrency=0",
