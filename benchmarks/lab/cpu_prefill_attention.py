@@ -2,7 +2,7 @@
 (float32 weights) with the 4-bit cache, in steps; the total, the time inside the cache's
 attention (each call synced before and after) and the minor page faults, per run:
 
-    python3 benchmarks/lab/cpu_prefill_attention.py --tokens 2048 --step 512
+    python3 benchmarks/lab/cpu_prefill_attention.py --tokens 2048 --step 512 [--streams 1]
 """
 
 import argparse
@@ -22,9 +22,21 @@ def main(argv=None):
     p.add_argument("--tokens", type=int, default=2048, help="prompt tokens (default: 2048)")
     p.add_argument("--step", type=int, default=512, help="prefill step (default: 512)")
     p.add_argument("--runs", type=int, default=3, help="runs after one warm-up (default: 3)")
+    p.add_argument("--streams", type=int, help="CPU streams for the attention (default: one per core)")
+    p.add_argument("--cpu", action="store_true", help="on the CPU device (a machine with a GPU)")
+    p.add_argument("--random", action="store_true", help="a random-weight model of SmolLM2's shape")
     a = p.parse_args(argv)
-    model, _ = load(default_model_path())
-    prepare_model(model)
+    if a.cpu:
+        mx.set_default_device(mx.cpu)
+    if a.streams:
+        from mlx_kvq.attention import streams
+        streams.MAX_STREAMS = a.streams
+    if a.random:
+        from server_prefill import random_model
+        model = random_model()
+    else:
+        model, _ = load(default_model_path())
+        prepare_model(model)
     mx.random.seed(0)
     prompt = mx.random.randint(0, 49000, (1, a.tokens))
     attend, spent = bridge.ROUTES[KVView], [0.0]

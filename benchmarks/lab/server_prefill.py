@@ -25,6 +25,18 @@ from mlx_kvq.generation import serving  # noqa: E402
 from mlx_kvq.models import default_model_path, load, prepare_model  # noqa: E402
 
 
+def random_model():
+    """A random-weight llama of SmolLM2-135M's shape (float32 on the CPU, float16 on GPUs)."""
+    from mlx_lm.models import llama
+    model = llama.Model(llama.ModelArgs(
+        model_type="llama", hidden_size=576, num_hidden_layers=30, intermediate_size=1536,
+        num_attention_heads=9, num_key_value_heads=3, rms_norm_eps=1e-5, vocab_size=49152,
+        rope_theta=100000.0, tie_word_embeddings=True))
+    model.set_dtype(mx.float32 if mx.default_device() == mx.cpu else mx.float16)
+    mx.eval(model.parameters())
+    return model
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--prompts", type=int, default=4)
@@ -52,13 +64,7 @@ def main(argv=None):
         from mlx_kvq.cache.quantized import QuantizedKVCache
         QuantizedKVCache._widen = lambda self, keys, values: None
     if a.random:
-        from mlx_lm.models import llama
-        model = llama.Model(llama.ModelArgs(
-            model_type="llama", hidden_size=576, num_hidden_layers=30, intermediate_size=1536,
-            num_attention_heads=9, num_key_value_heads=3, rms_norm_eps=1e-5, vocab_size=49152,
-            rope_theta=100000.0, tie_word_embeddings=True))
-        model.set_dtype(mx.float32 if mx.default_device() == mx.cpu else mx.float16)
-        mx.eval(model.parameters())
+        model = random_model()
     else:
         model, _ = load(default_model_path())
         prepare_model(model)  # float32 weights on the CPU, as the server loads them

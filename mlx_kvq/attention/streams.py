@@ -6,8 +6,10 @@ they are most of the attention's time on the CPU (the softmax of every score, th
 over packed keys). On Linux the work goes round-robin to one CPU stream per core, with
 OpenBLAS on one thread meanwhile (OpenBLAS's threads and the streams on the same cores were
 slower than one stream). On a 2-core AMD EPYC, SmolLM2-135M: a 2048-token prompt's attention
-6.6-7.7 s against 9.0-11.1 s (``benchmarks/lab/cpu_prefill_attention.py``); a decode step of
-16 rows over 2k keys 15.0 against 28.3 ms per layer (``benchmarks/lab/cpu_decode_rows.py``).
+6.5-9.3 s against 8.9-11.2 s in 2048- and 512-token steps, a decode step of 16 rows over 2k keys
+15-18 against 28-30 ms per layer (``benchmarks/lab/results/cpu_prefill_attention_streams.txt``,
+``cpu_decode_rows.txt``). On a 16-core Xeon (a GPU machine's CPU) the prefill attention was
+no faster and no slower, decode rows 2x (``cpu_streams_h100_host.txt``).
 Elsewhere (GPUs, macOS, where MLX's BLAS is not ours to set, one core) one stream does it all.
 """
 
