@@ -23,7 +23,6 @@ run can go to a fused kernel while the short unquantized runs take the reference
 import mlx.core as mx
 
 from .. import kernels
-from ..kernels.backend import eval_now
 from ..rotation import rotate
 from .one_pass import decode_one_pass, on_cpu, one_pass_attention
 from .prefill import prefill_dequantized
@@ -225,10 +224,7 @@ def _kernel_setup(q, view, k, v, n, sinks, window, nw, scale, causal, mask, rota
 def _segment_parts(q, view, scale, mask, use_kernels=True):
     """Partial (out, lse) per run of the view: packed kernel or reference, dense reference."""
     parts = []
-    segments = list(segment_args(view, scale, mask, split=q.shape[2] > 1))
-    if q.shape[2] > 1 and on_cpu():
-        eval_now(q, *(s[1:3] for s in segments))
-    for kind, k, v, n, pos, args in segments:
+    for kind, k, v, n, pos, args in segment_args(view, scale, mask, split=q.shape[2] > 1):
         if kind == "packed":
             parts.append(packed_attention(q, k, v, n, view.format, use_kernels, **args))
         else:

@@ -39,7 +39,7 @@ def packed_reference(q, k, v, n, fmt, **args):
     dims = (k[0].shape[1], format.unpacked_dim(k[0].shape[-1], fmt.k_bits),
             format.unpacked_dim(v[0].shape[-1], fmt.v_bits))
     block = lambda a, b: _dense_products(deq(k, fmt.k_bits, a, b), deq(v, fmt.v_bits, a, b))
-    return blocked_attention(q, block, n, dims, **args)
+    return blocked_attention(q, block, n, dims, kv=(k, v), **args)
 
 
 def packed_quantized_matmul(q, k, v, n, fmt, **args):
@@ -54,13 +54,13 @@ def packed_quantized_matmul(q, k, v, n, fmt, **args):
             format.unpacked_dim(v[0].shape[-1], fmt.v_bits))
     block = lambda a, b: (lambda qf: qmm(qf, k, fmt.k_bits, a, b, True),
                           lambda p: qmm(p, v, fmt.v_bits, a, b, False))
-    return blocked_attention(q, block, n, dims, **args)
+    return blocked_attention(q, block, n, dims, kv=(k, v), **args)
 
 
 def dense_attention(q, k, v, **args):
     """Partial attention over unquantized keys/values (B, Hkv, n, D)."""
     block = lambda a, b: _dense_products(k[:, :, a:b].astype(mx.float32), v[:, :, a:b].astype(mx.float32))
-    return blocked_attention(q, block, k.shape[2], (k.shape[1], k.shape[-1], v.shape[-1]), **args)
+    return blocked_attention(q, block, k.shape[2], (k.shape[1], k.shape[-1], v.shape[-1]), kv=(k, v), **args)
 
 
 def _dense_products(k, v):
@@ -69,14 +69,15 @@ def _dense_products(k, v):
     return lambda qf: qf @ k[:, :, None].swapaxes(-1, -2), lambda p: p @ v[:, :, None]
 
 
-def blocked_attention(q, block, n, dims, *, scale, q_start, k_start, causal, mask, k_pos=None):
+def blocked_attention(q, block, n, dims, *, scale, q_start, k_start, causal, mask, k_pos=None, kv=()):
     """Reference partial attention: keys in blocks, online softmax in float32.
 
     ``block(a, b)`` gives the products over keys a..b, computed once for all queries:
     ``(qk, pv)``, ``qk(qf)`` the scores (B, Hkv, rep, Lt, b - a) of scaled float32 queries
     ``qf`` (B, Hkv, rep, Lt, D), ``pv(p)`` the weights ``p`` of that shape times the values,
     (B, Hkv, rep, Lt, Dv). ``dims`` is ``(Hkv, Dk, Dv)``. Key j sits at position
-    ``k_start + j``, or ``k_pos[j]``.
+    ``k_start + j``, or ``k_pos[j]``. ``kv``: the arrays ``block`` reads, evaluated with the
+    queries before the tiles go to the CPU's streams (``attention.streams``).
 
     A block's scores stay within the backend's budget (``BLOCK_ELEMENTS`` on the CPU, where
     larger arrays cost a page fault per 4 KiB each time MLX allocates them): a chunk's queries
@@ -101,7 +102,7 @@ def blocked_attention(q, block, n, dims, *, scale, q_start, k_start, causal, mas
     ordered = causal and k_pos is None  # key positions rise with j: whole blocks seen or hidden
     cuts = [q_start + i - k_start for i, _ in tiles] if ordered else []
 
-    streams = streams_for(len(tiles), q)  # the CPU's cores: a tile per stream in turn
+    streams = streams_for(len(tiles), q, kv)  # the CPU's cores: a tile per stream in turn
     results = [None] * len(tiles)
     with spread(streams, results):
         for a, b in _key_blocks(n, keys, cuts):
