@@ -22,6 +22,7 @@ def main(argv=None):
     p.add_argument("--rows", type=int, nargs="+", default=[4, 16], help="batch rows (default: 4 16)")
     p.add_argument("--tokens", type=int, default=2048, help="tokens in each row's cache (default: 2048)")
     p.add_argument("--runs", type=int, default=12, help="runs of each, interleaved (default: 12)")
+    p.add_argument("--streams", type=int, nargs="+", help="stream counts to compare (default: one per core, and 1)")
     p.add_argument("--cpu", action="store_true", help="on the CPU device (a machine with a GPU)")
     a = p.parse_args(argv)
     if a.cpu:
@@ -37,7 +38,7 @@ def main(argv=None):
         mx.eval(q, cache.state)
         ts = {}
         for _ in range(a.runs):
-            for n in (cores, 1):
+            for n in a.streams or (cores, 1):
                 streams.MAX_STREAMS = n
                 t = time.perf_counter()
                 mx.eval(quantized_sdpa(q, keys, scale=0.125))

@@ -8,8 +8,12 @@ OpenBLAS on one thread meanwhile (OpenBLAS's threads and the streams on the same
 slower than one stream). On a 2-core AMD EPYC, SmolLM2-135M: a 2048-token prompt's attention
 6.5-9.3 s against 8.9-11.2 s in 2048- and 512-token steps, a decode step of 16 rows over 2k keys
 15-18 against 28-30 ms per layer (``benchmarks/lab/results/cpu_prefill_attention_streams.txt``,
-``cpu_decode_rows.txt``). On a 16-core Xeon (a GPU machine's CPU) the prefill attention was
-no faster and no slower, decode rows 2x (``cpu_streams_h100_host.txt``).
+``cpu_decode_rows.txt``). At most ``MOST_STREAMS`` streams: MLX's CPU streams stop scaling
+at 3-4 (chains of attention-like ops on a 16-core Xeon: 3.0-3.2x on 4 streams, 3.3-3.7x on 16), and
+more add dispatch work on the thread that builds the graph. On that Xeon a 2048-token prompt's
+attention took 8.7 s on 4 streams against 10.1-10.5 on 16 and 10.9-11.9 on one, a decode step of
+16 rows 11.8 ms a layer against 19.5 on 16 and 25.7 on one
+(``benchmarks/lab/results/cpu_streams_xeon.txt``).
 Elsewhere (GPUs, macOS, where MLX's BLAS is not ours to set, one core) one stream does it all.
 """
 
@@ -32,7 +36,8 @@ def cores():
         return os.cpu_count() or 1
 
 
-MAX_STREAMS = cores()
+MOST_STREAMS = 4
+MAX_STREAMS = min(cores(), MOST_STREAMS)
 
 
 def streams_for(n, *inputs):

@@ -2,6 +2,8 @@
 streams give what one stream gives and what plain attention gives; OpenBLAS is on one thread
 only meanwhile; no streams inside ``mx.compile``."""
 
+import importlib
+
 import numpy as np
 import pytest
 
@@ -102,3 +104,16 @@ def test_decode_one_row_takes_one_stream(on_the_cpu):
     got = dispatch.quantized_sdpa(q, view, scale=0.125)
     assert not on_the_cpu
     assert rel_err(got, reference_over_cache(cache, q, 0.125)) < 4e-3
+
+
+def test_at_most_most_streams_whatever_the_cores(monkeypatch):
+    """MLX's CPU streams stop scaling at 3-4 (``cpu_streams_xeon.txt``): a 64-core machine
+    takes ``MOST_STREAMS``, a 2-core one 2."""
+    for cores, want in ((64, streams.MOST_STREAMS), (2, 2), (1, 1)):
+        monkeypatch.setattr(streams.os, "sched_getaffinity", lambda _: set(range(cores)))
+        fresh = importlib.reload(streams)
+        assert fresh.MAX_STREAMS == want
+        got = fresh.streams_for(16, mx.zeros(1))
+        assert (len(got) if got else 1) == want
+    monkeypatch.undo()
+    importlib.reload(streams)
