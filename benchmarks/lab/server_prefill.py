@@ -79,7 +79,11 @@ def main(argv=None):
     out = {}
     if a.thread:
         import threading
-        t = threading.Thread(target=lambda: out.update(run(model, prompts, a, mx.default_stream(mx.default_device()))))
+        def generate():
+            out.update(run(model, prompts, a, mx.default_stream(mx.default_device())))
+            mx.clear_streams()  # MLX 0.32: a thread frees its streams itself, or the process aborts at exit
+
+        t = threading.Thread(target=generate)
         t.start()
         t.join()
     else:

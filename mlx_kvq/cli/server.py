@@ -114,11 +114,11 @@ def main(argv=None):
     logging.basicConfig(level=level if rank == 0 else max(level, logging.WARNING),
                         format="%(asctime)s - %(levelname)s - %(message)s")
     run(args.host, args.port, ModelProvider(args, kv, args.dtype))
-    # The generation thread's thread-local mx.compile cache is freed after the thread has
-    # been joined, taking the GIL: racing the interpreter's finalization that aborts the
-    # process (std::terminate; 4 of 4 Ctrl-C stops after requests on a Linux CPU,
-    # tests/cli/test_server.py::test_interrupt_stops_the_server_cleanly). Nothing is left
-    # to run: flush and leave without finalizing.
+    # MLX 0.32 frees a thread's streams at the thread's end only where the thread called
+    # mx.clear_streams(); mlx-lm's generation thread does not, and the process then aborts
+    # during finalization (std::terminate; 4 of 4 Ctrl-C stops after requests on a Linux CPU,
+    # tests/cli/test_server.py::test_interrupt_stops_the_server_cleanly; plain mx.exp in a
+    # thread does it too). Nothing is left to run: flush and leave without finalizing.
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
