@@ -1,7 +1,8 @@
-"""Lab: two rewrites of the CPU softmax's exp (``attention/softmax.py``) against it and ``mx.exp``,
-ns an element at the blocked reference's block shapes, and their largest relative error
-against float64: a float-to-int round instead of ``mx.floor`` (two compiled kernels and the
-bit cast), with the 2**f polynomial by Estrin's scheme or Horner's:
+"""Lab: rewrites of the CPU softmax's exp in two compiled kernels (a float-to-int round instead of
+``mx.floor``, the bit cast between them, the 2**f polynomial by Estrin's scheme or Horner's)
+against the package's exp (``cur``: until 2026-12-05 a Cody-Waite polynomial in 5-6 kernels,
+since then the Horner rewrite) and ``mx.exp``: ns an element at the blocked reference's block
+shapes, and their largest relative error against float64:
 
     python3 benchmarks/lab/cpu_exp_variants.py
 """

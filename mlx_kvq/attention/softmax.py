@@ -1,35 +1,47 @@
 """The softmax of the attention paths written with MLX ops (the CPU's, and the GPUs' reference).
 
 On the CPU MLX's ``mx.exp`` takes 14.5-25 ns a float32 element (the Linux wheel on a 2-core
-AMD EPYC, two runs), most of a prefill's attention there. ``exp`` computes it as a compiled
-polynomial in 3.3-6.9 ns for arrays up to 1M elements, with a relative error of 8e-8 against float64
-(``mx.exp``'s: 3.9e-6): ``python3 benchmarks/lab/cpu_exp.py``. From 2M elements on it is
-slower than ``mx.exp`` (24-31 ns against 16-20: its intermediate arrays fault their pages
-in), so larger arrays and GPUs keep ``mx.exp``."""
+AMD EPYC), most of a prefill's attention there. ``exp`` computes it in two compiled kernels
+(a range reduction, then a polynomial in 2**f) in 2.9 ns for arrays up to 1M elements
+(``python3 benchmarks/lab/cpu_exp.py``), with a relative error of at most 4.0e-6 against
+float64 over [-100, 0] and 1.1e-6 over [-20, 0], as ``mx.exp``'s (3.9e-6, 1.0e-6). An earlier
+polynomial (Cody-Waite reduction, Cephes' coefficients) erred by 8e-8 but took 5-6 kernels, each
+with its host work: a 2048-token prompt's attention took 5.7-6.6 s with the two against 6.2-8.7
+with it, totals 10.0-11.2 against 10.6-14.2 s (SmolLM2-135M, ``cpu_prefill_attention.py --step
+2048``, 4 processes each alternated; ``benchmarks/lab/results/cpu_softmax_parts.txt``). From 2M
+elements on it is no faster than ``mx.exp`` (its intermediate arrays fault their pages in), so
+larger arrays and GPUs keep ``mx.exp``."""
 
 import mlx.core as mx
 
 EXP_ELEMENTS = 1 << 20  # the largest array the polynomial takes
 LOG2E = 1.4426950408889634
-LN2_HI, LN2_LO = 0.693359375, -2.12194440e-4  # ln 2 in two parts: x - n ln 2 exact for |n| < 2**9
-# e**r - 1 - r over |r| <= ln 2 / 2, divided by r**2 (Cephes' expf)
-POLY = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1)
+# 2**f - 1 over |f| <= 1/2, divided by f: c5, ..., c1 (least squares in relative error, 1.0e-7)
+POLY = (1.3218672481615686e-3, 9.67169793839837e-3, 5.5508929524512085e-2, 2.4022238002741114e-1,
+        6.931468559416913e-1)
 
 
-def _exp_parts(x):
-    """``e**x = p * 2**n`` for float32 ``x <= 88``: ``p`` and the float32 bits of ``2**n``
-    (int32). Below -88, ``2**n`` is 0: ``e**-inf`` is 0, as softmax's hidden keys need."""
-    x = mx.maximum(x, -88.0)
-    n = mx.floor(x * LOG2E + 0.5)
-    r = x - n * LN2_HI - n * LN2_LO
+def _exp_reduce(x):
+    """``x log2 e = n + f``, ``|f| <= 1/2``, for float32 ``x <= 0``: ``f`` and the float32 bits
+    of ``2**n`` (int32). Below -88, ``2**n`` is 0: ``e**-inf`` is 0, as softmax's hidden keys
+    need. ``n`` is read back from the bits, so that MLX fuses it all into one kernel (a value
+    used twice outside one chain of ops is a kernel of its own)."""
+    y = mx.where(x < -88.0, -88.0, x) * LOG2E
+    bits = (127 - (0.5 - y).astype(mx.int32)) << 23  # n = -int(0.5 - y), rounded to nearest
+    n = ((bits >> 23) - 127).astype(mx.float32)
+    return n * -1.0 + y, bits
+
+
+def _exp_poly(f, scale):
+    """``2**f * scale``."""
     p = POLY[0]
     for c in POLY[1:]:
-        p = p * r + c
-    p = p * r * r + r + 1.0
-    return p, (n.astype(mx.int32) + 127) << 23
+        p = p * f + c
+    return (p * f + 1.0) * scale
 
 
-_compiled_parts = mx.compile(_exp_parts, shapeless=True)  # a bit cast cannot be shapeless: outside
+_reduce = mx.compile(_exp_reduce, shapeless=True)  # a bit cast cannot be shapeless: between the two
+_poly = mx.compile(_exp_poly, shapeless=True)
 
 
 def exp(x):
@@ -37,8 +49,8 @@ def exp(x):
     the CPU up to ``EXP_ELEMENTS``, ``mx.exp`` elsewhere and for other dtypes. NaN stays NaN."""
     if x.dtype != mx.float32 or x.size > EXP_ELEMENTS or mx.default_device() != mx.cpu:
         return mx.exp(x)
-    p, bits = _compiled_parts(x)
-    return p * bits.view(mx.float32)
+    f, bits = _reduce(x)
+    return _poly(f, bits.view(mx.float32))
 
 
 def softmax(scores, sinks=None):
