@@ -6,6 +6,7 @@ shapes, and their largest relative error against float64:
 
     python3 benchmarks/lab/cpu_exp_variants.py
 """
+
 import time
 
 import numpy as np
