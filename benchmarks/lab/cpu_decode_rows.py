@@ -22,7 +22,8 @@ def main(argv=None):
     p.add_argument("--rows", type=int, nargs="+", default=[4, 16], help="batch rows (default: 4 16)")
     p.add_argument("--tokens", type=int, default=2048, help="tokens in each row's cache (default: 2048)")
     p.add_argument("--runs", type=int, default=12, help="runs of each, interleaved (default: 12)")
-    p.add_argument("--streams", type=int, nargs="+", help="stream counts to compare (default: one per core, and 1)")
+    p.add_argument("--streams", type=int, nargs="+",
+                   help="stream counts to compare (default: the package's, one per core up to 4, and 1)")
     p.add_argument("--cpu", action="store_true", help="on the CPU device (a machine with a GPU)")
     a = p.parse_args(argv)
     if a.cpu:

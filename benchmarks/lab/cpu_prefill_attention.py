@@ -22,7 +22,8 @@ def main(argv=None):
     p.add_argument("--tokens", type=int, default=2048, help="prompt tokens (default: 2048)")
     p.add_argument("--step", type=int, default=512, help="prefill step (default: 512)")
     p.add_argument("--runs", type=int, default=3, help="runs after one warm-up (default: 3)")
-    p.add_argument("--streams", type=int, help="CPU streams for the attention (default: one per core)")
+    p.add_argument("--streams", type=int,
+                   help="CPU streams for the attention (default: the package's, one per core up to 4)")
     p.add_argument("--cpu", action="store_true", help="on the CPU device (a machine with a GPU)")
     p.add_argument("--random", action="store_true", help="a random-weight model of SmolLM2's shape")
     a = p.parse_args(argv)

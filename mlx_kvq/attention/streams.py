@@ -3,9 +3,9 @@ rows, spread over CPU streams.
 
 MLX runs a stream's element-wise ops and its ``mx.quantized_matmul`` on one thread, and
 they are most of the attention's time on the CPU (the softmax of every score, the products
-over packed keys). On Linux the work goes round-robin to one CPU stream per core, with
-OpenBLAS on one thread meanwhile (OpenBLAS's threads and the streams on the same cores were
-slower than one stream). On a 2-core AMD EPYC, SmolLM2-135M: a 2048-token prompt's attention
+over packed keys). On Linux the work goes round-robin to one CPU stream per core (at most
+``MOST_STREAMS``), with OpenBLAS on one thread meanwhile (OpenBLAS's threads and the streams on
+the same cores were slower than one stream). On a 2-core AMD EPYC, SmolLM2-135M: a 2048-token prompt's attention
 6.5-9.3 s against 8.9-11.2 s in 2048- and 512-token steps, a decode step of 16 rows over 2k keys
 15-18 against 28-30 ms per layer (``benchmarks/lab/results/cpu_prefill_attention_streams.txt``,
 ``cpu_decode_rows.txt``). At most ``MOST_STREAMS`` streams: MLX's CPU streams stop scaling
