@@ -9,9 +9,16 @@ from .. import format
 from .softmax import exp
 from .streams import on, spread, streams_for
 
-BLOCK_ELEMENTS = 1 << 19  # float32 elements of scores + dequantized K/V per block (CPU)
+BLOCK_ELEMENTS = 1 << 20  # float32 elements of scores + dequantized K/V per block (CPU)
 GPU_BLOCK_ELEMENTS = 1 << 25  # fewer, larger blocks on GPUs: launches cost more than bytes there
 BLOCK_KEYS = 512  # keys per block where the queries are tiled to fit the budget
+# MLX's CPU buffer cache (32 MiB by default on its CPU-only wheel): a prefill chunk's blocks,
+# their softmax and the model's activations churn through more, and every buffer the cache
+# drops is freed to glibc and faults its pages in again when next allocated (a 2048-token
+# prompt: 0.8M page faults with 32 MiB, 13-30k with this; benchmarks/lab/cpu_prefill_attention.py)
+CPU_CACHE_BYTES = 256 << 20
+MLX_CPU_CACHE_BYTES = 32 << 20
+_cache_checked = []
 
 
 def merge(parts):
@@ -80,10 +87,11 @@ def blocked_attention(q, block, n, dims, *, scale, q_start, k_start, causal, mas
     queries before the tiles go to the CPU's streams (``attention.streams``).
 
     A block's scores stay within the backend's budget (``BLOCK_ELEMENTS`` on the CPU, where
-    larger arrays cost a page fault per 4 KiB each time MLX allocates them): a chunk's queries
+    larger blocks fall out of the processor's caches): a chunk's queries
     go in tiles where they would not fit beside ``BLOCK_KEYS`` keys. With a causal mask over
-    keys in order a tile skips the blocks after its last query and masks only the block that
-    starts at its first query (a 2048-token chunk computes about half of its scores).
+    keys in order a tile skips the blocks after its last query, masks only the block that
+    starts at its first query and takes the keys before it in blocks of up to the budget
+    (``_plan``; a 2048-token chunk computes about half of its scores).
 
     Returns ``out`` (B, Hq, L, Dv) float32 normalized over visible keys and ``lse``
     (B, Hq, L); rows with no visible key get ``out = 0`` and ``lse = -inf``.
@@ -92,6 +100,8 @@ def blocked_attention(q, block, n, dims, *, scale, q_start, k_start, causal, mas
     Hkv, Dk, Dv = dims
     rep = Hq // Hkv
     budget = GPU_BLOCK_ELEMENTS if mx.default_device() == mx.gpu else BLOCK_ELEMENTS
+    if not _cache_checked:
+        keep_cpu_buffers()
     tile = L if B * Hq * L * BLOCK_KEYS <= budget else max(16, budget // (B * Hq * BLOCK_KEYS))
     tile = -(-L // -(-L // tile))  # tiles of (nearly) equal size
     keys = max(64, budget // max(1, B * (Hq * tile + Hkv * (Dk + Dv))))
@@ -104,16 +114,16 @@ def blocked_attention(q, block, n, dims, *, scale, q_start, k_start, causal, mas
 
     streams = streams_for(len(tiles), q, kv)  # the CPU's cores: a tile per stream in turn
     results = [None] * len(tiles)
+    plan = _plan(_key_blocks(n, keys, cuts), keys, tiles, q_start, k_start, causal, ordered)
     with spread(streams, results):
-        for a, b in _key_blocks(n, keys, cuts):
+        for (a, b), users in plan:
             qk, pv = block(a, b)
-            for t, (i, j) in enumerate(tiles):
+            for t, masked in users:
+                i, j = tiles[t]
                 first, last = q_start + i, q_start + j - 1  # the tile's query positions
-                if ordered and k_start + a > last:
-                    continue  # every key of the block after every query of the tile
                 with on(streams, t):
                     s = qk(qfs[t])  # (B, Hkv, rep, Lt, b - a)
-                    if causal and not (ordered and k_start + b - 1 <= first):
+                    if masked:
                         kp = mx.arange(k_start + a, k_start + b) if k_pos is None else k_pos[a:b]
                         s = mx.where(kp[None] <= mx.arange(first, last + 1)[:, None], s, -mx.inf)
                     if mask5 is not None:
@@ -131,6 +141,18 @@ def blocked_attention(q, block, n, dims, *, scale, q_start, k_start, causal, mas
     return out.reshape(B, Hq, L, Dv), lse.reshape(B, Hq, L)
 
 
+def keep_cpu_buffers():
+    """Raise MLX's CPU buffer cache to ``CPU_CACHE_BYTES`` where MLX has only its CPU (the
+    Linux CPU wheel) and the limit is still MLX's default (a limit the user set stays). Once
+    per process, at the first blocked attention."""
+    _cache_checked.append(True)
+    if mx.metal.is_available() or mx.cuda.is_available():
+        return
+    before = mx.set_cache_limit(CPU_CACHE_BYTES)
+    if before != MLX_CPU_CACHE_BYTES:
+        mx.set_cache_limit(before)
+
+
 def _key_blocks(n, keys, cuts):
     """Blocks ``(a, b)`` of at most ``keys`` of ``n`` keys, nearly equal, with a boundary at
     each of ``cuts``: under a causal mask a tile's first query, so that only the block of
@@ -143,6 +165,37 @@ def _key_blocks(n, keys, cuts):
         parts = -(-(b - a) // keys)
         blocks += [(a + (b - a) * i // parts, a + (b - a) * (i + 1) // parts) for i in range(parts)]
     return blocks
+
+
+def _plan(intervals, keys, tiles, q_start, k_start, causal, ordered):
+    """The blocks of keys each query tile attends to, as ``[((a, b), [(tile, masked), ...])]``
+    in key order. ``intervals`` (``_key_blocks``) cut the keys at each tile's first query: a
+    tile skips those after its last query and masks the one of its own positions; the runs of
+    intervals it sees whole go as blocks of up to ``keys``, grouped from the first key on, so
+    that tiles share them (a first chunk of 2048 tokens on the CPU: 75 blocks a layer instead
+    of 171; ``benchmarks/lab/cpu_causal_blocks.py``)."""
+    groups, width = [], keys + 1  # runs of consecutive intervals up to ``keys`` wide
+    for a, b in intervals:
+        if width + b - a > keys:
+            groups.append([])
+            width = 0
+        groups[-1].append((a, b))
+        width += b - a
+    plan = {}
+    for t, (i, j) in enumerate(tiles):
+        first, last = q_start + i, q_start + j - 1
+        for group in groups:
+            whole = []
+            for a, b in group:
+                if ordered and k_start + a > last:
+                    break  # every key from here on after every query of the tile
+                if causal and not (ordered and k_start + b - 1 <= first):
+                    plan.setdefault((a, b), []).append((t, True))
+                else:
+                    whole.append((a, b))
+            if whole:
+                plan.setdefault((whole[0][0], whole[-1][1]), []).append((t, False))
+    return sorted(plan.items())
 
 
 def _block_part(s, pv):

@@ -137,3 +137,37 @@ def test_a_tiles_last_query_sees_the_first_key_of_the_next_block(monkeypatch):
     visible = np.arange(n)[None] <= np.arange(17, 17 + L)[:, None]
     got = dense_attention(q, k, v, scale=0.5, q_start=17, k_start=0, causal=True, mask=None)
     check(got, numpy_attention(q, k, v, 0.5, visible))
+
+
+def test_a_tile_takes_the_keys_it_sees_whole_in_blocks_of_the_budget(monkeypatch):
+    """Tiles of 16 queries, blocks of at most 64 keys: a tile takes the keys before its first
+    query in runs of up to 64 (four of the tiles' 16-key steps), shared by the tiles that see
+    them, and only its own square masked: 18 blocks for 8 tiles instead of one per tile and
+    step (36), the same scores computed, the same result."""
+    small_blocks(monkeypatch, 16 * 64, keys=64)
+    mx.random.seed(6)
+    L, D = 128, 8
+    q, k = mx.random.normal((1, 1, L, D)), mx.random.normal((1, 1, L, D))
+    computed = []
+    got = blocked_attention(q, counted_blocks(k, computed), L, (1, D, D),
+                            scale=0.3, q_start=0, k_start=0, causal=True, mask=None)
+    check(got, numpy_attention(q, k, k, 0.3, np.arange(L)[None] <= np.arange(L)[:, None]))
+    assert len(computed) == sum(-(-t // 4) + 1 for t in range(8)) == 18
+    assert sum(computed) == sum(16 * 16 * (t + 1) for t in range(8)) and max(computed) <= 16 * 64
+
+
+def test_keep_cpu_buffers_raises_only_mlxs_default_limit(monkeypatch):
+    """MLX's CPU-only build: its buffer cache's default limit goes up to ``CPU_CACHE_BYTES``
+    at the first blocked attention; a limit the user set stays. GPU builds keep theirs."""
+    before = mx.set_cache_limit(reference.MLX_CPU_CACHE_BYTES)
+    monkeypatch.setattr(reference, "_cache_checked", [])
+    cpu_only = not (mx.metal.is_available() or mx.cuda.is_available())
+    try:
+        mx.eval(dense_attention(mx.ones((1, 1, 4, 8)), mx.ones((1, 1, 4, 8)), mx.ones((1, 1, 4, 8)),
+                                scale=1.0, q_start=0, k_start=0, causal=True, mask=None))
+        raised = reference.CPU_CACHE_BYTES if cpu_only else reference.MLX_CPU_CACHE_BYTES
+        assert mx.set_cache_limit(100 << 20) == raised
+        reference.keep_cpu_buffers()
+        assert mx.set_cache_limit(before) == 100 << 20
+    finally:
+        mx.set_cache_limit(before)
