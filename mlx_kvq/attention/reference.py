@@ -113,7 +113,7 @@ def blocked_attention(q, block, n, dims, *, scale, q_start, k_start, causal, mas
     cuts = [q_start + i - k_start for i, _ in tiles] if ordered else []
 
     streams = streams_for(len(tiles), q, kv)  # the CPU's cores: a tile per stream in turn
-    results = [None] * len(tiles)
+    results, parts = [None] * len(tiles), [[] for _ in tiles]  # parts: each tile's (out, lse) per block
     plan = _plan(_key_blocks(n, keys, cuts), keys, tiles, q_start, k_start, causal, ordered)
     with spread(streams, results):
         for (a, b), users in plan:
@@ -129,10 +129,13 @@ def blocked_attention(q, block, n, dims, *, scale, q_start, k_start, causal, mas
                     if mask5 is not None:
                         mb = mask5[..., a:b] if mask5.shape[-2] == 1 else mask5[..., i:j, a:b]
                         s = mx.where(mb, s, -mx.inf) if mb.dtype == mx.bool_ else s + mb.astype(mx.float32)
-                    part = _block_part(s, pv)
-                    results[t] = part if results[t] is None else merge([results[t], part])
+                    parts[t].append(_block_part(s, pv))
             if b < n:  # schedule block by block, so one block's scores are alive at a time
-                mx.async_eval([r for r in results if r is not None])
+                mx.async_eval(parts)
+        for t, p in enumerate(parts):  # each tile's parts merged at once: fewer ops than by pairs
+            if p:
+                with on(streams, t):
+                    results[t] = merge(p)
     for t, (i, j) in enumerate(tiles):
         if results[t] is None:  # no key visible to the tile
             results[t] = mx.zeros((B, Hkv, rep, j - i, Dv)), mx.full((B, Hkv, rep, j - i), -mx.inf)
@@ -203,7 +206,7 @@ def _block_part(s, pv):
     log-sum-exp, so the scores are dead once these small results exist."""
     m = s.max(axis=-1, keepdims=True)
     m = mx.where(m > -mx.inf, m, 0.0)
-    p = exp(s - m)
+    p = exp(s, m)
     l = p.sum(axis=-1)
     seen = l > 0
     out = pv(p) / mx.where(seen, l, 1.0)[..., None]

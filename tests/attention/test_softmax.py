@@ -56,3 +56,17 @@ def test_softmax_rows_that_see_no_key_and_sinks():
         want = p / np.where(l > 0, l, 1.0)
         assert np.abs(got - want).max() < 1e-6
         assert np.all(got[0, 0, 1] == 0)
+
+
+def test_exp_takes_the_shift_per_row():
+    """``exp(x, m)`` is ``e**(x - m)`` with ``m`` broadcast over a row (softmax's maximum), the
+    same as shifting first; a row of -inf stays 0."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(2, 3, 5, 40)).astype(np.float32) * 6
+    x[0, 1, 2] = -np.inf
+    m = np.where(np.isfinite(x.max(-1, keepdims=True)), x.max(-1, keepdims=True), 0.0).astype(np.float32)
+    with mx.stream(mx.cpu):
+        got = np.array(exp(mx.array(x), mx.array(m)), dtype=np.float64)
+        assert mx.array_equal(exp(mx.array(x), mx.array(m)), exp(mx.array(x - m))).item()
+    want = np.exp(x.astype(np.float64) - m)
+    assert np.abs(got - want).max() < 5e-6 and np.all(got[0, 1, 2] == 0)
