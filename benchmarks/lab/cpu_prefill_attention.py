@@ -3,6 +3,7 @@
 attention (each call synced before and after) and the minor page faults, per run:
 
     python3 benchmarks/lab/cpu_prefill_attention.py --tokens 2048 --step 512 [--streams 1]
+        [--block-elements 1048576 --block-keys 512 --cache-mib 256]
 """
 
 import argparse
@@ -24,11 +25,20 @@ def main(argv=None):
     p.add_argument("--runs", type=int, default=3, help="runs after one warm-up (default: 3)")
     p.add_argument("--streams", type=int,
                    help="CPU streams for the attention (default: the package's, one per core up to 4)")
+    p.add_argument("--block-elements", type=int, help="attention.reference.BLOCK_ELEMENTS (a power of 2)")
+    p.add_argument("--block-keys", type=int, help="attention.reference.BLOCK_KEYS")
+    p.add_argument("--cache-mib", type=int, help="MLX's buffer cache limit (mx.set_cache_limit), MiB")
     p.add_argument("--cpu", action="store_true", help="on the CPU device (a machine with a GPU)")
     p.add_argument("--random", action="store_true", help="a random-weight model of SmolLM2's shape")
     a = p.parse_args(argv)
     if a.cpu:
         mx.set_default_device(mx.cpu)
+    from mlx_kvq.attention import reference
+    reference.BLOCK_ELEMENTS = a.block_elements or reference.BLOCK_ELEMENTS
+    reference.BLOCK_KEYS = a.block_keys or reference.BLOCK_KEYS
+    if a.cache_mib is not None:
+        reference._cache_checked.append(True)
+        mx.set_cache_limit(a.cache_mib << 20)
     if a.streams:
         from mlx_kvq.attention import streams
         streams.MAX_STREAMS = a.streams
