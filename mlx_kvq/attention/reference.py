@@ -15,7 +15,8 @@ BLOCK_KEYS = 512  # keys per block where the queries are tiled to fit the budget
 # MLX's CPU buffer cache (32 MiB by default on its CPU-only wheel): a prefill chunk's blocks,
 # their softmax and the model's activations churn through more, and every buffer the cache
 # drops is freed to glibc and faults its pages in again when next allocated (a 2048-token
-# prompt: 0.8M page faults with 32 MiB, 13-30k with this; benchmarks/lab/cpu_prefill_attention.py)
+# prompt with 1M-element blocks: 0.5-1.0M page faults with 32 MiB, 0.2-30k with this;
+# benchmarks/lab/results/cpu_prefill_blocks.txt)
 CPU_CACHE_BYTES = 256 << 20
 MLX_CPU_CACHE_BYTES = 32 << 20
 _cache_checked = []
@@ -175,8 +176,9 @@ def _plan(intervals, keys, tiles, q_start, k_start, causal, ordered):
     in key order. ``intervals`` (``_key_blocks``) cut the keys at each tile's first query: a
     tile skips those after its last query and masks the one of its own positions; the runs of
     intervals it sees whole go as blocks of up to ``keys``, grouped from the first key on, so
-    that tiles share them (a first chunk of 2048 tokens on the CPU: 75 blocks a layer instead
-    of 171; ``benchmarks/lab/cpu_causal_blocks.py``)."""
+    that tiles share them (a first chunk of 2048 tokens on the CPU, SmolLM2's shape, 512k-element
+    blocks: 75 blocks a layer instead of 171, a prompt's attention 5.3-6.1 against 6.4-7.1 s;
+    ``benchmarks/lab/results/cpu_prefill_blocks.txt``)."""
     groups, width = [], keys + 1  # runs of consecutive intervals up to ``keys`` wide
     for a, b in intervals:
         if width + b - a > keys:
