@@ -97,18 +97,24 @@ def counted_blocks(k, computed):
     return block
 
 
+def counted_causal_chunk(L, D, seed, heads=(1, 1)):
+    """A first causal chunk of ``L`` queries over its own keys (``heads``: query and KV heads)
+    through ``blocked_attention``, checked against float64; the scores each block computed."""
+    mx.random.seed(seed)
+    q, k = mx.random.normal((1, heads[0], L, D)), mx.random.normal((1, heads[1], L, D))
+    computed = []
+    got = blocked_attention(q, counted_blocks(k, computed), L, (heads[1], D, D),
+                            scale=0.3, q_start=0, k_start=0, causal=True, mask=None)
+    check(got, numpy_attention(q, k, k, 0.3, np.arange(L)[None] <= np.arange(L)[:, None]))
+    return computed
+
+
 def test_causal_chunk_skips_the_blocks_after_its_queries(monkeypatch):
     """A first chunk of 512 queries (causal, keys in order) in tiles: the blocks after a tile's
     last query are not computed, so about half the scores are, and the result is unchanged."""
     small_blocks(monkeypatch, 1 << 13, keys=64)  # tiles of 64 queries, blocks of 64 keys
-    mx.random.seed(3)
-    L, D = 512, 8
-    q, k = mx.random.normal((1, 2, L, D)), mx.random.normal((1, 1, L, D))
-    computed = []
-    got = blocked_attention(q, counted_blocks(k, computed), L, (1, D, D),
-                            scale=0.3, q_start=0, k_start=0, causal=True, mask=None)
-    visible = np.arange(L)[None] <= np.arange(L)[:, None]
-    check(got, numpy_attention(q, k, k, 0.3, visible))
+    L = 512
+    computed = counted_causal_chunk(L, 8, seed=3, heads=(2, 1))
     assert len(computed) > 4 and sum(computed) < 0.6 * L * L
 
 
@@ -117,13 +123,8 @@ def test_causal_blocks_start_at_each_tiles_first_query(monkeypatch):
     first query, so a tile computes exactly the keys up to its last query (the block after
     its first query is its own square) and the blocks past it are skipped."""
     small_blocks(monkeypatch, 48 * 64, keys=64)
-    mx.random.seed(5)
-    L, D = 240, 8
-    q, k = mx.random.normal((1, 1, L, D)), mx.random.normal((1, 1, L, D))
-    computed = []
-    got = blocked_attention(q, counted_blocks(k, computed), L, (1, D, D),
-                            scale=0.3, q_start=0, k_start=0, causal=True, mask=None)
-    check(got, numpy_attention(q, k, k, 0.3, np.arange(L)[None] <= np.arange(L)[:, None]))
+    L = 240
+    computed = counted_causal_chunk(L, 8, seed=5)
     assert sum(computed) == sum(48 * j for j in range(48, L + 1, 48))
 
 
@@ -145,13 +146,7 @@ def test_a_tile_takes_the_keys_it_sees_whole_in_blocks_of_the_budget(monkeypatch
     them, and only its own square masked: 18 blocks for 8 tiles instead of one per tile and
     step (36), the same scores computed, the same result."""
     small_blocks(monkeypatch, 16 * 64, keys=64)
-    mx.random.seed(6)
-    L, D = 128, 8
-    q, k = mx.random.normal((1, 1, L, D)), mx.random.normal((1, 1, L, D))
-    computed = []
-    got = blocked_attention(q, counted_blocks(k, computed), L, (1, D, D),
-                            scale=0.3, q_start=0, k_start=0, causal=True, mask=None)
-    check(got, numpy_attention(q, k, k, 0.3, np.arange(L)[None] <= np.arange(L)[:, None]))
+    computed = counted_causal_chunk(128, 8, seed=6)
     assert len(computed) == sum(-(-t // 4) + 1 for t in range(8)) == 18
     assert sum(computed) == sum(16 * 16 * (t + 1) for t in range(8)) and max(computed) <= 16 * 64
 
