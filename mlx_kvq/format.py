@@ -5,7 +5,7 @@ A packed tensor is the tuple ``mx.quantize`` returns for the last axis:
 microscaling modes (``mxfp8``, ``mxfp4``, ``nvfp4``).
 """
 
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import mlx.core as mx
 
@@ -99,17 +99,19 @@ def _fitter(src, dst):
     return mx.compile(f, shapeless=True)
 
 
-def dequantize_by_ops(packed, bits):
-    """An affine packed run ``(words, scales, biases)`` whose codes never straddle a word
-    (2, 4, 8 bits) dequantized to float32 by element-wise ops: on the CPU, with a float32
-    matmul after it, faster than ``mx.quantized_matmul`` over 512 keys or more (see
-    ``attention.one_pass``)."""
-    w, s, b = packed
-    shifts = mx.arange(0, 32, bits, dtype=mx.uint32)
-    c = ((w[..., None] >> shifts) & ((1 << bits) - 1)).astype(mx.float32)
-    c = c.reshape(*w.shape[:-1], s.shape[-1], -1)  # (..., tokens, groups, group size)
-    x = c * s.astype(mx.float32)[..., None] + b.astype(mx.float32)[..., None]
-    return x.reshape(*w.shape[:-1], -1)
+def code_planes(words, bits):
+    """The codes of packed ``words`` (2, 4 or 8 bits, which never straddle a byte) as float32
+    planes: plane ``i`` holds each byte's ``i``-th code, the dims ``i, i + 8 // bits, ...``, so
+    that ``x · codes = sum(x[..., i :: 8 // bits] · plane_i)``. Byte-wise shifts and masks in
+    one compiled call: on the CPU, with float32 matmuls after them, the cheapest way MLX has to
+    multiply by packed codes (``benchmarks/lab/cpu_decode_ops.py --products``)."""
+    return _planes(words.view(mx.uint8), bits)
+
+
+@partial(mx.compile, shapeless=True)
+def _planes(b, bits):
+    mask = (1 << bits) - 1
+    return [((b >> (bits * i)) & mask).astype(mx.float32) for i in range(8 // bits)]
 
 
 def overflows(xs, dtype):

@@ -1,4 +1,5 @@
 import mlx.core as mx
+import numpy as np
 import pytest
 
 from mlx_kvq import format as quant
@@ -41,3 +42,20 @@ def test_bytes_per_token_matches_arrays():
 def test_check_rejects_bad_formats_clearly(kwargs, match):
     with pytest.raises(ValueError, match=match):
         quant.check(**kwargs)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_code_planes_hold_each_bytes_codes_in_turn(bits):
+    """Plane i holds the codes of dims i, i + 8/bits, ...: the integers ``mx.dequantize``
+    scales, read back from it as ``(x - bias) / scale``."""
+    x = mx.random.normal((2, 3, 17, 64), key=mx.random.key(bits))
+    w, s, b = quant.quantize(x, bits, 32)
+    codes = np.asarray((quant.dequantize((w, s, b), bits, 32, dtype=mx.float32) - mx.repeat(b, 32, -1))
+                       / mx.repeat(s, 32, -1)).round()
+    planes = quant.code_planes(w, bits)
+    assert len(planes) == 8 // bits
+    for i, plane in enumerate(planes):
+        assert plane.dtype == mx.float32 and plane.shape == (2, 3, 17, 64 * bits // 8)
+        assert np.array_equal(np.asarray(plane), codes[..., i :: 8 // bits])
+    assert codes.min() == 0 and codes.max() == (1 << bits) - 1  # every bit of a code read
+

@@ -5,11 +5,12 @@ float32) over a cache of ``--keys`` tokens, 30 layers per step.
 For mlx-lm's ``KVCache`` (+ ``mx.fast.scaled_dot_product_attention``) and mlx-kvq's caches
 (+ ``quantized_sdpa``) it prints the graph nodes one layer's step adds (``mx.export_to_dot``)
 and the median host time to build the 30 layers' graph and to evaluate it. ``--products``
-times one layer's two products over the packed run (``mx.quantized_matmul``, 4-bit, group 64;
-the scores also over keys unpacked by ``format.dequantize_by_ops``) against float32 matmuls over as many keys:
+times one layer's two products over the packed run (``mx.quantized_matmul``, 4-bit, group 64 or
+``--group-size``; the scores also by ``one_pass.planes_scores``) against float32 matmuls over as
+many keys, for ``--rows`` batch rows:
 
     python3 benchmarks/lab/cpu_decode_ops.py --keys 100
-    python3 benchmarks/lab/cpu_decode_ops.py --products 64,256,540,1024,2048
+    python3 benchmarks/lab/cpu_decode_ops.py --products 64,256,540,1024,2048 [--rows 8] [--group-size 32]
 """
 
 import argparse
@@ -25,7 +26,7 @@ from mlx_lm.models import cache as lm_cache
 
 from mlx_kvq.attention import quantized_sdpa
 from mlx_kvq.cache.quantized import QuantizedKVCache
-from mlx_kvq.format import dequantize_by_ops
+from mlx_kvq.attention.one_pass import planes_scores
 
 B, HQ, HKV, D, LAYERS = 1, 9, 3, 64, 30
 CONFIGS = {
@@ -80,16 +81,17 @@ def timed(make, keys, steps):
     return med(build), med(run)
 
 
-def products(n, reps=20, calls=10):
+def products(n, rows_b=1, group_size=64, reps=20, calls=10):
     """Median microseconds of one layer's scores and weighted values over ``n`` keys."""
     rows = HQ // HKV
-    q, p = mx.random.normal((B, HKV, rows, D)), mx.softmax(mx.random.normal((B, HKV, rows, n)), axis=-1)
-    x = mx.random.normal((B, HKV, n, D))
-    w, s, b = (a if a.dtype == mx.uint32 else a.astype(mx.float16) for a in mx.quantize(x, group_size=64, bits=4))
+    q, p = mx.random.normal((rows_b, HKV, rows, D)), mx.softmax(mx.random.normal((rows_b, HKV, rows, n)), axis=-1)
+    x = mx.random.normal((rows_b, HKV, n, D))
+    w, s, b = (a if a.dtype == mx.uint32 else a.astype(mx.float16)
+               for a in mx.quantize(x, group_size=group_size, bits=4))
     mx.eval(q, p, x, w, s, b)
-    qmm = lambda a, t: mx.quantized_matmul(a, w, s, b, transpose=t, group_size=64, bits=4)
+    qmm = lambda a, t: mx.quantized_matmul(a, w, s, b, transpose=t, group_size=group_size, bits=4)
     cases = {"quantized_matmul scores": lambda: qmm(q, True),
-             "unpacked scores": lambda: q @ dequantize_by_ops((w, s, b), 4).swapaxes(-1, -2),
+             "planes scores": lambda: planes_scores(q, (w, s, b), 4),
              "quantized_matmul values": lambda: qmm(p, False),
              "float32 scores": lambda: q @ x.swapaxes(-1, -2), "float32 values": lambda: p @ x}
     out = {}
@@ -109,10 +111,12 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=64, help="decode steps timed (default: 64)")
     p.add_argument("--rounds", type=int, default=2, help="rounds of all configs (default: 2)")
     p.add_argument("--products", metavar="N,N,...", help="time the packed run's products over these key counts instead")
+    p.add_argument("--rows", type=int, default=1, help="batch rows of --products (default: 1)")
+    p.add_argument("--group-size", type=int, default=64, help="group size of --products (default: 64)")
     a = p.parse_args(argv)
     if a.products:
         for n in map(int, a.products.split(",")):
-            print(f"{n:6d} keys: " + "  ".join(f"{k} {v:7.1f} us" for k, v in products(n).items()))
+            print(f"{n:6d} keys: " + "  ".join(f"{k} {v:7.1f} us" for k, v in products(n, a.rows, a.group_size).items()))
         return
     for name, make in CONFIGS.items():
         n = nodes(make, a.keys)

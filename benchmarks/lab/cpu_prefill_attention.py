@@ -33,14 +33,13 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.cpu:
         mx.set_default_device(mx.cpu)
-    from mlx_kvq.attention import reference
+    from mlx_kvq.attention import reference, streams
     reference.BLOCK_ELEMENTS = a.block_elements or reference.BLOCK_ELEMENTS
     reference.BLOCK_KEYS = a.block_keys or reference.BLOCK_KEYS
     if a.cache_mib is not None:
-        reference._cache_checked.append(True)
+        streams._cache_checked.append(True)
         mx.set_cache_limit(a.cache_mib << 20)
     if a.streams:
-        from mlx_kvq.attention import streams
         streams.MAX_STREAMS = a.streams
     if a.random:
         from server_prefill import random_model

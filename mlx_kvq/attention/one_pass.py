@@ -8,7 +8,7 @@ import mlx.core as mx
 from .. import format, kernels
 from ..rotation import rotate
 from .softmax import softmax
-from .streams import on, spread, streams_for
+from .streams import keep_cpu_buffers, on, spread, streams_for
 
 ONE_PASS_ELEMENTS = 1 << 23  # the most float32 scores a step takes in one softmax
 
@@ -70,8 +70,14 @@ def one_pass_attention(q, view, scale, mask, sinks, dtype):
     if s:
         parts.append(qf @ sk.astype(mx.float32).swapaxes(-1, -2))
     if n:
-        unpack = _unpacks(f, n, k[0].shape, f.k_bits)
-        parts.append(qf @ format.dequantize_by_ops(tuple(a[:, :, :n] for a in k), f.k_bits).swapaxes(-1, -2) if unpack else qmm(qf, k, f.k_bits, True))
+        pieces = _planes_pieces(f, n, k[0].shape, f.k_bits)
+        if pieces:
+            keep_cpu_buffers()
+        for i in range(pieces):  # keys in pieces of up to UNPACK_ELEMENTS key-plane elements
+            a, b = n * i // pieces, n * (i + 1) // pieces
+            parts.append(planes_scores(qf, tuple(x[:, :, a:b] for x in k), f.k_bits))
+        if not pieces:
+            parts.append(qmm(qf, k, f.k_bits, True))
     if w:
         parts.append(qf @ wk.astype(mx.float32).swapaxes(-1, -2))
     scores = (mx.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]).reshape(B, Hq, L, total)
@@ -94,16 +100,40 @@ def one_pass_attention(q, view, scale, mask, sinks, dtype):
     return out
 
 
-UNPACK_MIN_KEYS = 512  # below, mx.quantized_matmul's fewer ops win
-UNPACK_ELEMENTS = 1 << 22  # float32 elements of the unpacked keys (16 MiB)
+UNPACK_MIN_KEYS = 512  # keys over the rows of a call; below, mx.quantized_matmul's fewer ops win
+UNPACK_ELEMENTS = 1 << 22  # float32 elements of the key planes of one piece of the keys (16 MiB)
 
 
-def _unpacks(f, n, words_shape, bits):
-    """Whether the scores over ``n`` packed keys take keys dequantized by element-wise ops
-    (``format.dequantize_by_ops``) and a float32
-    matmul: on the CPU 1.2-1.7x faster than ``mx.quantized_matmul`` from ~512 keys on
-    (2, 4 and 8 bits, groups 32 and 64, SmolLM2's shape: ``benchmarks/lab/cpu_decode_ops.py
-    --products``). For the weighted values ``mx.quantized_matmul`` stays faster."""
+def _planes_pieces(f, n, words_shape, bits):
+    """In how many pieces the scores over ``n`` packed keys take :func:`planes_scores` (0:
+    ``mx.quantized_matmul`` takes them): on the CPU 1.5-3.4x faster than
+    ``mx.quantized_matmul`` over 2048 keys (2, 4 and 8 bits, groups 32 and 64, 1 and 8 rows,
+    SmolLM2's shape), as fast at 512 keys of one row (``benchmarks/lab/cpu_decode_ops.py
+    --products``). For the weighted values ``mx.quantized_matmul`` stays as fast (3.1 against
+    2.9 ms for 8 rows' 2048 values)."""
     B, H, _, words = words_shape
-    return (f.mode == "affine" and bits in (2, 4, 8) and n >= UNPACK_MIN_KEYS
-            and B * H * n * (words * 32 // bits) <= UNPACK_ELEMENTS)
+    if f.mode != "affine" or bits not in (2, 4, 8) or B * n < UNPACK_MIN_KEYS:
+        return 0
+    return -(-B * H * n * (words * 32 // bits) // UNPACK_ELEMENTS)
+
+
+def planes_scores(q, packed, bits):
+    """``q`` (B, H, R, D) float32 times the affine packed keys ``(words, scales, biases)``
+    transposed: with key ``k = s_g c_g + b_g`` per group ``g``, ``q·k = sum_g s_g (q_g·c_g) +
+    b_g sum(q_g)``. The codes ``c`` stay codes (``format.code_planes``, no scale or bias
+    applied to them); each plane is one float32 matmul, against ``q`` split into its groups
+    where a key has more than one."""
+    w, s, b = packed
+    B, H, R, D = q.shape
+    G = s.shape[-1]
+    per = 8 // bits
+    qg = q
+    if G > 1:  # row (r, g): q_r outside group g zeroed
+        inside = mx.arange(D)[None] // (D // G) == mx.arange(G)[:, None]
+        qg = mx.where(inside, q[..., None, :], 0.0).reshape(B, H, R * G, D)
+    dots = sum(qg[..., i::per] @ c.swapaxes(-1, -2) for i, c in enumerate(format.code_planes(w, bits)))
+    s, b = s.astype(mx.float32).swapaxes(-1, -2), b.astype(mx.float32).swapaxes(-1, -2)  # (B, H, G, n)
+    sums = q.reshape(B, H, R, G, D // G).sum(-1)
+    if G == 1:
+        return dots * s + sums * b
+    return (dots.reshape(B, H, R, G, -1) * s[:, :, None]).sum(-2) + sums @ b

@@ -7,19 +7,11 @@ import mlx.core as mx
 
 from .. import format
 from .softmax import exp
-from .streams import on, spread, streams_for
+from .streams import keep_cpu_buffers, on, spread, streams_for
 
 BLOCK_ELEMENTS = 1 << 20  # float32 elements of scores + dequantized K/V per block (CPU)
 GPU_BLOCK_ELEMENTS = 1 << 25  # fewer, larger blocks on GPUs: launches cost more than bytes there
 BLOCK_KEYS = 512  # keys per block where the queries are tiled to fit the budget
-# MLX's CPU buffer cache (32 MiB by default on its CPU-only wheel): a prefill chunk's blocks,
-# their softmax and the model's activations churn through more, and every buffer the cache
-# drops is freed to glibc and faults its pages in again when next allocated (a 2048-token
-# prompt with 1M-element blocks: 0.5-1.0M page faults with 32 MiB, 0.2-30k with this;
-# benchmarks/lab/results/cpu_prefill_blocks.txt)
-CPU_CACHE_BYTES = 256 << 20
-MLX_CPU_CACHE_BYTES = 32 << 20
-_cache_checked = []
 
 
 def merge(parts):
@@ -101,8 +93,7 @@ def blocked_attention(q, block, n, dims, *, scale, q_start, k_start, causal, mas
     Hkv, Dk, Dv = dims
     rep = Hq // Hkv
     budget = GPU_BLOCK_ELEMENTS if mx.default_device() == mx.gpu else BLOCK_ELEMENTS
-    if not _cache_checked:
-        keep_cpu_buffers()
+    keep_cpu_buffers()
     tile = L if B * Hq * L * BLOCK_KEYS <= budget else max(16, budget // (B * Hq * BLOCK_KEYS))
     tile = -(-L // -(-L // tile))  # tiles of (nearly) equal size
     keys = max(64, budget // max(1, B * (Hq * tile + Hkv * (Dk + Dv))))
@@ -143,18 +134,6 @@ def blocked_attention(q, block, n, dims, *, scale, q_start, k_start, causal, mas
     out = mx.concatenate([o for o, _ in results], axis=-2) if len(results) > 1 else results[0][0]
     lse = mx.concatenate([l for _, l in results], axis=-1) if len(results) > 1 else results[0][1]
     return out.reshape(B, Hq, L, Dv), lse.reshape(B, Hq, L)
-
-
-def keep_cpu_buffers():
-    """Raise MLX's CPU buffer cache to ``CPU_CACHE_BYTES`` where MLX has only its CPU (the
-    Linux CPU wheel) and the limit is still MLX's default (a limit the user set stays). Once
-    per process, at the first blocked attention."""
-    _cache_checked.append(True)
-    if mx.metal.is_available() or mx.cuda.is_available():
-        return
-    before = mx.set_cache_limit(CPU_CACHE_BYTES)
-    if before != MLX_CPU_CACHE_BYTES:
-        mx.set_cache_limit(before)
 
 
 def _key_blocks(n, keys, cuts):

@@ -39,6 +39,29 @@ def cores():
 MOST_STREAMS = 4
 MAX_STREAMS = min(cores(), MOST_STREAMS)
 
+# MLX's CPU buffer cache (32 MiB by default on its CPU-only wheel): a prefill chunk's blocks,
+# their softmax and the model's activations churn through more, as do a decode step's key
+# planes (``one_pass.planes_scores``), and every buffer the cache drops is freed to glibc and
+# faults its pages in again when next allocated (a 2048-token prompt with 1M-element blocks:
+# 0.5-1.0M page faults with 32 MiB, 0.2-30k with this; benchmarks/lab/results/cpu_prefill_blocks.txt)
+CPU_CACHE_BYTES = 256 << 20
+MLX_CPU_CACHE_BYTES = 32 << 20
+_cache_checked = []
+
+
+def keep_cpu_buffers():
+    """Raise MLX's CPU buffer cache to ``CPU_CACHE_BYTES`` where MLX has only its CPU (the
+    Linux CPU wheel) and the limit is still MLX's default (a limit the user set stays). Once
+    per process: the blocked attention and the decode's key planes call it."""
+    if _cache_checked:
+        return
+    _cache_checked.append(True)
+    if mx.metal.is_available() or mx.cuda.is_available():
+        return
+    before = mx.set_cache_limit(CPU_CACHE_BYTES)
+    if before != MLX_CPU_CACHE_BYTES:
+        mx.set_cache_limit(before)
+
 
 def streams_for(n, *inputs):
     """CPU streams for ``n`` independent pieces of work (None: one stream does it all),

@@ -1,6 +1,7 @@
 """attention/one_pass.py: decode over the whole view in one softmax (the CPU's decode path)."""
 
 import mlx.core as mx
+import numpy as np
 import pytest
 
 from mlx_kvq import QuantizedKVCache, format, quantized_sdpa
@@ -36,7 +37,7 @@ def _decode_view(config, B=1, Hq=8, Hkv=2, D=64, past=300, L=1, seed=0):
 
 @pytest.mark.parametrize("config", CONFIGS, ids=str)
 @pytest.mark.parametrize("L", [1, 4])
-@pytest.mark.parametrize("past", [300, 700])  # 700: scores over keys dequantized by ops (2, 4, 8 bits)
+@pytest.mark.parametrize("past", [200, 700])  # 700: scores by planes_scores (2, 4, 8 bits)
 def test_matches_fp32_attention_and_the_partials(config, L, past):
     cache, view, q = _decode_view(config, L=L, seed=L, past=past)
     mask = "causal" if L > 1 else None
@@ -72,24 +73,34 @@ def test_the_cpu_decode_takes_it_and_long_views_do_not(monkeypatch):
     assert one_pass.decode_one_pass(q, view, 0.125, None, None, q.dtype) is None
 
 
-@pytest.mark.parametrize("bits,group_size", [(2, 32), (4, 64), (8, 32), (8, 64)])
-def test_keys_dequantized_by_ops_are_mx_dequantizes(bits, group_size):
-    x = mx.random.normal((1, 2, 40, 128), key=mx.random.key(bits)) * 3
+@pytest.mark.parametrize("bits,group_size", [(2, 32), (4, 64), (4, 128), (8, 32), (8, 64)])
+def test_planes_scores_are_float64_scores_over_the_dequantized_keys(bits, group_size):
+    """Scales and biases applied to the scores, per group, give the scores over the keys
+    ``mx.dequantize`` gives (the cache's float16 scales)."""
+    x = mx.random.normal((2, 3, 40, 128), key=mx.random.key(bits)) * 3
     p = format.quantize(x, bits, group_size)
-    p = (p[0],) + tuple(a.astype(mx.float16) for a in p[1:])  # the cache's float16 scales
-    want = format.dequantize(tuple(a[:, :, :33] for a in p), bits, group_size, dtype=mx.float32)
-    got = format.dequantize_by_ops(tuple(a[:, :, :33] for a in p), bits)
-    assert got.dtype == mx.float32 and got.shape == want.shape
-    assert mx.abs(got - want).max().item() < 1e-5 * mx.abs(want).max().item()
+    p = (p[0],) + tuple(a.astype(mx.float16) for a in p[1:])
+    q = mx.random.normal((2, 3, 5, 128), key=mx.random.key(7))
+    keys = np.asarray(format.dequantize(tuple(a[:, :, :33] for a in p), bits, group_size, dtype=mx.float32))
+    want = np.asarray(q).astype(np.float64) @ keys.astype(np.float64).swapaxes(-1, -2)
+    got = one_pass.planes_scores(q, tuple(a[:, :, :33] for a in p), bits)
+    assert got.dtype == mx.float32 and got.shape == want.shape == (2, 3, 5, 33)
+    assert np.abs(np.asarray(got) - want).max() < 1e-5 * np.abs(want).max()
 
 
-def test_scores_dequantize_by_ops_from_unpack_min_keys_within_the_budget(monkeypatch):
+def test_scores_take_the_planes_from_unpack_min_keys_in_pieces_of_the_budget(monkeypatch):
+    """From ``UNPACK_MIN_KEYS`` keys over the rows the scores take the key planes, in pieces
+    of at most ``UNPACK_ELEMENTS`` elements; the output stays fp32 attention's."""
     calls = []
-    real = format.dequantize_by_ops
-    monkeypatch.setattr(format, "dequantize_by_ops", lambda *a: calls.append(1) or real(*a))
-    for past, budget, taken in ((300, 1 << 22, False), (700, 1 << 22, True), (700, 1000, False)):
+    real = one_pass.planes_scores
+    monkeypatch.setattr(one_pass, "planes_scores", lambda q, p, bits: calls.append(p[0].shape[2]) or real(q, p, bits))
+    for past, B, budget, pieces in ((200, 1, 1 << 22, 0), (200, 4, 1 << 22, 1), (700, 1, 1 << 22, 1),
+                                    (700, 1, 2 * 64 * 200, 4)):
         monkeypatch.setattr(one_pass, "UNPACK_ELEMENTS", budget)
         calls.clear()
-        _, view, q = _decode_view(dict(bits=4), past=past)
-        one_pass.one_pass_attention(q, view, 0.125, None, None, q.dtype)
-        assert bool(calls) == taken, (past, budget)
+        cache, view, q = _decode_view(dict(bits=4), B=B, past=past)
+        got = one_pass.one_pass_attention(q, view, 0.125, None, None, q.dtype)
+        n = view.packed[2]
+        assert len(calls) == pieces and sum(calls) == (n if pieces else 0), (past, B, budget)
+        assert max(calls, default=0) * B * 2 * 64 <= budget
+        assert rel_err(got, reference_over_cache(cache, q, 0.125)) < 4e-3

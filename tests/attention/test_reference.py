@@ -149,20 +149,3 @@ def test_a_tile_takes_the_keys_it_sees_whole_in_blocks_of_the_budget(monkeypatch
     computed = counted_causal_chunk(128, 8, seed=6)
     assert len(computed) == sum(-(-t // 4) + 1 for t in range(8)) == 18
     assert sum(computed) == sum(16 * 16 * (t + 1) for t in range(8)) and max(computed) <= 16 * 64
-
-
-def test_keep_cpu_buffers_raises_only_mlxs_default_limit(monkeypatch):
-    """MLX's CPU-only build: its buffer cache's default limit goes up to ``CPU_CACHE_BYTES``
-    at the first blocked attention; a limit the user set stays. GPU builds keep theirs."""
-    before = mx.set_cache_limit(reference.MLX_CPU_CACHE_BYTES)
-    monkeypatch.setattr(reference, "_cache_checked", [])
-    cpu_only = not (mx.metal.is_available() or mx.cuda.is_available())
-    try:
-        mx.eval(dense_attention(mx.ones((1, 1, 4, 8)), mx.ones((1, 1, 4, 8)), mx.ones((1, 1, 4, 8)),
-                                scale=1.0, q_start=0, k_start=0, causal=True, mask=None))
-        raised = reference.CPU_CACHE_BYTES if cpu_only else reference.MLX_CPU_CACHE_BYTES
-        assert mx.set_cache_limit(100 << 20) == raised
-        reference.keep_cpu_buffers()
-        assert mx.set_cache_limit(before) == 100 << 20
-    finally:
-        mx.set_cache_limit(before)

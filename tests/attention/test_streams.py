@@ -117,3 +117,26 @@ def test_at_most_most_streams_whatever_the_cores(monkeypatch):
         assert (len(got) if got else 1) == want
     monkeypatch.undo()
     importlib.reload(streams)
+
+
+@pytest.mark.parametrize("caller", ["blocked attention", "key planes"])
+def test_keep_cpu_buffers_raises_only_mlxs_default_limit(monkeypatch, caller):
+    """MLX's CPU-only build: its buffer cache's default limit goes up to ``CPU_CACHE_BYTES``
+    at the first blocked attention or decode over key planes; a limit the user set stays.
+    GPU builds keep theirs."""
+    before = mx.set_cache_limit(streams.MLX_CPU_CACHE_BYTES)
+    monkeypatch.setattr(streams, "_cache_checked", [])
+    cpu_only = not (mx.metal.is_available() or mx.cuda.is_available())
+    try:
+        if caller == "blocked attention":
+            mx.eval(dense_attention(mx.ones((1, 1, 4, 8)), mx.ones((1, 1, 4, 8)), mx.ones((1, 1, 4, 8)),
+                                    scale=1.0, q_start=0, k_start=0, causal=True, mask=None))
+        else:
+            _, view, q = _decode(1, dict(bits=4), past=one_pass.UNPACK_MIN_KEYS + 64)
+            mx.eval(one_pass.one_pass_attention(q, view, 0.125, None, None, q.dtype))
+        raised = streams.CPU_CACHE_BYTES if cpu_only else streams.MLX_CPU_CACHE_BYTES
+        assert mx.set_cache_limit(100 << 20) == raised
+        streams.keep_cpu_buffers()
+        assert mx.set_cache_limit(before) == 100 << 20
+    finally:
+        mx.set_cache_limit(before)
