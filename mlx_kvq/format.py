@@ -101,7 +101,8 @@ def _fitter(src, dst):
 
 def code_planes(words, bits):
     """The codes of packed ``words`` (2, 4 or 8 bits, which never straddle a byte) as float32
-    planes: plane ``i`` holds each byte's ``i``-th code, the dims ``i, i + 8 // bits, ...``, so
+    planes: plane ``i`` holds each byte's ``i``-th code (``mx.quantize`` packs from the low
+    bits up; every platform MLX runs on is little-endian), the dims ``i, i + 8 // bits, ...``, so
     that ``x · codes = sum(x[..., i :: 8 // bits] · plane_i)``. Byte-wise shifts and masks in
     one compiled call: on the CPU, with float32 matmuls after them, the cheapest way MLX has to
     multiply by packed codes (``benchmarks/lab/cpu_decode_ops.py --products``)."""
