@@ -1,7 +1,8 @@
 """Decode over a whole view in one softmax, with pure-MLX ops: the scores of the sinks, the
-packed run (``mx.quantized_matmul`` on the packed words) and the window side by side, one
-softmax, then each run's values. It is the CPU's decode path: a handful of ops per layer
-instead of a partial result per run and their merge (``bench_generate.py --model embedded``)."""
+packed run (its codes as float32 planes, :func:`planes_scores`, or ``mx.quantized_matmul`` on
+the packed words) and the window side by side, one softmax, then each run's values. It is the
+CPU's decode path: a handful of ops per layer instead of a partial result per run and their
+merge (``bench_generate.py --model embedded``)."""
 
 import mlx.core as mx
 
