@@ -14,7 +14,7 @@ the H200 at 128k (``benchmarks/lab/mla_latent.py``; BENCHMARKS.md, "MLA layers")
 import mlx.core as mx
 
 from .. import kernels
-from ..format import fit
+from ..format import fit, unpacked_dim
 from ..rotation import rotate
 from .dispatch import segment_args
 from .reference import dense_attention, merge
@@ -75,7 +75,7 @@ def latent_kernel(queries, view, scale, mask, sinks, rot):
     if view.q_start is None:
         view = view.for_queries(queries.shape[2])
     bits = f.k_bits if keys else f.v_bits
-    q = _queries(queries, packed[0].shape[-1] * 32 // bits, rot, mx.float32)
+    q = _queries(queries, unpacked_dim(packed[0].shape[-1], bits), rot, mx.float32)
     parts = []
     for kind, sk, sv, count, pos, args in segment_args(view, scale, mask):
         if kind == "packed":

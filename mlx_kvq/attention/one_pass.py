@@ -72,12 +72,11 @@ def one_pass_attention(q, view, scale, mask, sinks, dtype):
         parts.append(qf @ sk.astype(mx.float32).swapaxes(-1, -2))
     if n:
         pieces = _planes_pieces(f, n, k[0].shape, f.k_bits)
-        if pieces:
+        if pieces:  # keys in pieces of up to UNPACK_ELEMENTS key-plane elements
             keep_cpu_buffers()
-        for i in range(pieces):  # keys in pieces of up to UNPACK_ELEMENTS key-plane elements
-            a, b = n * i // pieces, n * (i + 1) // pieces
-            parts.append(planes_scores(qf, tuple(x[:, :, a:b] for x in k), f.k_bits))
-        if not pieces:
+            cuts = [n * i // pieces for i in range(pieces + 1)]
+            parts += [planes_scores(qf, tuple(x[:, :, a:b] for x in k), f.k_bits) for a, b in zip(cuts, cuts[1:])]
+        else:
             parts.append(qmm(qf, k, f.k_bits, True))
     if w:
         parts.append(qf @ wk.astype(mx.float32).swapaxes(-1, -2))
@@ -115,7 +114,7 @@ def _planes_pieces(f, n, words_shape, bits):
     B, H, _, words = words_shape
     if f.mode != "affine" or bits not in (2, 4, 8) or B * n < UNPACK_MIN_KEYS:
         return 0
-    return -(-B * H * n * (words * 32 // bits) // UNPACK_ELEMENTS)
+    return -(-B * H * n * format.unpacked_dim(words, bits) // UNPACK_ELEMENTS)
 
 
 def planes_scores(q, packed, bits):
