@@ -47,7 +47,7 @@ def test_batch_matches_single_on_prompts_that_pack(fast_smollm, kv):
     """Prompts past the window pack at the first decode step and every flush_block steps
     after; 40 new tokens cross two flushes, and rows of different lengths still match."""
     model, tokenizer = fast_smollm
-    prompts = [f"Summarize: {LONG * n} Who wrote the ships down?" for n in (7, 4, 10)]
+    prompts = [f"Summarize: {LONG * n} Who wrote the ships down?" for n in (7, 4)]
     assert min(len(encode_prompt(tokenizer, p)) for p in prompts) > 60
     n = QuantizedKVCache.flush_block + 8
     got = batch_generate(model, tokenizer, prompts, max_tokens=n, **kv)
