@@ -18,8 +18,8 @@
   to ``mlx_kvq.server``.
 * mlx-lm's generation, sampling, loading, llama model and tokenizer classes, as the
   other modules use them (``stream_generate``, ``make_sampler``, ``load_mlx_lm``,
-  ``llama``, ``TokenizerWrapper``, ``BPEStreamingDetokenizer``, ``sharded_load``,
-  ``generation_stream``).
+  ``fetch_mlx_lm``, ``llama``, ``TokenizerWrapper``, ``BPEStreamingDetokenizer``,
+  ``sharded_load``, ``generation_stream``).
 """
 
 import inspect
@@ -34,6 +34,7 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler  # noqa: F4
 from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, TokenizerWrapper  # noqa: F401
 from mlx_lm.generate import generation_stream  # noqa: F401
 from mlx_lm.utils import sharded_load  # noqa: F401  (models split over mlx.launch's ranks)
+from mlx_lm.utils import _download as fetch_mlx_lm  # noqa: F401  (a model's files, from the Hub if need be)
 
 from .attention import latent_sdpa, quantized_sdpa, rows_sdpa
 from .cache import (KVView, QuantizedChunkedKVCache, QuantizedKVCache, QuantizedRotatingKVCache, RowsView,

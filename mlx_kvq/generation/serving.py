@@ -4,13 +4,15 @@ mlx-lm's own classes serve (HTTP handler, request queue, ``BatchGenerator``, LRU
 cache); what differs:
 
 * ``ModelProvider`` also loads GGUF files and the embedded model (the default), and
-  gives the model our caches (``serve_caches``): every cache mlx-lm builds is quantized.
+  gives the model our caches (``serve_caches``): every cache mlx-lm builds is quantized. A
+  request's model that cannot load leaves the served model in place.
 * ``ResponseGenerator`` batches requests continuously with quantized caches (mlx-lm
   serves one request at a time when ``--kv-bits`` is set); rows are ``RowsKVCache`` rows.
 * the prompt cache is held to ``--prompt-cache-bytes`` on every insert, counting each
   entry's real (packed) bytes.
 * ``APIHandler`` answers a request that would stop mlx-lm's generation thread (an empty
-  prompt, non-string stop words, messages that are not role objects) with a 400, and
+  prompt, non-string stop words, messages that are not role objects, tools that are not
+  objects) with a 400, and
   ``/v1/models`` lists the served model even without a Hugging Face cache directory.
 
 Under ``mlx.launch`` (more than one rank) it runs as mlx-lm's server does: every rank loads
@@ -34,7 +36,7 @@ import mlx.core as mx
 from .. import kernels
 from ..bridge import make_logits_processors, make_sampler, mlx_lm_batch_generator, mlx_lm_server, serve_caches
 from ..cache import RowsBuffer
-from ..models import default_model_path, float_dtype, load, load_sharded, prepare_model, reads_gguf
+from ..models import default_model_path, find_model, float_dtype, load, load_sharded, prepare_model, reads_gguf
 from ..models.memory import kv_bytes
 from .distributed import by_rank_line, ints_by_rank
 
@@ -61,6 +63,27 @@ class ModelProvider(server.ModelProvider):
         return "pipeline" if self.pipeline_group is not None else "tensor"
 
     def _load(self, model_path, adapter_path=None, draft_model_path=None):
+        """Load a request's model in place of the served one. Where it cannot load, the
+        served model stays: its files are looked up before the served model is dropped, and
+        a failure after that loads the served model again (mlx-lm's server is left with no
+        model, which it loads again at the next request). Not under mlx.launch, where every
+        rank loads as mlx-lm's do."""
+        served = self.model_key
+        if served is None or self.is_distributed:
+            return self._swap(model_path, adapter_path, draft_model_path)
+        for path in (model_path, draft_model_path):
+            if path is not None:
+                find_model(path)
+        if adapter_path is not None and not Path(adapter_path).expanduser().exists():
+            raise FileNotFoundError(f"adapter path not found: {adapter_path}")
+        try:
+            self._swap(model_path, adapter_path, draft_model_path)
+        except Exception:
+            logging.warning("could not load %s: serving %s again", model_path, served[0])
+            self._swap(*served)
+            raise
+
+    def _swap(self, model_path, adapter_path=None, draft_model_path=None):
         plain = adapter_path is None and draft_model_path is None
         gguf = plain and model_path is not None and reads_gguf(model_path)
         if self.is_distributed and not plain:
@@ -286,8 +309,8 @@ class ResponseGenerator(server.ResponseGenerator):
             return None
         try:
             need = self.request_kv_bytes(request)
-        except Exception as e:
-            request[0].put(ValueError(f"--max-kv-memory: cannot size this request's KV cache ({e})"))
+        except Exception as e:  # what mlx-lm's loop answers for a request it cannot serve
+            request[0].put(e)
             return None
         if need > self.max_kv_memory:
             request[0].put(ValueError(
@@ -306,15 +329,22 @@ class ResponseGenerator(server.ResponseGenerator):
         return held, body, args
 
     def request_kv_bytes(self, request):
-        """The KV bytes ``request`` takes at its longest: prompt plus ``max_tokens``."""
+        """The KV bytes ``request`` takes at its longest: prompt plus ``max_tokens``, in the
+        served model's cache format (the served model loaded first where none is: a request's
+        error is then its own, as in mlx-lm's loop)."""
         _, body, args = request
         provider = self.model_provider
+        if provider.model is None:
+            provider.load(args.model.model, args.model.adapter, args.model.draft)
         tokens = len(self._tokenize(provider.tokenizer, body, args)[0]) + args.max_tokens
         kv = dict(provider.kv_kwargs or {})
         bits, group = kv.pop("kv_bits", None), kv.pop("kv_group_size", None)
         # unquantized tokens (mlx-lm's caches; our sinks and window) store the model's dtype
-        dense = float_dtype(provider.model).size
-        return kv_bytes(vars(provider.model.args), tokens, bits, group, dense_bytes=dense, **kv)
+        try:
+            dense = float_dtype(provider.model).size
+            return kv_bytes(vars(provider.model.args), tokens, bits, group, dense_bytes=dense, **kv)
+        except Exception as e:
+            raise ValueError(f"--max-kv-memory: cannot size this request's KV cache ({e})") from e
 
     def _log_cache_stats(self):
         super()._log_cache_stats()
@@ -407,6 +437,12 @@ class APIHandler(server.APIHandler):
             if content is not None and not isinstance(content, (str, list)):
                 raise ValueError(f"a message's content must be a string or a list of parts, "
                                  f"got {type(content).__name__}")
+        tools = self.body.get("tools")
+        if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+            raise ValueError("tools must be a list of objects (OpenAI's function tools)")
+        kwargs = self.body.get("chat_template_kwargs")
+        if kwargs is not None and not isinstance(kwargs, dict):
+            raise ValueError("chat_template_kwargs must be an object")
         return super().handle_chat_completions()
 
     def handle_models_request(self):

@@ -1,9 +1,10 @@
-"""``load``: GGUF files, mlx-lm models (local or on the Hugging Face Hub), the embedded default."""
+"""``load``: GGUF files, mlx-lm models (local or on the Hugging Face Hub), the embedded default;
+``find_model``: where ``load`` would read one from."""
 
 import os
 from pathlib import Path
 
-from ..bridge import load_mlx_lm
+from ..bridge import fetch_mlx_lm, load_mlx_lm
 from .embedded import default_model_path
 from .gguf import is_gguf, load_gguf
 
@@ -53,6 +54,24 @@ def load(path_or_repo=None, **kwargs):
         raise RuntimeError(
             f"could not load the mlx-lm model from {where}: {type(e).__name__}: {e}"
         ) from e
+
+
+def find_model(path_or_repo=None):
+    """The local file or directory :func:`load` reads ``path_or_repo`` from, a Hugging Face
+    repo's files downloaded first as ``load`` does; an error naming it where there is none."""
+    if path_or_repo is None:
+        return default_model_path()
+    name = str(path_or_repo)
+    path = Path(name).expanduser()
+    if path.exists():
+        return path
+    if _looks_like_path(name):
+        raise FileNotFoundError(f"model path not found: {name}")
+    try:
+        return Path(fetch_mlx_lm(name))
+    except Exception as e:
+        raise RuntimeError(f"could not find the model {name!r}: no local path of that name, and the "
+                           f"Hugging Face Hub gave {type(e).__name__}: {e}") from e
 
 
 def reads_gguf(path_or_repo):

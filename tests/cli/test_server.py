@@ -163,9 +163,12 @@ def test_prompt_cache_hit(client):
     {"prompt": "Hi", "presence_penalty": -1e40},
     {"messages": [{"role": "user", "content": 5}]},
     {"messages": [{"role": "user", "content": "Hi"}], "stream": True, "stream_options": 5},
+    {"messages": [{"role": "user", "content": "Hi"}], "tools": 5},
+    {"messages": [{"role": "user", "content": "Hi"}], "tools": [5]},
+    {"messages": [{"role": "user", "content": "Hi"}], "chat_template_kwargs": 5},
 ], ids=["bad-json", "max-tokens", "temperature", "messages", "empty-prompt", "stop", "no-messages",
         "temperature-nan", "temperature-tiny", "top-p-inf", "seed", "bias-past-vocab", "bias-negative-id",
-        "bias-inf", "presence-inf", "content", "stream-options"])
+        "bias-inf", "presence-inf", "content", "stream-options", "tools", "tools-items", "template-kwargs"])
 def test_malformed_requests_get_400_and_the_server_lives(server, client, body):
     port = server[0]
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
@@ -190,6 +193,22 @@ def test_openai_client_sees_bad_request(client):
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model="default_model", prompt="Hi", max_tokens=0)
     assert client.completions.create(model="default_model", prompt="Hi", max_tokens=2).choices[0].text is not None
+
+
+def test_a_model_that_cannot_load_leaves_the_served_model(server, client, tmp_path):
+    """A request naming a model that is not there, or whose files do not load, gets the
+    error; the next requests are served by the same model (this module's server sizes each
+    request's KV cache with the served model, under --max-kv-memory)."""
+    port = server[0]
+    hi = dict(model="default_model", messages=[{"role": "user", "content": "Name a fruit."}], max_tokens=4)
+    before = client.chat.completions.create(**hi).choices[0].message.content
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text(json.dumps({"model_type": "llama"}))  # no weights
+    for name, said in [(str(tmp_path / "missing"), "model path not found"), (str(broken), "safetensors")]:
+        status, out = _request(port, "POST", "/v1/chat/completions", dict(hi, model=name))
+        assert status == 404 and said in json.loads(out)["error"], (status, out)
+        assert client.chat.completions.create(**hi).choices[0].message.content == before
 
 
 def test_request_over_the_kv_memory_limit_is_refused_and_the_server_lives(server, client):

@@ -10,7 +10,7 @@ import pytest
 from mlx_lm.models import llama
 
 from mlx_kvq.models import embedded as models
-from mlx_kvq.models import EMBEDDED_MODEL, default_model_path, load
+from mlx_kvq.models import EMBEDDED_MODEL, default_model_path, find_model, load
 
 
 def test_embedded_model(smollm_path, smollm):
@@ -130,3 +130,15 @@ def test_unknown_repo(monkeypatch):
 def test_options_rejected_for_gguf(smollm_path):
     with pytest.raises(TypeError, match="lazy"):
         load(smollm_path, lazy=True)
+
+
+def test_find_model_names_what_load_would_read(tmp_path, smollm_path, monkeypatch):
+    """Where the files are, without loading them; an error naming the model where there are none."""
+    assert find_model() == default_model_path() and find_model(smollm_path) == smollm_path
+    (tmp_path / "config.json").write_text("{}")
+    assert find_model(str(tmp_path)) == tmp_path
+    with pytest.raises(FileNotFoundError, match="model path not found: ./no-such-dir"):
+        find_model("./no-such-dir")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network in tests
+    with pytest.raises(RuntimeError, match="could not find the model 'no-such-org/no-such-model'"):
+        find_model("no-such-org/no-such-model")
