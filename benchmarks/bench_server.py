@@ -4,6 +4,7 @@ completion of a prompt of P tokens with M new tokens; for mlx-kvq's server and m
     python benchmarks/bench_server.py                                  # 4 clients, 512-token prompts, 32 new
     python benchmarks/bench_server.py --clients 16 --prompt-tokens 2048 --new-tokens 64
     python benchmarks/bench_server.py --configs mlx-kvq,mlx-lm-fp16 --json server.json
+    python benchmarks/bench_server.py --clients 16 --prompt-tokens 2048 --new-tokens 64 --configs mlx-kvq --max-kv-memory 186MiB
 
 Servers (each its own process, on the embedded SmolLM2-135M-Instruct, weights dequantized
 to float32 on the CPU as ``mlx_kvq.server`` does with ``--dtype auto``):
@@ -30,6 +31,11 @@ the clients), the server's peak resident memory (``VmHWM``) and its resident mem
 a warm-up request (the model loaded), and the KV bytes that N sequences of P + M tokens
 take in each server's cache format (``mlx_kvq.models.memory.kv_bytes``; mlx-lm's 4-bit
 format: 4-bit values plus a float16 scale and bias per 64).
+
+``--max-kv-memory SIZE`` runs ``mlx_kvq.server`` under that KV budget and adds, per row, the
+most requests streaming at once (between their first token and their last, as the clients
+saw them) and how many requests of P + M tokens the budget holds in each format: 4-bit as
+served, and float16 (``kv_bytes``), which mlx-lm's servers, holding no budget, would need.
 """
 
 import mlx_kvq  # noqa: F401  (OpenBLAS before mlx.core)
@@ -79,11 +85,13 @@ def _mem_mb(pid, field):
     return float("nan")
 
 
-def start(config, port):
+def start(config, port, max_kv_memory=None):
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     common = ["--port", str(port), "--log-level", "WARNING"]  # each server's defaults
     if config == "mlx-kvq":
         cmd = [sys.executable, "-m", "mlx_kvq.cli.server", *common]
+        if max_kv_memory is not None:
+            cmd += ["--max-kv-memory", str(max_kv_memory)]
     else:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--serve-mlx-lm", *common]
         if config == "mlx-lm-4bit":
@@ -110,7 +118,8 @@ def healthy(proc, port, name, seconds=300):
 
 
 def complete(port, prompt, max_tokens, eos):
-    """One streaming completion: ``(ttft_s, end_s, completion_tokens)`` from when it was sent."""
+    """One streaming completion: ``(ttft_s, end_s, completion_tokens, sent)``, the times from
+    when it was sent (``sent``, on ``time.perf_counter``'s clock)."""
     body = {"model": "default_model", "prompt": prompt, "max_tokens": max_tokens, "stream": True,
             "temperature": 0.0, "logit_bias": {str(t): -100.0 for t in eos},
             "stream_options": {"include_usage": True}}
@@ -129,7 +138,18 @@ def complete(port, prompt, max_tokens, eos):
             ttft = time.perf_counter() - t0
         if msg.get("usage"):
             tokens = msg["usage"]["completion_tokens"]
-    return ttft, time.perf_counter() - t0, tokens
+    return ttft, time.perf_counter() - t0, tokens, t0
+
+
+def most_streaming(results):
+    """The most requests between their first token and their last at one time."""
+    events = sorted(e for ttft, end, _, sent in results if ttft is not None
+                    for e in ((sent + ttft, 1), (sent + end, -1)))  # an end sorts before a start at a tie
+    most = now = 0
+    for _, step in events:
+        now += step
+        most = max(most, now)
+    return most
 
 
 def prompts(tokenizer, n, length):
@@ -154,7 +174,8 @@ def kv_mb(config, model_config, tokens):
 
 def run(config, args, texts, model_config):
     port = _free_port()
-    proc = start(config, port)
+    budget = args.max_kv_memory if config == "mlx-kvq" else None
+    proc = start(config, port, budget)
     try:
         complete(port, "Warm up:", 2, [])
         rss = _mem_mb(proc.pid, "VmRSS")
@@ -168,13 +189,25 @@ def run(config, args, texts, model_config):
         proc.wait(30)
     ttfts = [r[0] for r in results if r[0] is not None]
     tokens = sum(r[2] for r in results)
-    return {
+    row = {
         "config": config, "clients": len(texts), "new_tokens": tokens, "failed": sum(r[2] == 0 for r in results),
         "wall_s": round(wall, 2), "tokens_per_s": round(tokens / wall, 2),
         "ttft_mean_s": round(sum(ttfts) / max(1, len(ttfts)), 2), "ttft_max_s": round(max(ttfts, default=0), 2),
         "rss_after_warmup_mb": round(rss), "peak_rss_mb": round(peak),
         "kv_mb": round(kv_mb(config, model_config, len(texts) * (args.prompt_tokens + args.new_tokens)), 2),
+        "most_streaming": most_streaming(results),
     }
+    if budget is not None:
+        from mlx_kvq.models.memory import kv_bytes, parse_size
+
+        import mlx.core as mx
+
+        limit, tokens = parse_size(budget), args.prompt_tokens + args.new_tokens
+        dense = 4 if mx.default_device() == mx.cpu else 2  # the served model's dtype: float32 on the CPU
+        served = kv_bytes(model_config, tokens, bits=4, dense_bytes=dense)  # as the server sizes a request
+        row.update(kv_budget_mb=round(limit / 2**20, 1), fit_4bit=int(limit // served),
+                   fit_fp16=int(limit // kv_bytes(model_config, tokens)))
+    return row
 
 
 def main():
@@ -187,6 +220,7 @@ def main():
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, of {', '.join(CONFIGS)}")
     p.add_argument("--json", help="write the rows to this file")
+    p.add_argument("--max-kv-memory", metavar="SIZE", help="mlx_kvq.server's KV budget (e.g. 186MiB)")
     args = p.parse_args()
     from mlx_kvq.models import load
 
@@ -205,10 +239,11 @@ def main():
         rows.append(row)
         print(json.dumps(row), flush=True)
     cols = ["config", "tokens_per_s", "ttft_mean_s", "ttft_max_s", "wall_s", "new_tokens", "failed",
-            "kv_mb", "rss_after_warmup_mb", "peak_rss_mb"]
+            "kv_mb", "rss_after_warmup_mb", "peak_rss_mb", "most_streaming"]
+    cols += [c for c in ("kv_budget_mb", "fit_4bit", "fit_fp16") if any(c in r for r in rows)]
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in rows:
-        print("| " + " | ".join(str(r[c]) for c in cols) + " |")
+        print("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 
