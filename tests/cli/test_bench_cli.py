@@ -196,3 +196,13 @@ def test_decode_bounds_writes_one_tree_per_variant(tmp_path):
     for name, d in trees.items():
         assert (d / "mlx_kvq" / "kernels" / "decode.py").is_file() and not (d / "benchmarks" / "results").exists()
         assert (d / "metal" / "sdpa_decode.metal").read_text().startswith(f"#define KVQ_CUT {bounds.VARIANTS[name][0]}\n")
+
+
+def test_bench_server_counts_the_requests_streaming_at_once():
+    """``most_streaming`` over ``(ttft, end, tokens, sent)``: from each request's first token to
+    its last; one ending as another starts does not overlap it; a request with no token is out."""
+    bench = _load("bench_server")
+    first, second = (1.0, 5.0, 4, 0.0), (2.0, 4.0, 4, 1.0)  # streaming over [1, 5] and [3, 5]
+    after = (1.0, 3.0, 4, 4.0)  # [5, 7]
+    assert bench.most_streaming([first, second, after, (None, 1.0, 0, 0.0)]) == 2
+    assert bench.most_streaming([first, second, (0.5, 2.0, 4, 3.5), after]) == 3  # [4, 5.5] meets both
