@@ -202,11 +202,11 @@ def run(config, args, texts, model_config):
 
         import mlx.core as mx
 
-        limit, tokens = parse_size(budget), args.prompt_tokens + args.new_tokens
+        limit, length = parse_size(budget), args.prompt_tokens + args.new_tokens
         dense = 4 if mx.default_device() == mx.cpu else 2  # the served model's dtype: float32 on the CPU
-        served = kv_bytes(model_config, tokens, bits=4, dense_bytes=dense)  # as the server sizes a request
+        served = kv_bytes(model_config, length, bits=4, dense_bytes=dense)  # as the server sizes a request
         row.update(kv_budget_mb=round(limit / 2**20, 1), fit_4bit=int(limit // served),
-                   fit_fp16=int(limit // kv_bytes(model_config, tokens)))
+                   fit_fp16=int(limit // kv_bytes(model_config, length)))
     return row
 
 
