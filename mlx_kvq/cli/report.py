@@ -23,7 +23,8 @@ def cache_report(caches):
                 dtypes.add(_name(c.dtype))
                 store.add(_name(c.dense_dtype))
                 if not tokens:  # the first layer's counts (every layer holds the same tokens)
-                    tokens, kept = c.offset, c.offset - c.n_packed
+                    tokens = c.held()  # a rotating or chunked cache holds fewer than its offset
+                    kept = tokens - c.n_packed
         elif getattr(c, "keys", None) is not None and hasattr(c, "offset"):
             n = c.keys[..., : c.offset, :].nbytes + c.values[..., : c.offset, :].nbytes
             used, dense = used + n, dense + n
