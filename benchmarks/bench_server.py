@@ -29,8 +29,10 @@ Figures: aggregate generation tokens/s (all clients' new tokens over the wall ti
 the first request sent to the last token received), time to first token (mean and max over
 the clients), the server's peak resident memory (``VmHWM``) and its resident memory after
 a warm-up request (the model loaded), and the KV bytes that N sequences of P + M tokens
-take in each server's cache format (``mlx_kvq.models.memory.kv_bytes``; mlx-lm's 4-bit
-format: 4-bit values plus a float16 scale and bias per 64).
+take in each server's cache format (``mlx_kvq.models.memory.kv_bytes`` per sequence), in the
+served model's dtype (float32 on the CPU): mlx-lm's fp16 caches hold that dtype, its 4-bit
+format 4-bit values plus a scale and bias per 64 in it (what ``mx.quantize`` gives), and
+mlx-kvq's sinks and window hold it beside 4-bit codes with float16 scales and biases.
 
 ``--max-kv-memory SIZE`` runs ``mlx_kvq.server`` under that KV budget and adds, per row, the
 most requests streaming at once (between their first token and their last, as the clients
@@ -39,6 +41,7 @@ served, and float16 (``kv_bytes``), which mlx-lm's servers, holding no budget, w
 """
 
 import mlx_kvq  # noqa: F401  (OpenBLAS before mlx.core)
+import mlx.core as mx
 
 import argparse
 import concurrent.futures as cf
@@ -162,14 +165,17 @@ def prompts(tokenizer, n, length):
     return out
 
 
-def kv_mb(config, model_config, tokens):
+def request_kv_bytes(config, model_config, tokens):
+    """The KV bytes one sequence of ``tokens`` takes in ``config``'s cache format, unquantized
+    elements (and mlx-lm's scales and biases) in the served model's dtype: float32 on the CPU."""
     from mlx_kvq.models.memory import kv_bytes
 
-    if config == "mlx-kvq":
-        return kv_bytes(model_config, tokens, bits=4) / 2**20
-    fp16 = kv_bytes(model_config, tokens) / 2**20
-    # mlx-lm's caches of the float32 model hold float32; its 4-bit format: 4 bits + fp16 scale and bias per 64
-    return fp16 * 2 if config == "mlx-lm-fp16" else fp16 * (0.5 + 4 / 64) / 2
+    dense = 4 if mx.default_device() == mx.cpu else 2
+    if config == "mlx-kvq":  # as mlx_kvq.server sizes a request under --max-kv-memory
+        return kv_bytes(model_config, tokens, bits=4, dense_bytes=dense)
+    fp16 = kv_bytes(model_config, tokens)
+    # mlx-lm's 4-bit format: 4 bits + a scale and bias per 64, in the model's dtype
+    return fp16 * dense / 2 if config == "mlx-lm-fp16" else fp16 * (0.5 + 2 * dense / 64) / 2
 
 
 def run(config, args, texts, model_config):
@@ -188,24 +194,21 @@ def run(config, args, texts, model_config):
         proc.terminate()
         proc.wait(30)
     ttfts = [r[0] for r in results if r[0] is not None]
-    tokens = sum(r[2] for r in results)
+    tokens, length = sum(r[2] for r in results), args.prompt_tokens + args.new_tokens
     row = {
         "config": config, "clients": len(texts), "new_tokens": tokens, "failed": sum(r[2] == 0 for r in results),
         "wall_s": round(wall, 2), "tokens_per_s": round(tokens / wall, 2),
         "ttft_mean_s": round(sum(ttfts) / max(1, len(ttfts)), 2), "ttft_max_s": round(max(ttfts, default=0), 2),
         "rss_after_warmup_mb": round(rss), "peak_rss_mb": round(peak),
-        "kv_mb": round(kv_mb(config, model_config, len(texts) * (args.prompt_tokens + args.new_tokens)), 2),
+        "kv_mb": round(len(texts) * request_kv_bytes(config, model_config, length) / 2**20, 2),
         "most_streaming": most_streaming(results),
     }
     if budget is not None:
         from mlx_kvq.models.memory import kv_bytes, parse_size
 
-        import mlx.core as mx
-
-        limit, length = parse_size(budget), args.prompt_tokens + args.new_tokens
-        dense = 4 if mx.default_device() == mx.cpu else 2  # the served model's dtype: float32 on the CPU
-        served = kv_bytes(model_config, length, bits=4, dense_bytes=dense)  # as the server sizes a request
-        row.update(kv_budget_mb=round(limit / 2**20, 1), fit_4bit=int(limit // served),
+        limit = parse_size(budget)
+        row.update(kv_budget_mb=round(limit / 2**20, 1),
+                   fit_4bit=int(limit // request_kv_bytes(config, model_config, length)),
                    fit_fp16=int(limit // kv_bytes(model_config, length)))
     return row
 
