@@ -41,8 +41,7 @@ def load(path_or_repo=None, **kwargs):
         return load_gguf(path)
 
     name = str(path_or_repo)
-    if not path.exists() and _looks_like_path(name):
-        raise FileNotFoundError(f"model path not found: {name}")
+    _check_path(name, path)
     try:
         return load_mlx_lm(name, **kwargs)
     except Exception as e:
@@ -65,8 +64,7 @@ def find_model(path_or_repo=None):
     path = Path(name).expanduser()
     if path.exists():
         return path
-    if _looks_like_path(name):
-        raise FileNotFoundError(f"model path not found: {name}")
+    _check_path(name, path)
     try:
         return Path(fetch_mlx_lm(name))
     except Exception as e:
@@ -81,6 +79,12 @@ def reads_gguf(path_or_repo):
         return True
     path = Path(path_or_repo).expanduser()
     return path.is_file() or (path.is_dir() and not (path / "config.json").exists())
+
+
+def _check_path(name, path):
+    """A FileNotFoundError where ``name`` is not there and has a path's shape, not a repo id's."""
+    if not path.exists() and _looks_like_path(name):
+        raise FileNotFoundError(f"model path not found: {name}")
 
 
 def _looks_like_path(name):
