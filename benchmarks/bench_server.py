@@ -41,7 +41,6 @@ served, and float16 (``kv_bytes``), which mlx-lm's servers, holding no budget, w
 """
 
 import mlx_kvq  # noqa: F401  (OpenBLAS before mlx.core)
-import mlx.core as mx
 
 import argparse
 import concurrent.futures as cf
@@ -165,12 +164,11 @@ def prompts(tokenizer, n, length):
     return out
 
 
-def request_kv_bytes(config, model_config, tokens):
+def request_kv_bytes(config, model_config, tokens, dense):
     """The KV bytes one sequence of ``tokens`` takes in ``config``'s cache format, unquantized
-    elements (and mlx-lm's scales and biases) in the served model's dtype: float32 on the CPU."""
+    elements (and mlx-lm's scales and biases) in the served model's dtype, of ``dense`` bytes."""
     from mlx_kvq.models.memory import kv_bytes
 
-    dense = 4 if mx.default_device() == mx.cpu else 2
     if config == "mlx-kvq":  # as mlx_kvq.server sizes a request under --max-kv-memory
         return kv_bytes(model_config, tokens, bits=4, dense_bytes=dense)
     fp16 = kv_bytes(model_config, tokens)
@@ -200,7 +198,7 @@ def run(config, args, texts, model_config):
         "wall_s": round(wall, 2), "tokens_per_s": round(tokens / wall, 2),
         "ttft_mean_s": round(sum(ttfts) / max(1, len(ttfts)), 2), "ttft_max_s": round(max(ttfts, default=0), 2),
         "rss_after_warmup_mb": round(rss), "peak_rss_mb": round(peak),
-        "kv_mb": round(len(texts) * request_kv_bytes(config, model_config, length) / 2**20, 2),
+        "kv_mb": round(len(texts) * request_kv_bytes(config, model_config, length, args.dense) / 2**20, 2),
         "most_streaming": most_streaming(results),
     }
     if budget is not None:
@@ -208,7 +206,7 @@ def run(config, args, texts, model_config):
 
         limit = parse_size(budget)
         row.update(kv_budget_mb=round(limit / 2**20, 1),
-                   fit_4bit=int(limit // request_kv_bytes(config, model_config, length)),
+                   fit_4bit=int(limit // request_kv_bytes(config, model_config, length, args.dense)),
                    fit_fp16=int(limit // kv_bytes(model_config, length)))
     return row
 
@@ -225,9 +223,10 @@ def main():
     p.add_argument("--json", help="write the rows to this file")
     p.add_argument("--max-kv-memory", metavar="SIZE", help="mlx_kvq.server's KV budget (e.g. 186MiB)")
     args = p.parse_args()
-    from mlx_kvq.models import load
+    from mlx_kvq.models import float_dtype, load, prepare_model
 
     model, tokenizer = load(None)
+    args.dense = float_dtype(prepare_model(model)).size  # the served model's dtype, as the servers load it
     model_config = {"num_hidden_layers": len(model.layers), "num_attention_heads": model.args.num_attention_heads,
                     "num_key_value_heads": model.args.num_key_value_heads, "hidden_size": model.args.hidden_size,
                     "head_dim": model.args.head_dim or model.args.hidden_size // model.args.num_attention_heads}

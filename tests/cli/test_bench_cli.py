@@ -211,14 +211,13 @@ def test_bench_server_counts_the_requests_streaming_at_once():
 def test_bench_server_kv_bytes_are_mlx_lms_caches_bytes():
     """mlx-lm's caches of the served model's dtype (float32 on the CPU), 4-bit scales and biases
     included, hold what ``request_kv_bytes`` counts for them."""
-    import mlx.core as mx
     import mlx_lm.models.cache as lm_cache
 
     bench = _load("bench_server")
     config = {"num_hidden_layers": 1, "num_attention_heads": 9, "num_key_value_heads": 3, "hidden_size": 576,
               "head_dim": 64}
-    dtype = mx.float32 if mx.default_device() == mx.cpu else mx.float16
-    k = mx.random.normal((1, 3, 512, 64)).astype(dtype)  # 512: a whole number of mlx-lm's 256-token steps
-    for name, cache in [("mlx-lm-fp16", lm_cache.KVCache()), ("mlx-lm-4bit", lm_cache.QuantizedKVCache(64, 4))]:
-        cache.update_and_fetch(k, k)
-        assert cache.nbytes == bench.request_kv_bytes(name, config, 512), name
+    for dtype in (mx.float32, mx.float16):
+        k = mx.random.normal((1, 3, 512, 64)).astype(dtype)  # 512: a whole number of mlx-lm's 256-token steps
+        for name, cache in [("mlx-lm-fp16", lm_cache.KVCache()), ("mlx-lm-4bit", lm_cache.QuantizedKVCache(64, 4))]:
+            cache.update_and_fetch(k, k)
+            assert cache.nbytes == bench.request_kv_bytes(name, config, 512, dtype.size), (name, dtype)
