@@ -62,6 +62,11 @@ class ModelProvider(server.ModelProvider):
             return None
         return "pipeline" if self.pipeline_group is not None else "tensor"
 
+    def key(self, model_path, adapter_path=None, draft_model_path=None):
+        """The model key ``load`` serves for a request's names (mlx-lm's maps applied)."""
+        return (self._model_map.get(model_path, model_path), self._adapter_map.get(model_path, adapter_path),
+                self._draft_model_map.get(draft_model_path, draft_model_path))
+
     def _load(self, model_path, adapter_path=None, draft_model_path=None):
         """Load a request's model in place of the served one. Where it cannot load, the
         served model stays: its files are looked up before the served model is dropped, and
@@ -296,16 +301,29 @@ class ResponseGenerator(server.ResponseGenerator):
         return sum(self._held.values())
 
     def _admit(self, timeout):
-        """The next request whose KV fits beside the admitted ones, or None."""
-        free = self.max_kv_memory - self.held_kv_bytes()
+        """The next request whose KV fits beside the admitted ones, or None. A request for
+        a model other than the loaded one waits until the admitted requests are done (mlx-lm's
+        loop drains its batch before it switches), then loads it and is sized by it."""
+        held = self.held_kv_bytes()
         if self._waiting:
-            if self._waiting[0][1] > free:
-                timeout = None  # the batch is running: do not stall it
-            else:
+            request, need = self._waiting[0]
+            if need is None and not held:  # another model's request, the batch done
+                self._waiting.popleft()
+                return self._place(request, held, first=True)
+            if need is not None and need <= self.max_kv_memory - held:
                 return self._reserve(*self._waiting.popleft())
+            timeout = None  # the batch is running: do not stall it
         try:
             request = self.requests.get(timeout=timeout) if timeout is not None else self.requests.get_nowait()
         except QueueEmpty:
+            return None
+        return self._place(request, held)
+
+    def _place(self, request, held, first=False):
+        """Admit ``request`` (returned), or queue or refuse it (None). ``first``: it was at
+        the head of the queue."""
+        if held and not self._serves(request[2]):
+            self._waiting.append((request, None))  # sized by its own model, once that loads
             return None
         try:
             need = self.request_kv_bytes(request)
@@ -317,10 +335,15 @@ class ResponseGenerator(server.ResponseGenerator):
                 f"this request needs {need / 1e6:.1f} MB of KV cache (its prompt plus max_tokens), more than the "
                 f"server's --max-kv-memory of {self.max_kv_memory / 1e6:.1f} MB; send fewer tokens or max_tokens"))
             return None
-        if self._waiting or need > free:
+        if (self._waiting and not first) or need > self.max_kv_memory - held:
             self._waiting.append((request, need))
             return None
         return self._reserve(request, need)
+
+    def _serves(self, args):
+        """Whether the loaded model is the one ``args`` asks for."""
+        p, m = self.model_provider, args.model
+        return p.model is not None and p.model_key == p.key(m.model, m.adapter, m.draft)
 
     def _reserve(self, request, need):
         rqueue, body, args = request
@@ -330,11 +353,11 @@ class ResponseGenerator(server.ResponseGenerator):
 
     def request_kv_bytes(self, request):
         """The KV bytes ``request`` takes at its longest: prompt plus ``max_tokens``, in the
-        served model's cache format (the served model loaded first where none is: a request's
-        error is then its own, as in mlx-lm's loop)."""
+        cache format of the model it asks for (loaded first where it is not: a request's error
+        is then its own, as in mlx-lm's loop)."""
         _, body, args = request
         provider = self.model_provider
-        if provider.model is None:
+        if not self._serves(args):
             provider.load(args.model.model, args.model.adapter, args.model.draft)
         tokens = len(self._tokenize(provider.tokenizer, body, args)[0]) + args.max_tokens
         kv = dict(provider.kv_kwargs or {})

@@ -197,8 +197,8 @@ def test_openai_client_sees_bad_request(client):
 
 def test_a_model_that_cannot_load_leaves_the_served_model(server, client, tmp_path):
     """A request naming a model that is not there, or whose files do not load, gets the
-    error; the next requests are served by the same model (this module's server sizes each
-    request's KV cache with the served model, under --max-kv-memory)."""
+    error; the next requests are served by the same model (this module's server runs under
+    --max-kv-memory, whose admission loads a request's model to size it)."""
     port = server[0]
     hi = dict(model="default_model", messages=[{"role": "user", "content": "Name a fruit."}], max_tokens=4)
     before = client.chat.completions.create(**hi).choices[0].message.content
@@ -209,6 +209,23 @@ def test_a_model_that_cannot_load_leaves_the_served_model(server, client, tmp_pa
         status, out = _request(port, "POST", "/v1/chat/completions", dict(hi, model=name))
         assert status == 404 and said in json.loads(out)["error"], (status, out)
         assert client.chat.completions.create(**hi).choices[0].message.content == before
+
+
+def test_a_request_for_another_model_is_served_after_the_running_ones(server, client, smollm_path, tmp_path):
+    """Under --max-kv-memory a request naming another model (here the embedded GGUF under a
+    second name) waits for the running request, is served by that model, and the next
+    request by the default model again: each greedy text equals the default model's own."""
+    other = tmp_path / "other.gguf"
+    other.symlink_to(smollm_path)
+    ask = lambda model, n: client.completions.create(model=model, prompt="Once upon a time", max_tokens=n,
+                                                     temperature=0.0).choices[0].text
+    alone = ask("default_model", 24)
+    with cf.ThreadPoolExecutor(2) as pool:
+        first = pool.submit(ask, "default_model", 24)
+        time.sleep(0.5)  # the first request is running when the other model's arrives
+        second = pool.submit(ask, str(other), 24)
+        assert first.result() == alone and second.result() == alone
+    assert ask("default_model", 24) == alone
 
 
 def test_request_over_the_kv_memory_limit_is_refused_and_the_server_lives(server, client):

@@ -25,6 +25,7 @@ def generator(limit, sizes):
     g.max_kv_memory, g._waiting, g._held, g.requests = limit, deque(), {}, Queue()
     g._is_distributed, g._rank = False, 0
     g.request_kv_bytes = lambda request: sizes[request[1]]
+    g._serves = lambda args: True  # one model
     return g
 
 
@@ -129,6 +130,62 @@ def test_serving_counts_the_models_dtype_for_unquantized_tokens():
     model.set_dtype(mx.bfloat16)
     g.model_provider = SimpleNamespace(tokenizer=None, kv_kwargs=None, model=model)
     assert g.request_kv_bytes((None, 100, SimpleNamespace(max_tokens=0))) == kv_bytes(config, 100)
+
+
+def test_a_request_for_another_model_waits_for_the_batch_and_is_sized_by_its_model():
+    """A request naming a model other than the loaded one waits, and the requests after it,
+    while admitted requests run (mlx-lm's loop drains its batch before it switches models);
+    then its model loads and its KV is sized by that model, not the one that was served."""
+    import mlx.nn as nn
+
+    from mlx_kvq.models.memory import kv_bytes
+
+    def model(layers):
+        m = nn.Linear(4, 4)
+        m.args = SimpleNamespace(num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                 head_dim=64, hidden_size=256)
+        return m
+
+    models = {"served.gguf": model(2), "other.gguf": model(8)}
+    cli = SimpleNamespace(model="served.gguf", adapter_path=None, draft_model=None, pipeline=False,
+                          trust_remote_code=False, chat_template=None)
+    provider = serving.ModelProvider(cli, kv_kwargs=dict(kv_bits=4, kv_group_size=None))
+    loads = []
+
+    def load(path, adapter=None, draft=None):
+        loads.append(path)
+        provider.model_key, provider.model = (path, adapter, draft), models[path]
+
+    provider._load = load
+    provider.load("default_model")
+    g = generator(1 << 30, {})
+    del g.request_kv_bytes, g._serves
+    g.model_provider = provider
+    g._tokenize = lambda tokenizer, body, args: (list(range(body)),)
+
+    def ask(name, tokens):
+        q = Queue()
+        names = SimpleNamespace(model=name, adapter=None, draft=None)
+        g.requests.put((q, tokens, SimpleNamespace(max_tokens=0, model=names)))
+        return q
+
+    size = lambda name, tokens: kv_bytes(vars(models[name].args), tokens, 4, dense_bytes=4)  # float32 models
+    ask("default_model", 100), ask("other.gguf", 200), ask("served.gguf", 300)
+    first = g._next_request()
+    assert first[1] == 100 and g.held_kv_bytes() == size("served.gguf", 100)
+    assert g._next_request() is None and g._next_request() is None
+    assert loads == ["served.gguf"] and [r[0][1] for r in g._waiting] == [200, 300]
+    first[0].put(None)  # the served model's request is done
+    second = g._next_request()
+    assert second[1] == 200 and loads == ["served.gguf", "other.gguf"]
+    assert g.held_kv_bytes() == size("other.gguf", 200) != size("served.gguf", 200)
+    third = g._next_request()  # sized while its model was loaded (mlx-lm's loop runs it once the batch drains)
+    assert third[1] == 300 and loads[-1] == "other.gguf"
+    ask("default_model", 50)  # sized only once its model is back
+    assert g._next_request() is None and loads[-1] == "other.gguf"
+    second[0].put(None), third[0].put(None)
+    assert g._next_request()[1] == 50 and loads[-1] == "served.gguf"
+    assert g.held_kv_bytes() == size("served.gguf", 50)
 
 
 # -- the prompt cache ------------------------------------------------------------
