@@ -6,7 +6,7 @@ For mlx-lm's ``KVCache`` (+ ``mx.fast.scaled_dot_product_attention``) and mlx-kv
 (+ ``quantized_sdpa``) it prints the graph nodes one layer's step adds (``mx.export_to_dot``)
 and the median host time to build the 30 layers' graph and to evaluate it. ``--products``
 times one layer's two products over the packed run (``mx.quantized_matmul``, 4-bit, group 64 or
-``--group-size``; the scores also by ``one_pass.planes_scores``) against float32 matmuls over as
+``--group-size``; the scores and values also by ``one_pass.planes_scores`` and ``planes_values``) against float32 matmuls over as
 many keys, for ``--rows`` batch rows:
 
     python3 benchmarks/lab/cpu_decode_ops.py --keys 100
@@ -26,7 +26,7 @@ from mlx_lm.models import cache as lm_cache
 
 from mlx_kvq.attention import quantized_sdpa
 from mlx_kvq.cache.quantized import QuantizedKVCache
-from mlx_kvq.attention.one_pass import planes_scores
+from mlx_kvq.attention.one_pass import planes_scores, planes_values
 
 B, HQ, HKV, D, LAYERS = 1, 9, 3, 64, 30
 CONFIGS = {
@@ -93,6 +93,7 @@ def products(n, rows_b=1, group_size=64, reps=20, calls=10):
     cases = {"quantized_matmul scores": lambda: qmm(q, True),
              "planes scores": lambda: planes_scores(q, (w, s, b), 4),
              "quantized_matmul values": lambda: qmm(p, False),
+             "planes values": lambda: planes_values(p, (w, s, b), 4),
              "float32 scores": lambda: q @ x.swapaxes(-1, -2), "float32 values": lambda: p @ x}
     out = {}
     for name, f in cases.items():

@@ -1,6 +1,7 @@
 """Decode over a whole view in one softmax, with pure-MLX ops: the scores of the sinks, the
 packed run (its codes as float32 planes, :func:`planes_scores`, or ``mx.quantized_matmul`` on
-the packed words) and the window side by side, one softmax, then each run's values. It is the
+the packed words) and the window side by side, one softmax, then each run's values (the packed
+run's by the same planes, :func:`planes_values`, or ``mx.quantized_matmul``). It is the
 CPU's decode path: a handful of ops per layer instead of a partial result per run and their
 merge (``bench_generate.py --model embedded``)."""
 
@@ -71,11 +72,9 @@ def one_pass_attention(q, view, scale, mask, sinks, dtype):
     if s:
         parts.append(qf @ sk.astype(mx.float32).swapaxes(-1, -2))
     if n:
-        pieces = _planes_pieces(f, n, k[0].shape, f.k_bits)
-        if pieces:  # keys in pieces of up to UNPACK_ELEMENTS key-plane elements
-            keep_cpu_buffers()
-            cuts = [n * i // pieces for i in range(pieces + 1)]
-            parts += [planes_scores(qf, tuple(x[:, :, a:b] for x in k), f.k_bits) for a, b in zip(cuts, cuts[1:])]
+        cuts = _planes_cuts(f, n, k[0].shape, f.k_bits)
+        if cuts:  # keys in pieces of up to UNPACK_ELEMENTS plane elements
+            parts += [planes_scores(qf, _keys(k, a, b), f.k_bits) for a, b in zip(cuts, cuts[1:])]
         else:
             parts.append(qmm(qf, k, f.k_bits, True))
     if w:
@@ -91,7 +90,12 @@ def one_pass_attention(q, view, scale, mask, sinks, dtype):
     if s:
         out = out + p[..., :s] @ sv.astype(mx.float32)
     if n:
-        out = out + qmm(p[..., s : s + n], v, f.v_bits, False)
+        cuts = _planes_cuts(f, n, v[0].shape, f.v_bits)
+        pn = p[..., s : s + n]
+        if cuts:
+            out = out + sum(planes_values(pn[..., a:b], _keys(v, a, b), f.v_bits) for a, b in zip(cuts, cuts[1:]))
+        else:
+            out = out + qmm(pn, v, f.v_bits, False)
     if w:
         out = out + p[..., s + n :] @ wv.astype(mx.float32)
     out = out.reshape(B, Hq, L, -1)
@@ -104,17 +108,31 @@ UNPACK_MIN_KEYS = 512  # keys over the rows of a call; below, mx.quantized_matmu
 UNPACK_ELEMENTS = 1 << 22  # float32 elements of the key planes of one piece of the keys (16 MiB)
 
 
-def _planes_pieces(f, n, words_shape, bits):
-    """In how many pieces the scores over ``n`` packed keys take :func:`planes_scores` (0:
-    ``mx.quantized_matmul`` takes them): on the CPU 1.5-3.4x faster than
-    ``mx.quantized_matmul`` over 2048 keys (2, 4 and 8 bits, groups 32 and 64, 1 and 8 rows,
-    SmolLM2's shape), as fast at 512 keys of one row (``benchmarks/lab/cpu_decode_ops.py
-    --products``). For the weighted values ``mx.quantized_matmul`` stays as fast (3.1 against
-    2.9 ms for 8 rows' 2048 values)."""
+def _planes_cuts(f, n, words_shape, bits):
+    """Where the ``n`` packed keys are cut for :func:`planes_scores` and :func:`planes_values`
+    (pieces of up to ``UNPACK_ELEMENTS`` plane elements), or None: ``mx.quantized_matmul``
+    takes them. On the CPU (SmolLM2's shape, 2, 4 and 8 bits, groups 32 and 64) the planes
+    take the scores over 2048 keys 1.5-3.4x faster than ``mx.quantized_matmul``, as fast at
+    512 keys of one row (``benchmarks/lab/cpu_decode_ops.py --products``); with the values
+    by planes too, a decode step's attention over 2048 keys a row takes 0.66-1.01 against
+    0.85-1.25 ms a layer for one row, 6.9-7.7 against 7.9-8.6 ms for 16
+    (``benchmarks/lab/cpu_decode_values.py``)."""
     B, H, _, words = words_shape
     if f.mode != "affine" or bits not in (2, 4, 8) or B * n < UNPACK_MIN_KEYS:
-        return 0
-    return -(-B * H * n * format.unpacked_dim(words, bits) // UNPACK_ELEMENTS)
+        return None
+    keep_cpu_buffers()
+    pieces = -(-B * H * n * format.unpacked_dim(words, bits) // UNPACK_ELEMENTS)
+    return [n * i // pieces for i in range(pieces + 1)]
+
+
+def _keys(packed, a, b):
+    """Keys ``a:b`` of a packed run ``(words, scales, biases)``."""
+    return tuple(x[:, :, a:b] for x in packed)
+
+
+def _in_group(D, G):
+    """(G, D) bool: dim d lies in group g."""
+    return mx.arange(D)[None] // (D // G) == mx.arange(G)[:, None]
 
 
 def planes_scores(q, packed, bits):
@@ -129,11 +147,34 @@ def planes_scores(q, packed, bits):
     per = 8 // bits
     qg = q
     if G > 1:  # row (r, g): q_r outside group g zeroed
-        inside = mx.arange(D)[None] // (D // G) == mx.arange(G)[:, None]
-        qg = mx.where(inside, q[..., None, :], 0.0).reshape(B, H, R * G, D)
+        qg = mx.where(_in_group(D, G), q[..., None, :], 0.0).reshape(B, H, R * G, D)
     dots = sum(qg[..., i::per] @ c.swapaxes(-1, -2) for i, c in enumerate(format.code_planes(w, bits)))
     s, b = s.astype(mx.float32).swapaxes(-1, -2), b.astype(mx.float32).swapaxes(-1, -2)  # (B, H, G, n)
     sums = q.reshape(B, H, R, G, D // G).sum(-1)
     if G == 1:
         return dots * s + sums * b
     return (dots.reshape(B, H, R, G, -1) * s[:, :, None]).sum(-2) + sums @ b
+
+
+def planes_values(p, packed, bits):
+    """Weights ``p`` (B, H, R, n) float32 times the affine packed values ``(words, scales,
+    biases)``: with ``v_d = s_g(d) c_d + b_g(d)``, ``p·v_d = (p s_g(d))·c_d + p·b_g(d)``, each code
+    plane (``format.code_planes``: the dims ``i, i + 8 // bits, ...``) one float32 matmul
+    against the weights times each group's scales."""
+    w, s, b = packed
+    B, H, R, n = p.shape
+    G = s.shape[-1]
+    per = 8 // bits
+    planes = format.code_planes(w, bits)
+    D = planes[0].shape[-1] * per
+    s, b = s.astype(mx.float32).swapaxes(-1, -2), b.astype(mx.float32)  # (B, H, G, n), (B, H, n, G)
+    if G == 1:
+        outs = [(p * s) @ c for c in planes]
+    else:  # rows (r, g): the weights times group g's scales; each dim keeps its group's row
+        ps = (p[..., None, :] * s[:, :, None]).reshape(B, H, R * G, n)
+        inside = _in_group(D, G)
+        outs = [mx.where(inside[:, i::per], (ps @ c).reshape(B, H, R, G, -1), 0.0).sum(-2)
+                for i, c in enumerate(planes)]
+    out = mx.stack(outs, axis=-1).reshape(B, H, R, D) if per > 1 else outs[0]
+    pb = p @ b  # (B, H, R, G)
+    return out + (pb if G == 1 else mx.repeat(pb, D // G, axis=-1))

@@ -88,19 +88,39 @@ def test_planes_scores_are_float64_scores_over_the_dequantized_keys(bits, group_
     assert np.abs(np.asarray(got) - want).max() < 1e-5 * np.abs(want).max()
 
 
-def test_scores_take_the_planes_from_unpack_min_keys_in_pieces_of_the_budget(monkeypatch):
-    """From ``UNPACK_MIN_KEYS`` keys over the rows the scores take the key planes, in pieces
-    of at most ``UNPACK_ELEMENTS`` elements; the output stays fp32 attention's."""
-    calls = []
-    real = one_pass.planes_scores
-    monkeypatch.setattr(one_pass, "planes_scores", lambda q, p, bits: calls.append(p[0].shape[2]) or real(q, p, bits))
+@pytest.mark.parametrize("bits,group_size", [(2, 32), (4, 64), (4, 128), (8, 32), (8, 64)])
+def test_planes_values_are_float64_weighted_dequantized_values(bits, group_size):
+    """Scales and biases applied to the weights, per group, give the weighted sum of the
+    values ``mx.dequantize`` gives (the cache's float16 scales)."""
+    x = mx.random.normal((2, 3, 40, 128), key=mx.random.key(bits)) * 3
+    p = format.quantize(x, bits, group_size)
+    p = (p[0],) + tuple(a.astype(mx.float16) for a in p[1:])
+    w = mx.softmax(mx.random.normal((2, 3, 5, 33), key=mx.random.key(7)) * 2, axis=-1)
+    values = np.asarray(format.dequantize(tuple(a[:, :, :33] for a in p), bits, group_size, dtype=mx.float32))
+    want = np.asarray(w).astype(np.float64) @ values.astype(np.float64)
+    got = one_pass.planes_values(w, tuple(a[:, :, :33] for a in p), bits)
+    assert got.dtype == mx.float32 and got.shape == want.shape == (2, 3, 5, 128)
+    assert np.abs(np.asarray(got) - want).max() < 1e-5 * np.abs(values).max()
+
+
+def test_products_take_the_planes_from_unpack_min_keys_in_pieces_of_the_budget(monkeypatch):
+    """From ``UNPACK_MIN_KEYS`` keys over the rows the scores and the weighted values take
+    the code planes, in pieces of at most ``UNPACK_ELEMENTS`` elements; the output stays
+    fp32 attention's."""
+    calls = dict(planes_scores=[], planes_values=[])
+    for name, seen in calls.items():
+        real = getattr(one_pass, name)
+        monkeypatch.setattr(one_pass, name, lambda x, p, bits, real=real, seen=seen: seen.append(p[0].shape[2])
+                            or real(x, p, bits))
     for past, B, budget, pieces in ((200, 1, 1 << 22, 0), (200, 4, 1 << 22, 1), (700, 1, 1 << 22, 1),
                                     (700, 1, 2 * 64 * 200, 4)):
         monkeypatch.setattr(one_pass, "UNPACK_ELEMENTS", budget)
-        calls.clear()
+        for seen in calls.values():
+            seen.clear()
         cache, view, q = _decode_view(dict(bits=4), B=B, past=past)
         got = one_pass.one_pass_attention(q, view, 0.125, None, None, q.dtype)
         n = view.packed[2]
-        assert len(calls) == pieces and sum(calls) == (n if pieces else 0), (past, B, budget)
-        assert max(calls, default=0) * B * 2 * 64 <= budget
+        for seen in calls.values():
+            assert len(seen) == pieces and sum(seen) == (n if pieces else 0), (past, B, budget)
+            assert max(seen, default=0) * B * 2 * 64 <= budget
         assert rel_err(got, reference_over_cache(cache, q, 0.125)) < 4e-3
