@@ -113,10 +113,11 @@ def _planes_cuts(f, n, words_shape, bits):
     (pieces of up to ``UNPACK_ELEMENTS`` plane elements), or None: ``mx.quantized_matmul``
     takes them. On the CPU (SmolLM2's shape, 2, 4 and 8 bits, groups 32 and 64) the planes
     take the scores over 2048 keys 1.5-3.4x faster than ``mx.quantized_matmul``, as fast at
-    512 keys of one row (``benchmarks/lab/cpu_decode_ops.py --products``); with the values
-    by planes too, a decode step's attention over 2048 keys a row takes 0.66-1.01 against
-    0.85-1.25 ms a layer for one row, 6.9-7.7 against 7.9-8.6 ms for 16
-    (``benchmarks/lab/cpu_decode_values.py``)."""
+    512 keys of one row, and the weighted values 1.4-2.0x faster over 2048 keys, 1.2-1.7x over
+    512 keys but for one row in groups of 32 (115 against 93 us; its scores save 112 us)
+    (``benchmarks/lab/cpu_decode_ops.py --products``). With the values by planes too, a decode
+    step's attention over 2048 keys a row takes 0.66-1.01 against 0.85-1.25 ms a layer for one
+    row, 6.9-7.7 against 7.9-8.6 ms for 16 (``benchmarks/lab/cpu_decode_values.py``)."""
     B, H, _, words = words_shape
     if f.mode != "affine" or bits not in (2, 4, 8) or B * n < UNPACK_MIN_KEYS:
         return None
