@@ -322,7 +322,7 @@ class ResponseGenerator(server.ResponseGenerator):
     def _place(self, request, held, first=False):
         """Admit ``request`` (returned), or queue or refuse it (None). ``first``: it was at
         the head of the queue."""
-        if held and not self._serves(request[2]):
+        if held and not self._is_distributed and not self._serves(request[2]):
             self._waiting.append((request, None))  # sized by its own model, once that loads
             return None
         try:
@@ -354,11 +354,16 @@ class ResponseGenerator(server.ResponseGenerator):
     def request_kv_bytes(self, request):
         """The KV bytes ``request`` takes at its longest: prompt plus ``max_tokens``, in the
         cache format of the model it asks for (loaded first where it is not: a request's error
-        is then its own, as in mlx-lm's loop)."""
+        is then its own, as in mlx-lm's loop). Under mlx.launch, where rank 0 admits alone and
+        every rank loads together in mlx-lm's loop, the served model sizes it, and with no
+        model loaded (after a failed load) it takes the whole limit: it runs alone."""
         _, body, args = request
         provider = self.model_provider
         if not self._serves(args):
-            provider.load(args.model.model, args.model.adapter, args.model.draft)
+            if not self._is_distributed:
+                provider.load(args.model.model, args.model.adapter, args.model.draft)
+            elif provider.model is None:
+                return self.max_kv_memory
         tokens = len(self._tokenize(provider.tokenizer, body, args)[0]) + args.max_tokens
         kv = dict(provider.kv_kwargs or {})
         bits, group = kv.pop("kv_bits", None), kv.pop("kv_group_size", None)

@@ -188,6 +188,34 @@ def test_a_request_for_another_model_waits_for_the_batch_and_is_sized_by_its_mod
     assert g.held_kv_bytes() == size("served.gguf", 50)
 
 
+def test_under_mlx_launch_admission_loads_nothing():
+    """Rank 0 admits alone under mlx.launch and every rank loads in mlx-lm's loop: a request
+    for another model is sized by the served one (no load, no wait), and with no model
+    loaded a request takes the whole limit (it runs alone)."""
+    import mlx.nn as nn
+
+    from mlx_kvq.models.memory import kv_bytes
+
+    model = nn.Linear(4, 4)
+    model.args = SimpleNamespace(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                                 hidden_size=256)
+    provider = SimpleNamespace(model=model, model_key=("served", None, None), tokenizer=None,
+                               kv_kwargs=dict(kv_bits=4), key=lambda m, a=None, d=None: (m, a, d),
+                               load=lambda *a: pytest.fail("rank 0 loaded a model alone"))
+    g = generator(1 << 30, {})
+    del g.request_kv_bytes, g._serves
+    g.model_provider, g._is_distributed = provider, True
+    g._tokenize = lambda tokenizer, body, args: (list(range(body)),)
+    names = lambda name: SimpleNamespace(max_tokens=0, model=SimpleNamespace(model=name, adapter=None, draft=None))
+    for name, tokens in (("served", 100), ("other", 200)):
+        g.requests.put((Queue(), tokens, names(name)))
+    g._next_request(), g._next_request()
+    assert g.held_kv_bytes() == kv_bytes(vars(model.args), 100, 4, dense_bytes=4) + kv_bytes(
+        vars(model.args), 200, 4, dense_bytes=4)
+    provider.model = None
+    assert g.request_kv_bytes((None, 50, names("served"))) == 1 << 30
+
+
 # -- the prompt cache ------------------------------------------------------------
 
 
