@@ -35,6 +35,7 @@ from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, TokenizerWrapper  # 
 from mlx_lm.generate import generation_stream  # noqa: F401
 from mlx_lm.utils import sharded_load  # noqa: F401  (models split over mlx.launch's ranks)
 from mlx_lm.utils import _download as fetch_mlx_lm  # noqa: F401  (a model's files, from the Hub if need be)
+from mlx_lm.utils import _parse_size as parse_mlx_lm_size  # noqa: F401  (--prompt-cache-bytes as mlx-lm reads it)
 
 from .attention import latent_sdpa, quantized_sdpa, rows_sdpa
 from .cache import (KVView, QuantizedChunkedKVCache, QuantizedKVCache, QuantizedRotatingKVCache, RowsView,

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from .._blas import missing_warning
-from ..bridge import cache_config, load_prompt_cache
+from ..bridge import cache_config, load_prompt_cache, parse_mlx_lm_size
 from ..cache import QuantizedKVCache, cache_options
 from ..generation.prefill import build_cache
 from ..models import load, reads_gguf
@@ -39,6 +39,15 @@ def _memory_size(text, low):
         what = "a memory budget must be positive" if low else "a memory size cannot be negative"
         raise argparse.ArgumentTypeError(f"{what}, got {text!r}")
     return size
+
+
+def mlx_lm_bytes(text):
+    """An argparse type for a byte count as mlx-lm reads one (``--prompt-cache-bytes``: bytes,
+    or with M, G, MB, GB), or with any unit :func:`memory_size` takes (2GiB); not negative."""
+    try:
+        return parse_mlx_lm_size(text)
+    except Exception:  # mlx-lm's parser raises decimal's and KeyError for what it does not read
+        return _memory_size(text, 0)
 
 
 def ranged(kind, low=None, high=None):

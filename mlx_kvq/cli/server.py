@@ -13,14 +13,17 @@ Under ``mlx.launch`` every rank loads its share of the model and rank 0 serves H
 import argparse
 import logging
 import os
+import socket
 import sys
+from pathlib import Path
 
 import mlx.core as mx
 
 from ..bridge import mlx_lm_server_parser
 from ..generation.serving import ModelProvider, run
-from ..models import reads_gguf
-from .args import add_dtype_argument, add_kv_arguments, cache_kwargs, check_kv, memory_size, ranged
+from ..models import find_model, reads_gguf
+from .args import (add_dtype_argument, add_kv_arguments, cache_kwargs, check_kv, json_object, memory_size,
+                   mlx_lm_bytes, ranged)
 from .distributed import world
 
 EXAMPLES = """examples:
@@ -55,6 +58,10 @@ def setup_arg_parser():
             a.help = "local path, Hugging Face repo or .gguf file (default: embedded SmolLM2-135M-Instruct)"
         if a.dest in RANGES:  # mlx-lm takes any number: out of range, requests hang or fail
             a.type = ranged(*RANGES[a.dest])
+        if a.dest == "prompt_cache_bytes":  # mlx-lm's parser raises a traceback for '-5' or 'abc'
+            a.type = mlx_lm_bytes
+        if a.dest == "chat_template_args":  # mlx-lm's takes any JSON: a list fails every chat request
+            a.type = json_object
         if a.dest == "prompt_concurrency":
             a.default = None
             a.help = (f"prompts prefilled together (default: {PROMPT_CONCURRENCY['gpu']} on a GPU, "
@@ -95,16 +102,43 @@ def check_distributed(args):
                          "pipeline split; run tensor parallel (without --pipeline) or use an mlx-lm model directory.")
 
 
+def check_start(args, listen=True):
+    """What mlx-lm's server finds only after it has started (in its generation thread, or
+    as a traceback): the model, draft model and adapters are there and go together, and
+    (``listen``: the rank that serves HTTP) the host and port can be listened on."""
+    for flag, name in (("--model", args.model), ("--draft-model", args.draft_model)):
+        if name is not None:
+            try:
+                find_model(name)
+            except Exception as e:
+                raise ValueError(f"{flag} {name}: {e}") from None
+    if args.adapter_path is not None and not Path(args.adapter_path).expanduser().exists():
+        raise ValueError(f"--adapter-path {args.adapter_path}: not found")
+    if (args.draft_model or args.adapter_path) and reads_gguf(args.model):
+        raise ValueError(f"--draft-model and --adapter-path apply to mlx-lm models (a directory or Hugging Face repo), "
+                         f"not the GGUF model {args.model or '(the embedded model)'}")
+    if not listen:
+        return
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as mlx-lm's HTTP server binds
+            s.bind(address)
+    except OSError as e:
+        raise ValueError(f"cannot listen on --host {args.host} --port {args.port}: {e.strerror or e}") from None
+
+
 def main(argv=None):
     """The command: serves until interrupted, then ends the process (exit status 0)."""
     args = setup_arg_parser().parse_args(argv)
+    rank, size = world()
     try:
         kv = check_kv(cache_kwargs(args))
+        check_start(args, listen=rank == 0)
     except ValueError as e:
         sys.exit(f"mlx_kvq.server: error: {e}")
     args.kv_bits = None  # mlx-lm's own KV quantization stays off: the caches are ours
     device_defaults(args)
-    rank, size = world()
     if size > 1:
         try:
             check_distributed(args)

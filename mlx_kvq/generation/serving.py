@@ -81,6 +81,9 @@ class ModelProvider(server.ModelProvider):
                 find_model(path)
         if adapter_path is not None and not Path(adapter_path).expanduser().exists():
             raise FileNotFoundError(f"adapter path not found: {adapter_path}")
+        if (adapter_path or draft_model_path) and reads_gguf(model_path):
+            raise ValueError(f"adapters and draft models apply to mlx-lm models (a directory or Hugging Face repo), "
+                             f"not the GGUF model {model_path}")
         try:
             self._swap(model_path, adapter_path, draft_model_path)
         except Exception:

@@ -195,7 +195,7 @@ def test_openai_client_sees_bad_request(client):
     assert client.completions.create(model="default_model", prompt="Hi", max_tokens=2).choices[0].text is not None
 
 
-def test_a_model_that_cannot_load_leaves_the_served_model(server, client, tmp_path):
+def test_a_model_that_cannot_load_leaves_the_served_model(server, client, tmp_path, smollm_path):
     """A request naming a model that is not there, or whose files do not load, gets the
     error; the next requests are served by the same model (this module's server runs under
     --max-kv-memory, whose admission loads a request's model to size it)."""
@@ -205,8 +205,10 @@ def test_a_model_that_cannot_load_leaves_the_served_model(server, client, tmp_pa
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text(json.dumps({"model_type": "llama"}))  # no weights
-    for name, said in [(str(tmp_path / "missing"), "model path not found"), (str(broken), "safetensors")]:
-        status, out = _request(port, "POST", "/v1/chat/completions", dict(hi, model=name))
+    for body, said in [(dict(model=str(tmp_path / "missing")), "model path not found"),
+                       (dict(model=str(broken)), "safetensors"),
+                       (dict(model=str(smollm_path), adapters=str(tmp_path)), "apply to mlx-lm models")]:
+        status, out = _request(port, "POST", "/v1/chat/completions", dict(hi, **body))
         assert status == 404 and said in json.loads(out)["error"], (status, out)
         assert client.chat.completions.create(**hi).choices[0].message.content == before
 
@@ -295,6 +297,49 @@ def test_flags_are_mlx_lms_plus_the_kv_flags():
     assert (kv["kv_bits"], kv["kv_group_size"], kv["quantized_kv_start"], args.model) == (4, None, 0, None)
     with pytest.raises(SystemExit, match="Unsupported key bits 7"):
         main(["--kv-bits", "7"])
+    for size, n in (("100", 100), ("512M", 512 * 10**6), ("2GiB", 2 << 30), ("0", 0)):  # mlx-lm's forms, and ours
+        assert setup_arg_parser().parse_args(["--prompt-cache-bytes", size]).prompt_cache_bytes == n
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--model", "/nonexistent/model"], "--model /nonexistent/model: model path not found"),
+    (["--draft-model", "/nonexistent/draft"], "--draft-model /nonexistent/draft: model path not found"),
+    (["--adapter-path", "/nonexistent/adapters"], "--adapter-path /nonexistent/adapters: not found"),
+    (["--adapter-path", "."], "apply to mlx-lm models"),  # the embedded GGUF model
+    (["--host", "999.1.1.1"], "cannot listen on --host 999.1.1.1"),
+    (["--chat-template-args", "[1]"], "argument --chat-template-args: expected a JSON object"),
+])
+def test_what_mlx_lms_server_finds_after_it_starts_stops_it_at_start(argv, named, capsys):
+    """mlx-lm's server starts with these and then fails in its generation thread (every
+    request gets the error) or with a traceback."""
+    from mlx_kvq.cli.server import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv + ["--port", "0"])
+    said = str(e.value.code) + capsys.readouterr().err
+    assert named in said and "Traceback" not in said, said
+
+
+def test_a_port_in_use_stops_the_server_at_start():
+    from mlx_kvq.cli.server import main
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        with pytest.raises(SystemExit, match=f"cannot listen on --host 127.0.0.1 --port {s.getsockname()[1]}"):
+            main(["--port", str(s.getsockname()[1])])
+
+
+@pytest.mark.parametrize("value", ["abc", "-5", "-5GB", "1e3"])
+def test_a_bad_prompt_cache_bytes_is_named_at_start(value, capsys):
+    """mlx-lm's parser of --prompt-cache-bytes raises a traceback (decimal's
+    InvalidOperation, a KeyError) for these."""
+    from mlx_kvq.cli.server import setup_arg_parser
+
+    with pytest.raises(SystemExit):
+        setup_arg_parser().parse_args([f"--prompt-cache-bytes={value}"])
+    err = capsys.readouterr().err
+    assert "argument --prompt-cache-bytes:" in err and repr(value) in err and "Traceback" not in err, err
 
 
 def test_prompt_concurrency_defaults_to_the_devices():
