@@ -15,13 +15,12 @@ import logging
 import os
 import socket
 import sys
-from pathlib import Path
 
 import mlx.core as mx
 
 from ..bridge import mlx_lm_server_parser
 from ..generation.serving import ModelProvider, run
-from ..models import find_model, reads_gguf
+from ..models import check_model_files, reads_gguf
 from .args import (add_dtype_argument, add_kv_arguments, cache_kwargs, check_kv, json_object, memory_size,
                    mlx_lm_bytes, ranged)
 from .distributed import world
@@ -106,17 +105,11 @@ def check_start(args, listen=True):
     """What mlx-lm's server finds only after it has started (in its generation thread, or
     as a traceback): the model, draft model and adapters are there and go together, and
     (``listen``: the rank that serves HTTP) the host and port can be listened on."""
-    for flag, name in (("--model", args.model), ("--draft-model", args.draft_model)):
-        if name is not None:
-            try:
-                find_model(name)
-            except Exception as e:
-                raise ValueError(f"{flag} {name}: {e}") from None
-    if args.adapter_path is not None and not Path(args.adapter_path).expanduser().exists():
-        raise ValueError(f"--adapter-path {args.adapter_path}: not found")
-    if (args.draft_model or args.adapter_path) and reads_gguf(args.model):
-        raise ValueError(f"--draft-model and --adapter-path apply to mlx-lm models (a directory or Hugging Face repo), "
-                         f"not the GGUF model {args.model or '(the embedded model)'}")
+    try:
+        check_model_files(args.model, args.adapter_path, args.draft_model,
+                          names=("--model", "--adapter-path", "--draft-model"))
+    except FileNotFoundError as e:
+        raise ValueError(str(e)) from None
     if not listen:
         return
     try:

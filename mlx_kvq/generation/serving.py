@@ -36,7 +36,7 @@ import mlx.core as mx
 from .. import kernels
 from ..bridge import make_logits_processors, make_sampler, mlx_lm_batch_generator, mlx_lm_server, serve_caches
 from ..cache import RowsBuffer
-from ..models import default_model_path, find_model, float_dtype, load, load_sharded, prepare_model, reads_gguf
+from ..models import check_model_files, default_model_path, float_dtype, load, load_sharded, prepare_model, reads_gguf
 from ..models.memory import kv_bytes
 from .distributed import by_rank_line, ints_by_rank
 
@@ -76,14 +76,7 @@ class ModelProvider(server.ModelProvider):
         served = self.model_key
         if served is None or self.is_distributed:
             return self._swap(model_path, adapter_path, draft_model_path)
-        for path in (model_path, draft_model_path):
-            if path is not None:
-                find_model(path)
-        if adapter_path is not None and not Path(adapter_path).expanduser().exists():
-            raise FileNotFoundError(f"adapter path not found: {adapter_path}")
-        if (adapter_path or draft_model_path) and reads_gguf(model_path):
-            raise ValueError(f"adapters and draft models apply to mlx-lm models (a directory or Hugging Face repo), "
-                             f"not the GGUF model {model_path}")
+        check_model_files(model_path, adapter_path, draft_model_path, names=("model", "adapters", "draft model"))
         try:
             self._swap(model_path, adapter_path, draft_model_path)
         except Exception:

@@ -1,5 +1,5 @@
 """``load``: GGUF files, mlx-lm models (local or on the Hugging Face Hub), the embedded default;
-``find_model``: where ``load`` would read one from."""
+``find_model``: where ``load`` would read one from; ``check_model_files``: that they are there."""
 
 import os
 from pathlib import Path
@@ -70,6 +70,23 @@ def find_model(path_or_repo=None):
     except Exception as e:
         raise RuntimeError(f"could not find the model {name!r}: no local path of that name, and the "
                            f"Hugging Face Hub gave {type(e).__name__}: {e}") from e
+
+
+def check_model_files(model, adapters=None, draft=None, names=("model", "adapter path", "draft model")):
+    """Before anything loads: an error naming what is not there of a model, its adapters and
+    its draft model (``find_model``), or adapters or a draft model given with a GGUF model (they
+    apply to mlx-lm models). ``names``: how the errors call the three (a command's flags)."""
+    for name, path in ((names[0], model), (names[2], draft)):
+        if path is not None:
+            try:
+                find_model(path)
+            except Exception as e:  # FileNotFoundError, or the Hub's error as RuntimeError
+                raise FileNotFoundError(f"{name} {path}: {e}") from None
+    if adapters is not None and not Path(adapters).expanduser().exists():
+        raise FileNotFoundError(f"{names[1]} {adapters}: not found")
+    if (adapters or draft) and reads_gguf(model):
+        raise ValueError(f"{names[1]} and {names[2]} apply to mlx-lm models (a directory or Hugging Face repo), "
+                         f"not the GGUF model {model or '(the embedded model)'}")
 
 
 def reads_gguf(path_or_repo):
