@@ -74,7 +74,7 @@ def one_pass_attention(q, view, scale, mask, sinks, dtype):
     if n:
         cuts = _planes_cuts(f, n, k[0].shape, f.k_bits)
         if cuts:  # keys in pieces of up to UNPACK_ELEMENTS plane elements
-            parts += [planes_scores(qf, _keys(k, a, b), f.k_bits) for a, b in zip(cuts, cuts[1:])]
+            parts += [planes_scores(qf, _tokens(k, a, b), f.k_bits) for a, b in zip(cuts, cuts[1:])]
         else:
             parts.append(qmm(qf, k, f.k_bits, True))
     if w:
@@ -93,7 +93,7 @@ def one_pass_attention(q, view, scale, mask, sinks, dtype):
         cuts = _planes_cuts(f, n, v[0].shape, f.v_bits)
         pn = p[..., s : s + n]
         if cuts:
-            out = out + sum(planes_values(pn[..., a:b], _keys(v, a, b), f.v_bits) for a, b in zip(cuts, cuts[1:]))
+            out = out + sum(planes_values(pn[..., a:b], _tokens(v, a, b), f.v_bits) for a, b in zip(cuts, cuts[1:]))
         else:
             out = out + qmm(pn, v, f.v_bits, False)
     if w:
@@ -126,8 +126,8 @@ def _planes_cuts(f, n, words_shape, bits):
     return [n * i // pieces for i in range(pieces + 1)]
 
 
-def _keys(packed, a, b):
-    """Keys ``a:b`` of a packed run ``(words, scales, biases)``."""
+def _tokens(packed, a, b):
+    """Tokens ``a:b`` of a packed run ``(words, scales, biases)``: its keys or its values."""
     return tuple(x[:, :, a:b] for x in packed)
 
 
