@@ -27,6 +27,7 @@ import os
 import sys
 import warnings
 
+import mlx.nn as nn
 import mlx_lm
 import mlx_lm.models.cache as lm_cache
 from mlx_lm.models import llama  # noqa: F401  (the GGUF loader builds this architecture)
@@ -133,7 +134,12 @@ def arrays_reason(model, names=None):
 
 
 def module_names(model):
-    """The Python modules that ``model``'s modules are defined in."""
+    """The Python modules that ``model``'s modules are defined in; a ``ValueError`` naming what
+    ``model`` is where it is not an ``mlx.nn.Module`` with ``layers`` or ``make_cache`` (an
+    mlx-lm model, as ``mlx_lm.load`` or ``mlx_kvq.load`` gives it)."""
+    if not isinstance(model, nn.Module) or not (hasattr(model, "layers") or hasattr(model, "make_cache")):
+        raise ValueError(f"model must be an mlx-lm model (an mlx.nn.Module with layers or make_cache), "
+                         f"got {type(model).__name__}.")
     return {type(m).__module__ for m in model.modules()}
 
 

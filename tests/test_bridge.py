@@ -265,3 +265,11 @@ def test_models_computing_attention_themselves_get_arrays():
     caches = mlx_kvq.make_prompt_cache(tiny("gemma2"), kv_bits=8, kv_group_size=32)
     k, v = caches[0].update_and_fetch(mx.zeros((1, 2, 3, 32)), mx.zeros((1, 2, 3, 32)))
     assert type(k) is mx.array and k.shape == (1, 2, 3, 32)
+
+
+@pytest.mark.parametrize("bad", [None, "model", nn.Linear(2, 2)])
+def test_make_prompt_cache_names_what_is_not_a_model(bad):
+    with pytest.raises(ValueError, match=f"model must be an mlx-lm model .* got {type(bad).__name__}"):
+        mlx_kvq.make_prompt_cache(bad)
+    with pytest.raises(ValueError, match="model must be an mlx-lm model"):
+        mlx_kvq.patch(bad)

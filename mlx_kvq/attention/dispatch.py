@@ -20,6 +20,9 @@ run can go to a fused kernel while the short unquantized runs take the reference
    memory bounded by a block of keys) or reference and the unquantized runs' reference, merged.
 """
 
+import math
+import numbers
+
 import mlx.core as mx
 
 from .. import kernels
@@ -39,9 +42,8 @@ def quantized_sdpa(queries, view, scale, mask=None, sinks=None):
     _check_queries(queries, view)
     if view.q_start is None:
         view = view.for_queries(queries.shape[2])
+    _check_arguments(queries, view, scale, mask, sinks)
     q = _padded(queries, view.format)
-    if isinstance(mask, str) and mask != "causal":
-        raise ValueError(f"Unsupported mask {mask!r}.")
     for path in PATHS:
         out = path(q, view, scale, mask, sinks, queries.dtype)
         if out is not None:
@@ -68,6 +70,37 @@ def _check_queries(q, view):
     if view.kv_heads % B or Hq % (view.kv_heads // B):
         raise ValueError(f"{B} x {Hq} query heads do not fit the cache's {view.kv_heads} batch x KV heads "
                          "(query heads must be a multiple of the KV heads).")
+
+
+def _check_arguments(q, view, scale, mask, sinks):
+    """A clear error for a ``scale`` that is not a finite number, a ``mask`` that is not
+    ``"causal"`` or an array whose leading axes broadcast to the scores' (B, Hq, L), and ``sinks``
+    that are not one logit per query head; each names the bad value."""
+    B, Hq, L, _ = q.shape
+    if isinstance(scale, mx.array):
+        if scale.size != 1:
+            raise ValueError(f"scale must be a number, got an array of shape {scale.shape}.")
+    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number, got {scale!r}.")
+    if isinstance(mask, str):
+        if mask != "causal":
+            raise ValueError(f"Unsupported mask {mask!r}.")
+    elif mask is not None:
+        rows = (B, Hq, L)  # its key axis is the view's to read (a sliding window's is its own)
+        if not isinstance(mask, mx.array) or not 1 <= mask.ndim <= 4 or _broadcasts(mask.shape[:-1], rows) != rows:
+            raise ValueError(f"mask must be 'causal' or an array that broadcasts to (batch, query heads, "
+                             f"queries, keys) = {rows + ('keys',)}, got {getattr(mask, 'shape', type(mask).__name__)}.")
+    if sinks is not None and (not isinstance(sinks, mx.array) or sinks.shape != (Hq,)):
+        raise ValueError(f"sinks must be one logit per query head, shape ({Hq},), "
+                         f"got {getattr(sinks, 'shape', type(sinks).__name__)}.")
+
+
+def _broadcasts(a, b):
+    """The shape ``a`` and ``b`` broadcast to, or None."""
+    try:
+        return tuple(mx.broadcast_shapes(a, b))
+    except ValueError:
+        return None
 
 
 def _whole_in_kernel(q, view, sinks):

@@ -252,3 +252,41 @@ def test_gpu_prefill_the_kernels_lack_takes_the_blocked_reference(run_kernels_on
     assert not calls
     ref = reference_over_cache(cache, q, 0.125, causal_mask(16, cache.offset - 16))
     assert rel_err(out, ref) < 4e-3
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(scale=float("nan")), "scale must be a finite number, got nan"),
+    (dict(scale=float("inf")), "scale must be a finite number, got inf"),
+    (dict(scale="0.125"), "scale must be a finite number, got '0.125'"),
+    (dict(scale=mx.ones((2,))), r"scale must be a number, got an array of shape \(2,\)"),
+    (dict(mask="full"), "Unsupported mask 'full'"),
+    (dict(mask=mx.ones((3, 3), mx.bool_)), r"mask must be .* = \(1, 4, 8, 'keys'\), got \(3, 3\)"),
+    (dict(mask=mx.ones((2, 1, 8, 8), mx.bool_)), r"got \(2, 1, 8, 8\)"),
+    (dict(mask=[[True]]), "mask must be .* got list"),
+    (dict(sinks=mx.zeros((3,))), r"sinks must be one logit per query head, shape \(4,\), got \(3,\)"),
+    (dict(sinks=[0.0] * 4), "sinks must be .* got list"),
+])
+def test_a_bad_scale_mask_or_sinks_is_named(bad, match):
+    """MLX's own errors for these come from deep inside (a broadcast of shapes that names
+    neither argument) or not at all (a NaN scale gives a NaN output)."""
+    cache = QuantizedKVCache(4)
+    view, _ = cache.update_and_fetch(mx.random.normal((1, 2, 8, 64)), mx.random.normal((1, 2, 8, 64)))
+    args = dict(scale=0.125, mask="causal") | bad
+    with pytest.raises(ValueError, match=match):
+        quantized_sdpa(mx.random.normal((1, 4, 8, 64)), view, **args)
+
+
+def test_good_masks_and_scales_of_every_kind_are_taken():
+    """What the checks let through: masks over the keys of any rank up to 4, broadcasting over
+    batch and heads, numpy and MLX scalars as scales; each gives plain attention's output."""
+    import numpy as np
+
+    mx.random.seed(3)
+    cache = QuantizedKVCache(8, window=0, sinks=0, rotate=False)
+    k, v, q = mx.random.normal((1, 2, 8, 64)), mx.random.normal((1, 2, 8, 64)), mx.random.normal((1, 4, 8, 64))
+    view, _ = cache.update_and_fetch(k, v)
+    causal = causal_mask(8, 0)
+    ref = plain_attention(q, k, v, 0.125, causal)
+    for mask in (causal, causal[None], causal[None, None], mx.broadcast_to(causal, (1, 4, 8, 8))):
+        for scale in (0.125, np.float32(0.125), mx.array(0.125)):
+            assert rel_err(quantized_sdpa(q, view, scale=scale, mask=mask), ref) < 2e-2
