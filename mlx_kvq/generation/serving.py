@@ -432,6 +432,9 @@ class APIHandler(server.APIHandler):
                 raise ValueError(f"{name} must be between -2 and 2 (OpenAI's range), got {getattr(self, name)}")
         if self.seed is not None and not 0 <= self.seed < 2**64:  # mx.random.seed's uint64
             raise ValueError(f"seed must be in [0, 2**64), got {self.seed}")
+        n = self.body.get("n", 1)
+        if isinstance(n, bool) or n != 1:  # mlx-lm answers one choice whatever n asks
+            raise ValueError(f"n must be 1 (the server gives one choice a request), got {n!r}")
         if self.stream_options is not None and not isinstance(self.stream_options, dict):
             raise ValueError("stream_options must be an object")
         if self.logit_bias:

@@ -166,9 +166,10 @@ def test_prompt_cache_hit(client):
     {"messages": [{"role": "user", "content": "Hi"}], "tools": 5},
     {"messages": [{"role": "user", "content": "Hi"}], "tools": [5]},
     {"messages": [{"role": "user", "content": "Hi"}], "chat_template_kwargs": 5},
+    {"messages": [{"role": "user", "content": "Hi"}], "n": 2},
 ], ids=["bad-json", "max-tokens", "temperature", "messages", "empty-prompt", "stop", "no-messages",
         "temperature-nan", "temperature-tiny", "top-p-inf", "seed", "bias-past-vocab", "bias-negative-id",
-        "bias-inf", "presence-inf", "content", "stream-options", "tools", "tools-items", "template-kwargs"])
+        "bias-inf", "presence-inf", "content", "stream-options", "tools", "tools-items", "template-kwargs", "n"])
 def test_malformed_requests_get_400_and_the_server_lives(server, client, body):
     port = server[0]
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
