@@ -20,12 +20,13 @@ Elsewhere (GPUs, macOS, where MLX's BLAS is not ours to set, one core) one strea
 import contextlib
 import os
 import sys
+import threading
 
 import mlx.core as mx
 
 from .. import _blas
 
-_POOL = []
+_POOL = threading.local()  # MLX 0.32's streams belong to the thread that made them
 
 
 def cores():
@@ -75,9 +76,10 @@ def streams_for(n, *inputs):
         mx.eval(*inputs)
     except ValueError:  # inside mx.compile / a transform
         return None
-    while len(_POOL) < n:
-        _POOL.append(mx.new_stream(mx.cpu))
-    return _POOL[:n]
+    pool = _POOL.__dict__.setdefault("streams", [])
+    while len(pool) < n:
+        pool.append(mx.new_stream(mx.cpu))
+    return pool[:n]
 
 
 def on(streams, i):

@@ -99,6 +99,36 @@ def test_decode_rows_on_streams_match_fp32_and_one_stream(monkeypatch, on_the_cp
     assert rel_err(got, want) < 1e-5  # the same ops over fewer rows: BLAS may round them otherwise
 
 
+def test_a_thread_after_another_gets_streams_of_its_own(on_the_cpu):
+    """MLX 0.32's streams belong to the thread that made them ("There is no Stream(cpu, 3) in
+    current thread" once another thread uses them): attention in the main thread, then in a
+    worker thread (a server's generation thread after its warm-up, a web app's worker), then in
+    the main thread again, each on streams of its own thread, each with the same output."""
+    import threading
+
+    cache, view, q = _decode(3, dict(bits=4), seed=4)  # a row a stream
+    outs, errors = [], []
+
+    def attend():
+        try:
+            outs.append(dispatch.quantized_sdpa(q, view, scale=0.125))
+            mx.eval(outs[-1])
+        except Exception as e:  # noqa: BLE001  (reported below)
+            errors.append(e)
+        finally:
+            if threading.current_thread() is not threading.main_thread():
+                mx.clear_streams()
+
+    attend()
+    worker = threading.Thread(target=attend)
+    worker.start()
+    worker.join()
+    attend()
+    assert not errors, errors
+    assert len({s for s, _ in on_the_cpu}) == 6  # the main thread's 3 streams, and the worker's
+    assert all(mx.array_equal(o, outs[0]) for o in outs[1:])
+
+
 def test_decode_one_row_takes_one_stream(on_the_cpu):
     cache, view, q = _decode(1, dict(bits=4))
     got = dispatch.quantized_sdpa(q, view, scale=0.125)
