@@ -54,7 +54,8 @@ def main(argv=None):
     p.add_argument("--warm-up", action="store_true", help="serving.warm_up before the requests, as the server loads")
     p.add_argument("--skip", default="", help="lab only, to time what they cost (outputs may differ): "
                    "prefill-sync (the per-layer eval before a prefill chunk's attention), "
-                   "widen (the float32 model's overflow check at each packing)")
+                   "widen (the float32 model's overflow check at each packing), "
+                   "one-call-prefill (a prompt batch's first chunk attends row by row)")
     a = p.parse_args(argv)
     skip = set(filter(None, a.skip.split(",")))
     if "prefill-sync" in skip:
@@ -63,6 +64,9 @@ def main(argv=None):
     if "widen" in skip:
         from mlx_kvq.cache.quantized import QuantizedKVCache
         QuantizedKVCache._widen = lambda self, keys, values: None
+    if "one-call-prefill" in skip:
+        from mlx_kvq.attention import rows
+        rows.one_call_prefill = lambda L: False
     if a.random:
         model = random_model()
     else:

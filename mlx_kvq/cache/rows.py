@@ -20,7 +20,7 @@ only its own tokens), ``filter``, ``extend``, ``extract``, a per-row ``offset`` 
 import mlx.core as mx
 
 from .rows_buffer import RowsBuffer
-from .view import StandsForArray
+from .view import StandsForArray, padded
 
 
 class RowsView(StandsForArray):
@@ -46,16 +46,8 @@ class RowsView(StandsForArray):
         if self._array is None:
             rows = [v.array for v in self.views]
             T = max(r.shape[2] for r in rows)
-            self._array = mx.concatenate([left_padded(r, T) for r in rows], axis=0)
+            self._array = mx.concatenate([padded(r, T) for r in rows], axis=0)
         return self._array
-
-
-def left_padded(x, T):
-    """``x`` (1, H, n, D) with ``T - n`` tokens of zeros before its ``n``."""
-    n = x.shape[2]
-    if n == T:
-        return x
-    return mx.concatenate([mx.zeros(x.shape[:2] + (T - n,) + x.shape[3:], x.dtype), x], axis=2)
 
 
 class RowsMask(StandsForArray):
@@ -302,7 +294,7 @@ def _batched(fetched, takes):
     caches fetch arrays (``fetch_arrays``), else the key and value ``RowsView``."""
     if isinstance(fetched[0][0], mx.array):
         T = max(k.shape[2] for k, _ in fetched)
-        return tuple(mx.concatenate([left_padded(f[i], T) for f in fetched], axis=0) for i in (0, 1))
+        return tuple(mx.concatenate([padded(f[i], T) for f in fetched], axis=0) for i in (0, 1))
     view = RowsView([k for k, _ in fetched], takes)
     return view, view.values_view()
 

@@ -160,6 +160,21 @@ class KVView(StandsForArray):
             other.holes = self.holes[a:b]
         return other
 
+    @classmethod
+    def stacked(cls, views, T):
+        """Single-row views that hold only unquantized tokens from position 0 (nothing packed),
+        as one view of their rows, each row's tokens right-padded with zeros to ``T``, the
+        sinks and window one run (float32 where a row holds float32, so nothing is rounded)."""
+        runs = [x for v in views for x in (*v.sinks, *v.window) if x is not None]
+        dt = mx.float32 if any(x.dtype == mx.float32 for x in runs) else views[0].store_dtype
+        k, v = (mx.concatenate([padded(x.stored(part, dt), T, before=False) for x in views], axis=0)
+                for part in ("keys", "values"))
+        other = cls.__new__(cls)
+        other.__dict__.update(
+            views[0].__dict__, _array=None, _window=None, offset=T, q_start=0, sinks=(None, None),
+            packed=(None, None, 0), window_buffers=(k, v, T, T), kv_heads=k.shape[0] * k.shape[1])
+        return other
+
     def values_view(self):
         """The same step's view standing for the values (``part="values"``)."""
         other = KVView.__new__(KVView)
@@ -248,6 +263,15 @@ def fetch(cache, query_len, offset):
     if getattr(cache, "fetch_arrays", False):
         return view.array, values.array
     return view, values
+
+
+def padded(x, T, before=True):
+    """``x`` (B, H, n, D) with ``T - n`` tokens of zeros before its ``n`` (or after them)."""
+    n = x.shape[2]
+    if n == T:
+        return x
+    zeros = mx.zeros(x.shape[:2] + (T - n,) + x.shape[3:], x.dtype)
+    return mx.concatenate([zeros, x] if before else [x, zeros], axis=2)
 
 
 def first_tokens(buf, n):

@@ -7,7 +7,7 @@ import mlx.core as mx
 import pytest
 
 from mlx_kvq import QuantizedKVCache
-from mlx_kvq.attention import rows_sdpa
+from mlx_kvq.attention import rows, rows_sdpa
 from mlx_kvq.cache import RowsKVCache
 from helpers import reference_over_cache, rel_err
 
@@ -38,6 +38,8 @@ CASES = [(dt, rot, HELD, TAKES) for dt in (mx.float32, mx.float16) for rot in ("
 CASES += [
     (mx.float32, "kv", HELD, (12, 3, 9)),  # a decode-sized take: that row takes the decode path, as alone
     (mx.float16, "kv", (0, 150, 0), TAKES),  # rows' lengths far apart
+    (mx.float32, "kv", (0, 0, 0), TAKES),  # a prompt batch's first chunk: one attention call
+    (mx.float16, None, (0, 0, 0), (12, 12, 12)),
 ]
 
 
@@ -53,3 +55,30 @@ def test_a_prefill_chunk_attends_each_row_as_alone(run_kernels_on, emu, dtype, r
         ref = reference_over_cache(c, q[b : b + 1, :, :n], D**-0.5, causal)
         assert rel_err(out[b : b + 1, :, :n], ref) < 2e-3, b  # float16 rows attend in float16
         assert not mx.any(out[b, :, n:]).item()
+
+
+@pytest.mark.parametrize("dtype,rotate,takes", [(mx.float32, "kv", TAKES), (mx.float16, "kv", (12, 12, 12)),
+                                                (mx.float32, None, (12, 11, 10)), (mx.float16, "k", (10, 12, 11))])
+def test_fresh_rows_attend_in_one_call_as_row_by_row(run_kernels_on, emu, monkeypatch, dtype, rotate, takes):
+    """A prompt batch's first chunk (no row holds keys from before) on a GPU path: one
+    attention call over the rows' keys right-padded under one causal mask, each row's output
+    the same as its own call's."""
+    run_kernels_on(emu)
+    caches, view, q, mask = chunk(dtype, rotate, (0, 0, 0), takes)
+    fresh = []
+    monkeypatch.setattr(rows, "fresh_rows", lambda *a, f=rows.fresh_rows: fresh.append(f(*a)) or fresh[-1])
+    one = rows_sdpa(q, view, D**-0.5, mask=mask)
+    assert len(fresh) == 1 and fresh[0] is not None and fresh[0].kv_heads == 3 * H
+    monkeypatch.setattr(rows, "one_call_prefill", lambda L: False)
+    apart = rows_sdpa(q, view, D**-0.5, mask=mask)
+    assert one.dtype == apart.dtype == dtype
+    assert mx.array_equal(one, apart)
+
+
+def test_rows_holding_keys_attend_row_by_row(run_kernels_on, emu):
+    """A chunk after keys the rows hold (a second chunk, a prompt-cache hit) is not fresh, nor
+    one where a row takes a decode step's few tokens (alone it takes the decode path)."""
+    run_kernels_on(emu)
+    for held, takes in [((0, 40, 30), TAKES), ((0, 0, 5), TAKES), ((0, 0, 0), (12, 3, 12))]:
+        caches, view, q, mask = chunk(mx.float16, "kv", held, takes)
+        assert rows.fresh_rows(view, mask.masks, L) is None
