@@ -11,8 +11,10 @@ Under ``mlx.launch`` every rank loads its share of the model and rank 0 serves H
 """
 
 import argparse
+import faulthandler
 import logging
 import os
+import signal
 import socket
 import sys
 
@@ -137,6 +139,8 @@ def main(argv=None):
             check_distributed(args)
         except ValueError as e:
             sys.exit(f"mlx_kvq.server: error: {e}")
+    if hasattr(signal, "SIGUSR1"):  # kill -USR1 <pid>: every thread's stack to stderr (a server that hangs)
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     level = getattr(logging, args.log_level.upper())
     logging.basicConfig(level=level if rank == 0 else max(level, logging.WARNING),
                         format="%(asctime)s - %(levelname)s - %(message)s")
