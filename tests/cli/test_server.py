@@ -45,6 +45,7 @@ def server():
         [sys.executable, "-m", "mlx_kvq.cli.server", "--port", str(port), "--max-tokens", "12",
          "--log-level", "WARNING", "--max-kv-memory", "1GB", "--prompt-concurrency", "3"],  # rows prefilled together
         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        preexec_fn=_ctrl_c_as_in_a_terminal,
     )
     deadline = time.time() + 180
     while True:
@@ -64,6 +65,13 @@ def server():
         proc.wait(20)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+def _ctrl_c_as_in_a_terminal():
+    """SIGINT's default in the server, as a terminal gives it: a shell that starts the tests
+    in the background without job control (``nohup bash -c ... &``) hands them SIGINT ignored,
+    which Python keeps, and the Ctrl-C test's server then never sees it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @pytest.fixture(scope="module")
