@@ -40,9 +40,9 @@ def quantized_sdpa(queries, view, scale, mask=None, sinks=None):
     added to every softmax denominator, as in ``mx.fast.scaled_dot_product_attention``.
     """
     _check_queries(queries, view)
+    _check_arguments(queries, scale, mask, sinks)
     if view.q_start is None:
         view = view.for_queries(queries.shape[2])
-    _check_arguments(queries, view, scale, mask, sinks)
     q = _padded(queries, view.format)
     for path in PATHS:
         out = path(q, view, scale, mask, sinks, queries.dtype)
@@ -72,7 +72,7 @@ def _check_queries(q, view):
                          "(query heads must be a multiple of the KV heads).")
 
 
-def _check_arguments(q, view, scale, mask, sinks):
+def _check_arguments(q, scale, mask, sinks):
     """A clear error for a ``scale`` that is not a finite number, a ``mask`` that is not
     ``"causal"`` or an array whose leading axes broadcast to the scores' (B, Hq, L), and ``sinks``
     that are not one logit per query head; each names the bad value."""
@@ -86,7 +86,7 @@ def _check_arguments(q, view, scale, mask, sinks):
         if mask != "causal":
             raise ValueError(f"Unsupported mask {mask!r}.")
     elif mask is not None:
-        rows = (B, Hq, L)  # its key axis is the view's to read (a sliding window's is its own)
+        rows = (B, Hq, L)  # its key axis is each path's to read (a sliding window's is its own)
         if not isinstance(mask, mx.array) or not 1 <= mask.ndim <= 4 or _broadcasts(mask.shape[:-1], rows) != rows:
             raise ValueError(f"mask must be 'causal' or an array that broadcasts to (batch, query heads, "
                              f"queries, keys) = {rows + ('keys',)}, got {getattr(mask, 'shape', type(mask).__name__)}.")
