@@ -76,7 +76,7 @@ class ModelProvider(server.ModelProvider):
         served = self.model_key
         if served is None or self.is_distributed:
             return self._swap(model_path, adapter_path, draft_model_path)
-        check_model_files(model_path, adapter_path, draft_model_path, names=("model", "adapters", "draft model"))
+        check_model_files(model_path, adapter_path, draft_model_path)
         try:
             self._swap(model_path, adapter_path, draft_model_path)
         except Exception:

@@ -72,10 +72,10 @@ def find_model(path_or_repo=None):
                            f"Hugging Face Hub gave {type(e).__name__}: {e}") from e
 
 
-def check_model_files(model, adapters=None, draft=None, names=("model", "adapter path", "draft model")):
+def check_model_files(model, adapters=None, draft=None, names=("model", "adapters", "draft model")):
     """Before anything loads: an error naming what is not there of a model, its adapters and
     its draft model (``find_model``), or adapters or a draft model given with a GGUF model (they
-    apply to mlx-lm models). ``names``: how the errors call the three (a command's flags)."""
+    apply to mlx-lm models). ``names``: how the errors call the three (a command names its flags)."""
     for name, path in ((names[0], model), (names[2], draft)):
         if path is not None:
             try:
