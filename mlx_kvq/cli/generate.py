@@ -10,7 +10,7 @@ import mlx.core as mx
 
 from ..bridge import cache_config, make_sampler, stream_generate
 from ..generation import build_cache, continuation_tokens, encode_prompt, load_document_cache
-from ..models import prepare_model
+from ..models import context_length, fit_to_context, prepare_model
 from .args import (add_dtype_argument, add_kv_arguments, add_model_arguments, cache_kwargs, check_kv, command_parser,
                    json_object, prompt_cache_config, ranged, str2bool)
 from .distributed import add_distributed_arguments, load_model, own_cache_file, prompt_cache_file, rank_report, seed
@@ -101,6 +101,15 @@ def main(argv=None):
     else:
         tokens = encode_prompt(tokenizer, prompt, args.system_prompt, args.ignore_chat_template,
                                **args.chat_template_config)
+    held = report[0].offset if meta is not None and report else 0  # the prompt cache file's tokens
+    try:
+        max_tokens = fit_to_context(model, held + len(tokens), args.max_tokens)
+    except ValueError as e:
+        sys.exit(f"mlx_kvq.generate: error: {e} Use mlx_kvq.summarize, which splits long documents, "
+                 "or a shorter prompt.")
+    if max_tokens < args.max_tokens:
+        print(f"mlx_kvq.generate: generating at most {max_tokens} tokens: the model's context is "
+              f"{context_length(model)} tokens", file=sys.stderr)
     sampler = make_sampler(
         args.temp, args.top_p, args.min_p, args.min_tokens_to_keep, top_k=args.top_k,
         xtc_probability=args.xtc_probability, xtc_threshold=args.xtc_threshold,
@@ -112,7 +121,7 @@ def main(argv=None):
         print("=" * 10)
     try:
         for response in stream_generate(
-            model, tokenizer, tokens, max_tokens=args.max_tokens, sampler=sampler, prompt_cache=cache,
+            model, tokenizer, tokens, max_tokens=max_tokens, sampler=sampler, prompt_cache=cache,
             prefill_step_size=args.prefill_step_size, **extra,
         ):
             if args.verbose:

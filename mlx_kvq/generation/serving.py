@@ -12,8 +12,11 @@ cache); what differs:
   entry's real (packed) bytes.
 * ``APIHandler`` answers a request that would stop mlx-lm's generation thread (an empty
   prompt, non-string stop words, messages that are not role objects, tools that are not
-  objects) with a 400, and
-  ``/v1/models`` lists the served model even without a Hugging Face cache directory.
+  objects) with a 400, as it does a request the generation thread refuses
+  (``RequestError``: a prompt that fills the model's context, KV over ``--max-kv-memory``),
+  and ``/v1/models`` lists the served model even without a Hugging Face cache directory.
+* generation ends at the model's context: ``max_tokens`` is cut to what fits after the
+  prompt.
 
 Under ``mlx.launch`` (more than one rank) it runs as mlx-lm's server does: every rank loads
 its share of the model (``load_sharded``: tensor parallel, or ``--pipeline``), rank 0
@@ -26,6 +29,7 @@ import gc
 import json
 import logging
 import os
+import sys
 import time
 from collections import deque
 from pathlib import Path
@@ -36,7 +40,8 @@ import mlx.core as mx
 from .. import kernels
 from ..bridge import make_logits_processors, make_sampler, mlx_lm_batch_generator, mlx_lm_server, serve_caches
 from ..cache import RowsBuffer
-from ..models import check_model_files, default_model_path, float_dtype, load, load_sharded, prepare_model, reads_gguf
+from ..models import (check_model_files, default_model_path, fit_to_context, float_dtype, load, load_sharded,
+                      prepare_model, reads_gguf)
 from ..models.memory import kv_bytes
 from .distributed import by_rank_line, ints_by_rank
 
@@ -267,6 +272,12 @@ class PromptCache(server.LRUPromptCache):
             super().trim_to(n_sequences=len(self) - 1)
 
 
+class RequestError(ValueError):
+    """A request the generation thread refuses once it has tokenized or sized it (an empty
+    prompt, a prompt that fills the model's context, KV over ``--max-kv-memory``): the
+    client's error, answered 400 (mlx-lm answers every error there 404)."""
+
+
 class ResponseGenerator(server.ResponseGenerator):
     """mlx-lm's ``ResponseGenerator``, batching whatever caches the model makes; under
     mlx.launch rank 0 also logs every rank's prompt-cache bytes.
@@ -327,7 +338,7 @@ class ResponseGenerator(server.ResponseGenerator):
             request[0].put(e)
             return None
         if need > self.max_kv_memory:
-            request[0].put(ValueError(
+            request[0].put(RequestError(
                 f"this request needs {need / 1e6:.1f} MB of KV cache (its prompt plus max_tokens), more than the "
                 f"server's --max-kv-memory of {self.max_kv_memory / 1e6:.1f} MB; send fewer tokens or max_tokens"))
             return None
@@ -360,7 +371,8 @@ class ResponseGenerator(server.ResponseGenerator):
                 provider.load(args.model.model, args.model.adapter, args.model.draft)
             elif provider.model is None:
                 return self.max_kv_memory
-        tokens = len(self._tokenize(provider.tokenizer, body, args)[0]) + args.max_tokens
+        prompt = self._tokenize(provider.tokenizer, body, args)[0]  # may cut args.max_tokens to the context
+        tokens = len(prompt) + args.max_tokens
         kv = dict(provider.kv_kwargs or {})
         bits, group = kv.pop("kv_bits", None), kv.pop("kv_group_size", None)
         # unquantized tokens (mlx-lm's caches; our sinks and window) store the model's dtype
@@ -379,9 +391,17 @@ class ResponseGenerator(server.ResponseGenerator):
         return self.model_provider.is_batchable and args.seed is None
 
     def _tokenize(self, tokenizer, request, args):
+        """mlx-lm's, refusing an empty prompt and one that fills the model's context
+        (``fit_to_context``), and ending generation at the context's end: ``max_tokens`` is
+        cut to what fits after the prompt (the response then ends with ``finish_reason``
+        "length", as at any ``max_tokens``)."""
         out = super()._tokenize(tokenizer, request, args)
         if not out[0]:
-            raise ValueError("The prompt is empty (no tokens).")
+            raise RequestError("The prompt is empty (no tokens).")
+        try:
+            args.max_tokens = fit_to_context(self.model_provider.model, len(out[0]), args.max_tokens)
+        except ValueError as e:
+            raise RequestError(f"{e} Send a shorter prompt.") from None
         return out
 
 
@@ -446,6 +466,13 @@ class APIHandler(server.APIHandler):
                 if not -100 <= bias <= 100:
                     raise ValueError(f"logit_bias of token {token} must be between -100 and 100 (OpenAI's range), "
                                      f"got {bias}")
+
+    def _set_completion_headers(self, status_code=200):
+        """mlx-lm's; called with 404 while it handles any error of the generation thread,
+        which is 400 where that error is a refused request (``RequestError``)."""
+        if status_code == 404 and isinstance(sys.exc_info()[1], RequestError):
+            status_code = 400
+        super()._set_completion_headers(status_code)
 
     def handle_text_completions(self):
         prompt = self.body.get("prompt")

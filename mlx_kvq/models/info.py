@@ -1,4 +1,5 @@
-"""What the commands ask of a loaded model: its context length, a fingerprint that
+"""What the commands ask of a loaded model: its context length (and what a request fits in
+it), a fingerprint that
 identifies it in cache files, the dtype its activations take, and its weights in float32
 (fast on the CPU)."""
 
@@ -12,14 +13,41 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map_with_path
 
 
+# RoPE scalings whose config already states the extended length as max_position_embeddings
+EXTENDED_IN_CONFIG = ("llama3", "longrope", "su")
+
+
 def context_length(model):
-    """The model's context length from its config, or None if it does not say."""
+    """The model's context length from its config, or None if it does not say: its
+    positions (``max_position_embeddings``; yarn's ``original_max_position_embeddings``)
+    times the ``rope_scaling`` factor where that scaling extends them (yarn, linear, dynamic;
+    llama3 and longrope configs state the extended length already), as vLLM counts it."""
     args = getattr(model, "args", None)
     for key in ("max_position_embeddings", "context_length", "max_seq_len"):
         value = getattr(args, key, None)
         if isinstance(value, int) and value > 0:
+            scaling = getattr(args, "rope_scaling", None)
+            kind = scaling.get("rope_type", scaling.get("type")) if isinstance(scaling, dict) else None
+            factor = scaling.get("factor") if isinstance(scaling, dict) else None
+            if kind not in EXTENDED_IN_CONFIG and isinstance(factor, (int, float)) and factor > 1:
+                if kind == "yarn":
+                    value = scaling.get("original_max_position_embeddings") or value
+                value = int(value * factor)
             return value
     return None
+
+
+def fit_to_context(model, prompt_tokens, max_tokens):
+    """``max_tokens`` cut to what the model's context holds after a prompt of ``prompt_tokens``
+    (unchanged where the config states no context); a ``ValueError`` naming both lengths
+    where the prompt alone fills it."""
+    limit = context_length(model)
+    if limit is None:
+        return max_tokens
+    if prompt_tokens >= limit:
+        raise ValueError(f"The prompt takes {prompt_tokens} tokens; the model's context is {limit} tokens "
+                         "(the prompt and the tokens it generates).")
+    return min(max_tokens, limit - prompt_tokens)
 
 
 def model_fingerprint(model):

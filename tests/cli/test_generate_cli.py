@@ -51,6 +51,15 @@ def test_cli_bad_input_is_a_clear_error(smollm_path, args, message):
     assert message in r.stderr and "Traceback" not in r.stderr
 
 
+def test_a_prompt_past_the_models_context_is_a_clear_error(smollm_path):
+    """SmolLM2's context is 8192 tokens: a longer prompt is refused before any prefill,
+    naming both lengths."""
+    r = run("-p", "-", "-m", "4", "--ignore-chat-template", stdin="The river runs past the mill. " * 1400)
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    assert "tokens; the model's context is 8192 tokens" in r.stderr and "mlx_kvq.summarize" in r.stderr
+    assert int(r.stderr.split("takes ")[1].split()[0]) > 8192
+
+
 def test_kv_flags_map_to_cache_arguments():
     args = generate.setup_arg_parser().parse_args(
         ["--k-bits", "8", "--v-bits", "4", "--kv-rotate", "none", "--kv-window", "64"]

@@ -1,8 +1,8 @@
 """``mlx_kvq.server`` as a real server process on the embedded model (4-bit KV, the
 defaults), driven by the ``openai`` client: chat, completion, streaming, stop words,
 concurrent clients whose greedy outputs equal single runs, a prompt-cache hit, malformed
-requests, a client that disconnects mid-stream and a request over the KV memory limit. One
-server for the module."""
+requests, a client that disconnects mid-stream, a request over the KV memory limit and a
+prompt past the model's context. One server for the module."""
 
 import concurrent.futures as cf
 import http.client
@@ -43,7 +43,7 @@ def server():
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlx_kvq.cli.server", "--port", str(port), "--max-tokens", "12",
-         "--log-level", "WARNING", "--max-kv-memory", "1GB", "--prompt-concurrency", "3"],  # rows prefilled together
+         "--log-level", "WARNING", "--max-kv-memory", "48MB", "--prompt-concurrency", "3"],  # rows prefilled together
         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         preexec_fn=_ctrl_c_as_in_a_terminal,
     )
@@ -240,11 +240,28 @@ def test_a_request_for_another_model_is_served_after_the_running_ones(server, cl
 
 
 def test_request_over_the_kv_memory_limit_is_refused_and_the_server_lives(server, client):
-    """The module's server runs with --max-kv-memory 1GB (every test above is admitted
-    under it): a million new tokens (~7 GB of 4-bit KV for this model) are refused."""
+    """The module's server runs with --max-kv-memory 48MB (every test here is admitted under
+    it): a request whose max_tokens runs to the end of the model's 8192-token context (54.5 MB
+    of this model's 4-bit KV with its float32 sinks and window) is refused with a 400."""
     port = server[0]
     status, out = _request(port, "POST", "/v1/completions", {"prompt": "Hi", "max_tokens": 10**6})
-    assert status >= 400 and "--max-kv-memory" in json.loads(out)["error"]
+    assert status == 400 and "--max-kv-memory" in json.loads(out)["error"], (status, out)
+    assert client.completions.create(model="default_model", prompt="Hi", max_tokens=2).choices[0].text is not None
+
+
+def test_a_prompt_past_the_models_context_is_refused_and_the_server_lives(server, client):
+    """A prompt of more tokens than the model's context (8192 for SmolLM2) gets a 400 naming
+    both lengths before any prefill, which the openai client raises as BadRequestError."""
+    port = server[0]
+    long_prompt = "The river runs past the mill. " * 1400
+    status, out = _request(port, "POST", "/v1/completions", {"prompt": long_prompt, "max_tokens": 4})
+    error = json.loads(out)["error"]
+    assert status == 400 and "tokens; the model's context is 8192 tokens" in error, (status, out)
+    assert int(error.split("takes ")[1].split()[0]) > 8192
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="default_model", messages=[{"role": "user", "content": long_prompt}],
+                                       max_tokens=4)
+    assert "context is 8192" in e.value.response.text
     assert client.completions.create(model="default_model", prompt="Hi", max_tokens=2).choices[0].text is not None
 
 

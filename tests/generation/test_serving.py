@@ -132,6 +132,41 @@ def test_serving_counts_the_models_dtype_for_unquantized_tokens():
     assert g.request_kv_bytes((None, 100, SimpleNamespace(max_tokens=0))) == kv_bytes(config, 100)
 
 
+def test_a_prompt_that_fills_the_context_is_refused_and_generation_ends_at_it(monkeypatch):
+    """After mlx-lm's tokenizing: a prompt of the model's context or more is a
+    ``RequestError`` naming both lengths; a request whose ``max_tokens`` runs past the context
+    has it cut to what fits (and is sized by that under ``--max-kv-memory``); a model whose
+    config states no context is left as mlx-lm serves it."""
+    import mlx.nn as nn
+
+    from mlx_kvq.models.memory import kv_bytes
+
+    monkeypatch.setattr(server.ResponseGenerator, "_tokenize",
+                        lambda self, tokenizer, body, args: (list(range(body)), [], [], None, None))
+    g = generator(None, {})
+    del g.request_kv_bytes
+    config = dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=64, hidden_size=256,
+                  max_position_embeddings=512)
+    model = nn.Linear(4, 4)
+    model.args = SimpleNamespace(**config)
+    g.model_provider = SimpleNamespace(tokenizer=None, kv_kwargs=None, model=model)
+    for n in (512, 600):
+        with pytest.raises(serving.RequestError, match=f"takes {n} tokens; the model's context is 512"):
+            g._tokenize(None, n, SimpleNamespace(max_tokens=8))
+    with pytest.raises(serving.RequestError, match="empty"):
+        g._tokenize(None, 0, SimpleNamespace(max_tokens=8))
+    for n, asked, kept in ((511, 8, 1), (500, 100, 12), (500, 12, 12), (10, 8, 8)):
+        args = SimpleNamespace(max_tokens=asked)
+        assert len(g._tokenize(None, n, args)[0]) == n and args.max_tokens == kept
+    args = SimpleNamespace(max_tokens=10**6)
+    assert g.request_kv_bytes((None, 100, args)) == kv_bytes(config, 512) * 2  # float32 model
+    assert args.max_tokens == 412
+    del model.args.max_position_embeddings
+    args = SimpleNamespace(max_tokens=10**6)
+    g._tokenize(None, 600, args)
+    assert args.max_tokens == 10**6
+
+
 def test_a_request_for_another_model_waits_for_the_batch_and_is_sized_by_its_model():
     """A request naming a model other than the loaded one waits, and the requests after it,
     while admitted requests run (mlx-lm's loop drains its batch before it switches models);
