@@ -11,8 +11,9 @@ cache); what differs:
 * the prompt cache is held to ``--prompt-cache-bytes`` on every insert, counting each
   entry's real (packed) bytes.
 * ``APIHandler`` answers a request that would stop mlx-lm's generation thread (an empty
-  prompt, non-string stop words, messages that are not role objects, tools that are not
-  objects) with a 400, as it does a request the generation thread refuses
+  prompt, non-string stop words, messages that are not role objects, content parts that are
+  not objects, tools that are not objects, parts other than text for a text-only model) with a
+  400, as it does a request the generation thread refuses
   (``RequestError``: a prompt that fills the model's context, KV over ``--max-kv-memory``),
   and ``/v1/models`` lists the served model even without a Hugging Face cache directory.
 * generation ends at the model's context: ``max_tokens`` is cut to what fits after the
@@ -491,13 +492,33 @@ class APIHandler(server.APIHandler):
             if content is not None and not isinstance(content, (str, list)):
                 raise ValueError(f"a message's content must be a string or a list of parts, "
                                  f"got {type(content).__name__}")
+            for part in content if isinstance(content, list) else []:
+                if not isinstance(part, dict) or (part.get("type") == "text" and not isinstance(part.get("text"), str)):
+                    raise ValueError(f"a content part must be an object with a 'type' (a text part with its "
+                                     f"'text' a string), got {part!r}"[:300])
         tools = self.body.get("tools")
         if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
             raise ValueError("tools must be a list of objects (OpenAI's function tools)")
         kwargs = self.body.get("chat_template_kwargs")
         if kwargs is not None and not isinstance(kwargs, dict):
             raise ValueError("chat_template_kwargs must be an object")
+        self._check_text_only(messages)
         return super().handle_chat_completions()
+
+    def _check_text_only(self, messages):
+        """A part other than text, for the served model where it takes text only (no image
+        processor), is refused here: mlx-lm fetches a request's image URLs first (up to 30 s
+        each, from any address) and its generation thread then fails the request with a 404."""
+        provider = self.response_generator.model_provider
+        served = provider.model is not None and provider.model_key == provider.key(
+            self.requested_model, self.adapter, self.requested_draft_model)
+        if not served or provider.processor is not None:
+            return
+        for m in messages:
+            for part in m.get("content") if isinstance(m.get("content"), list) else []:
+                kind = part.get("type")
+                if kind != "text":
+                    raise ValueError(f"the served model takes text only; a message has a part of type {kind!r}")
 
     def handle_models_request(self):
         """The served model (as ``default_model`` and by its path), then mlx-lm's list of

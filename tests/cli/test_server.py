@@ -175,9 +175,13 @@ def test_prompt_cache_hit(client):
     {"messages": [{"role": "user", "content": "Hi"}], "tools": [5]},
     {"messages": [{"role": "user", "content": "Hi"}], "chat_template_kwargs": 5},
     {"messages": [{"role": "user", "content": "Hi"}], "n": 2},
+    {"messages": [{"role": "user", "content": [{"type": "text"}]}]},
+    {"messages": [{"role": "user", "content": [5]}]},
+    {"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}]}]},
 ], ids=["bad-json", "max-tokens", "temperature", "messages", "empty-prompt", "stop", "no-messages",
         "temperature-nan", "temperature-tiny", "top-p-inf", "seed", "bias-past-vocab", "bias-negative-id",
-        "bias-inf", "presence-inf", "content", "stream-options", "tools", "tools-items", "template-kwargs", "n"])
+        "bias-inf", "presence-inf", "content", "stream-options", "tools", "tools-items", "template-kwargs", "n",
+        "text-part-without-text", "part-not-object", "audio-part"])
 def test_malformed_requests_get_400_and_the_server_lives(server, client, body):
     port = server[0]
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
@@ -185,6 +189,22 @@ def test_malformed_requests_get_400_and_the_server_lives(server, client, body):
     status, out = _request(port, "POST", path, raw=raw)
     assert status == 400 and "error" in json.loads(out), (status, out)
     assert _request(port, "GET", "/health")[0] == 200
+
+
+def test_an_image_for_a_text_only_model_is_refused_before_any_fetch(server, client):
+    """The embedded model takes text only: an image part gets a 400 naming its type at once
+    (mlx-lm's handler fetches the URL first, here an address that never answers, for up to
+    30 s), and text parts in a list are served."""
+    port = server[0]
+    image = {"type": "image_url", "image_url": {"url": "http://192.0.2.1/cat.png"}}  # TEST-NET-1
+    body = {"messages": [{"role": "user", "content": [{"type": "text", "text": "What is this?"}, image]}]}
+    t0 = time.time()
+    status, out = _request(port, "POST", "/v1/chat/completions", body)
+    assert status == 400 and "'image_url'" in json.loads(out)["error"], (status, out)
+    assert time.time() - t0 < 10
+    r = client.chat.completions.create(model="default_model", max_tokens=2, messages=[
+        {"role": "user", "content": [{"type": "text", "text": "Name a "}, {"type": "text", "text": "fruit."}]}])
+    assert r.choices[0].message.content is not None
 
 
 def test_sampling_parameters_at_their_limits_are_served(client):
