@@ -453,6 +453,10 @@ class APIHandler(server.APIHandler):
                 raise ValueError(f"{name} must be between -2 and 2 (OpenAI's range), got {getattr(self, name)}")
         if self.seed is not None and not 0 <= self.seed < 2**64:  # mx.random.seed's uint64
             raise ValueError(f"seed must be in [0, 2**64), got {self.seed}")
+        if isinstance(self.body.get("max_tokens", 1), bool) or isinstance(self.body.get("max_completion_tokens", 1), bool):
+            raise ValueError(f"max_tokens must be an integer, got {self.max_tokens!r}")
+        if self.body.get("top_logprobs") is not None and self.top_logprobs < 0:  # mlx-lm's -1: not asked
+            raise ValueError(f"top_logprobs must be at least 0, got {self.top_logprobs}")
         n = self.body.get("n", 1)
         if isinstance(n, bool) or n != 1:  # mlx-lm answers one choice whatever n asks
             raise ValueError(f"n must be 1 (the server gives one choice a request), got {n!r}")
@@ -492,6 +496,15 @@ class APIHandler(server.APIHandler):
             if content is not None and not isinstance(content, (str, list)):
                 raise ValueError(f"a message's content must be a string or a list of parts, "
                                  f"got {type(content).__name__}")
+            for call in m.get("tool_calls") or []:
+                arguments = call.get("function", {}).get("arguments") if isinstance(call, dict) else None
+                if not isinstance(call, dict) or not isinstance(call.get("function", {}), dict):
+                    raise ValueError(f"a message's tool_calls must be objects with a 'function' object, got {call!r}"[:300])
+                if isinstance(arguments, str) and arguments:
+                    try:
+                        json.loads(arguments)
+                    except ValueError as e:
+                        raise ValueError(f"a tool call's arguments must be JSON ({e}): {arguments!r}"[:300]) from None
             for part in content if isinstance(content, list) else []:
                 if not isinstance(part, dict) or (part.get("type") == "text" and not isinstance(part.get("text"), str)):
                     raise ValueError(f"a content part must be an object with a 'type' (a text part with its "
