@@ -6,6 +6,7 @@ asks for less than half the streaming use 1.5 s after), or what else keeps the p
 """
 
 import argparse
+import http.client
 import json
 import os
 import socket
@@ -74,20 +75,17 @@ def main():
         urllib.request.urlopen(req, timeout=300).read()
         time.sleep(1)
         print(f"idle: {cores(proc.pid, 3):.2f} cores; busiest threads: {busiest(proc.pid, 2)}", flush=True)
-        body = json.dumps({"prompt": "Count to a thousand:", "max_tokens": a.max_tokens, "stream": True}).encode()
-        sock = socket.create_connection(("127.0.0.1", a.port), timeout=300)
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-        stream = sock.makefile("rb")
-        assert b" 200 " in stream.readline()
-        while not stream.readline().startswith(b"data:"):
-            pass
+        conn = http.client.HTTPConnection("127.0.0.1", a.port, timeout=300)
+        conn.request("POST", "/v1/completions", json.dumps(
+            {"prompt": "Count to a thousand:", "max_tokens": a.max_tokens, "stream": True}).encode(),
+            {"Content-Type": "application/json"})
+        events = conn.getresponse()  # server-sent events, one "data:" line a token
         t0, c0, n = time.time(), cpu_seconds(proc.pid), 0
         while time.time() - t0 < 2:
-            n += stream.readline().startswith(b"data:")
+            n += events.readline().startswith(b"data:")
         print(f"streaming: {(cpu_seconds(proc.pid) - c0) / (time.time() - t0):.2f} cores, {n / 2:.0f} events/s", flush=True)
-        sock.shutdown(socket.SHUT_RDWR)
-        sock.close()
+        conn.sock.shutdown(socket.SHUT_RDWR)  # the client goes away mid-stream
+        conn.close()
         t0 = time.time()
         for window in (1.5, 2, 2, 5, 10):
             start = time.time() - t0
