@@ -79,13 +79,14 @@ def main():
         conn.request("POST", "/v1/completions", json.dumps(
             {"prompt": "Count to a thousand:", "max_tokens": a.max_tokens, "stream": True}).encode(),
             {"Content-Type": "application/json"})
+        sock = conn.sock  # the response takes it over
         events = conn.getresponse()  # server-sent events, one "data:" line a token
         t0, c0, n = time.time(), cpu_seconds(proc.pid), 0
         while time.time() - t0 < 2:
             n += events.readline().startswith(b"data:")
         print(f"streaming: {(cpu_seconds(proc.pid) - c0) / (time.time() - t0):.2f} cores, {n / 2:.0f} events/s", flush=True)
-        conn.sock.shutdown(socket.SHUT_RDWR)  # the client goes away mid-stream
-        conn.close()
+        sock.shutdown(socket.SHUT_RDWR)  # the client goes away mid-stream
+        events.close()
         t0 = time.time()
         for window in (1.5, 2, 2, 5, 10):
             start = time.time() - t0
