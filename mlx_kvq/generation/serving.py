@@ -491,47 +491,36 @@ class APIHandler(server.APIHandler):
             isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages
         ):
             raise ValueError("messages must be a non-empty list of objects with a 'role'")
+        text_only = self._serves_text_only()
         for m in messages:
             content = m.get("content")
             if content is not None and not isinstance(content, (str, list)):
                 raise ValueError(f"a message's content must be a string or a list of parts, "
                                  f"got {type(content).__name__}")
-            for call in m.get("tool_calls") or []:
-                arguments = call.get("function", {}).get("arguments") if isinstance(call, dict) else None
-                if not isinstance(call, dict) or not isinstance(call.get("function", {}), dict):
-                    raise ValueError(f"a message's tool_calls must be objects with a 'function' object, got {call!r}"[:300])
-                if isinstance(arguments, str) and arguments:
-                    try:
-                        json.loads(arguments)
-                    except ValueError as e:
-                        raise ValueError(f"a tool call's arguments must be JSON ({e}): {arguments!r}"[:300]) from None
             for part in content if isinstance(content, list) else []:
                 if not isinstance(part, dict) or (part.get("type") == "text" and not isinstance(part.get("text"), str)):
                     raise ValueError(f"a content part must be an object with a 'type' (a text part with its "
                                      f"'text' a string), got {part!r}"[:300])
+                if text_only and part.get("type") != "text":
+                    raise ValueError(f"the served model takes text only; a message has a part of type "
+                                     f"{part.get('type')!r}")
+            _check_tool_calls(m.get("tool_calls"))
         tools = self.body.get("tools")
         if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
             raise ValueError("tools must be a list of objects (OpenAI's function tools)")
         kwargs = self.body.get("chat_template_kwargs")
         if kwargs is not None and not isinstance(kwargs, dict):
             raise ValueError("chat_template_kwargs must be an object")
-        self._check_text_only(messages)
         return super().handle_chat_completions()
 
-    def _check_text_only(self, messages):
-        """A part other than text, for the served model where it takes text only (no image
-        processor), is refused here: mlx-lm fetches a request's image URLs first (up to 30 s
-        each, from any address) and its generation thread then fails the request with a 404."""
+    def _serves_text_only(self):
+        """Whether the request is for the served model and it takes text only (no image
+        processor): its parts other than text are refused in the handler, where mlx-lm fetches
+        a request's image URLs first (up to 30 s each, from any address) and its generation
+        thread then fails the request with a 404."""
         provider = self.response_generator.model_provider
-        served = provider.model is not None and provider.model_key == provider.key(
+        return provider.model is not None and provider.processor is None and provider.model_key == provider.key(
             self.requested_model, self.adapter, self.requested_draft_model)
-        if not served or provider.processor is not None:
-            return
-        for m in messages:
-            for part in m.get("content") if isinstance(m.get("content"), list) else []:
-                kind = part.get("type")
-                if kind != "text":
-                    raise ValueError(f"the served model takes text only; a message has a part of type {kind!r}")
 
     def handle_models_request(self):
         """The served model (as ``default_model`` and by its path), then mlx-lm's list of
@@ -554,6 +543,26 @@ class APIHandler(server.APIHandler):
         self.end_headers()
         self.wfile.write(body)
         self.wfile.flush()
+
+
+def _check_tool_calls(calls):
+    """A message's ``tool_calls`` (None, or a list of objects whose ``function`` is an object
+    with JSON ``arguments``): mlx-lm's generation thread parses the arguments and fails the
+    request with a 404 where they are not JSON."""
+    if calls is None:
+        return
+    if not isinstance(calls, list):
+        raise ValueError(f"a message's tool_calls must be a list, got {type(calls).__name__}")
+    for call in calls:
+        function = call.get("function", {}) if isinstance(call, dict) else None
+        if not isinstance(function, dict):
+            raise ValueError(f"a message's tool_calls must be objects with a 'function' object, got {call!r}"[:300])
+        arguments = function.get("arguments")
+        if isinstance(arguments, str) and arguments:
+            try:
+                json.loads(arguments)
+            except ValueError as e:
+                raise ValueError(f"a tool call's arguments must be JSON ({e}): {arguments!r}"[:300]) from None
 
 
 def vocabulary(provider):

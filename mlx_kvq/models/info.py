@@ -1,7 +1,6 @@
 """What the commands ask of a loaded model: its context length (and what a request fits in
-it), a fingerprint that
-identifies it in cache files, the dtype its activations take, and its weights in float32
-(fast on the CPU)."""
+it), a fingerprint that identifies it in cache files, the dtype its activations take, and its
+weights in float32 (fast on the CPU)."""
 
 import hashlib
 import json

@@ -178,6 +178,7 @@ def test_prompt_cache_hit(client):
     {"messages": [{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{bad"}}]},
                   {"role": "user", "content": "Hi"}]},
     {"messages": [{"role": "assistant", "tool_calls": [5]}, {"role": "user", "content": "Hi"}]},
+    {"messages": [{"role": "assistant", "tool_calls": 5}, {"role": "user", "content": "Hi"}]},
     {"messages": [{"role": "user", "content": "Hi"}], "logprobs": True, "top_logprobs": -1},
     {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": True},
     {"messages": [{"role": "user", "content": [{"type": "text"}]}]},
@@ -186,7 +187,7 @@ def test_prompt_cache_hit(client):
 ], ids=["bad-json", "max-tokens", "temperature", "messages", "empty-prompt", "stop", "no-messages",
         "temperature-nan", "temperature-tiny", "top-p-inf", "seed", "bias-past-vocab", "bias-negative-id",
         "bias-inf", "presence-inf", "content", "stream-options", "tools", "tools-items", "template-kwargs", "n",
-        "tool-call-arguments", "tool-call-not-object", "top-logprobs", "max-tokens-bool", "text-part-without-text", "part-not-object", "audio-part"])
+        "tool-call-arguments", "tool-call-not-object", "tool-calls-not-list", "top-logprobs", "max-tokens-bool", "text-part-without-text", "part-not-object", "audio-part"])
 def test_malformed_requests_get_400_and_the_server_lives(server, client, body):
     port = server[0]
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
