@@ -60,6 +60,27 @@ def test_a_prompt_past_the_models_context_is_a_clear_error(smollm_path):
     assert int(r.stderr.split("takes ")[1].split()[0]) > 8192
 
 
+def test_max_tokens_past_the_context_is_cut_and_said(fast_smollm, monkeypatch, capsys):
+    """With the model's context at 40 positions, ``-m 30`` after a prompt of 13 tokens
+    generates at most the 27 that fit, and stderr says so; its text begins as the same
+    prompt's greedy answer with the full context."""
+    model, tokenizer = fast_smollm
+    monkeypatch.setattr(generate, "load_model", lambda args, path=None: (model, tokenizer))
+    argv = ["-p", "Once upon a time, in a small village by the sea,", "--ignore-chat-template", "--temp", "0"]
+    answer = lambda out: out.split("=" * 10)[1].strip()
+    generate.main(argv + ["-m", "12"])
+    full = capsys.readouterr().out
+    assert "Generation: 12 tokens" in full
+    monkeypatch.setattr(model.args, "max_position_embeddings", 40)
+    prompt = len(tokenizer.encode(argv[1]))
+    generate.main(argv + ["-m", "30"])
+    out, err = capsys.readouterr()
+    assert f"generating at most {40 - prompt} tokens: the model's context is 40 tokens" in err
+    n = int(out.split("Generation: ")[1].split()[0])
+    assert 12 <= n <= 40 - prompt < 30
+    assert answer(out).startswith(answer(full))
+
+
 def test_kv_flags_map_to_cache_arguments():
     args = generate.setup_arg_parser().parse_args(
         ["--k-bits", "8", "--v-bits", "4", "--kv-rotate", "none", "--kv-window", "64"]
