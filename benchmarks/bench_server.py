@@ -34,6 +34,10 @@ served model's dtype (float32 on the CPU): mlx-lm's fp16 caches hold that dtype,
 format 4-bit values plus a scale and bias per 64 in it (what ``mx.quantize`` gives), and
 mlx-kvq's sinks and window hold it beside 4-bit codes with float16 scales and biases.
 
+``--rounds R`` sends the load R times to one server, new prompts each round (sustained
+load), and adds the server's resident memory after each round; ``--prompt-cache-bytes``
+passes that bound to every server (each finished request's cache enters its prompt cache).
+
 ``--max-kv-memory SIZE`` runs ``mlx_kvq.server`` under that KV budget and adds, per row, the
 most requests streaming at once (between their first token and their last, as the clients
 saw them) and how many requests of P + M tokens the budget holds in each format: 4-bit as
@@ -87,9 +91,11 @@ def _mem_mb(pid, field):
     return float("nan")
 
 
-def start(config, port, max_kv_memory=None):
+def start(config, port, max_kv_memory=None, prompt_cache_bytes=None):
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     common = ["--port", str(port), "--log-level", "WARNING"]  # each server's defaults
+    if prompt_cache_bytes is not None:
+        common += ["--prompt-cache-bytes", str(prompt_cache_bytes)]
     if config == "mlx-kvq":
         cmd = [sys.executable, "-m", "mlx_kvq.cli.server", *common]
         if max_kv_memory is not None:
@@ -179,14 +185,19 @@ def request_kv_bytes(config, model_config, tokens, dense):
 def run(config, args, texts, model_config):
     port = _free_port()
     budget = args.max_kv_memory if config == "mlx-kvq" else None
-    proc = start(config, port, budget)
+    proc = start(config, port, budget, args.prompt_cache_bytes)
+    clients = len(texts) // args.rounds
+    results, wall, by_round = [], 0.0, []
     try:
         complete(port, "Warm up:", 2, [])
         rss = _mem_mb(proc.pid, "VmRSS")
-        t0 = time.perf_counter()
-        with cf.ThreadPoolExecutor(len(texts)) as ex:
-            results = list(ex.map(lambda p: complete(port, p, args.new_tokens, args.eos), texts))
-        wall = time.perf_counter() - t0
+        for r in range(args.rounds):  # the same load again, new prompts each round
+            t0 = time.perf_counter()
+            with cf.ThreadPoolExecutor(clients) as ex:
+                results += ex.map(lambda p: complete(port, p, args.new_tokens, args.eos),
+                                  texts[r * clients : (r + 1) * clients])
+            wall += time.perf_counter() - t0
+            by_round.append(round(_mem_mb(proc.pid, "VmRSS")))
         peak = _mem_mb(proc.pid, "VmHWM")
     finally:
         proc.terminate()
@@ -194,13 +205,15 @@ def run(config, args, texts, model_config):
     ttfts = [r[0] for r in results if r[0] is not None]
     tokens, length = sum(r[2] for r in results), args.prompt_tokens + args.new_tokens
     row = {
-        "config": config, "clients": len(texts), "new_tokens": tokens, "failed": sum(r[2] == 0 for r in results),
+        "config": config, "clients": clients, "new_tokens": tokens, "failed": sum(r[2] == 0 for r in results),
         "wall_s": round(wall, 2), "tokens_per_s": round(tokens / wall, 2),
         "ttft_mean_s": round(sum(ttfts) / max(1, len(ttfts)), 2), "ttft_max_s": round(max(ttfts, default=0), 2),
         "rss_after_warmup_mb": round(rss), "peak_rss_mb": round(peak),
-        "kv_mb": round(len(texts) * request_kv_bytes(config, model_config, length, args.dense) / 2**20, 2),
+        "kv_mb": round(clients * request_kv_bytes(config, model_config, length, args.dense) / 2**20, 2),
         "most_streaming": most_streaming(results),
     }
+    if args.rounds > 1:
+        row.update(rounds=args.rounds, rss_after_each_round_mb=by_round)
     if budget is not None:
         from mlx_kvq.models.memory import kv_bytes, parse_size
 
@@ -222,7 +235,13 @@ def main():
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, of {', '.join(CONFIGS)}")
     p.add_argument("--json", help="write the rows to this file")
     p.add_argument("--max-kv-memory", metavar="SIZE", help="mlx_kvq.server's KV budget (e.g. 186MiB)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="the load this many times on one server, new prompts each round (sustained load: "
+                        "resident memory after each round)")
+    p.add_argument("--prompt-cache-bytes", type=int, help="every server's --prompt-cache-bytes (bytes)")
     args = p.parse_args()
+    if args.rounds < 1:
+        p.error(f"--rounds must be at least 1, got {args.rounds}")
     from mlx_kvq.models import float_dtype, load, prepare_model
 
     model, tokenizer = load(None)
@@ -231,7 +250,7 @@ def main():
                     "num_key_value_heads": model.args.num_key_value_heads, "hidden_size": model.args.hidden_size,
                     "head_dim": model.args.head_dim or model.args.hidden_size // model.args.num_attention_heads}
     args.eos = list(tokenizer.eos_token_ids)
-    texts = prompts(tokenizer, args.clients, args.prompt_tokens)
+    texts = prompts(tokenizer, args.clients * args.rounds, args.prompt_tokens)
     del model
     print(f"{platform.machine()} {platform.system()}, {os.cpu_count()} cores; {args.clients} clients, "
           f"{args.prompt_tokens}-token prompts, {args.new_tokens} new tokens each")
@@ -242,7 +261,8 @@ def main():
         print(json.dumps(row), flush=True)
     cols = ["config", "tokens_per_s", "ttft_mean_s", "ttft_max_s", "wall_s", "new_tokens", "failed",
             "kv_mb", "rss_after_warmup_mb", "peak_rss_mb", "most_streaming"]
-    cols += [c for c in ("kv_budget_mb", "fit_4bit", "fit_fp16") if any(c in r for r in rows)]
+    cols += [c for c in ("kv_budget_mb", "fit_4bit", "fit_fp16", "rounds", "rss_after_each_round_mb")
+             if any(c in r for r in rows)]
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in rows:
         print("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
