@@ -514,13 +514,16 @@ class APIHandler(server.APIHandler):
         return super().handle_chat_completions()
 
     def _serves_text_only(self):
-        """Whether the request is for the served model and it takes text only (no image
-        processor): its parts other than text are refused in the handler, where mlx-lm fetches
-        a request's image URLs first (up to 30 s each, from any address) and its generation
-        thread then fails the request with a 404."""
+        """Whether the request's model takes text only: the loaded model without an image
+        processor, or, not loaded yet (the first request), a GGUF model (``reads_gguf``: they
+        load as text models). Its parts other than text are refused in the handler, where
+        mlx-lm fetches a request's image URLs first (up to 30 s each, from any address) and its
+        generation thread then fails the request with a 404."""
         provider = self.response_generator.model_provider
-        return provider.model is not None and provider.processor is None and provider.model_key == provider.key(
-            self.requested_model, self.adapter, self.requested_draft_model)
+        key = provider.key(self.requested_model, self.adapter, self.requested_draft_model)
+        if provider.model is not None and provider.model_key == key:
+            return provider.processor is None
+        return key[1] is None and key[2] is None and reads_gguf(key[0])
 
     def handle_models_request(self):
         """The served model (as ``default_model`` and by its path), then mlx-lm's list of

@@ -37,8 +37,9 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server():
+def _serve():
+    """A server process on a free port with the module's flags, once it answers /health:
+    ``(port, proc)``."""
     port = _free_port()
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen(
@@ -52,19 +53,28 @@ def server():
         try:
             status, _ = _request(port, "GET", "/health")
             if status == 200:
-                break
+                return port, proc
         except OSError:
             pass
         if proc.poll() is not None or time.time() > deadline:
             proc.kill()
             pytest.fail(f"the server did not start: {proc.stderr.read()[-2000:]}")
         time.sleep(0.5)
-    yield port, proc
+
+
+def _stop(proc):
     proc.terminate()
     try:
         proc.wait(20)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server():
+    port, proc = _serve()
+    yield port, proc
+    _stop(proc)
 
 
 def _ctrl_c_as_in_a_terminal():
@@ -198,16 +208,21 @@ def test_malformed_requests_get_400_and_the_server_lives(server, client, body):
 
 
 def test_an_image_for_a_text_only_model_is_refused_before_any_fetch(server, client):
-    """The embedded model takes text only: an image part gets a 400 naming its type at once
-    (mlx-lm's handler fetches the URL first, here an address that never answers, for up to
-    30 s), and text parts in a list are served."""
-    port = server[0]
+    """The embedded model takes text only: an image part gets a 400 naming its type at once,
+    the model loaded (this module's server) or not yet (a fresh server's first request);
+    mlx-lm's handler fetches the URL first, here an address that never answers, for up to 30
+    s. Text parts in a list are served."""
     image = {"type": "image_url", "image_url": {"url": "http://192.0.2.1/cat.png"}}  # TEST-NET-1
     body = {"messages": [{"role": "user", "content": [{"type": "text", "text": "What is this?"}, image]}]}
-    t0 = time.time()
-    status, out = _request(port, "POST", "/v1/chat/completions", body)
-    assert status == 400 and "'image_url'" in json.loads(out)["error"], (status, out)
-    assert time.time() - t0 < 10
+    fresh, proc = _serve()
+    try:
+        for port in (fresh, server[0]):
+            t0 = time.time()
+            status, out = _request(port, "POST", "/v1/chat/completions", body)
+            assert status == 400 and "'image_url'" in json.loads(out)["error"], (status, out)
+            assert time.time() - t0 < 10
+    finally:
+        _stop(proc)
     r = client.chat.completions.create(model="default_model", max_tokens=2, messages=[
         {"role": "user", "content": [{"type": "text", "text": "Name a "}, {"type": "text", "text": "fruit."}]}])
     assert r.choices[0].message.content is not None

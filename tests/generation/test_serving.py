@@ -382,3 +382,29 @@ def test_vocabulary_is_the_logits_size():
     provider.model = SimpleNamespace()  # no config
     assert serving.vocabulary(provider) == 14
     assert serving.vocabulary(SimpleNamespace(model=None, tokenizer=None)) is None
+
+
+def test_text_only_is_known_before_the_model_loads(tmp_path):
+    """The handler refuses parts other than text for a model that takes text only: the loaded
+    model without an image processor, or, before any model loads, a GGUF file; an mlx-lm
+    model directory that has not loaded yet, or one with adapters, is left to mlx-lm."""
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    provider = SimpleNamespace(model=None, model_key=None, processor=None,
+                               key=lambda m, a=None, d=None: ({"default_model": str(gguf)}.get(m, m), a, d))
+    handler = object.__new__(serving.APIHandler)
+    handler.response_generator = SimpleNamespace(model_provider=provider)
+
+    def text_only(model, adapter=None):
+        handler.requested_model, handler.adapter, handler.requested_draft_model = model, adapter, None
+        return handler._serves_text_only()
+
+    assert text_only("default_model") and text_only(str(gguf))
+    assert not text_only(str(hf)) and not text_only(str(gguf), adapter="a")
+    provider.model, provider.model_key = object(), (str(hf), None, None)
+    assert text_only(str(hf))  # loaded, no image processor
+    provider.processor = object()
+    assert not text_only(str(hf)) and text_only("default_model")
