@@ -12,15 +12,18 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map_with_path
 
 
-# RoPE scalings whose config already states the extended length as max_position_embeddings
+# RoPE scalings whose config already states the extended length as max_position_embeddings,
+# and models whose configs do so whatever their scaling (Gemma 3's linear factor 8 over 131072)
 EXTENDED_IN_CONFIG = ("llama3", "longrope", "su")
+EXTENDED_MODELS = ("gemma3",)
 
 
 def context_length(model):
     """The model's context length from its config, or None if it does not say: its
     positions (``max_position_embeddings``; yarn's ``original_max_position_embeddings``)
     times the ``rope_scaling`` factor where that scaling extends them (yarn, linear, dynamic;
-    llama3 and longrope configs state the extended length already), as vLLM counts it."""
+    llama3 and longrope configs, and Gemma 3's, state the extended length already), as vLLM
+    counts it."""
     args = getattr(model, "args", None)
     for key in ("max_position_embeddings", "context_length", "max_seq_len"):
         value = getattr(args, key, None)
@@ -28,7 +31,8 @@ def context_length(model):
             scaling = getattr(args, "rope_scaling", None)
             kind = scaling.get("rope_type", scaling.get("type")) if isinstance(scaling, dict) else None
             factor = scaling.get("factor") if isinstance(scaling, dict) else None
-            if kind not in EXTENDED_IN_CONFIG and isinstance(factor, (int, float)) and factor > 1:
+            extended = kind in EXTENDED_IN_CONFIG or str(getattr(args, "model_type", "")).startswith(EXTENDED_MODELS)
+            if not extended and isinstance(factor, (int, float)) and factor > 1:
                 if kind == "yarn":
                     value = scaling.get("original_max_position_embeddings") or value
                 value = int(value * factor)

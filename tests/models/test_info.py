@@ -19,10 +19,12 @@ from mlx_kvq.models import context_length
     (dict(max_position_embeddings=131072, rope_scaling={"rope_type": "llama3", "factor": 8.0}), 131072),
     (dict(max_position_embeddings=131072, rope_scaling={"type": "longrope", "factor": 32.0}), 131072),
     (dict(max_position_embeddings=2048, rope_scaling={"type": "linear", "factor": 1.0}), 2048),
+    (dict(model_type="gemma3_text", max_position_embeddings=131072,
+          rope_scaling={"rope_type": "linear", "factor": 8.0}), 131072),
     (dict(context_length=1024), 1024),
     (dict(hidden_size=64), None),
     (dict(max_position_embeddings=0), None),
-], ids=["plain", "linear", "dynamic", "yarn", "yarn-original", "llama3", "longrope", "factor-1",
+], ids=["plain", "linear", "dynamic", "yarn", "yarn-original", "llama3", "longrope", "factor-1", "gemma3",
         "context-length", "none", "zero"])
 def test_context_length(config, expected):
     assert context_length(SimpleNamespace(args=SimpleNamespace(**config))) == expected
