@@ -2,7 +2,8 @@
 defaults), driven by the ``openai`` client: chat, completion, streaming, stop words,
 concurrent clients whose greedy outputs equal single runs, a prompt-cache hit, malformed
 requests, a client that disconnects mid-stream, a request over the KV memory limit and a
-prompt past the model's context. One server for the module."""
+prompt past the model's context. One server for the module (and a fresh one for a first
+request)."""
 
 import concurrent.futures as cf
 import http.client
@@ -197,7 +198,8 @@ def test_prompt_cache_hit(client):
 ], ids=["bad-json", "max-tokens", "temperature", "messages", "empty-prompt", "stop", "no-messages",
         "temperature-nan", "temperature-tiny", "top-p-inf", "seed", "bias-past-vocab", "bias-negative-id",
         "bias-inf", "presence-inf", "content", "stream-options", "tools", "tools-items", "template-kwargs", "n",
-        "tool-call-arguments", "tool-call-not-object", "tool-calls-not-list", "top-logprobs", "max-tokens-bool", "text-part-without-text", "part-not-object", "audio-part"])
+        "tool-call-arguments", "tool-call-not-object", "tool-calls-not-list", "top-logprobs", "max-tokens-bool",
+        "text-part-without-text", "part-not-object", "audio-part"])
 def test_malformed_requests_get_400_and_the_server_lives(server, client, body):
     port = server[0]
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
