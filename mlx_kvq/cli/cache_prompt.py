@@ -14,7 +14,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from ..generation.documents import cache_document, document_tokens, read_document
-from ..models import context_length, prepare_model
+from ..models import fit_to_context, prepare_model
 from .args import (add_dtype_argument, add_kv_arguments, add_model_arguments, add_prefill_step_argument, cache_kwargs,
                    cache_file_name, check_kv, command_parser)
 from .distributed import add_distributed_arguments, load_model, log, own_cache_file, rank_report
@@ -75,12 +75,10 @@ def main(argv=None):
         model, tokenizer = load_model(args)
         prepare_model(model, args.dtype)
         tokens, _ = document_tokens(tokenizer, document, args.system_prompt)
-        limit = context_length(model)
-        if limit and len(tokens) > limit:
-            raise ValueError(
-                f"The document takes {len(tokens)} tokens; the model's context is {limit}. "
-                "Use mlx_kvq.summarize, which splits long documents, or a shorter document."
-            )
+        try:  # a question and its answer are still to come after the document
+            fit_to_context(model, len(tokens), 1)
+        except ValueError as e:
+            raise ValueError(f"{e} Use mlx_kvq.summarize, which splits long documents, or a shorter document.") from None
         cache = cache_document(
             model, tokenizer, document, path, model_name=args.model,
             system_prompt=args.system_prompt, kv=kv, prefill_step=args.prefill_step,

@@ -138,6 +138,18 @@ def test_cache_prompt_bad_input(no_model, capsys, tmp_path, argv, named):
     assert "does not exist" in error_of(cache_prompt.main, missing, capsys)
 
 
+def test_cache_prompt_refuses_a_document_past_the_models_context(fast_smollm, monkeypatch, capsys, tmp_path):
+    """A document of the model's context or more (8192 tokens for SmolLM2) is one error line
+    naming both lengths and mlx_kvq.summarize, before any prefill and without a file."""
+    monkeypatch.setattr(cache_prompt, "load_model", lambda args: fast_smollm)
+    doc = tmp_path / "long.txt"
+    doc.write_text("The river runs past the mill. " * 1400)
+    out = tmp_path / "c.safetensors"
+    line = error_of(cache_prompt.main, [str(doc), "--prompt-cache-file", str(out)], capsys)
+    assert "tokens; the model's context is 8192 tokens" in line and "mlx_kvq.summarize" in line
+    assert int(line.split("takes ")[1].split()[0]) > 8192 and not out.exists()
+
+
 @pytest.mark.parametrize("argv, named", [
     (["--memory", "16"], "--memory: not a memory size with a unit: '16'"),
     (["--memory", "0GB"], "--memory: a memory budget must be positive"),
