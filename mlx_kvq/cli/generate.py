@@ -10,7 +10,7 @@ import mlx.core as mx
 
 from ..bridge import cache_config, make_sampler, stream_generate
 from ..generation import build_cache, continuation_tokens, encode_prompt, load_document_cache
-from ..models import context_length, fit_to_context, prepare_model
+from ..models import fit_to_context, prepare_model
 from .args import (add_dtype_argument, add_kv_arguments, add_model_arguments, cache_kwargs, check_kv, command_parser,
                    json_object, prompt_cache_config, ranged, str2bool)
 from .distributed import add_distributed_arguments, load_model, own_cache_file, prompt_cache_file, rank_report, seed
@@ -107,9 +107,9 @@ def main(argv=None):
     except ValueError as e:
         sys.exit(f"mlx_kvq.generate: error: {e} Use mlx_kvq.summarize, which splits long documents, "
                  "or a shorter prompt.")
-    if max_tokens < args.max_tokens:
+    if max_tokens < args.max_tokens:  # cut: the prompt and max_tokens fill the context
         print(f"mlx_kvq.generate: generating at most {max_tokens} tokens: the model's context is "
-              f"{context_length(model)} tokens", file=sys.stderr)
+              f"{held + len(tokens) + max_tokens} tokens", file=sys.stderr)
     sampler = make_sampler(
         args.temp, args.top_p, args.min_p, args.min_tokens_to_keep, top_k=args.top_k,
         xtc_probability=args.xtc_probability, xtc_threshold=args.xtc_threshold,
