@@ -1,8 +1,10 @@
-"""Shared test helpers: a plain fp32 attention reference, a cache's contents, free ports, a
-tiny mlx-lm model directory, a tiny model of any mlx-lm architecture."""
+"""Shared test helpers: a plain fp32 attention reference and a float64 one in NumPy, a cache's
+contents, free ports, a tiny mlx-lm model directory, a tiny model of any mlx-lm architecture."""
 
 import json
 import socket
+
+import numpy as np
 
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_map
@@ -141,3 +143,27 @@ def tiny(module, **config):
     model = arch.Model(arch.ModelArgs.from_dict({**CONFIGS[module], **config}))
     mx.eval(model.parameters())
     return model
+
+
+def numpy_attention(q, k, v, scale, visible):
+    """float64 ``(out, lse)`` of (B, Hq, L, D) queries over (B, Hkv, n, D) keys, ``visible``
+    (B|1, Hq|1, L, n) booleans; rows that see no key: out 0, lse -inf."""
+    q, k, v = (np.array(x, dtype=np.float64) for x in (q, k, v))
+    rep = q.shape[1] // k.shape[1]
+    k, v = np.repeat(k, rep, axis=1), np.repeat(v, rep, axis=1)
+    s = np.where(visible, np.einsum("bhld,bhnd->bhln", q * scale, k), -np.inf)
+    m = s.max(axis=-1, keepdims=True)
+    seen = np.isfinite(m)
+    p = np.exp(s - np.where(seen, m, 0.0))
+    l = p.sum(axis=-1, keepdims=True)
+    out = np.where(seen, (p @ v) / np.where(seen, l, 1.0), 0.0)
+    lse = np.where(seen, m + np.log(np.where(seen, l, 1.0)), -np.inf)[..., 0]
+    return out, lse
+
+
+def check(got, want, tol=2e-5):
+    out, lse = (np.array(x) for x in got)
+    assert np.array_equal(np.isinf(lse), np.isinf(want[1]))
+    assert np.abs(out - want[0]).max() < tol
+    finite = np.isfinite(want[1])
+    assert np.abs(lse[finite] - want[1][finite]).max() < tol

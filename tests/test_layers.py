@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mlx_kvq"
 
 # bottom to top; a module of layer i may import from layers 0..i
 LAYERS = [
-    {"_blas", "format", "rotation"},
+    {"_blas", "format", "home", "rotation"},
     {"kernels"},
     {"cache"},
     {"attention"},

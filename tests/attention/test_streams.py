@@ -12,14 +12,17 @@ import mlx.core as mx
 from mlx_kvq import QuantizedKVCache, _blas
 from mlx_kvq.attention import dispatch, one_pass, reference, streams
 from mlx_kvq.attention.reference import dense_attention
+from mlx_kvq.kernels import cpu
 from helpers import reference_over_cache, rel_err
-from test_reference import check, numpy_attention
+from helpers import check, numpy_attention
 
 
 @pytest.fixture(autouse=True)
 def on_the_cpu(monkeypatch):
     """Streams on the CPU of Linux, 3 of them whatever the machine's cores; the streams each
-    piece of work took recorded, with OpenBLAS's threads at that moment."""
+    piece of work took recorded, with OpenBLAS's threads at that moment. The prefill's tiles
+    are those of the MLX ops: the CPU body (``kernels.cpu``) off."""
+    monkeypatch.setattr(cpu, "applies", lambda *a, **k: False)
     previous = mx.default_device()
     mx.set_default_device(mx.cpu)
     monkeypatch.setattr(streams, "MAX_STREAMS", 3)
