@@ -8,9 +8,10 @@ merge (``bench_generate.py --model embedded``)."""
 import mlx.core as mx
 
 from .. import format, kernels
+from ..kernels import cpu
 from ..rotation import rotate
 from .softmax import softmax
-from .streams import keep_cpu_buffers, on, spread, streams_for
+from .streams import cores, keep_cpu_buffers, on, spread, streams_for
 
 ONE_PASS_ELEMENTS = 1 << 23  # the most float32 scores a step takes in one softmax
 
@@ -26,6 +27,10 @@ def decode_one_pass(q, view, scale, mask, sinks, dtype):
     """The path: :func:`one_pass_attention` on the CPU, where the kernels do not run."""
     if kernels.enabled() or not on_cpu():
         return None
+    if kernels.is_decode(q.shape[2]):
+        out = cpu_one_pass(q, view, scale, mask, sinks)
+        if out is not None:
+            return out
     B = q.shape[0]
     arrays = isinstance(mask, mx.array)
     streams = streams_for(B, q, view.sinks, view.packed[:2], view.window, mask if arrays else ()) \
@@ -42,6 +47,31 @@ def decode_one_pass(q, view, scale, mask, sinks, dtype):
             if outs[-1] is None:  # over the one-pass budget: partial results over the whole batch
                 return None
     return mx.concatenate(outs, axis=0)
+
+
+def cpu_one_pass(q, view, scale, mask, sinks):
+    """A decode step's one softmax over the view's runs (sinks, packed, window: key ``j`` at
+    position ``j``) by the CPU body (``kernels.cpu``), every batch row at once; None where it
+    does not apply (not built, a packed format it does not read, inside a transform)."""
+    f = view.format
+    k, v, n = view.packed
+    if not cpu.applies() or (n and not cpu.packed_applies(f, k[0], v[0])):
+        return None
+    (sk, sv), (wk, wv) = view.sinks, view.window
+    s = 0 if sk is None else sk.shape[2]
+    w = 0 if wk is None else wk.shape[2]
+    runs = ([cpu.dense(sk, sv, 0, 0)] if s else []) + ([cpu.packed(k, v, n, f, s, s)] if n else []) + \
+           ([cpu.dense(wk, wv, s + n, s + n)] if w else [])
+    if not runs:
+        return None
+    if f.rotate:
+        q = rotate(q.astype(mx.float32))  # float32: q R can exceed float16
+    causal = isinstance(mask, str)
+    got = cpu.attention(q, runs, scale=scale, q_start=view.q_start, causal=causal, threads=cores(),
+                        mask=None if causal else mask, sinks=sinks)
+    if got is None:
+        return None
+    return rotate(got[0], inverse=True) if f.rotate == "kv" else got[0]
 
 
 def one_pass_attention(q, view, scale, mask, sinks, dtype):

@@ -13,7 +13,6 @@ from .streams import cores, keep_cpu_buffers, on, spread, streams_for
 BLOCK_ELEMENTS = 1 << 20  # float32 elements of scores + dequantized K/V per block (CPU)
 GPU_BLOCK_ELEMENTS = 1 << 25  # fewer, larger blocks on GPUs: launches cost more than bytes there
 BLOCK_KEYS = 512  # keys per block where the queries are tiled to fit the budget
-CPU_DEQUANT_BYTES = 64 << 20  # a packed run dequantized for the CPU body at most this much at a time
 
 
 def merge(parts):
@@ -34,21 +33,17 @@ def merge(parts):
 
 def packed_reference(q, k, v, n, fmt, **args):
     """Partial attention over the first ``n`` tokens of a packed run, dequantized to
-    float32 one block of keys at a time (``fmt``: the cache's ``KVFormat``); on the CPU
-    the run goes to the CPU body (``kernels.cpu``) in pieces of up to ``CPU_DEQUANT_BYTES``
-    dequantized."""
+    float32 one block of keys at a time (``fmt``: the cache's ``KVFormat``); on the CPU the
+    CPU body (``kernels.cpu``) reads the codes itself where it applies."""
     deq = lambda p, bits, a, b: format.dequantize(
         tuple(x[:, :, a:b] for x in p), bits, fmt.group_size, fmt.mode, mx.float32
     )
     dims = (k[0].shape[1], format.unpacked_dim(k[0].shape[-1], fmt.k_bits),
             format.unpacked_dim(v[0].shape[-1], fmt.v_bits))
-    if cpu.applies(args["mask"], args.get("k_pos")):
-        B, (Hkv, Dk, Dv) = q.shape[0], dims
-        step = max(1, CPU_DEQUANT_BYTES // (4 * B * Hkv * (Dk + Dv)))
-        parts = [_cpu_part(q, deq(k, fmt.k_bits, a, min(n, a + step)), deq(v, fmt.v_bits, a, min(n, a + step)),
-                           dict(args, k_start=args["k_start"] + a)) for a in range(0, n, step)]
-        if parts and all(p is not None for p in parts):
-            return merge(parts)
+    if cpu.applies(args["mask"], args.get("k_pos")) and cpu.packed_applies(fmt, k[0], v[0]):
+        out = _cpu_part(q, cpu.packed(k, v, n, fmt, args["k_start"]), args)
+        if out is not None:
+            return out
     block = lambda a, b: _dense_products(deq(k, fmt.k_bits, a, b), deq(v, fmt.v_bits, a, b))
     return blocked_attention(q, block, n, dims, kv=(k, v), **args)
 
@@ -72,17 +67,17 @@ def dense_attention(q, k, v, **args):
     """Partial attention over unquantized keys/values (B, Hkv, n, D): the CPU body where
     it applies, else MLX ops in blocks."""
     if k.shape[2] and cpu.applies(args["mask"], args.get("k_pos")):
-        out = _cpu_part(q, k, v, args)
+        out = _cpu_part(q, cpu.dense(k, v, args["k_start"]), args)
         if out is not None:
             return out
     block = lambda a, b: _dense_products(k[:, :, a:b].astype(mx.float32), v[:, :, a:b].astype(mx.float32))
     return blocked_attention(q, block, k.shape[2], (k.shape[1], k.shape[-1], v.shape[-1]), kv=(k, v), **args)
 
 
-def _cpu_part(q, k, v, args):
-    """``(out, lse)`` from the CPU body (``kernels.cpu``), or None (inside a transform)."""
-    return cpu.attention(q, k, v, scale=args["scale"], q_start=args["q_start"], k_start=args["k_start"],
-                         causal=args["causal"], threads=cores())
+def _cpu_part(q, run, args):
+    """``(out, lse)`` over one run from the CPU body (``kernels.cpu``), or None (inside a transform)."""
+    return cpu.attention(q, [run], scale=args["scale"], q_start=args["q_start"], causal=args["causal"],
+                         threads=cores())
 
 
 def _dense_products(k, v):

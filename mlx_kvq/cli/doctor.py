@@ -9,8 +9,9 @@ the common kernel configurations (see ``mlx_kvq.kernels.selfcheck``); decode att
 time against MLX's fp16 ``scaled_dot_product_attention`` (Hq 32, Hkv 8, D 128, medians of
 chained calls after a warm-up); one prefill chunk's time and peak memory through
 ``quantized_sdpa``; and the longest context that fits for a model (``mlx_kvq.plan``).
-On the CPU the kernels are not used: the timings are of the reference path, at smaller
-sizes unless ``--sizes`` says otherwise.
+On the CPU the GPU kernels are not used: the timings are of the CPU body
+(``kernels/cpu_attention.cpp``, Linux) or else the reference path, at smaller sizes unless
+``--sizes`` says otherwise.
 """
 
 import argparse
@@ -26,7 +27,7 @@ import mlx.core as mx
 from .. import kernels
 from ..attention import quantized_sdpa
 from ..cache import QuantizedKVCache, default_options
-from ..kernels import selfcheck
+from ..kernels import cpu, selfcheck
 
 HQ, HKV, D = 32, 8, 128
 BITS = (8, 4, 2)
@@ -298,7 +299,8 @@ def main(argv=None):
             chunk, past = min(chunk, 256), min(past, 1024)
         chunk = args.chunk or chunk
         repeats, chain = (3, 4) if args.quick else (5, 10) if gpu else (3, 5)
-        where = "kernels" if kernels.enabled() else "the reference path (kernels not used here)"
+        where = ("kernels" if kernels.enabled() else "the CPU body (kernels/cpu_attention.cpp)" if cpu.applies()
+                 else "the reference path (kernels not used here)")
         rep["bench_note"] = f"{where}; medians of {repeats} runs of {chain} chained calls" + (
             "" if gpu or args.sizes else "; CPU: smaller sizes than on GPUs")
         rep["decode"] = decode_timings(sizes, chain, repeats)

@@ -35,8 +35,22 @@ from ..home import cache_dir
 SOURCE = Path(__file__).with_name("cpu_attention.cpp")
 FLAGS = ("-O3", "-march=native", "-pthread", "-shared", "-fPIC", "-std=c++17")
 _P = ctypes.c_void_p
-_ARGTYPES = [_P] * 8 + [ctypes.c_int] * 7 + [ctypes.c_float, ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
-                                             ctypes.c_int]
+_I64x4 = ctypes.c_int64 * 4
+PACKED_BITS = (2, 4, 8)  # codes that do not cross a uint32 word
+
+
+class _Run(ctypes.Structure):
+    _fields_ = [(n, _P) for n in ("k", "v", "kw", "vw", "k_scales", "k_biases", "v_scales", "v_biases")] + \
+               [(n, _I64x4) for n in ("ks", "vs", "kss", "kbs", "vss", "vbs")] + \
+               [(n, ctypes.c_int64) for n in ("n", "k_start", "col")] + \
+               [(n, ctypes.c_int32) for n in ("packed", "k_bits", "v_bits", "group")]
+
+
+class _Args(ctypes.Structure):
+    _fields_ = [("q", _P), ("qs", _I64x4), ("runs", ctypes.POINTER(_Run)), ("nruns", ctypes.c_int),
+                ("mask", _P), ("ms", _I64x4), ("sinks", _P), ("out", _P), ("lse", _P)] + \
+               [(n, ctypes.c_int) for n in ("B", "Hq", "Hkv", "L", "D", "Dv", "causal")] + \
+               [("scale", ctypes.c_float), ("q_start", ctypes.c_int64)]
 
 
 def _cpu_signature():
@@ -71,9 +85,8 @@ def _build(compiler):
 
 @lru_cache(maxsize=None)
 def library():
-    """The loaded library, or None (not Linux, ``MLX_KVQ_REFERENCE=1``, or it could not be built:
-    warned once)."""
-    if sys.platform != "linux" or os.environ.get("MLX_KVQ_REFERENCE", "0") not in ("", "0"):
+    """The loaded library, or None (not Linux, or it could not be built: warned once)."""
+    if sys.platform != "linux":
         return None
     compiler = shutil.which(os.environ.get("CXX") or "g++")
     try:
@@ -84,42 +97,117 @@ def library():
         warnings.warn(f"mlx-kvq's CPU attention could not be built; the CPU attention runs on MLX ops "
                       f"(slower). {e}", RuntimeWarning, stacklevel=2)
         return None
-    lib.kvq_cpu_attention.argtypes = _ARGTYPES
+    sizes = (ctypes.c_int * 2)()
+    lib.kvq_cpu_sizes(sizes)
+    if tuple(sizes) != (ctypes.sizeof(_Run), ctypes.sizeof(_Args)):
+        raise RuntimeError(f"cpu_attention.cpp's structures ({tuple(sizes)} bytes) do not match cpu.py's")
+    lib.kvq_cpu_attention.argtypes = [ctypes.POINTER(_Args), ctypes.c_int]
     lib.kvq_cpu_attention.restype = ctypes.c_int
     return lib
 
 
-def _pointer(a):
-    """``a``'s memory as numpy (no copy), its address and strides in elements."""
+def _pointer(a, broadcast=False):
+    """``a``'s memory as numpy (no copy), its address and strides in elements (0 along the
+    axes of size 1 where ``broadcast``)."""
     m = np.asarray(memoryview(a))
-    return m, m.ctypes.data, np.array([s // m.itemsize for s in m.strides], dtype=np.int64)
+    strides = [0 if broadcast and d == 1 else s // m.itemsize for d, s in zip(m.shape, m.strides)]
+    return m, m.ctypes.data, _I64x4(*strides)
 
 
 def applies(mask=None, k_pos=None):
-    """Whether this body computes a partial attention now: on the CPU (the default device),
-    built, with no array mask and keys in order (``blocked_attention``'s ``mask`` and
-    ``k_pos`` are None)."""
-    return mask is None and k_pos is None and mx.default_device() == mx.cpu and library() is not None
+    """Whether this body computes now: on the CPU (the default device), not
+    ``MLX_KVQ_REFERENCE=1``, built, with no array mask and keys in order for a prefill chunk's
+    partial attention (``blocked_attention``'s ``mask`` and ``k_pos`` are None)."""
+    return (mask is None and k_pos is None and mx.default_device() == mx.cpu
+            and os.environ.get("MLX_KVQ_REFERENCE", "0") in ("", "0") and library() is not None)
 
 
-def attention(q, k, v, *, scale, q_start, k_start, causal, threads):
-    """``(out, lse)`` of queries (B, Hq, L, D) over float32 keys (B, Hkv, n, D) and values
-    (B, Hkv, n, Dv), as ``attention.reference.blocked_attention`` returns them (float32,
-    rows with no visible key: zeros and -inf); query ``i`` sits at ``q_start + i``, key ``j``
-    at ``k_start + j``. The inputs are evaluated here. None inside ``mx.compile`` or a
-    transform, where nothing can be evaluated."""
-    q, k, v = (x.astype(mx.float32) for x in (q, k, v))
+def packed_applies(fmt, k_words, v_words):
+    """Whether the body reads this packed run (``fmt``: its ``KVFormat``): affine codes of
+    ``PACKED_BITS`` in groups that divide the head dims."""
+    dims = (k_words.shape[-1] * 32 // fmt.k_bits, v_words.shape[-1] * 32 // fmt.v_bits)
+    return (fmt.mode == "affine" and fmt.k_bits in PACKED_BITS and fmt.v_bits in PACKED_BITS
+            and all(d % fmt.group_size == 0 for d in dims))
+
+
+def dense(k, v, k_start, col=0):
+    """A run of float32 keys and values (B, Hkv, n, D): key ``j`` at position ``k_start + j``
+    and column ``col + j`` of the mask."""
+    return ("dense", k, v, k_start, col)
+
+
+def packed(k, v, n, fmt, k_start, col=0):
+    """The first ``n`` tokens of a packed run: ``k`` and ``v`` its ``(words, scales, biases)``."""
+    return ("packed", k, v, n, fmt, k_start, col)
+
+
+def attention(q, runs, *, scale, q_start, causal, threads, mask=None, sinks=None):
+    """``(out, lse)`` of queries (B, Hq, L, D) over ``runs`` (:func:`dense`, :func:`packed`),
+    float32, as ``attention.reference.blocked_attention`` returns them (rows with no visible
+    key: zeros and -inf); query ``i`` sits at ``q_start + i``. ``mask``: an additive or bool
+    array broadcastable to (B, Hq, L, columns), or None; ``sinks``: per-head logits (Hq,) in
+    every denominator, or None. The inputs are evaluated here. None inside ``mx.compile``
+    or a transform, where nothing can be evaluated."""
+    f32 = lambda x: x.astype(mx.float32)
+    arrays, table = [f32(q)], []
+    for run in runs:
+        if run[0] == "dense":
+            _, k, v, k_start, col = run
+            arrays += [f32(k), f32(v)]
+            table.append((False, k.shape[2], k_start, col, None))
+        else:
+            _, (kw, ks, kb), (vw, vs, vb), n, fmt, k_start, col = run
+            arrays += [kw, f32(ks), f32(kb), vw, f32(vs), f32(vb)]
+            table.append((True, n, k_start, col, fmt))
+    if mask is not None:
+        mask = mx.where(mask, 0.0, -mx.inf) if mask.dtype == mx.bool_ else f32(mask)
+        mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+        arrays.append(mask)
+    if sinks is not None:
+        arrays.append(f32(sinks))
     try:
-        mx.eval(q, k, v)
+        mx.eval(*arrays)
     except ValueError:
         return None
-    B, Hq, L, D = q.shape
-    Hkv, n, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    qa = arrays[0]
+    B, Hq, L, D = qa.shape
+    held, at = [], 1  # the arrays' numpy views stay alive through the call
+
+    def ptr(x, broadcast=False):
+        m, address, strides = _pointer(x, broadcast)
+        held.append(m)
+        return address, strides
+
+    cruns = (_Run * len(table))()
+    Hkv = Dv = None
+    for c, (is_packed, n, k_start, col, fmt) in zip(cruns, table):
+        c.n, c.k_start, c.col, c.packed = n, k_start, col, is_packed
+        if is_packed:
+            kw, ks, kb, vw, vs, vb = arrays[at : at + 6]
+            at += 6
+            c.kw, c.ks = ptr(kw)
+            c.k_scales, c.kss = ptr(ks)
+            c.k_biases, c.kbs = ptr(kb)
+            c.vw, c.vs = ptr(vw)
+            c.v_scales, c.vss = ptr(vs)
+            c.v_biases, c.vbs = ptr(vb)
+            c.k_bits, c.v_bits, c.group = fmt.k_bits, fmt.v_bits, fmt.group_size
+            Hkv, Dv = kw.shape[1], vw.shape[-1] * 32 // fmt.v_bits
+        else:
+            k, v = arrays[at : at + 2]
+            at += 2
+            c.k, c.ks = ptr(k)
+            c.v, c.vs = ptr(v)
+            Hkv, Dv = k.shape[1], v.shape[-1]
     out = np.empty((B, Hq, L, Dv), np.float32)
     lse = np.empty((B, Hq, L), np.float32)
-    held = [_pointer(x) for x in (q, k, v)]  # the arrays stay alive through the call
-    (_, qp, qs), (_, kp, ks), (_, vp, vs) = held
-    library().kvq_cpu_attention(qp, qs.ctypes.data, kp, ks.ctypes.data, vp, vs.ctypes.data, out.ctypes.data,
-                                lse.ctypes.data, B, Hq, Hkv, L, n, D, Dv, float(scale), int(bool(causal)),
-                                int(q_start), int(k_start), int(threads))
+    a = _Args(runs=cruns, nruns=len(table), B=B, Hq=Hq, Hkv=Hkv, L=L, D=D, Dv=Dv, causal=int(bool(causal)),
+              scale=float(scale), q_start=int(q_start), out=out.ctypes.data, lse=lse.ctypes.data)
+    a.q, a.qs = ptr(qa)
+    if mask is not None:
+        a.mask, a.ms = ptr(arrays[at], broadcast=True)
+        at += 1
+    if sinks is not None:
+        a.sinks, _ = ptr(arrays[at])
+    library().kvq_cpu_attention(ctypes.byref(a), int(threads))
     return mx.array(out), mx.array(lse)

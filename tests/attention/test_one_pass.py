@@ -69,8 +69,27 @@ def test_the_cpu_decode_takes_it_and_long_views_do_not(monkeypatch):
     _, view, q = _decode_view(dict(bits=4))
     quantized_sdpa(q, view, scale=0.125)
     assert calls
-    monkeypatch.setattr(one_pass, "ONE_PASS_ELEMENTS", 100)  # scores over the budget: the partials
+    monkeypatch.setattr(one_pass, "ONE_PASS_ELEMENTS", 100)  # the MLX ops' scores over the budget: the partials
+    monkeypatch.setattr(one_pass.cpu, "applies", lambda *a, **k: False)  # (the CPU body has no such budget)
     assert one_pass.decode_one_pass(q, view, 0.125, None, None, q.dtype) is None
+
+
+@pytest.mark.skipif(one_pass.cpu.library() is None, reason="the CPU body is built on Linux with a C++ compiler")
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+@pytest.mark.parametrize("B,L", [(1, 1), (3, 4)])
+def test_the_cpu_body_gives_what_the_mlx_ops_give(config, B, L):
+    """A decode step by the CPU body (``kernels.cpu``): fp32 attention over the cache and the
+    MLX ops' one pass (sinks, window, rotations, 2/4/8-bit codes); formats it does not read
+    (mxfp4, 3 bits) stay with the MLX ops."""
+    cache, view, q = _decode_view(config, B=B, L=L, seed=B + L)
+    mask = "causal" if L > 1 else None
+    got = one_pass.cpu_one_pass(q, view, 0.125, mask, None)
+    if config.get("mode") == "mxfp4" or config["bits"] == 3:
+        assert got is None
+        return
+    ref_mask = None if mask is None else mx.arange(cache.offset)[None] <= mx.arange(cache.offset - L, cache.offset)[:, None]
+    assert rel_err(got, reference_over_cache(cache, q, 0.125, ref_mask)) < 4e-3
+    assert rel_err(got, one_pass.one_pass_attention(q, view, 0.125, mask, None, q.dtype)) < 4e-3
 
 
 @pytest.mark.parametrize("bits,group_size", [(2, 32), (4, 64), (4, 128), (8, 32), (8, 64)])
