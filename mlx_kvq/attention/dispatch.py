@@ -260,8 +260,8 @@ def _segment_parts(q, view, scale, mask, use_kernels=True):
     for kind, k, v, n, pos, args in segment_args(view, scale, mask, split=q.shape[2] > 1):
         if kind == "packed":
             parts.append(packed_attention(q, k, v, n, view.format, use_kernels, **args))
-        else:
-            parts.append(dense_attention(q, k, v, k_pos=pos, **args))
+        else:  # without kernels (a failed self-check) as MLX_KVQ_REFERENCE=1: nor the CPU body
+            parts.append(dense_attention(q, k, v, body=use_kernels, k_pos=pos, **args))
     return parts
 
 
@@ -298,4 +298,4 @@ def packed_attention(q, k, v, n, fmt, use_kernels=True, **args):
             return out
     if kernels.is_decode(q.shape[2]) and on_cpu():
         return packed_quantized_matmul(q, k, v, n, fmt, **args)
-    return packed_reference(q, k, v, n, fmt, **args)
+    return packed_reference(q, k, v, n, fmt, body=use_kernels, **args)

@@ -31,16 +31,16 @@ def merge(parts):
     return out, lse
 
 
-def packed_reference(q, k, v, n, fmt, **args):
+def packed_reference(q, k, v, n, fmt, body=True, **args):
     """Partial attention over the first ``n`` tokens of a packed run, dequantized to
     float32 one block of keys at a time (``fmt``: the cache's ``KVFormat``); on the CPU the
-    CPU body (``kernels.cpu``) reads the codes itself where it applies."""
+    CPU body (``kernels.cpu``) reads the codes itself where it applies (and ``body``)."""
     deq = lambda p, bits, a, b: format.dequantize(
         tuple(x[:, :, a:b] for x in p), bits, fmt.group_size, fmt.mode, mx.float32
     )
     dims = (k[0].shape[1], format.unpacked_dim(k[0].shape[-1], fmt.k_bits),
             format.unpacked_dim(v[0].shape[-1], fmt.v_bits))
-    if cpu.applies(args["mask"], args.get("k_pos")) and cpu.packed_applies(fmt, k[0], v[0]):
+    if body and cpu.applies(args["mask"], args.get("k_pos")) and cpu.packed_applies(fmt, k[0], v[0]):
         out = _cpu_part(q, cpu.packed(k, v, n, fmt, args["k_start"]), args)
         if out is not None:
             return out
@@ -63,10 +63,10 @@ def packed_quantized_matmul(q, k, v, n, fmt, **args):
     return blocked_attention(q, block, n, dims, kv=(k, v), **args)
 
 
-def dense_attention(q, k, v, **args):
+def dense_attention(q, k, v, body=True, **args):
     """Partial attention over unquantized keys/values (B, Hkv, n, D): the CPU body where
-    it applies, else MLX ops in blocks."""
-    if k.shape[2] and cpu.applies(args["mask"], args.get("k_pos")):
+    it applies (and ``body``), else MLX ops in blocks."""
+    if body and k.shape[2] and cpu.applies(args["mask"], args.get("k_pos")):
         out = _cpu_part(q, cpu.dense(k, v, args["k_start"]), args)
         if out is not None:
             return out

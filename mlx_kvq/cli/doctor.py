@@ -56,6 +56,7 @@ def environment():
         "device": str(mx.default_device()),
         "backend": be or "cpu",
         "kernels": _kernel_state(),
+        "cpu_body": _cpu_body_state(),
         "mlx": getattr(mx, "__version__", "?"),
         "mlx_lm": _version("mlx-lm"),
         "mlx_kvq": _version("mlx-kvq"),
@@ -70,6 +71,16 @@ def environment():
     except Exception:
         pass
     return env
+
+
+def _cpu_body_state():
+    """The CPU attention body (``kernels.cpu``): built (its vector width), off, or why not."""
+    if os.environ.get("MLX_KVQ_REFERENCE", "0") not in ("", "0"):
+        return "off (MLX_KVQ_REFERENCE=1)"
+    if sys.platform != "linux":
+        return "not on this platform (Linux only)"
+    lib = cpu.library()
+    return f"built ({lib.kvq_cpu_vector_width()}-float vectors)" if lib else "not built (see the warning above)"
 
 
 def _kernel_state():
@@ -229,8 +240,8 @@ def context_fits(model):
 def format_report(rep):
     env = rep["environment"]
     lines = ["mlx-kvq doctor", ""]
-    for k in ("device", "backend", "kernels", "mlx", "mlx_lm", "mlx_kvq", "python", "platform"):
-        lines.append(f"{k + ':':<10} {env[k]}")
+    for k in ("device", "backend", "kernels", "cpu_body", "mlx", "mlx_lm", "mlx_kvq", "python", "platform"):
+        lines.append(f"{k.replace('cpu_body', 'cpu body') + ':':<10} {env[k]}")
     if env["switches"]:
         lines.append(f"{'switches:':<10} " + " ".join(f"{k}={v}" for k, v in env["switches"].items()))
     lines += ["", "kernel self-checks"]
