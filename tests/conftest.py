@@ -61,6 +61,18 @@ def pytest_terminal_summary(terminalreporter):
 
 
 @pytest.fixture
+def on_the_cpu_device():
+    """MLX computing on the CPU device for the test, also on a machine with a GPU (the CPU's
+    attention paths)."""
+    import mlx.core as mx
+
+    previous = mx.default_device()
+    mx.set_default_device(mx.cpu)
+    yield
+    mx.set_default_device(previous)
+
+
+@pytest.fixture
 def over_copy_budget(monkeypatch):
     """Every layer is over the GPU prefill path's copy budget, on a Metal backend: prefill
     chunks attend over the packed run (a kernel or the blocked reference), never a copy."""

@@ -18,6 +18,19 @@ from mlx_kvq.cache import QuantizedKVCache
 from mlx_kvq.kernels import cpu
 
 
+def decode_step(rows, tokens):
+    """A 4-bit cache's view of ``rows`` rows of ``tokens`` random tokens and one decoded token,
+    and a step's queries (SmolLM2's shape), evaluated."""
+    mx.random.seed(0)
+    cache = QuantizedKVCache(bits=4)
+    cache.update_and_fetch(*(mx.random.normal((rows, 3, tokens, 64)) for _ in range(2)))
+    k = mx.random.normal((rows, 3, 1, 64))
+    view, _ = cache.update_and_fetch(k, k)
+    q = mx.random.normal((rows, 9, 1, 64))
+    mx.eval(q, cache.state)
+    return view, q
+
+
 def timed(f, runs):
     mx.eval(f())
     ts = []
@@ -51,13 +64,7 @@ def main(argv=None):
         report(f"prefill: {L} queries after {before} keys", body, without(applies, body), one, a.runs)
     for step in a.decode:
         B, T = map(int, step.split(":"))
-        mx.random.seed(0)
-        cache = QuantizedKVCache(bits=4)
-        cache.update_and_fetch(*(mx.random.normal((B, 3, T, 64)) for _ in range(2)))
-        k = mx.random.normal((B, 3, 1, 64))
-        view, _ = cache.update_and_fetch(k, k)
-        q = mx.random.normal((B, 9, 1, 64))
-        mx.eval(q, cache.state)
+        view, q = decode_step(B, T)
         body = lambda: quantized_sdpa(q, view, 0.125)
         report(f"decode: {B} rows x {T} tokens", body, without(applies, body), None, a.runs)
 

@@ -14,6 +14,9 @@ import mlx_kvq  # noqa: F401  (OpenBLAS before mlx.core)
 import mlx.core as mx
 
 from mlx_kvq.attention import reference
+from mlx_kvq.kernels import cpu
+
+cpu.applies = lambda *a, **k: False  # the MLX ops' paths this measures (not the CPU body)
 
 HQ, HKV, D = 9, 3, 64
 

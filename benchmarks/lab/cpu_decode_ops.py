@@ -28,6 +28,9 @@ from mlx_kvq.attention import quantized_sdpa
 from mlx_kvq.attention.streams import keep_cpu_buffers
 from mlx_kvq.cache.quantized import QuantizedKVCache
 from mlx_kvq.attention.one_pass import planes_scores, planes_values
+from mlx_kvq.kernels import cpu
+
+cpu.applies = lambda *a, **k: False  # the MLX ops' paths this measures (not the CPU body)
 
 B, HQ, HKV, D, LAYERS = 1, 9, 3, 64, 30
 CONFIGS = {

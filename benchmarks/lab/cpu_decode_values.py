@@ -12,7 +12,11 @@ import mlx_kvq  # noqa: F401  (OpenBLAS before mlx.core)
 import mlx.core as mx
 
 from mlx_kvq.attention import one_pass, quantized_sdpa
-from mlx_kvq.cache import QuantizedKVCache
+from mlx_kvq.kernels import cpu
+
+cpu.applies = lambda *a, **k: False  # the MLX ops' paths this measures (not the CPU body)
+
+from cpu_attention import decode_step  # noqa: E402
 
 
 def qmm_values(p, packed, bits):
@@ -24,13 +28,7 @@ def main(rows=(1, 4, 16), tokens=2048, runs=40, calls=10):
     planes = one_pass.planes_values
     try:
         for B in rows:
-            mx.random.seed(0)
-            cache = QuantizedKVCache(bits=4)
-            cache.update_and_fetch(*(mx.random.normal((B, 3, tokens, 64)) for _ in range(2)))
-            k = mx.random.normal((B, 3, 1, 64))
-            view, _ = cache.update_and_fetch(k, k)
-            q = mx.random.normal((B, 9, 1, 64))
-            mx.eval(q, cache.state)
+            view, q = decode_step(B, tokens)
             ts = {"planes": [], "qmm": []}
             for r in range(runs):
                 order = (("planes", planes), ("qmm", qmm_values))

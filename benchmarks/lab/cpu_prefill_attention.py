@@ -2,7 +2,7 @@
 (float32 weights) with the 4-bit cache, in steps; the total, the time inside the cache's
 attention (each call synced before and after) and the minor page faults, per run:
 
-    python3 benchmarks/lab/cpu_prefill_attention.py --tokens 2048 --step 512 [--streams 1]
+    python3 benchmarks/lab/cpu_prefill_attention.py --tokens 2048 --step 512 [--streams 1] [--mlx-ops]
         [--block-elements 1048576 --block-keys 512 --cache-mib 256]
 """
 
@@ -15,6 +15,7 @@ import mlx.core as mx
 
 import mlx_kvq.bridge as bridge
 from mlx_kvq.cache import KVView
+from mlx_kvq.kernels import cpu
 from mlx_kvq.models import default_model_path, load, prepare_model
 
 
@@ -30,7 +31,10 @@ def main(argv=None):
     p.add_argument("--cache-mib", type=int, help="MLX's buffer cache limit (mx.set_cache_limit), MiB")
     p.add_argument("--cpu", action="store_true", help="on the CPU device (a machine with a GPU)")
     p.add_argument("--random", action="store_true", help="a random-weight model of SmolLM2's shape")
+    p.add_argument("--mlx-ops", action="store_true", help="the attention through MLX ops (the CPU body off)")
     a = p.parse_args(argv)
+    if a.mlx_ops:
+        cpu.applies = lambda *x, **y: False
     if a.cpu:
         mx.set_default_device(mx.cpu)
     from mlx_kvq.attention import reference, streams

@@ -23,6 +23,9 @@ import mlx.core as mx
 
 from mlx_kvq.attention import quantized_sdpa
 from mlx_kvq.cache.quantized import QuantizedKVCache
+from mlx_kvq.kernels import cpu
+
+cpu.applies = lambda *a, **k: False  # the MLX ops' paths this measures (not the CPU body)
 
 HQ, HKV, D = 9, 3, 64
 

@@ -19,6 +19,9 @@ import mlx_kvq.attention.reference as R
 from mlx_kvq import _blas
 from mlx_kvq.attention import streams
 from mlx_kvq.attention.softmax import exp
+from mlx_kvq.kernels import cpu
+
+cpu.applies = lambda *a, **k: False  # the MLX ops' paths this measures (not the CPU body)
 
 
 def _noexp(s, pv):

@@ -8,13 +8,7 @@ from mlx_kvq import QuantizedKVCache, format, quantized_sdpa
 from mlx_kvq.attention import dispatch, one_pass
 from helpers import reference_over_cache, rel_err
 
-@pytest.fixture(autouse=True)
-def on_the_cpu():
-    """The CPU's decode path: on the CPU device, also on a machine with a GPU."""
-    previous = mx.default_device()
-    mx.set_default_device(mx.cpu)
-    yield
-    mx.set_default_device(previous)
+pytestmark = pytest.mark.usefixtures("on_the_cpu_device")  # the CPU's decode path
 
 
 CONFIGS = [

@@ -19,15 +19,8 @@ from mlx_kvq.kernels import cpu
 
 from helpers import check, numpy_attention
 
-pytestmark = pytest.mark.skipif(cpu.library() is None, reason="the CPU body is built on Linux with a C++ compiler")
-
-
-@pytest.fixture(autouse=True)
-def on_the_cpu():
-    previous = mx.default_device()
-    mx.set_default_device(mx.cpu)
-    yield
-    mx.set_default_device(previous)
+pytestmark = [pytest.mark.skipif(cpu.library() is None, reason="the CPU body is built on Linux with a C++ compiler"),
+              pytest.mark.usefixtures("on_the_cpu_device")]
 
 
 def visible(L, n, q_start, k_start, causal):
