@@ -7,7 +7,8 @@
 // kernels/cpu.py (g++ -O3 -march=native -pthread).
 //
 // One work item is a KV head's block of up to QB queries (all its query heads, rows taken
-// RG at a time across heads: a decode step's few rows share a micro-kernel); it walks
+// RG at a time across heads: a decode step's few rows share a micro-kernel), or, where a
+// decode step has fewer items than twice the threads, one split of its key blocks; it walks
 // the runs' keys in blocks of KB, dequantized (packed) or transposed (float32) once for
 // all its rows, with an online softmax in base 2. Vectors are GCC's vector extension:
 // 16 floats where the CPU has AVX-512, else 8.
@@ -310,7 +311,28 @@ inline void block_update(float* S, int nr, int nk, float* m, float* l, float* o,
   if (r < nr) weighted_values<false>(S + r * KB, nullptr, nk, alpha[r], 0.0f, o + r * DvP, nullptr, vb, DvP);
 }
 
-void item(const Args& a, Buffers& w, int b, int h, int qb) {
+// rows r of item (b, h, q0 .. q0 + nq) from their softmax state: out and lse (sink logits in the denominator)
+void finish(const Args& a, int b, int h, int q0, int nq, const float* m_, const float* l_, const float* o, int DvP) {
+  const int rep = a.Hq / a.Hkv;
+  for (int r = 0; r < rep * nq; r++) {
+    const int hq = h * rep + r / nq;
+    const int64_t row = ((int64_t)b * a.Hq + hq) * a.L + q0 + r % nq;
+    float m = m_[r], l = l_[r], keep = 1.0f;
+    if (a.sinks) {
+      float s = a.sinks[hq] * LOG2E, mn = s > m ? s : m;
+      keep = m == -INFINITY ? 0.0f : exp2s(m - mn);
+      l = l * keep + exp2s(s - mn);
+      m = mn;
+    }
+    float inv = l > 0 ? keep / l : 0.0f;
+    for (int d = 0; d < a.Dv; d++) a.out[row * a.Dv + d] = o[r * DvP + d] * inv;
+    a.lse[row] = l > 0 ? (m + std::log2(l)) * LN2 : -INFINITY;
+  }
+}
+
+// one work item: KV head h of row b, query block qb, the key blocks split, split + nsplit, ...
+// of all runs; with nsplit > 1 its rows' softmax state goes to part (merged by merge_splits)
+void item(const Args& a, Buffers& w, int b, int h, int qb, int split, int nsplit, float* part) {
   const int rep = a.Hq / a.Hkv, D = a.D, Dv = a.Dv, DvP = w.DvP;
   const int q0 = qb * QB, nq = (a.L - q0 < QB ? a.L - q0 : QB);
   const int R = rep * nq, RP = (R + RG - 1) / RG * RG;  // rows (head g, query i) at g * nq + i
@@ -324,11 +346,13 @@ void item(const Args& a, Buffers& w, int b, int h, int qb) {
     memset(w.o + r * DvP, 0, DvP * 4);
   }
   const int64_t last_q = a.q_start + q0 + nq - 1;
+  int64_t blocks = 0;
   for (int ri = 0; ri < a.nruns; ri++) {
     const Run& run = a.runs[ri];
     int64_t kend = run.n;
     if (a.causal && last_q - run.k_start + 1 < kend) kend = last_q - run.k_start + 1;
     for (int64_t j0 = 0; j0 < kend; j0 += KB) {
+      if (blocks++ % nsplit != split) continue;
       int nk = kend - j0 < KB ? (int)(kend - j0) : KB;
       load_block(a, run, b, h, j0, nk, w);
       const int64_t kpos0 = run.k_start + j0;
@@ -361,41 +385,76 @@ void item(const Args& a, Buffers& w, int b, int h, int qb) {
       }
     }
   }
-  for (int r = 0; r < R; r++) {
-    const int hq = h * rep + r / nq;
-    const int64_t row = ((int64_t)b * a.Hq + hq) * a.L + q0 + r % nq;
-    float m = w.m[r], l = w.l[r], keep = 1.0f;
-    if (a.sinks) {  // the sink's logit in the denominator
-      float s = a.sinks[hq] * LOG2E, mn = s > m ? s : m;
-      keep = m == -INFINITY ? 0.0f : exp2s(m - mn);
-      l = l * keep + exp2s(s - mn);
-      m = mn;
-    }
-    float inv = l > 0 ? keep / l : 0.0f;
-    for (int d = 0; d < Dv; d++) a.out[row * Dv + d] = w.o[r * DvP + d] * inv;
-    a.lse[row] = l > 0 ? (m + std::log2(l)) * LN2 : -INFINITY;
+  if (nsplit == 1) {
+    finish(a, b, h, q0, nq, w.m, w.l, w.o, DvP);
+    return;
   }
+  for (int r = 0; r < R; r++) {  // (m, l, o) per row
+    float* p = part + (int64_t)r * (2 + DvP);
+    p[0] = w.m[r];
+    p[1] = w.l[r];
+    memcpy(p + 2, w.o + r * DvP, DvP * 4);
+  }
+}
+
+// the splits of one item merged: (m, l, o) rescaled to their largest m and summed, then finished
+void merge_splits(const Args& a, int b, int h, int nsplit, const float* parts, Buffers& w) {
+  const int R = a.Hq / a.Hkv * a.L, DvP = w.DvP;
+  const int64_t stride = (int64_t)R * (2 + DvP);
+  for (int r = 0; r < R; r++) {
+    float m = -INFINITY;
+    for (int s = 0; s < nsplit; s++) m = vmax(parts[s * stride + r * (2 + DvP)], m);
+    float l = 0.0f, *o = w.o + r * DvP;
+    memset(o, 0, DvP * 4);
+    for (int s = 0; s < nsplit; s++) {
+      const float* p = parts + s * stride + r * (2 + DvP);
+      if (p[0] == -INFINITY) continue;  // saw nothing
+      const float f = m != m ? NAN : exp2s(p[0] - m);
+      l += p[1] * f;
+      for (int d = 0; d < DvP; d++) o[d] += p[2 + d] * f;
+    }
+    w.m[r] = m;
+    w.l[r] = l;
+  }
+  finish(a, b, h, 0, a.L, w.m, w.l, w.o, DvP);
 }
 
 }  // namespace
 
+// A decode step's few work items (B x Hkv) on more cores split the keys: each split takes every
+// nsplit-th block of keys, and their softmax states are merged after.
 extern "C" int kvq_cpu_attention(const Args* args, int threads) {
   const Args& a = *args;
-  const int nqb = (a.L + QB - 1) / QB, items = a.B * a.Hkv * nqb;
+  const int nqb = (a.L + QB - 1) / QB, base = a.B * a.Hkv * nqb;
+  int64_t nblocks = 0;
+  for (int i = 0; i < a.nruns; i++) nblocks += (a.runs[i].n + KB - 1) / KB;
+  int nsplit = 1;
+  if (nqb == 1 && base < 2 * threads && nblocks > 1) {
+    nsplit = (2 * threads + base - 1) / base;
+    nsplit = nsplit < nblocks ? nsplit : (int)nblocks;
+  }
+  const int items = base * nsplit;
+  const int64_t part_size = (int64_t)(a.Hq / a.Hkv) * a.L * (2 + (a.Dv + VW - 1) / VW * VW);
+  std::vector<float> parts(nsplit > 1 ? (size_t)items * part_size : 0);
   std::atomic<int> next{0};
   auto work = [&]() {
     Buffers w(a);
     for (int t; (t = next++) < items;) {
-      int qb = nqb - 1 - t / (a.B * a.Hkv);  // the last query blocks (the most keys) first
-      int bh = t % (a.B * a.Hkv);
-      item(a, w, bh / a.Hkv, bh % a.Hkv, qb);
+      int qb = nqb - 1 - t / (base / nqb * nsplit);  // the last query blocks (the most keys) first
+      int rest = t % (base / nqb * nsplit), bh = rest / nsplit, split = rest % nsplit;
+      item(a, w, bh / a.Hkv, bh % a.Hkv, qb, split, nsplit, nsplit > 1 ? parts.data() + (int64_t)t * part_size : nullptr);
     }
   };
-  if (threads > items) threads = items;
+  const int used = threads < items ? threads : items;
   std::vector<std::thread> pool;
-  for (int i = 1; i < threads; i++) pool.emplace_back(work);
+  for (int i = 1; i < used; i++) pool.emplace_back(work);
   work();
   for (auto& t : pool) t.join();
+  if (nsplit > 1) {
+    Buffers w(a);
+    for (int bh = 0; bh < a.B * a.Hkv; bh++)
+      merge_splits(a, bh / a.Hkv, bh % a.Hkv, nsplit, parts.data() + (int64_t)bh * nsplit * part_size, w);
+  }
   return 0;
 }
 

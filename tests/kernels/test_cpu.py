@@ -203,3 +203,15 @@ def test_an_additive_mask_broadcast_over_heads():
     sc = np.einsum("bhld,bhnd->bhln", np.array(q, np.float64) * 0.25, K) + np.array(bias, np.float64)
     p = np.exp(sc - sc.max(-1, keepdims=True))
     assert np.abs(np.array(out) - (p @ V) / p.sum(-1, keepdims=True)).max() < 2e-5
+
+
+@pytest.mark.parametrize("threads", [1, 3, 8])
+def test_a_decode_step_on_more_cores_than_heads_splits_its_keys(threads):
+    """One row, one KV head: the keys' blocks split over the threads (every nsplit-th block) and
+    the splits merged give float64 attention, also where the mask hides whole splits."""
+    mx.random.seed(11)
+    q, k, v = mx.random.normal((1, 4, 1, 64)), mx.random.normal((1, 1, 700, 64)), mx.random.normal((1, 1, 700, 64))
+    keep = mx.arange(700) < 150  # only the first blocks are seen
+    for mask, seen in ((None, np.ones((1, 700), bool)), (keep, np.array(keep)[None])):
+        got = cpu.attention(q, [cpu.dense(k, v, 0)], scale=0.125, q_start=699, causal=True, threads=threads, mask=mask)
+        check(got, numpy_attention(q, k, v, 0.125, seen))
