@@ -35,15 +35,15 @@ def packed_reference(q, k, v, n, fmt, body=True, **args):
     """Partial attention over the first ``n`` tokens of a packed run, dequantized to
     float32 one block of keys at a time (``fmt``: the cache's ``KVFormat``); on the CPU the
     CPU body (``kernels.cpu``) reads the codes itself where it applies (and ``body``)."""
+    if body and cpu.applies(args["mask"], args.get("k_pos")) and cpu.packed_applies(fmt, k[0], v[0]):
+        out = _cpu_part(q, cpu.packed(k, v, n, fmt, args["k_start"]), args)
+        if out is not None:
+            return out
     deq = lambda p, bits, a, b: format.dequantize(
         tuple(x[:, :, a:b] for x in p), bits, fmt.group_size, fmt.mode, mx.float32
     )
     dims = (k[0].shape[1], format.unpacked_dim(k[0].shape[-1], fmt.k_bits),
             format.unpacked_dim(v[0].shape[-1], fmt.v_bits))
-    if body and cpu.applies(args["mask"], args.get("k_pos")) and cpu.packed_applies(fmt, k[0], v[0]):
-        out = _cpu_part(q, cpu.packed(k, v, n, fmt, args["k_start"]), args)
-        if out is not None:
-            return out
     block = lambda a, b: _dense_products(deq(k, fmt.k_bits, a, b), deq(v, fmt.v_bits, a, b))
     return blocked_attention(q, block, n, dims, kv=(k, v), **args)
 

@@ -23,6 +23,10 @@ The families, one module each:
 * :mod:`.quantize` -- ``quantize_append``: pack new tokens into the preallocated buffers.
 * :mod:`.window` -- ``window_append``: write decoded tokens into the unquantized window.
 
+The CPU has a body of its own (:mod:`.cpu`, ``cpu_attention.cpp``, C++ built at first use on
+Linux and called through ``ctypes``; MLX runs custom kernels only on GPUs): a prefill chunk's
+partial attention over a run, a decode step's one softmax over a view's runs.
+
 The safety net (:mod:`.selfcheck`): each configuration is checked against the reference
 once per process at its first use on a GPU; one that fails runs on the reference.
 
