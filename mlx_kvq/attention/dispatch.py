@@ -14,7 +14,7 @@ run can go to a fused kernel while the short unquantized runs take the reference
 2. ``prefill_dequantized``: a prefill chunk on a GPU whose layer fits
    ``PREFILL_COPY_BYTES`` unquantized: dequantize once, MLX's fused attention.
 3. ``decode_one_pass``: a decode step without the kernels (the CPU): one softmax over
-   the whole view, the packed run's products by ``mx.quantized_matmul``.
+   the whole view, by the CPU body (``kernels.cpu``) where it is built, else by MLX ops.
 4. ``partials``: the decode kernel's ``(out, lse)`` where it applies, else the packed
    run's kernel (in prefill: the ``simdgroup_matrix`` kernel on Metal, else the packed one;
    memory bounded by a block of keys) or reference and the unquantized runs' reference, merged.

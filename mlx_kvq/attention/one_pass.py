@@ -2,8 +2,9 @@
 packed run (its codes as float32 planes, :func:`planes_scores`, or ``mx.quantized_matmul`` on
 the packed words) and the window side by side, one softmax, then each run's values (the packed
 run's by the same planes, :func:`planes_values`, or ``mx.quantized_matmul``). It is the
-CPU's decode path: a handful of ops per layer instead of a partial result per run and their
-merge (``bench_generate.py --model embedded``)."""
+CPU's decode path where the CPU body (``kernels.cpu``, :func:`cpu_one_pass`: the same one
+softmax in C++) is not built: a handful of ops per layer instead of a partial result per run
+and their merge (``bench_generate.py --model embedded``)."""
 
 import mlx.core as mx
 
