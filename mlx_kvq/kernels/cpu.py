@@ -40,6 +40,9 @@ FLAGS = ("-O3", "-march=native", "-pthread", "-shared", "-fPIC", "-std=c++17")
 _P = ctypes.c_void_p
 _I64x4 = ctypes.c_int64 * 4
 PACKED_BITS = (2, 4, 8)  # codes that do not cross a uint32 word
+# each pointer field's strides field (the sinks, one logit a head, have none)
+_STRIDES = dict(k="ks", v="vs", kw="ks", vw="vs", k_scales="kss", k_biases="kbs", v_scales="vss", v_biases="vbs",
+                q="qs", mask="ms")
 
 
 class _Run(ctypes.Structure):
@@ -109,14 +112,6 @@ def library():
     return lib
 
 
-def _pointer(a, broadcast=False):
-    """``a``'s memory as numpy (no copy), its address and strides in elements (0 along the
-    axes of size 1 where ``broadcast``)."""
-    m = np.asarray(memoryview(a))
-    strides = [0 if broadcast and d == 1 else s // m.itemsize for d, s in zip(m.shape, m.strides)]
-    return m, m.ctypes.data, _I64x4(*strides)
-
-
 def applies(mask=None, k_pos=None):
     """Whether this body computes now: on the CPU (the default device), not
     ``MLX_KVQ_REFERENCE=1``, built, with no array mask and keys in order for a prefill chunk's
@@ -152,65 +147,44 @@ def attention(q, runs, *, scale, q_start, causal, threads, mask=None, sinks=None
     every denominator, or None. The inputs are evaluated here. None inside ``mx.compile``
     or a transform, where nothing can be evaluated."""
     f32 = lambda x: x.astype(mx.float32)
-    arrays, table = [f32(q)], []
-    for run in runs:
+    cruns = (_Run * len(runs))()
+    fields = []  # (structure, its pointer field, the array), pointers set once evaluated
+    for c, run in zip(cruns, runs):
         if run[0] == "dense":
             _, k, v, k_start, col = run
-            arrays += [f32(k), f32(v)]
-            table.append((False, k.shape[2], k_start, col, None))
+            c.n = k.shape[2]
+            fields += [(c, "k", f32(k)), (c, "v", f32(v))]
+            Hkv, Dv = k.shape[1], v.shape[-1]
         else:
             _, (kw, ks, kb), (vw, vs, vb), n, fmt, k_start, col = run
-            arrays += [kw, f32(ks), f32(kb), vw, f32(vs), f32(vb)]
-            table.append((True, n, k_start, col, fmt))
+            c.n, c.packed, c.k_bits, c.v_bits, c.group = n, 1, fmt.k_bits, fmt.v_bits, fmt.group_size
+            fields += [(c, "kw", kw), (c, "k_scales", f32(ks)), (c, "k_biases", f32(kb)),
+                       (c, "vw", vw), (c, "v_scales", f32(vs)), (c, "v_biases", f32(vb))]
+            Hkv, Dv = kw.shape[1], vw.shape[-1] * 32 // fmt.v_bits
+        c.k_start, c.col = k_start, col
+    B, Hq, L, D = q.shape
+    a = _Args(runs=cruns, nruns=len(runs), B=B, Hq=Hq, Hkv=Hkv, L=L, D=D, Dv=Dv, causal=int(bool(causal)),
+              scale=float(scale), q_start=int(q_start))
+    fields.append((a, "q", f32(q)))
     if mask is not None:
         mask = mx.where(mask, 0.0, -mx.inf) if mask.dtype == mx.bool_ else f32(mask)
-        mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
-        arrays.append(mask)
+        fields.append((a, "mask", mask.reshape((1,) * (4 - mask.ndim) + mask.shape)))
     if sinks is not None:
-        arrays.append(f32(sinks))
+        fields.append((a, "sinks", f32(sinks)))
     try:
-        mx.eval(*arrays)
+        mx.eval([x for _, _, x in fields])
     except ValueError:
         return None
-    qa = arrays[0]
-    B, Hq, L, D = qa.shape
-    held, at = [], 1  # the arrays' numpy views stay alive through the call
-
-    def ptr(x, broadcast=False):
-        m, address, strides = _pointer(x, broadcast)
+    held = []  # the arrays' numpy views stay alive through the call
+    for struct, name, x in fields:
+        m = np.asarray(memoryview(x))
         held.append(m)
-        return address, strides
-
-    cruns = (_Run * len(table))()
-    Hkv = Dv = None
-    for c, (is_packed, n, k_start, col, fmt) in zip(cruns, table):
-        c.n, c.k_start, c.col, c.packed = n, k_start, col, is_packed
-        if is_packed:
-            kw, ks, kb, vw, vs, vb = arrays[at : at + 6]
-            at += 6
-            c.kw, c.ks = ptr(kw)
-            c.k_scales, c.kss = ptr(ks)
-            c.k_biases, c.kbs = ptr(kb)
-            c.vw, c.vs = ptr(vw)
-            c.v_scales, c.vss = ptr(vs)
-            c.v_biases, c.vbs = ptr(vb)
-            c.k_bits, c.v_bits, c.group = fmt.k_bits, fmt.v_bits, fmt.group_size
-            Hkv, Dv = kw.shape[1], vw.shape[-1] * 32 // fmt.v_bits
-        else:
-            k, v = arrays[at : at + 2]
-            at += 2
-            c.k, c.ks = ptr(k)
-            c.v, c.vs = ptr(v)
-            Hkv, Dv = k.shape[1], v.shape[-1]
+        setattr(struct, name, m.ctypes.data)
+        if name in _STRIDES:  # in elements; 0 along a mask's axes of size 1 (broadcast)
+            setattr(struct, _STRIDES[name], _I64x4(*(0 if name == "mask" and d == 1 else s // m.itemsize
+                                                    for d, s in zip(m.shape, m.strides))))
     out = np.empty((B, Hq, L, Dv), np.float32)
     lse = np.empty((B, Hq, L), np.float32)
-    a = _Args(runs=cruns, nruns=len(table), B=B, Hq=Hq, Hkv=Hkv, L=L, D=D, Dv=Dv, causal=int(bool(causal)),
-              scale=float(scale), q_start=int(q_start), out=out.ctypes.data, lse=lse.ctypes.data)
-    a.q, a.qs = ptr(qa)
-    if mask is not None:
-        a.mask, a.ms = ptr(arrays[at], broadcast=True)
-        at += 1
-    if sinks is not None:
-        a.sinks, _ = ptr(arrays[at])
+    a.out, a.lse = out.ctypes.data, lse.ctypes.data
     library().kvq_cpu_attention(ctypes.byref(a), int(threads))
     return mx.array(out), mx.array(lse)

@@ -35,7 +35,7 @@ namespace {
 
 constexpr int KB = 4 * VW;  // keys per block
 constexpr int QB = 64;      // queries per work item (per query head)
-constexpr int RG = 4;       // rows (queries of one head) per micro-kernel
+constexpr int RG = 4;       // rows (a head's query) per micro-kernel
 constexpr float LOG2E = 1.4426950408889634f;
 constexpr float LN2 = 0.6931471805599453f;
 
@@ -87,8 +87,7 @@ inline v4f fold(vf v, F f) {
 
 inline float hmax(vf v) {
   v4f y = fold(v, [](auto a, auto b) { return vmax(a, b); });
-  float p = y[0] > y[1] || y[0] != y[0] ? y[0] : y[1], q = y[2] > y[3] || y[2] != y[2] ? y[2] : y[3];
-  return p > q || p != p ? p : q;
+  return vmax(vmax(y[0], y[1]), vmax(y[2], y[3]));
 }
 
 inline float hsum(vf v) {
@@ -164,7 +163,7 @@ inline void dequant_bits(const uint32_t* w, int64_t wstride, const float* sc, in
   for (int e = 0; e < PER; e++) shifts[e] = e * BITS;
   for (int wi = 0; wi < dims / PER; wi++) {
     int g = wi * PER / group;
-    vu codes = ((vu){} + w[wi * wstride] >> shifts) & ((1u << BITS) - 1);
+    vu codes = (((vu){} + w[wi * wstride]) >> shifts) & ((1u << BITS) - 1);
     *(vpu*)(dst + wi * PER) = __builtin_convertvector(codes, vpu) * sc[g * sstride] + bi[g * bstride];
   }
 }
@@ -254,9 +253,8 @@ inline void scores(const float* qt, int D, const float* kt, float* s) {
   }
 }
 
-// the block's scores S (base 2) of rows 0 .. nr into their online softmax: weights in S, each
-// row's o and l rescaled, then the weighted values added, two rows at a time (one load of a
-// value for both)
+// rows' weights s0 (and s1) times the block's values, added to o0 (o1) rescaled by a0 (a1):
+// two rows at a time, one load of a value for both
 template <bool TWO>
 inline void weighted_values(const float* s0, const float* s1, int nk, float a0, float a1, float* o0, float* o1,
                             const float* vb, int DvP) {
@@ -283,13 +281,15 @@ inline void weighted_values(const float* s0, const float* s1, int nk, float a0, 
   }
 }
 
+// the block's scores S (base 2) of rows 0 .. nr into their online softmax: weights in S, each
+// row's o and l rescaled, then the weighted values added
 inline void block_update(float* S, int nr, int nk, float* m, float* l, float* o, const float* vb, int DvP) {
   float alpha[RG];
   for (int r = 0; r < nr; r++) {
     float* s = S + r * KB;
     vf mv = splat(-INFINITY);
     for (int j = 0; j < KB; j += VW) mv = vmax(*(vf*)(s + j), mv);
-    const float mb = hmax(mv), mn = mb > m[r] || mb != mb ? mb : m[r];
+    const float mn = vmax(hmax(mv), m[r]);
     if (mn == -INFINITY) {  // nothing visible yet: no weight
       alpha[r] = 1.0f;
       for (int j = 0; j < KB; j += VW) *(vf*)(s + j) = vf{};
@@ -333,7 +333,7 @@ void finish(const Args& a, int b, int h, int q0, int nq, const float* m_, const 
 // one work item: KV head h of row b, query block qb, the key blocks split, split + nsplit, ...
 // of all runs; with nsplit > 1 its rows' softmax state goes to part (merged by merge_splits)
 void item(const Args& a, Buffers& w, int b, int h, int qb, int split, int nsplit, float* part) {
-  const int rep = a.Hq / a.Hkv, D = a.D, Dv = a.Dv, DvP = w.DvP;
+  const int rep = a.Hq / a.Hkv, D = a.D, DvP = w.DvP;
   const int q0 = qb * QB, nq = (a.L - q0 < QB ? a.L - q0 : QB);
   const int R = rep * nq, RP = (R + RG - 1) / RG * RG;  // rows (head g, query i) at g * nq + i
   // the item's queries, scaled to base 2; padding rows are zeros
